@@ -1,0 +1,5 @@
+//! `kms-daemon` binary entry point.
+fn main() {
+    eprintln!("kms-daemon: not built yet");
+    std::process::exit(2);
+}

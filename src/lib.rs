@@ -1,0 +1,15 @@
+//! sealvol: userspace encrypted volumes.
+//!
+//! Each volume is a LUKS2 file whose data area is XTS-AES-256 (`aes-xts-plain64`,
+//! dm-crypt compatible). The [`volume`] module opens one into a [`device::Device`] that
+//! reads and writes plaintext byte ranges; [`fuse`] serves a device as a regular file
+//! that Linux attaches with a loop device.
+
+pub mod backing;
+pub mod cli;
+pub mod device;
+pub mod fuse;
+pub mod luks2;
+pub mod secret;
+pub mod volume;
+pub mod xts;

@@ -1,0 +1,5 @@
+//! `sealvol` command-line entry point: parse arguments, run, map errors to exit codes.
+
+fn main() -> std::process::ExitCode {
+    sealvol::cli::main()
+}

@@ -1,0 +1,180 @@
+//! Secret key material: the 64-byte XTS volume key.
+//!
+//! A [`VolumeKey`] lives in a heap buffer that is locked into RAM (`mlock`, so it is never
+//! written to swap), wiped on drop, compared in constant time, and never printed: its
+//! `Debug` is `VolumeKey { .. }`. Core dumps are excluded process-wide by
+//! [`harden_process`].
+
+use std::fmt;
+use std::path::Path;
+
+use subtle::ConstantTimeEq;
+use zeroize::Zeroize;
+
+/// Length of an XTS-AES-256 key: Key1 (data) || Key2 (tweak), 32 bytes each.
+pub const VOLUME_KEY_LEN: usize = 64;
+
+/// Errors from loading or validating key material.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// The key file could not be read.
+    #[error("cannot read volume key file {path}: {source}")]
+    Read {
+        /// The key file.
+        path: String,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// The key has the wrong length.
+    #[error("volume key must be exactly {VOLUME_KEY_LEN} raw bytes, got {got} (make one with `head -c 64 /dev/urandom > KEY`)")]
+    Length {
+        /// Bytes found.
+        got: usize,
+    },
+    /// Key1 == Key2, which FIPS 140 forbids for XTS.
+    #[error("invalid XTS key: the data key and tweak key halves are identical")]
+    WeakKey,
+}
+
+/// A 64-byte XTS-AES-256 volume key (Key1 || Key2).
+pub struct VolumeKey {
+    bytes: Box<[u8; VOLUME_KEY_LEN]>,
+    locked: bool,
+}
+
+impl VolumeKey {
+    /// Takes ownership of raw key bytes, wiping the caller's copy.
+    ///
+    /// # Errors
+    /// [`SecretError::Length`] unless exactly 64 bytes; [`SecretError::WeakKey`] if the two
+    /// halves are equal.
+    pub fn from_slice(raw: &mut [u8]) -> Result<Self, SecretError> {
+        if raw.len() != VOLUME_KEY_LEN {
+            let got = raw.len();
+            raw.zeroize();
+            return Err(SecretError::Length { got });
+        }
+        let mut bytes = Box::new([0u8; VOLUME_KEY_LEN]);
+        bytes.copy_from_slice(raw);
+        raw.zeroize();
+        let key = Self::lock(bytes);
+        if bool::from(key.bytes[..32].ct_eq(&key.bytes[32..])) {
+            return Err(SecretError::WeakKey);
+        }
+        Ok(key)
+    }
+
+    /// Generates a fresh random key from the operating system's CSPRNG.
+    #[must_use]
+    pub fn generate() -> Self {
+        loop {
+            let mut bytes = Box::new([0u8; VOLUME_KEY_LEN]);
+            rand::fill(&mut bytes[..]);
+            let key = Self::lock(bytes);
+            if !bool::from(key.bytes[..32].ct_eq(&key.bytes[32..])) {
+                return key;
+            }
+        }
+    }
+
+    /// Reads a raw 64-byte key file (the break-glass / test path).
+    ///
+    /// # Errors
+    /// Unreadable file, wrong length or weak key.
+    pub fn from_file(path: &Path) -> Result<Self, SecretError> {
+        let mut raw = std::fs::read(path).map_err(|source| SecretError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_slice(&mut raw)
+    }
+
+    fn lock(bytes: Box<[u8; VOLUME_KEY_LEN]>) -> Self {
+        let ptr = std::ptr::NonNull::from(&*bytes).cast::<std::ffi::c_void>();
+        // SAFETY: `ptr` points to a live heap allocation of VOLUME_KEY_LEN bytes that this
+        // value owns until drop, where it is unlocked before being freed.
+        let locked = unsafe { nix::sys::mman::mlock(ptr, VOLUME_KEY_LEN) }.is_ok();
+        Self { bytes, locked }
+    }
+
+    /// The key bytes, for the cipher and the digest only.
+    #[must_use]
+    pub fn expose(&self) -> &[u8; VOLUME_KEY_LEN] {
+        &self.bytes
+    }
+
+    /// Whether the buffer is locked into RAM (false when RLIMIT_MEMLOCK is exhausted).
+    #[must_use]
+    pub fn is_locked(&self) -> bool {
+        self.locked
+    }
+}
+
+impl Clone for VolumeKey {
+    fn clone(&self) -> Self {
+        Self::lock(Box::new(*self.bytes))
+    }
+}
+
+impl PartialEq for VolumeKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes[..].ct_eq(&other.bytes[..]).into()
+    }
+}
+
+impl Eq for VolumeKey {}
+
+impl Drop for VolumeKey {
+    fn drop(&mut self) {
+        self.bytes.zeroize();
+        if self.locked {
+            let ptr = std::ptr::NonNull::from(&*self.bytes).cast::<std::ffi::c_void>();
+            // SAFETY: the same region that `lock` locked; still allocated here.
+            let _ = unsafe { nix::sys::mman::munlock(ptr, VOLUME_KEY_LEN) };
+        }
+    }
+}
+
+impl fmt::Debug for VolumeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("VolumeKey { .. }")
+    }
+}
+
+/// Makes the process undumpable (no core dumps, no ptrace by other users) so that key
+/// material in memory cannot end up in a core file.
+pub fn harden_process() {
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+    // SAFETY: PR_SET_DUMPABLE takes an integer argument and touches no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_wrong_length_and_weak_keys() {
+        assert!(matches!(
+            VolumeKey::from_slice(&mut [1u8; 32]),
+            Err(SecretError::Length { got: 32 })
+        ));
+        assert!(matches!(
+            VolumeKey::from_slice(&mut [7u8; 64]),
+            Err(SecretError::WeakKey)
+        ));
+    }
+
+    #[test]
+    fn debug_hides_bytes_and_input_is_wiped() {
+        let mut raw: Vec<u8> = (0u8..64).collect();
+        let key = VolumeKey::from_slice(&mut raw).expect("distinct halves");
+        assert!(raw.iter().all(|&b| b == 0), "caller copy wiped");
+        assert_eq!(format!("{key:?}"), "VolumeKey { .. }");
+        assert_eq!(key.expose()[63], 63);
+        assert_eq!(key.clone(), key);
+        assert_ne!(VolumeKey::generate(), key);
+    }
+}

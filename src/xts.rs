@@ -1,0 +1,1 @@
+//! xts (being written).
