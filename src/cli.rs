@@ -1,7 +1,262 @@
-//! Command-line interface (being written).
+//! Command-line interface: clap definitions and dispatch into the library.
 
-/// Runs the CLI.
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::attach::{self, AttachError, ERROR_PREFIX, READY_LINE};
+use crate::fuse::Export;
+use crate::secret::{SecretError, VolumeKey};
+use crate::volume::{self, CreateParams, Encryption, GIB, VolumeError};
+use crate::xts::SectorSize;
+
+/// Output format.
+#[derive(Debug, Clone, Copy, Default, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    /// Human-readable table.
+    #[default]
+    Table,
+    /// JSON (stable field names).
+    Json,
+}
+
+/// sealvol: encrypted virtual disks (LUKS2, aes-xts-plain64) served through FUSE.
+#[derive(Debug, Parser)]
+#[command(name = "sealvol", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Create a volume file: LUKS2 with an aes-xts-plain64 data area, or the plain form.
+    CreateVolume {
+        /// The volume file to create (sparse).
+        #[arg(long)]
+        path: PathBuf,
+        /// Data size in GiB.
+        #[arg(long)]
+        size_gib: u64,
+        /// Sector size of the data area.
+        #[arg(long, default_value_t = 4096, value_parser = parse_sector_size)]
+        sector_size: u32,
+        /// File holding the 64-byte raw volume key (break-glass / test path).
+        #[arg(long, required_unless_present = "unencrypted", conflicts_with = "unencrypted")]
+        volume_key_file: Option<PathBuf>,
+        /// Create the plain (unencrypted) form: no header, same data layout.
+        #[arg(long)]
+        unencrypted: bool,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Serve a volume as DIR/disk through FUSE (then: losetup, mkfs.ext4, mount).
+    Attach {
+        /// The volume file.
+        #[arg(long)]
+        path: PathBuf,
+        /// An existing empty directory to mount on.
+        #[arg(long)]
+        mountpoint: PathBuf,
+        /// File holding the 64-byte raw volume key.
+        #[arg(long, required_unless_present = "unencrypted", conflicts_with = "unencrypted")]
+        volume_key_file: Option<PathBuf>,
+        /// Serve a plain (unencrypted) volume.
+        #[arg(long)]
+        unencrypted: bool,
+        /// Stay in the foreground until unmounted or interrupted.
+        #[arg(long)]
+        foreground: bool,
+        /// FUSE event-loop threads.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// Background agent's log file (default: discarded).
+        #[arg(long)]
+        log_file: Option<PathBuf>,
+    },
+    /// Unmount filesystems and loop devices over an attached volume, unmount FUSE, wipe keys.
+    Detach {
+        /// The mountpoint given to attach.
+        #[arg(long)]
+        mountpoint: PathBuf,
+    },
+    /// Show a volume's header facts (no secrets).
+    DescribeVolume {
+        /// The volume file.
+        #[arg(long)]
+        path: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Measure cipher throughput (aes-xts-plain64, 512/4096-byte sectors, 1 and all threads).
+    Bench {
+        /// Seconds per figure.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+/// Everything the CLI can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Volume errors.
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    /// Key errors.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    /// Attach/detach errors.
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    /// Bad arguments.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Runs the CLI; maps errors to a message on stderr and exit code 1.
 #[must_use]
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if std::env::var_os("SEALVOL_AGENT").is_some() {
+                // The parent waiting for our ready line shows this to the user.
+                println!("{ERROR_PREFIX}{e}");
+            }
+            eprintln!("sealvol: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SEALVOL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+}
+
+/// Dispatches a parsed command.
+///
+/// # Errors
+/// Whatever the command fails with.
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Cmd::CreateVolume { path, size_gib, sector_size, volume_key_file, unencrypted: _, force, output } => {
+            let sector_size = SectorSize::try_from(sector_size).map_err(|e| CliError::Usage(e.to_string()))?;
+            let size = size_gib.checked_mul(GIB).filter(|&s| s > 0).ok_or_else(|| CliError::Usage(format!("--size-gib {size_gib} is not a usable size")))?;
+            let key = volume_key_file.as_deref().map(VolumeKey::from_file).transpose()?;
+            let encryption = key.as_ref().map(|key| Encryption { key, token: None, label: String::new() });
+            volume::create(&CreateParams { path: &path, size, sector_size, force, encryption })?;
+            describe(&path, output)
+        }
+        Cmd::Attach { path, mountpoint, volume_key_file, unencrypted: _, foreground, threads, log_file } => {
+            if foreground || std::env::var_os("SEALVOL_AGENT").is_some() {
+                attach_here(&path, &mountpoint, volume_key_file.as_deref(), threads)
+            } else {
+                let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
+                args.push("--foreground".into());
+                attach::spawn_agent(&args, log_file.as_deref())?;
+                eprintln!("attached {} at {}", path.display(), mountpoint.join("disk").display());
+                Ok(())
+            }
+        }
+        Cmd::Detach { mountpoint } => Ok(attach::detach(&mountpoint)?),
+        Cmd::DescribeVolume { path, output } => describe(&path, output),
+        Cmd::Bench { seconds, output } => {
+            if !(seconds > 0.0 && seconds <= 600.0) {
+                return Err(CliError::Usage("--seconds must be in (0, 600]".into()));
+            }
+            let figures = crate::bench::cipher_figures(Duration::from_secs_f64(seconds));
+            if output == Output::Json {
+                print_json(&figures);
+            } else {
+                println!("{:<18} {:>8} {:>8} {:>8} {:>8} {:>12}", "cipher", "key", "sector", "threads", "op", "MB/s");
+                for f in &figures {
+                    println!("{:<18} {:>5}b {:>8} {:>8} {:>8} {:>12.1}", f.cipher, f.key_bits, f.sector_size, f.threads, f.op, f.mb_per_s);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn parse_sector_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err(format!("{s} is not a supported sector size (use 512 or 4096)")),
+    }
+}
+
+fn attach_here(path: &Path, mountpoint: &Path, key_file: Option<&Path>, threads: usize) -> Result<(), CliError> {
+    crate::secret::harden_process();
+    let opened = match key_file {
+        Some(kf) => {
+            let key = VolumeKey::from_file(kf)?;
+            volume::open_encrypted(path, &key)?
+        }
+        None => volume::open_plain(path)?,
+    };
+    let exports = vec![Export { name: "disk".into(), device: opened.device }];
+    let agent = std::env::var_os("SEALVOL_AGENT").is_some();
+    attach::serve(mountpoint, exports, threads, || {
+        if agent {
+            println!("{READY_LINE}");
+            if let Ok(null) = std::fs::File::open("/dev/null") {
+                let _ = nix::unistd::dup2_stdout(null);
+            }
+        } else {
+            eprintln!("serving {} at {} (Ctrl-C or `sealvol detach` to stop)", path.display(), mountpoint.join("disk").display());
+        }
+    })?;
+    Ok(())
+}
+
+fn describe(path: &Path, output: Output) -> Result<(), CliError> {
+    let info = volume::describe(path)?;
+    if output == Output::Json {
+        print_json(&info);
+        return Ok(());
+    }
+    println!("Path:            {}", info.path);
+    println!("Format:          {}", info.format);
+    println!("Encrypted:       {}", if info.encrypted { "yes" } else { "no" });
+    if let Some(c) = &info.cipher {
+        println!("Cipher:          {c} ({} bits)", info.key_bits.unwrap_or(0));
+    }
+    println!("Sector size:     {}", info.sector_size);
+    println!("Size:            {} bytes ({:.2} GiB)", info.size_bytes, info.size_bytes as f64 / GIB as f64);
+    println!("Data offset:     {}", info.data_offset);
+    println!("Allocated:       {} bytes", info.allocated_bytes);
+    if let Some(u) = &info.uuid {
+        println!("UUID:            {u}");
+        println!("Header seqid:    {} (read from {} copy)", info.seqid.unwrap_or(0), info.header_copy.as_deref().unwrap_or("?"));
+    }
+    if let Some(t) = &info.kms_token {
+        println!("KMS key:         {}", t.key_arn);
+        println!("Volume:          {} ({}) of {}", t.volume_id, t.volume_kind, t.workspace_id);
+        for (k, v) in &t.encryption_context {
+            println!("Context:         {k} = {v}");
+        }
+    }
+    Ok(())
 }

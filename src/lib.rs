@@ -5,7 +5,9 @@
 //! reads and writes plaintext byte ranges; [`fuse`] serves a device as a regular file
 //! that Linux attaches with a loop device.
 
+pub mod attach;
 pub mod backing;
+pub mod bench;
 pub mod cli;
 pub mod device;
 pub mod fuse;
