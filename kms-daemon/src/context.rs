@@ -1,0 +1,112 @@
+//! Encryption context: the typed map and its canonical, unambiguous byte encoding.
+//!
+//! The encoding is the AAD of every ciphertext blob: a big-endian u32 pair count, then
+//! for each pair in byte-wise sorted key order a u32 length + key bytes and a u32 length
+//! + value bytes. Because every field is length-prefixed, `{"ab":"c"}` and `{"a":"bc"}`
+//! encode differently.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// An encryption context: string keys to string values, sorted by key bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EncryptionContext(BTreeMap<String, String>);
+
+impl EncryptionContext {
+    /// An empty context.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Builds a context from pairs (later duplicates win).
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
+        Self(pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+    }
+
+    /// Whether there are no pairs.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The pairs in canonical order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// The canonical encoding used as AAD.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + self.0.iter().map(|(k, v)| 8 + k.len() + v.len()).sum::<usize>());
+        push_len(&mut out, self.0.len());
+        for (k, v) in &self.0 {
+            push_len(&mut out, k.len());
+            out.extend_from_slice(k.as_bytes());
+            push_len(&mut out, v.len());
+            out.extend_from_slice(v.as_bytes());
+        }
+        out
+    }
+
+    /// Looks a key up case-insensitively (grant constraints and condition keys compare
+    /// keys without case).
+    pub fn get_ignore_case(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.as_str())
+    }
+
+    /// Whether every pair of `constraint` is in `self` (keys case-insensitive, values exact).
+    pub fn contains_all(&self, constraint: &EncryptionContext) -> bool {
+        constraint.iter().all(|(k, v)| self.get_ignore_case(k) == Some(v))
+    }
+
+    /// Equality with keys compared case-insensitively and values exactly.
+    pub fn equals_ignoring_key_case(&self, other: &EncryptionContext) -> bool {
+        self.0.len() == other.0.len() && self.contains_all(other) && other.contains_all(self)
+    }
+
+    /// Total size of keys and values in bytes (AWS caps this at 8192).
+    pub fn byte_size(&self) -> usize {
+        self.0.iter().map(|(k, v)| k.len() + v.len()).sum()
+    }
+}
+
+fn push_len(out: &mut Vec<u8>, len: usize) {
+    // Lengths are bounded by the request body cap, far below u32::MAX.
+    let len = u32::try_from(len).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ambiguous_concatenations_encode_differently() {
+        let a = EncryptionContext::from_pairs([("ab", "c")]);
+        let b = EncryptionContext::from_pairs([("a", "bc")]);
+        assert_ne!(a.canonical_bytes(), b.canonical_bytes());
+        let c = EncryptionContext::from_pairs([("a", ""), ("b", "c")]);
+        assert_ne!(a.canonical_bytes(), c.canonical_bytes());
+    }
+
+    #[test]
+    fn encoding_is_order_independent_and_exact() {
+        let a = EncryptionContext::from_pairs([("b", "2"), ("a", "1")]);
+        let b = EncryptionContext::from_pairs([("a", "1"), ("b", "2")]);
+        assert_eq!(a.canonical_bytes(), b.canonical_bytes());
+        assert_eq!(
+            a.canonical_bytes(),
+            [&[0, 0, 0, 2, 0, 0, 0, 1][..], b"a", &[0, 0, 0, 1], b"1", &[0, 0, 0, 1], b"b", &[0, 0, 0, 1], b"2"].concat()
+        );
+        assert_eq!(EncryptionContext::new().canonical_bytes(), vec![0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn constraint_matching_ignores_key_case_only() {
+        let req = EncryptionContext::from_pairs([("Vol", "v-1"), ("sid", "S")]);
+        assert!(req.contains_all(&EncryptionContext::from_pairs([("vol", "v-1")])));
+        assert!(!req.contains_all(&EncryptionContext::from_pairs([("vol", "V-1")])));
+        assert!(req.equals_ignoring_key_case(&EncryptionContext::from_pairs([("VOL", "v-1"), ("SID", "S")])));
+        assert!(!req.equals_ignoring_key_case(&EncryptionContext::from_pairs([("vol", "v-1")])));
+    }
+}

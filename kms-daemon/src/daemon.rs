@@ -1,0 +1,80 @@
+//! Starting and stopping the daemon: open the state directory, bind, announce
+//! readiness, serve until shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::audit::{AuditError, AuditLog};
+use crate::clock::OffsetClock;
+use crate::ops::Kms;
+use crate::server::{AppState, router};
+use crate::sigv4::Verifier;
+use crate::state::{StateDir, StateError, write_private};
+
+/// Daemon start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// State directory.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Audit log.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// Binding or serving.
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Daemon settings.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Listen address (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Account id.
+    pub account: String,
+    /// Region.
+    pub region: String,
+    /// File written (atomically) once listening.
+    pub ready_file: Option<PathBuf>,
+    /// Enables the test-only clock endpoint.
+    pub test_clock: bool,
+    /// Initial lifecycle-clock offset in seconds (tests).
+    pub clock_offset_secs: i64,
+}
+
+/// Runs the daemon until `shutdown` resolves.
+pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), DaemonError> {
+    let state = StateDir::open(&cfg.state_dir, &cfg.account, &cfg.region)?;
+    let verifier = Verifier::new(&cfg.region, &cfg.account, state.verifier_keys()?);
+    let audit = AuditLog::open(&cfg.state_dir.join("audit.log"))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|source| DaemonError::Listen { addr: cfg.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| DaemonError::Listen { addr: cfg.listen, source })?;
+    let endpoint = format!("http://{addr}");
+    state.write_client_files(&cfg.region, &endpoint)?;
+    let clock = Arc::new(OffsetClock::new(cfg.clock_offset_secs));
+    let StateDir { store, root, dir } = state;
+    let kms = Arc::new(Kms::new(Arc::new(store), root, clock.clone(), &cfg.account, &cfg.region));
+    let app = router(AppState { kms, verifier: Arc::new(verifier), audit, clock, test_clock: cfg.test_clock });
+    if let Some(f) = &cfg.ready_file {
+        let body = serde_json::json!({"endpoint": endpoint, "pid": std::process::id(), "state_dir": dir}).to_string();
+        write_private(f, &body)?;
+    }
+    println!("kms-daemon ready endpoint={endpoint} state_dir={}", dir.display());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|source| DaemonError::Listen { addr, source })?;
+    tracing::info!("kms-daemon stopped");
+    Ok(())
+}
