@@ -68,13 +68,18 @@ pub fn journal_area(h: &Header) -> std::ops::Range<u64> {
     start.min(end)..end
 }
 
-/// True if the backing starts with a LUKS magic (`LUKS\xba\xbe`), like
-/// `cryptsetup isLuks`. LUKS1 shares the magic, so this is also true for LUKS1 volumes,
-/// which [`Header::read`] then refuses as unsupported.
+/// True if the backing starts with a LUKS magic (`LUKS\xba\xbe`), or, when the primary
+/// magic is gone, has a secondary LUKS2 header magic (`SKUL\xba\xbe`) at one of the
+/// LUKS2 header offsets: `cryptsetup isLuks` also finds a volume by its secondary copy.
+/// LUKS1 shares the primary magic, so this is also true for LUKS1 volumes, which
+/// [`Header::read`] then refuses as unsupported. Use it to refuse overwriting a volume.
 #[must_use]
 pub fn is_luks(backing: &dyn Backing) -> bool {
-    let mut magic = [0u8; 6];
-    backing.read_at(&mut magic, 0).is_ok() && binary::magic_copy(&magic) == Some(Copy::Primary)
+    let has = |offset: u64, copy: Copy| {
+        let mut magic = [0u8; 6];
+        backing.read_at(&mut magic, offset).is_ok() && binary::magic_copy(&magic) == Some(copy)
+    };
+    has(0, Copy::Primary) || VALID_HDR_SIZES.iter().any(|&o| has(o, Copy::Secondary))
 }
 
 /// The `sealvol-kms` token: the data key wrapped by KMS, and what it is bound to.
@@ -765,7 +770,8 @@ impl Header {
         &mut self.meta.digests
     }
 
-    /// Adds a digest of `key` bound to no segment yet; returns its id.
+    /// Adds a digest of `key` bound to no segment yet; returns its id. cryptsetup accepts
+    /// such an unbound digest as long as every crypt segment keeps one digest.
     pub(crate) fn add_digest_for(&mut self, key: &VolumeKey) -> u32 {
         let id = (0..).find(|id| !self.meta.digests.contains_key(id)).unwrap_or(u32::MAX);
         self.meta.digests.insert(id, digest::new_digest(key, Vec::new()));

@@ -323,6 +323,11 @@ fn wrong_magic_is_not_luks() {
     assert!(matches!(err, Luks2Error::NotLuks), "{err}");
     assert!(!is_luks(&b));
     assert!(!is_luks(&MemBacking::new(0)));
+    // Only the primary magic gone: still a LUKS2 volume, as for cryptsetup.
+    let (b, _) = formatted();
+    b.write_at(b"NOPE", 0).expect("write");
+    assert!(is_luks(&b));
+    assert_eq!(Header::read(&b).expect("secondary").which_copy_used(), Copy::Secondary);
 }
 
 #[test]
@@ -407,17 +412,20 @@ fn journal_area_is_the_free_keyslots_area() {
     assert_eq!(journal_area(&h), 32768 + 258_048..DEFAULT_DATA_OFFSET);
 }
 
-#[test]
-fn rekey_helpers_two_keys_requirement_and_state_token() {
-    let (b, mut h) = formatted();
-    let new_id = h.add_digest_for(&key(7));
-    assert_eq!(new_id, 1);
-    // Split the data into a re-encrypted part (new key) and the rest (old key).
-    let mut first = h.segments()[&0].clone();
+/// What the rekey code will do: the first 4 KiB under the new key (digest returned),
+/// the rest under the old one, a state token and the mandatory requirement.
+fn start_rekey(h: &mut Header, new: &VolumeKey) -> u32 {
+    let new_id = h.add_digest_for(new);
+    let whole = h.segments()[&0].clone();
+    let data = match whole.size {
+        SegmentSize::Bytes(n) => n,
+        SegmentSize::Dynamic => panic!("sealvol formats fixed sizes"),
+    };
+    let mut first = whole.clone();
     first.size = SegmentSize::Bytes(4096);
-    let mut rest = h.segments()[&0].clone();
+    let mut rest = whole;
     rest.offset += 4096;
-    rest.size = SegmentSize::Bytes(DATA - 4096);
+    rest.size = SegmentSize::Bytes(data - 4096);
     h.segments_mut().insert(0, first);
     h.segments_mut().insert(1, rest);
     h.digests_mut().get_mut(&0).expect("old").segments = vec![1];
@@ -427,6 +435,27 @@ fn rekey_helpers_two_keys_requirement_and_state_token() {
     let mut state = serde_json::Map::new();
     state.insert("offset".into(), Value::String("4096".into()));
     h.set_token("sealvol-rekey", state);
+    new_id
+}
+
+/// And how it finishes: one segment under the new key, the old digest gone.
+fn finish_rekey(h: &mut Header, new_id: u32, data: u64) {
+    let mut whole = h.segments()[&0].clone();
+    whole.size = SegmentSize::Bytes(data);
+    h.segments_mut().clear();
+    h.segments_mut().insert(0, whole);
+    h.digests_mut().remove(&0);
+    h.clear_mandatory_requirement(REKEY_REQUIREMENT);
+    assert!(h.remove_token("sealvol-rekey"));
+    assert_eq!(h.digests().len(), 1);
+    assert!(h.digests().contains_key(&new_id));
+}
+
+#[test]
+fn rekey_helpers_two_keys_requirement_and_state_token() {
+    let (b, mut h) = formatted();
+    let new_id = start_rekey(&mut h, &key(7));
+    assert_eq!(new_id, 1);
     h.write(&b).expect("write");
 
     let r = Header::read(&b).expect("read");
@@ -518,4 +547,59 @@ proptest! {
             let _ = (r.data_size(u64::MAX), r.data_offset(), journal_area(&r));
         }
     }
+}
+
+/// The cryptsetup binary, or `None` (skip, with the reason printed) outside `CI=true`.
+fn cryptsetup_or_skip() -> Option<std::path::PathBuf> {
+    let found = ["/usr/sbin/cryptsetup", "/sbin/cryptsetup", "/usr/bin/cryptsetup"]
+        .map(std::path::PathBuf::from)
+        .into_iter()
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "cryptsetup missing under CI=true");
+        eprintln!("SKIP: cryptsetup not found (apt-get install -y cryptsetup-bin)");
+    }
+    found
+}
+
+/// The rekey-in-progress header is one cryptsetup reads (isLuks, luksDump) but refuses to
+/// use; once the rekey finishes, cryptsetup accepts the new key.
+#[test]
+fn cryptsetup_reads_but_refuses_a_rekey_in_progress() {
+    let Some(cs) = cryptsetup_or_skip() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("vol");
+    let b = FileBacking::create(&path, false).expect("create");
+    let mut h = Header::format(&b, &key(1), &params()).expect("format");
+    let new_id = start_rekey(&mut h, &key(7));
+    h.write(&b).expect("write");
+    let (new_key, pass) = (dir.path().join("new.key"), dir.path().join("pass"));
+    std::fs::write(&new_key, key(7).expose()).expect("write");
+    std::fs::write(&pass, "pw").expect("write");
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(&cs).args(args).output().expect("cryptsetup runs");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    };
+    let add_key = || {
+        run(&[
+            "luksAddKey".as_ref(), "-q".as_ref(), "--key-size".as_ref(), "512".as_ref(),
+            "--volume-key-file".as_ref(), new_key.as_os_str(), "--pbkdf".as_ref(), "pbkdf2".as_ref(),
+            "--pbkdf-force-iterations".as_ref(), "1000".as_ref(), "--new-keyfile".as_ref(), pass.as_os_str(),
+            path.as_os_str(),
+        ])
+    };
+    assert!(run(&["isLuks".as_ref(), path.as_os_str()]).0);
+    let (ok, dump) = run(&["luksDump".as_ref(), path.as_os_str()]);
+    assert!(ok, "{dump}");
+    assert!(dump.contains("Requirements:\tsealvol-rekey-v1"), "{dump}");
+    assert!(dump.contains("1: crypt") && dump.contains("sealvol-rekey"), "{dump}");
+    let (ok, out) = add_key();
+    assert!(!ok && out.contains("requirements"), "cryptsetup must refuse: {out}");
+
+    finish_rekey(&mut h, new_id, DATA);
+    h.write(&b).expect("write");
+    let (ok, out) = add_key();
+    assert!(ok, "the new key is the volume key now: {out}");
+    Header::read(&b).expect("read").verify_key(&key(7)).expect("new key");
 }
