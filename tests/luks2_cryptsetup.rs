@@ -26,7 +26,9 @@ fn cryptsetup() -> Option<PathBuf> {
             Ok("true"),
             "cryptsetup is missing and CI=true: install it (apt-get install -y cryptsetup-bin)"
         );
-        eprintln!("SKIP: cryptsetup not found (apt-get install -y cryptsetup-bin); not under CI=true, so skipping");
+        eprintln!(
+            "SKIP: cryptsetup not found (apt-get install -y cryptsetup-bin); not under CI=true, so skipping"
+        );
     }
     found
 }
@@ -62,10 +64,14 @@ fn s(p: &Path) -> &str {
 
 fn token() -> KmsToken {
     KmsToken {
-        key_arn: "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab".into(),
+        key_arn: "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+            .into(),
         ciphertext_blob: b"AQIDAHh-wrapped-data-key".to_vec(),
         encryption_context: [
-            ("aws:workspaces:sid-directoryid", "S-1-5-21-1111-2222-3333-1001@d-1234567890"),
+            (
+                "aws:workspaces:sid-directoryid",
+                "S-1-5-21-1111-2222-3333-1001@d-1234567890",
+            ),
             ("aws:ebs:id", "vol-0123456789abcdef0"),
         ]
         .into_iter()
@@ -100,16 +106,24 @@ fn sealvol_volume(dir: &Path, sector_size: u32) -> (PathBuf, PathBuf, Header) {
 
 #[test]
 fn isluks_and_luksdump_accept_our_headers_and_show_the_token() {
-    let Some(cs) = cryptsetup().map(Cs) else { return };
+    let Some(cs) = cryptsetup().map(Cs) else {
+        return;
+    };
     for sector in [4096, 512] {
         let dir = tempfile::tempdir().expect("tempdir");
         let (vol, _, h) = sealvol_volume(dir.path(), sector);
         cs.ok(&["isLuks", "--type", "luks2", s(&vol)]);
         let dump = cs.ok(&["luksDump", s(&vol)]);
-        assert!(dump.contains(&format!("UUID:          \t{}", h.uuid())), "{dump}");
+        assert!(
+            dump.contains(&format!("UUID:          \t{}", h.uuid())),
+            "{dump}"
+        );
         assert!(dump.contains("Label:         \tsealvol-test"), "{dump}");
         assert!(dump.contains("cipher: aes-xts-plain64"), "{dump}");
-        assert!(dump.contains(&format!("sector: {sector} [bytes]")), "{dump}");
+        assert!(
+            dump.contains(&format!("sector: {sector} [bytes]")),
+            "{dump}"
+        );
         assert!(dump.contains("offset: 16777216 [bytes]"), "{dump}");
         assert!(dump.contains("length: 4194304 [bytes]"), "{dump}");
         assert!(dump.contains("0: sealvol-kms"), "token listed: {dump}");
@@ -128,7 +142,9 @@ fn uuid_of(cs: &Cs, vol: &Path) -> String {
 
 #[test]
 fn cryptsetup_reads_our_secondary_copy_when_the_primary_is_damaged() {
-    let Some(cs) = cryptsetup().map(Cs) else { return };
+    let Some(cs) = cryptsetup().map(Cs) else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let (vol, _, h) = sealvol_volume(dir.path(), 4096);
     let b = FileBacking::open(&vol).expect("open");
@@ -136,7 +152,10 @@ fn cryptsetup_reads_our_secondary_copy_when_the_primary_is_damaged() {
     b.read_at(&mut byte, 4096 + 7).expect("read");
     byte[0] ^= 0x20;
     b.write_at(&byte, 4096 + 7).expect("write");
-    assert_eq!(Header::read(&b).expect("secondary").which_copy_used(), Copy::Secondary);
+    assert_eq!(
+        Header::read(&b).expect("secondary").which_copy_used(),
+        Copy::Secondary
+    );
     // cryptsetup validates our secondary copy on its own (and may repair the primary).
     let dump = cs.ok(&["luksDump", s(&vol)]);
     assert!(dump.contains(h.uuid()), "{dump}");
@@ -145,7 +164,9 @@ fn cryptsetup_reads_our_secondary_copy_when_the_primary_is_damaged() {
 
 #[test]
 fn luks_add_key_accepts_the_right_volume_key_and_rejects_a_wrong_one() {
-    let Some(cs) = cryptsetup().map(Cs) else { return };
+    let Some(cs) = cryptsetup().map(Cs) else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let (vol, right, h) = sealvol_volume(dir.path(), 4096);
     let wrong = dir.path().join("wrong.key");
@@ -154,24 +175,55 @@ fn luks_add_key_accepts_the_right_volume_key_and_rejects_a_wrong_one() {
     std::fs::write(&pass, "correct horse battery staple").expect("write passphrase");
     let add = |key: &Path| {
         cs.run(&[
-            "luksAddKey", "--batch-mode", "--key-size", "512", "--volume-key-file", s(key),
-            "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--new-keyfile", s(&pass), s(&vol),
+            "luksAddKey",
+            "--batch-mode",
+            "--key-size",
+            "512",
+            "--volume-key-file",
+            s(key),
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--new-keyfile",
+            s(&pass),
+            s(&vol),
         ])
     };
 
     let refused = add(&wrong);
-    assert!(!refused.status.success(), "a wrong volume key must be rejected");
+    assert!(
+        !refused.status.success(),
+        "a wrong volume key must be rejected"
+    );
     let after_refusal = Header::read(&FileBacking::open(&vol).expect("open")).expect("read");
-    assert_eq!((after_refusal.seqid(), after_refusal.keyslot_count()), (h.seqid(), 0), "header untouched");
+    assert_eq!(
+        (after_refusal.seqid(), after_refusal.keyslot_count()),
+        (h.seqid(), 0),
+        "header untouched"
+    );
 
-    assert!(add(&right).status.success(), "the right volume key must be accepted");
+    assert!(
+        add(&right).status.success(),
+        "the right volume key must be accepted"
+    );
     cs.ok(&["open", "--test-passphrase", "--key-file", s(&pass), s(&vol)]);
     // The new keyslot holds exactly our volume key.
     let exported = dir.path().join("exported.key");
     cs.ok(&[
-        "luksDump", "--batch-mode", "--dump-volume-key", "--key-file", s(&pass), "--volume-key-file", s(&exported), s(&vol),
+        "luksDump",
+        "--batch-mode",
+        "--dump-volume-key",
+        "--key-file",
+        s(&pass),
+        "--volume-key-file",
+        s(&exported),
+        s(&vol),
     ]);
-    assert_eq!(std::fs::read(&exported).expect("exported"), std::fs::read(&right).expect("right"));
+    assert_eq!(
+        std::fs::read(&exported).expect("exported"),
+        std::fs::read(&right).expect("right")
+    );
 
     // We read what cryptsetup wrote, keep its keyslot, and cryptsetup still uses it after
     // our rewrite.
@@ -183,36 +235,64 @@ fn luks_add_key_accepts_the_right_volume_key_and_rejects_a_wrong_one() {
     assert_eq!(h2.kms_token(), Some(&token()));
     let key = VolumeKey::from_file(&right).expect("key");
     h2.verify_key(&key).expect("right key");
-    assert!(luks2::journal_area(&h2).start >= 32768 + 258_048, "journal avoids the keyslot");
+    assert!(
+        luks2::journal_area(&h2).start >= 32768 + 258_048,
+        "journal avoids the keyslot"
+    );
     let mut t = token();
     t.key_arn = "arn:aws:kms:us-east-1:111122223333:key/rewrapped".into();
     h2.set_kms_token(t);
     h2.write(&b).expect("write");
     cs.ok(&["open", "--test-passphrase", "--key-file", s(&pass), s(&vol)]);
-    assert!(cs.ok(&["luksDump", s(&vol)]).contains("Keyslots:\n  0: luks2"));
+    assert!(
+        cs.ok(&["luksDump", s(&vol)])
+            .contains("Keyslots:\n  0: luks2")
+    );
     let json = cs.ok(&["luksDump", "--dump-json-metadata", s(&vol)]);
     assert!(json.contains("key/rewrapped"), "{json}");
 }
 
 #[test]
 fn we_read_and_rewrite_headers_that_cryptsetup_luksformat_wrote() {
-    let Some(cs) = cryptsetup().map(Cs) else { return };
+    let Some(cs) = cryptsetup().map(Cs) else {
+        return;
+    };
     for sector in ["4096", "512"] {
         let dir = tempfile::tempdir().expect("tempdir");
         let vol = dir.path().join("cs.img");
-        std::fs::File::create(&vol).expect("create").set_len(20 << 20).expect("size");
+        std::fs::File::create(&vol)
+            .expect("create")
+            .set_len(20 << 20)
+            .expect("size");
         let key_path = dir.path().join("vk");
         let key = VolumeKey::generate();
         write_key(&key_path, &key);
         let pass = dir.path().join("pass");
         std::fs::write(&pass, "passphrase").expect("write");
         cs.ok(&[
-            "luksFormat", "--batch-mode", "--type", "luks2", "--sector-size", sector, "--pbkdf", "pbkdf2",
-            "--pbkdf-force-iterations", "1000", "--key-size", "512", "--volume-key-file", s(&key_path),
-            "--label", "made-by-cryptsetup", "--key-file", s(&pass), s(&vol),
+            "luksFormat",
+            "--batch-mode",
+            "--type",
+            "luks2",
+            "--sector-size",
+            sector,
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-size",
+            "512",
+            "--volume-key-file",
+            s(&key_path),
+            "--label",
+            "made-by-cryptsetup",
+            "--key-file",
+            s(&pass),
+            s(&vol),
         ]);
         let before: serde_json::Value =
-            serde_json::from_str(&cs.ok(&["luksDump", "--dump-json-metadata", s(&vol)])).expect("json");
+            serde_json::from_str(&cs.ok(&["luksDump", "--dump-json-metadata", s(&vol)]))
+                .expect("json");
 
         let b = FileBacking::open(&vol).expect("open");
         let mut h = Header::read(&b).expect("our parser reads cryptsetup's header");
@@ -221,10 +301,15 @@ fn we_read_and_rewrite_headers_that_cryptsetup_luksformat_wrote() {
         assert_eq!(h.cipher(), "aes-xts-plain64");
         assert_eq!(h.sector_size().to_string(), sector);
         assert_eq!(h.data_offset(), luks2::DEFAULT_DATA_OFFSET);
-        assert_eq!(h.data_size(b.size().expect("size")), 4 << 20, "\"dynamic\" segment size");
+        assert_eq!(
+            h.data_size(b.size().expect("size")),
+            4 << 20,
+            "\"dynamic\" segment size"
+        );
         assert_eq!(h.keyslot_count(), 1);
         assert_eq!(h.kms_token(), None);
-        h.verify_key(&key).expect("cryptsetup's digest accepts the right key");
+        h.verify_key(&key)
+            .expect("cryptsetup's digest accepts the right key");
         let wrong = h.verify_key(&VolumeKey::generate()).expect_err("wrong key");
         assert!(matches!(wrong, Luks2Error::DigestMismatch), "{wrong}");
 
@@ -232,11 +317,15 @@ fn we_read_and_rewrite_headers_that_cryptsetup_luksformat_wrote() {
         h.set_kms_token(token());
         h.write(&b).expect("write");
         let dump = cs.ok(&["luksDump", s(&vol)]);
-        assert!(dump.contains(&format!("Epoch:         \t{}", seqid + 1)), "{dump}");
+        assert!(
+            dump.contains(&format!("Epoch:         \t{}", seqid + 1)),
+            "{dump}"
+        );
         assert!(dump.contains("0: sealvol-kms"), "{dump}");
         cs.ok(&["open", "--test-passphrase", "--key-file", s(&pass), s(&vol)]);
         let mut after: serde_json::Value =
-            serde_json::from_str(&cs.ok(&["luksDump", "--dump-json-metadata", s(&vol)])).expect("json");
+            serde_json::from_str(&cs.ok(&["luksDump", "--dump-json-metadata", s(&vol)]))
+                .expect("json");
         after["tokens"] = before["tokens"].clone();
         assert_eq!(after, before, "our rewrite changed nothing but the token");
     }

@@ -159,7 +159,9 @@ fn checksum(copy: &[u8]) -> [u8; SHA256_LEN] {
 /// Checks the checksum of a whole copy (`hdr_size` bytes) whose algorithm is `alg`.
 pub(crate) fn verify_checksum(copy: &[u8], alg: &str) -> Result<(), Luks2Error> {
     if alg != CSUM_ALG_SHA256 {
-        return Err(Luks2Error::Unsupported { what: format!("header checksum algorithm {alg:?}") });
+        return Err(Luks2Error::Unsupported {
+            what: format!("header checksum algorithm {alg:?}"),
+        });
     }
     if copy.len() < BINARY_SIZE {
         return Err(Luks2Error::Truncated);
@@ -216,21 +218,36 @@ mod tests {
         seal_checksum(&mut copy);
         verify_checksum(&copy, "sha256").expect("valid");
         copy[0x3fff] ^= 1;
-        assert!(matches!(verify_checksum(&copy, "sha256"), Err(Luks2Error::BadChecksum)));
+        assert!(matches!(
+            verify_checksum(&copy, "sha256"),
+            Err(Luks2Error::BadChecksum)
+        ));
         copy[0x3fff] ^= 1;
         copy[CSUM.start + 40] = 1;
-        assert!(matches!(verify_checksum(&copy, "sha256"), Err(Luks2Error::BadChecksum)));
-        assert!(matches!(verify_checksum(&copy, "sha1"), Err(Luks2Error::Unsupported { .. })));
+        assert!(matches!(
+            verify_checksum(&copy, "sha256"),
+            Err(Luks2Error::BadChecksum)
+        ));
+        assert!(matches!(
+            verify_checksum(&copy, "sha1"),
+            Err(Luks2Error::Unsupported { .. })
+        ));
     }
 
     #[test]
     fn rejects_bad_version_size_and_magic() {
         let mut b = sample().encode();
         b[7] = 1;
-        assert!(matches!(BinaryHeader::parse(&b), Err(Luks2Error::Unsupported { .. })));
+        assert!(matches!(
+            BinaryHeader::parse(&b),
+            Err(Luks2Error::Unsupported { .. })
+        ));
         let mut b = sample().encode();
         b[8..16].copy_from_slice(&5000u64.to_be_bytes());
-        assert!(matches!(BinaryHeader::parse(&b), Err(Luks2Error::BadBinary(_))));
+        assert!(matches!(
+            BinaryHeader::parse(&b),
+            Err(Luks2Error::BadBinary(_))
+        ));
         let mut b = sample().encode();
         b[0] = b'X';
         assert!(matches!(BinaryHeader::parse(&b), Err(Luks2Error::NotLuks)));

@@ -27,25 +27,46 @@ pub(crate) const DIGEST_LEN_RANGE: std::ops::RangeInclusive<usize> = 20..=64;
 /// Checks that sealvol can evaluate this digest.
 pub(crate) fn check_supported(id: u32, d: &Digest) -> Result<(), Luks2Error> {
     let what = if d.kind != "pbkdf2" {
-        format!("digest {id} has type {:?} (only pbkdf2 exists in LUKS2)", d.kind)
+        format!(
+            "digest {id} has type {:?} (only pbkdf2 exists in LUKS2)",
+            d.kind
+        )
     } else if !matches!(d.hash.as_str(), "sha256" | "sha512") {
-        format!("digest {id} uses hash {:?} (sha256 and sha512 are supported)", d.hash)
+        format!(
+            "digest {id} uses hash {:?} (sha256 and sha512 are supported)",
+            d.hash
+        )
     } else if d.iterations == 0 || d.iterations > MAX_DIGEST_ITERATIONS {
-        format!("digest {id} has {} iterations (1..={MAX_DIGEST_ITERATIONS} supported)", d.iterations)
+        format!(
+            "digest {id} has {} iterations (1..={MAX_DIGEST_ITERATIONS} supported)",
+            d.iterations
+        )
     } else if d.salt.is_empty() || !DIGEST_LEN_RANGE.contains(&d.digest.len()) {
-        format!("digest {id} has a {}-byte salt and a {}-byte value", d.salt.len(), d.digest.len())
+        format!(
+            "digest {id} has a {}-byte salt and a {}-byte value",
+            d.salt.len(),
+            d.digest.len()
+        )
     } else {
         return Ok(());
     };
     Err(Luks2Error::Unsupported { what })
 }
 
-fn derive(hash: &str, key: &VolumeKey, salt: &[u8], iterations: u32, out: &mut [u8]) -> Result<(), Luks2Error> {
+fn derive(
+    hash: &str,
+    key: &VolumeKey,
+    salt: &[u8],
+    iterations: u32,
+    out: &mut [u8],
+) -> Result<(), Luks2Error> {
     match hash {
         "sha256" => pbkdf2::pbkdf2_hmac::<sha2::Sha256>(key.expose(), salt, iterations, out),
         "sha512" => pbkdf2::pbkdf2_hmac::<sha2::Sha512>(key.expose(), salt, iterations, out),
         other => {
-            return Err(Luks2Error::Unsupported { what: format!("digest hash {other:?}") });
+            return Err(Luks2Error::Unsupported {
+                what: format!("digest hash {other:?}"),
+            });
         }
     }
     Ok(())
@@ -85,7 +106,9 @@ mod tests {
     use super::*;
 
     fn key(seed: u8) -> VolumeKey {
-        let mut raw: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(seed).wrapping_add(i)).collect();
+        let mut raw: Vec<u8> = (0..64u8)
+            .map(|i| i.wrapping_mul(seed).wrapping_add(i))
+            .collect();
         VolumeKey::from_slice(&mut raw).expect("distinct halves")
     }
 
@@ -95,7 +118,10 @@ mod tests {
         assert_eq!(d.salt.len(), 32);
         assert_eq!(d.digest.len(), 32);
         verify(0, &d, &key(3)).expect("right key");
-        assert!(matches!(verify(0, &d, &key(5)), Err(Luks2Error::DigestMismatch)));
+        assert!(matches!(
+            verify(0, &d, &key(5)),
+            Err(Luks2Error::DigestMismatch)
+        ));
     }
 
     #[test]
@@ -122,12 +148,27 @@ mod tests {
     fn refuses_what_it_cannot_evaluate() {
         let good = new_digest(&key(3), vec![0]);
         for d in [
-            Digest { iterations: u32::MAX, ..good.clone() },
-            Digest { hash: "whirlpool".into(), ..good.clone() },
-            Digest { kind: "argon2".into(), ..good.clone() },
-            Digest { digest: vec![0; 8], ..good },
+            Digest {
+                iterations: u32::MAX,
+                ..good.clone()
+            },
+            Digest {
+                hash: "whirlpool".into(),
+                ..good.clone()
+            },
+            Digest {
+                kind: "argon2".into(),
+                ..good.clone()
+            },
+            Digest {
+                digest: vec![0; 8],
+                ..good
+            },
         ] {
-            assert!(matches!(verify(0, &d, &key(3)), Err(Luks2Error::Unsupported { .. })));
+            assert!(matches!(
+                verify(0, &d, &key(3)),
+                Err(Luks2Error::Unsupported { .. })
+            ));
         }
     }
 }

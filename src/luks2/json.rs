@@ -98,11 +98,25 @@ pub(crate) struct KeyslotArea {
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub(crate) enum Kdf {
     /// PBKDF2.
-    Pbkdf2 { hash: String, iterations: u32, salt: String },
+    Pbkdf2 {
+        hash: String,
+        iterations: u32,
+        salt: String,
+    },
     /// Argon2i.
-    Argon2i { time: u32, memory: u32, cpus: u32, salt: String },
+    Argon2i {
+        time: u32,
+        memory: u32,
+        cpus: u32,
+        salt: String,
+    },
     /// Argon2id.
-    Argon2id { time: u32, memory: u32, cpus: u32, salt: String },
+    Argon2id {
+        time: u32,
+        memory: u32,
+        cpus: u32,
+        salt: String,
+    },
 }
 
 /// The `type` of the token sealvol stores its wrapped data key in.
@@ -134,7 +148,11 @@ impl Serialize for Token {
             Self::Kms(t) => {
                 let mut obj = match serde_json::to_value(t).map_err(serde::ser::Error::custom)? {
                     Value::Object(m) => m,
-                    _ => return Err(serde::ser::Error::custom("KmsToken must serialize to an object")),
+                    _ => {
+                        return Err(serde::ser::Error::custom(
+                            "KmsToken must serialize to an object",
+                        ));
+                    }
                 };
                 obj.insert("type".into(), Value::String(KMS_TOKEN_TYPE.into()));
                 obj.insert("keyslots".into(), Value::Array(Vec::new()));
@@ -156,13 +174,23 @@ impl<'de> Deserialize<'de> for Token {
         };
         match obj.get("keyslots") {
             Some(Value::Array(a)) if a.iter().all(Value::is_string) => {}
-            _ => return Err(D::Error::custom(format!("token of type {kind:?} needs a \"keyslots\" array of strings"))),
+            _ => {
+                return Err(D::Error::custom(format!(
+                    "token of type {kind:?} needs a \"keyslots\" array of strings"
+                )));
+            }
         }
         if kind != KMS_TOKEN_TYPE {
             return Ok(Self::Other(Value::Object(obj)));
         }
-        if obj.get("keyslots").and_then(Value::as_array).is_some_and(|a| !a.is_empty()) {
-            return Err(D::Error::custom("the sealvol-kms token must not be bound to keyslots"));
+        if obj
+            .get("keyslots")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty())
+        {
+            return Err(D::Error::custom(
+                "the sealvol-kms token must not be bound to keyslots",
+            ));
         }
         obj.remove("type");
         obj.remove("keyslots");
@@ -285,7 +313,8 @@ pub(crate) fn parse_decimal(s: &str) -> Result<u64, String> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!("expected a decimal number as a string, got {s:?}"));
     }
-    s.parse::<u64>().map_err(|_| format!("number {s:?} is out of range"))
+    s.parse::<u64>()
+        .map_err(|_| format!("number {s:?} is out of range"))
 }
 
 /// `u64` as a decimal JSON string.
@@ -362,7 +391,9 @@ pub(crate) mod b64 {
     /// Deserializes a base64 string.
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let s = String::deserialize(d)?;
-        STANDARD.decode(s.as_bytes()).map_err(|e| D::Error::custom(format!("bad base64: {e}")))
+        STANDARD
+            .decode(s.as_bytes())
+            .map_err(|e| D::Error::custom(format!("bad base64: {e}")))
     }
 }
 
@@ -376,7 +407,10 @@ mod tests {
         let text = r#"{"keyslots":{"0":{"type":"luks2","key_size":64,"af":{"type":"luks1","stripes":4000,"hash":"sha256"},"area":{"type":"raw","offset":"32768","size":"258048","encryption":"aes-xts-plain64","key_size":64},"kdf":{"type":"pbkdf2","hash":"sha256","iterations":1000,"salt":"kTs2xsQKlPfloyiAEPKvQ0t+2S1cmq2rYXS1PlHeY2c="}},"1":{"type":"luks2","key_size":64,"af":{"type":"luks1","stripes":4000,"hash":"sha256"},"area":{"type":"raw","offset":"290816","size":"258048","encryption":"aes-xts-plain64","key_size":64},"kdf":{"type":"argon2id","time":4,"memory":1048576,"cpus":4,"salt":"kTs2xsQKlPfloyiAEPKvQ0t+2S1cmq2rYXS1PlHeY2c="},"future":1}},"tokens":{"0":{"type":"systemd-tpm2","keyslots":["0"],"tpm2-pcrs":[7]}},"segments":{"0":{"type":"crypt","offset":"16777216","size":"dynamic","iv_tweak":"0","encryption":"aes-xts-plain64","sector_size":4096}},"digests":{"0":{"type":"pbkdf2","keyslots":["0","1"],"segments":["0"],"hash":"sha256","iterations":1000,"salt":"eVpRzRtk2VQnODnS5OTvKF70ylsVGyGBCtDUA8HTgnE=","digest":"4Hd+n+6hVk0qT+qHSSuLfcBWf8fi4Z33IJDT9LZtZ7M="}},"config":{"json_size":"12288","keyslots_size":"16744448","requirements":{"mandatory":["sealvol-rekey-v1"]}}}"#;
         let m: Metadata = serde_json::from_str(text).expect("cryptsetup metadata parses");
         assert!(matches!(m.keyslots.get(&0), Some(Keyslot::Luks2(_))));
-        assert!(matches!(m.keyslots.get(&1), Some(Keyslot::Other(_))), "unknown field kept raw");
+        assert!(
+            matches!(m.keyslots.get(&1), Some(Keyslot::Other(_))),
+            "unknown field kept raw"
+        );
         assert!(matches!(m.tokens.get(&0), Some(Token::Other(_))));
         assert_eq!(m.segments[&0].size, SegmentSize::Dynamic);
         assert_eq!(m.digests[&0].keyslots, vec![0, 1]);
@@ -391,7 +425,10 @@ mod tests {
     fn rejects_malformed_numbers_and_ids() {
         for bad in ["\"-1\"", "\" 1\"", "\"\"", "\"99999999999999999999\"", "1"] {
             let text = format!(r#"{{"json_size":{bad},"keyslots_size":"0"}}"#);
-            assert!(serde_json::from_str::<Config>(&text).is_err(), "{bad} accepted");
+            assert!(
+                serde_json::from_str::<Config>(&text).is_err(),
+                "{bad} accepted"
+            );
         }
         let text = r#"{"keyslots":{"x":{}},"tokens":{},"segments":{},"digests":{},"config":{"json_size":"1","keyslots_size":"0"}}"#;
         assert!(serde_json::from_str::<Metadata>(text).is_err());
@@ -411,13 +448,22 @@ mod tests {
         assert_eq!(v["type"], "sealvol-kms");
         assert_eq!(v["keyslots"], Value::Array(vec![]));
         assert_eq!(v["ciphertext_blob"], "AQID/w==");
-        assert_eq!(serde_json::from_value::<Token>(v.clone()).expect("parses"), Token::Kms(t));
+        assert_eq!(
+            serde_json::from_value::<Token>(v.clone()).expect("parses"),
+            Token::Kms(t)
+        );
         let mut extra = v.clone();
         extra["surprise"] = Value::Bool(true);
-        assert!(serde_json::from_value::<Token>(extra).is_err(), "unknown field in our token");
+        assert!(
+            serde_json::from_value::<Token>(extra).is_err(),
+            "unknown field in our token"
+        );
         let mut bound = v;
         bound["keyslots"] = serde_json::json!(["0"]);
         assert!(serde_json::from_value::<Token>(bound).is_err());
-        assert!(serde_json::from_value::<Token>(serde_json::json!({"type": 3, "keyslots": []})).is_err());
+        assert!(
+            serde_json::from_value::<Token>(serde_json::json!({"type": 3, "keyslots": []}))
+                .is_err()
+        );
     }
 }

@@ -27,7 +27,9 @@ use std::collections::BTreeMap;
 
 use binary::{BINARY_SIZE, BinaryHeader, CSUM_ALG_SHA256, MAX_LABEL_LEN, VALID_HDR_SIZES};
 pub use error::Luks2Error;
-use json::{Config, Digest, Keyslot, Metadata, Requirements, Segment, SegmentKind, SegmentSize, Token};
+use json::{
+    Config, Digest, Keyslot, Metadata, Requirements, Segment, SegmentKind, SegmentSize, Token,
+};
 use serde_json::Value;
 
 use crate::backing::{Backing, BackingError};
@@ -63,7 +65,9 @@ pub fn journal_area(h: &Header) -> std::ops::Range<u64> {
             start = start.max(offset.saturating_add(size));
         }
     }
-    let start = start.div_ceil(KEYSLOTS_ALIGN).saturating_mul(KEYSLOTS_ALIGN);
+    let start = start
+        .div_ceil(KEYSLOTS_ALIGN)
+        .saturating_mul(KEYSLOTS_ALIGN);
     let end = h.data_offset();
     start.min(end)..end
 }
@@ -188,7 +192,10 @@ fn keyslot_area(slot: &Keyslot) -> Option<(u64, u64)> {
         Keyslot::Luks2(k) => Some((k.area.offset, k.area.size)),
         Keyslot::Other(v) => {
             let num = |name: &str| {
-                v.get("area")?.get(name)?.as_str().and_then(|s| json::parse_decimal(s).ok())
+                v.get("area")?
+                    .get(name)?
+                    .as_str()
+                    .and_then(|s| json::parse_decimal(s).ok())
             };
             Some((num("offset")?, num("size")?))
         }
@@ -196,7 +203,12 @@ fn keyslot_area(slot: &Keyslot) -> Option<(u64, u64)> {
 }
 
 /// Reads and checks the copy at `offset`, which must carry `expected`'s magic.
-fn read_copy(backing: &dyn Backing, offset: u64, size: u64, expected: Copy) -> Result<ValidCopy, Luks2Error> {
+fn read_copy(
+    backing: &dyn Backing,
+    offset: u64,
+    size: u64,
+    expected: Copy,
+) -> Result<ValidCopy, Luks2Error> {
     let avail = size.saturating_sub(offset);
     let n = usize::try_from(avail.min(BINARY_SIZE as u64)).unwrap_or(BINARY_SIZE);
     let mut first = [0u8; BINARY_SIZE];
@@ -224,7 +236,8 @@ fn read_copy(backing: &dyn Backing, offset: u64, size: u64, expected: Copy) -> R
         return Err(Luks2Error::Truncated);
     }
     // hdr_size is one of VALID_HDR_SIZES (at most 4 MiB).
-    let len = usize::try_from(bin.hdr_size).map_err(|_| Luks2Error::BadBinary("header size".into()))?;
+    let len =
+        usize::try_from(bin.hdr_size).map_err(|_| Luks2Error::BadBinary("header size".into()))?;
     let mut copy = vec![0u8; len];
     backing.read_at(&mut copy, offset).map_err(map_read)?;
     binary::verify_checksum(&copy, &bin.csum_alg)?;
@@ -237,7 +250,8 @@ fn read_copy(backing: &dyn Backing, offset: u64, size: u64, expected: Copy) -> R
         .iter()
         .position(|&b| b == 0)
         .ok_or_else(|| bad_json("the JSON area has no terminating NUL"))?;
-    let meta: Metadata = serde_json::from_slice(&area[..end]).map_err(|e| bad_json(e.to_string()))?;
+    let meta: Metadata =
+        serde_json::from_slice(&area[..end]).map_err(|e| bad_json(e.to_string()))?;
     validate_structure(&meta, bin.hdr_size)?;
     Ok(ValidCopy { bin, meta })
 }
@@ -264,7 +278,9 @@ fn secondary_offsets(backing: &dyn Backing) -> Vec<u64> {
 fn read_secondary(backing: &dyn Backing, size: u64) -> Result<ValidCopy, Luks2Error> {
     for offset in secondary_offsets(backing) {
         let mut magic = [0u8; 6];
-        if backing.read_at(&mut magic, offset).is_ok() && binary::magic_copy(&magic) == Some(Copy::Secondary) {
+        if backing.read_at(&mut magic, offset).is_ok()
+            && binary::magic_copy(&magic) == Some(Copy::Secondary)
+        {
             return read_copy(backing, offset, size, Copy::Secondary);
         }
     }
@@ -307,20 +323,33 @@ fn validate_structure(meta: &Metadata, hdr_size: u64) -> Result<(), Luks2Error> 
         )));
     }
     if cfg.keyslots_size % KEYSLOTS_ALIGN != 0 {
-        return Err(bad_json(format!("config.keyslots_size {} is not 4096-aligned", cfg.keyslots_size)));
+        return Err(bad_json(format!(
+            "config.keyslots_size {} is not 4096-aligned",
+            cfg.keyslots_size
+        )));
     }
     let area_start = hdr_size.saturating_mul(2);
     let area_end = area_start
         .checked_add(cfg.keyslots_size)
         .ok_or_else(|| bad_json("config.keyslots_size is out of range"))?;
-    if let Some(id) = meta.keyslots.keys().chain(meta.tokens.keys()).find(|&&id| id >= MAX_SLOTS) {
-        return Err(bad_json(format!("keyslot or token id {id} is not below {MAX_SLOTS}")));
+    if let Some(id) = meta
+        .keyslots
+        .keys()
+        .chain(meta.tokens.keys())
+        .find(|&&id| id >= MAX_SLOTS)
+    {
+        return Err(bad_json(format!(
+            "keyslot or token id {id} is not below {MAX_SLOTS}"
+        )));
     }
     for (id, slot) in &meta.keyslots {
         if let Some((offset, size)) = keyslot_area(slot) {
-            let inside = offset >= area_start && offset.checked_add(size).is_some_and(|end| end <= area_end);
+            let inside =
+                offset >= area_start && offset.checked_add(size).is_some_and(|end| end <= area_end);
             if !inside {
-                return Err(bad_json(format!("keyslot {id} area lies outside the keyslots area")));
+                return Err(bad_json(format!(
+                    "keyslot {id} area lies outside the keyslots area"
+                )));
             }
         }
     }
@@ -340,11 +369,19 @@ fn validate_structure(meta: &Metadata, hdr_size: u64) -> Result<(), Luks2Error> 
         if seg.kind == SegmentKind::Crypt
             && (seg.encryption.is_none() || seg.sector_size.is_none() || seg.iv_tweak.is_none())
         {
-            return Err(bad_json(format!("crypt segment {id} lacks encryption, sector_size or iv_tweak")));
+            return Err(bad_json(format!(
+                "crypt segment {id} lacks encryption, sector_size or iv_tweak"
+            )));
         }
-        let digests = meta.digests.values().filter(|d| d.segments.contains(id)).count();
+        let digests = meta
+            .digests
+            .values()
+            .filter(|d| d.segments.contains(id))
+            .count();
         if seg.kind == SegmentKind::Crypt && digests != 1 {
-            return Err(bad_json(format!("crypt segment {id} has {digests} digests (must have one)")));
+            return Err(bad_json(format!(
+                "crypt segment {id} has {digests} digests (must have one)"
+            )));
         }
     }
     for (id, d) in &meta.digests {
@@ -360,10 +397,14 @@ fn validate_structure(meta: &Metadata, hdr_size: u64) -> Result<(), Luks2Error> 
         match token {
             Token::Kms(_) => kms_tokens += 1,
             Token::Other(v) => {
-                let slots = v.get("keyslots").and_then(Value::as_array).map_or(&[][..], Vec::as_slice);
+                let slots = v
+                    .get("keyslots")
+                    .and_then(Value::as_array)
+                    .map_or(&[][..], Vec::as_slice);
                 let missing = slots.iter().find(|s| {
                     let id = s.as_str().and_then(|s| json::parse_decimal(s).ok());
-                    !id.and_then(|n| u32::try_from(n).ok()).is_some_and(|n| meta.keyslots.contains_key(&n))
+                    !id.and_then(|n| u32::try_from(n).ok())
+                        .is_some_and(|n| meta.keyslots.contains_key(&n))
                 });
                 if let Some(s) = missing {
                     return Err(bad_json(format!("token {id} names missing keyslot {s}")));
@@ -380,7 +421,9 @@ fn validate_structure(meta: &Metadata, hdr_size: u64) -> Result<(), Luks2Error> 
 /// Whether sealvol can serve a structurally valid header ([`Luks2Error::Unsupported`]).
 fn check_supported(meta: &Metadata) -> Result<(), Luks2Error> {
     if let Some(r) = meta.config.requirements.as_ref().and_then(|r| {
-        r.mandatory.iter().find(|m| !KNOWN_REQUIREMENTS.contains(&m.as_str()))
+        r.mandatory
+            .iter()
+            .find(|m| !KNOWN_REQUIREMENTS.contains(&m.as_str()))
     }) {
         return Err(unsupported(format!(
             "mandatory requirement {r:?} (e.g. an unfinished `cryptsetup reencrypt`; finish it with cryptsetup first)"
@@ -399,13 +442,21 @@ fn check_supported(meta: &Metadata) -> Result<(), Luks2Error> {
             return Err(unsupported(format!("sector size {sector} in segment {id}")));
         }
         if seg.iv_tweak != Some(0) {
-            return Err(unsupported(format!("iv_tweak {:?} in segment {id} (only 0)", seg.iv_tweak)));
+            return Err(unsupported(format!(
+                "iv_tweak {:?} in segment {id} (only 0)",
+                seg.iv_tweak
+            )));
         }
         if seg.integrity.is_some() {
-            return Err(unsupported(format!("authenticated encryption (integrity) in segment {id}")));
+            return Err(unsupported(format!(
+                "authenticated encryption (integrity) in segment {id}"
+            )));
         }
         if seg.offset % u64::from(sector) != 0 {
-            return Err(unsupported(format!("segment {id} offset {} is not sector-aligned", seg.offset)));
+            return Err(unsupported(format!(
+                "segment {id} offset {} is not sector-aligned",
+                seg.offset
+            )));
         }
     }
     for (id, d) in meta.digests.iter().filter(|(_, d)| !d.segments.is_empty()) {
@@ -416,7 +467,10 @@ fn check_supported(meta: &Metadata) -> Result<(), Luks2Error> {
                 Keyslot::Other(v) => v.get("key_size").and_then(Value::as_u64),
             };
             if let Some(bytes) = key_size.filter(|&b| b != VOLUME_KEY_LEN as u64) {
-                return Err(unsupported(format!("volume key size {} bits (only 512)", bytes.saturating_mul(8))));
+                return Err(unsupported(format!(
+                    "volume key size {} bits (only 512)",
+                    bytes.saturating_mul(8)
+                )));
             }
         }
     }
@@ -435,7 +489,10 @@ fn validate_params(p: &FormatParams) -> Result<u64, Luks2Error> {
         ));
     }
     if p.label.len() > MAX_LABEL_LEN || p.label.contains('\0') {
-        return invalid(format!("label {:?} is longer than {MAX_LABEL_LEN} bytes or contains NUL", p.label));
+        return invalid(format!(
+            "label {:?} is longer than {MAX_LABEL_LEN} bytes or contains NUL",
+            p.label
+        ));
     }
     match DEFAULT_DATA_OFFSET.checked_add(p.data_size) {
         Some(total) if i64::try_from(total).is_ok() => Ok(total),
@@ -451,7 +508,11 @@ impl Header {
     /// # Errors
     /// [`Luks2Error::InvalidParams`] for bad parameters, [`Luks2Error::JsonTooLarge`] if
     /// the token does not fit, or a backing failure.
-    pub fn format(backing: &dyn Backing, key: &VolumeKey, params: &FormatParams) -> Result<Header, Luks2Error> {
+    pub fn format(
+        backing: &dyn Backing,
+        key: &VolumeKey,
+        params: &FormatParams,
+    ) -> Result<Header, Luks2Error> {
         let total = validate_params(params)?;
         let segment = Segment {
             kind: SegmentKind::Crypt,
@@ -465,7 +526,11 @@ impl Header {
         };
         let meta = Metadata {
             keyslots: BTreeMap::new(),
-            tokens: params.token.iter().map(|t| (0, Token::Kms(t.clone()))).collect(),
+            tokens: params
+                .token
+                .iter()
+                .map(|t| (0, Token::Kms(t.clone())))
+                .collect(),
             segments: BTreeMap::from([(0, segment)]),
             digests: BTreeMap::from([(0, digest::new_digest(key, vec![0]))]),
             config: Config {
@@ -508,7 +573,9 @@ impl Header {
         let primary = read_copy(backing, 0, size, Copy::Primary);
         let secondary = read_secondary(backing, size);
         let (chosen, copy_used, other) = match (primary, secondary) {
-            (Ok(p), Ok(s)) if s.bin.seqid > p.bin.seqid && s.bin.uuid == p.bin.uuid => (s, Copy::Secondary, Some(p)),
+            (Ok(p), Ok(s)) if s.bin.seqid > p.bin.seqid && s.bin.uuid == p.bin.uuid => {
+                (s, Copy::Secondary, Some(p))
+            }
             (Ok(p), Ok(s)) => (p, Copy::Primary, Some(s)),
             (Ok(p), Err(_)) => (p, Copy::Primary, None),
             (Err(_), Ok(s)) => (s, Copy::Secondary, None),
@@ -614,7 +681,12 @@ impl Header {
     /// Byte offset of the data area (the lowest segment offset).
     #[must_use]
     pub fn data_offset(&self) -> u64 {
-        self.meta.segments.values().map(|s| s.offset).min().unwrap_or(0)
+        self.meta
+            .segments
+            .values()
+            .map(|s| s.offset)
+            .min()
+            .unwrap_or(0)
     }
 
     /// Data bytes given the backing size: from the data offset to the end of the last
@@ -682,7 +754,11 @@ impl Header {
     /// The mandatory requirements (e.g. [`REKEY_REQUIREMENT`] during a rekey).
     #[must_use]
     pub fn mandatory_requirements(&self) -> &[String] {
-        self.meta.config.requirements.as_ref().map_or(&[], |r| r.mandatory.as_slice())
+        self.meta
+            .config
+            .requirements
+            .as_ref()
+            .map_or(&[], |r| r.mandatory.as_slice())
     }
 
     fn data_segment_id(&self) -> u32 {
@@ -694,14 +770,15 @@ impl Header {
     }
 
     fn data_segment(&self) -> &Segment {
-        self.meta
-            .segments
-            .get(&self.data_segment_id())
-            .expect("validated headers always have a crypt segment (read, format and write check it)")
+        self.meta.segments.get(&self.data_segment_id()).expect(
+            "validated headers always have a crypt segment (read, format and write check it)",
+        )
     }
 
     fn free_token_id(&self) -> u32 {
-        (0..).find(|id| !self.meta.tokens.contains_key(id)).unwrap_or(0)
+        (0..)
+            .find(|id| !self.meta.tokens.contains_key(id))
+            .unwrap_or(0)
     }
 
     fn validate(&self) -> Result<(), Luks2Error> {
@@ -711,10 +788,16 @@ impl Header {
 
     /// The JSON text; errors if it (plus its NUL) does not fit the JSON area.
     fn json_bytes(&self) -> Result<Vec<u8>, Luks2Error> {
-        let json = serde_json::to_vec(&self.meta).map_err(|e| bad_json(format!("cannot serialize: {e}")))?;
-        let max = usize::try_from(self.hdr_size).unwrap_or(usize::MAX).saturating_sub(BINARY_SIZE);
+        let json = serde_json::to_vec(&self.meta)
+            .map_err(|e| bad_json(format!("cannot serialize: {e}")))?;
+        let max = usize::try_from(self.hdr_size)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(BINARY_SIZE);
         if json.len() >= max {
-            return Err(Luks2Error::JsonTooLarge { size: json.len() + 1, max });
+            return Err(Luks2Error::JsonTooLarge {
+                size: json.len() + 1,
+                max,
+            });
         }
         Ok(json)
     }
@@ -735,7 +818,8 @@ impl Header {
             subsystem: self.subsystem.clone(),
             hdr_offset: offset,
         };
-        let len = usize::try_from(self.hdr_size).map_err(|_| Luks2Error::BadBinary("header size".into()))?;
+        let len = usize::try_from(self.hdr_size)
+            .map_err(|_| Luks2Error::BadBinary("header size".into()))?;
         let mut buf = vec![0u8; len];
         buf[..BINARY_SIZE].copy_from_slice(&bin.encode());
         buf[BINARY_SIZE..BINARY_SIZE + json.len()].copy_from_slice(json);
@@ -773,20 +857,38 @@ impl Header {
     /// Adds a digest of `key` bound to no segment yet; returns its id. cryptsetup accepts
     /// such an unbound digest as long as every crypt segment keeps one digest.
     pub(crate) fn add_digest_for(&mut self, key: &VolumeKey) -> u32 {
-        let id = (0..).find(|id| !self.meta.digests.contains_key(id)).unwrap_or(u32::MAX);
-        self.meta.digests.insert(id, digest::new_digest(key, Vec::new()));
+        let id = (0..)
+            .find(|id| !self.meta.digests.contains_key(id))
+            .unwrap_or(u32::MAX);
+        self.meta
+            .digests
+            .insert(id, digest::new_digest(key, Vec::new()));
         id
     }
 
     /// Checks `key` against digest `digest_id`.
-    pub(crate) fn verify_key_against(&self, digest_id: u32, key: &VolumeKey) -> Result<(), Luks2Error> {
-        let d = self.meta.digests.get(&digest_id).ok_or(Luks2Error::NoSuchDigest(digest_id))?;
+    pub(crate) fn verify_key_against(
+        &self,
+        digest_id: u32,
+        key: &VolumeKey,
+    ) -> Result<(), Luks2Error> {
+        let d = self
+            .meta
+            .digests
+            .get(&digest_id)
+            .ok_or(Luks2Error::NoSuchDigest(digest_id))?;
         digest::verify(digest_id, d, key)
     }
 
     /// Adds a mandatory requirement (idempotent).
     pub(crate) fn set_mandatory_requirement(&mut self, req: &str) {
-        let r = self.meta.config.requirements.get_or_insert_with(|| Requirements { mandatory: Vec::new() });
+        let r = self
+            .meta
+            .config
+            .requirements
+            .get_or_insert_with(|| Requirements {
+                mandatory: Vec::new(),
+            });
         if !r.mandatory.iter().any(|m| m == req) {
             r.mandatory.push(req.to_owned());
         }
@@ -815,7 +917,8 @@ impl Header {
     pub(crate) fn set_token(&mut self, kind: &str, fields: serde_json::Map<String, Value>) {
         let mut obj = fields;
         obj.insert("type".into(), Value::String(kind.into()));
-        obj.entry("keyslots").or_insert_with(|| Value::Array(Vec::new()));
+        obj.entry("keyslots")
+            .or_insert_with(|| Value::Array(Vec::new()));
         let id = self
             .meta
             .tokens
@@ -823,7 +926,9 @@ impl Header {
             .find(|(_, t)| t.kind() == kind)
             .map(|(id, _)| *id)
             .unwrap_or_else(|| self.free_token_id());
-        self.meta.tokens.insert(id, Token::Other(Value::Object(obj)));
+        self.meta
+            .tokens
+            .insert(id, Token::Other(Value::Object(obj)));
     }
 
     /// Removes every token of type `kind`; true if there was one.

@@ -12,16 +12,22 @@ const DATA: u64 = 64 * 1024;
 const HDR: usize = 16 * 1024;
 
 fn key(seed: u8) -> VolumeKey {
-    let mut raw: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(seed | 1).wrapping_add(seed)).collect();
+    let mut raw: Vec<u8> = (0..64u8)
+        .map(|i| i.wrapping_mul(seed | 1).wrapping_add(seed))
+        .collect();
     VolumeKey::from_slice(&mut raw).expect("distinct halves")
 }
 
 fn token(blob: &[u8]) -> KmsToken {
     KmsToken {
-        key_arn: "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab".into(),
+        key_arn: "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+            .into(),
         ciphertext_blob: blob.to_vec(),
         encryption_context: BTreeMap::from([
-            ("aws:workspaces:sid-directoryid".into(), "S-1-5-21-1@d-1234567890".into()),
+            (
+                "aws:workspaces:sid-directoryid".into(),
+                "S-1-5-21-1@d-1234567890".into(),
+            ),
             ("aws:ebs:id".into(), "vol-0123456789abcdef0".into()),
         ]),
         volume_kind: "user".into(),
@@ -31,7 +37,12 @@ fn token(blob: &[u8]) -> KmsToken {
 }
 
 fn params() -> FormatParams {
-    FormatParams { data_size: DATA, sector_size: 4096, label: "home".into(), token: Some(token(b"blob")) }
+    FormatParams {
+        data_size: DATA,
+        sector_size: 4096,
+        label: "home".into(),
+        token: Some(token(b"blob")),
+    }
 }
 
 fn formatted() -> (MemBacking, Header) {
@@ -81,7 +92,11 @@ fn format_then_read_round_trips() {
     let bytes = b.snapshot();
     assert_eq!(&bytes[..6], b"LUKS\xba\xbe");
     assert_eq!(&bytes[HDR..HDR + 6], b"SKUL\xba\xbe");
-    assert_ne!(&bytes[104..168], &bytes[HDR + 104..HDR + 168], "each copy has its own salt");
+    assert_ne!(
+        &bytes[104..168],
+        &bytes[HDR + 104..HDR + 168],
+        "each copy has its own salt"
+    );
     assert!(is_luks(&b));
 }
 
@@ -89,8 +104,18 @@ fn format_then_read_round_trips() {
 fn file_backing_round_trip_and_512_byte_sectors() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("vol");
-    let p = FormatParams { sector_size: 512, data_size: 512 * 3, label: String::new(), token: None };
-    let h = Header::format(&FileBacking::create(&path, false).expect("create"), &key(2), &p).expect("format");
+    let p = FormatParams {
+        sector_size: 512,
+        data_size: 512 * 3,
+        label: String::new(),
+        token: None,
+    };
+    let h = Header::format(
+        &FileBacking::create(&path, false).expect("create"),
+        &key(2),
+        &p,
+    )
+    .expect("format");
     let b = FileBacking::open(&path).expect("open");
     let r = Header::read(&b).expect("read");
     assert_eq!(r.uuid(), h.uuid());
@@ -106,7 +131,10 @@ fn format_discards_previous_contents() {
     Header::format(&b, &key(1), &params()).expect("format");
     let bytes = b.snapshot();
     assert_eq!(bytes.len() as u64, DEFAULT_DATA_OFFSET + DATA);
-    assert!(bytes[2 * HDR..].iter().all(|&x| x == 0), "keyslots and data areas read as zeros");
+    assert!(
+        bytes[2 * HDR..].iter().all(|&x| x == 0),
+        "keyslots and data areas read as zeros"
+    );
 }
 
 #[test]
@@ -159,7 +187,10 @@ impl Backing for Recorder {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BackingError> {
-        self.ops.lock().expect("not poisoned").push(Op::Write(offset));
+        self.ops
+            .lock()
+            .expect("not poisoned")
+            .push(Op::Write(offset));
         self.inner.write_at(buf, offset)
     }
     fn flush(&self) -> Result<(), BackingError> {
@@ -183,21 +214,36 @@ impl Backing for Recorder {
 #[test]
 fn write_puts_the_older_copy_first_with_a_flush_between() {
     let (b, _) = formatted();
-    let rec = Recorder { inner: b, ops: Mutex::new(Vec::new()) };
+    let rec = Recorder {
+        inner: b,
+        ops: Mutex::new(Vec::new()),
+    };
     let mut h = Header::read(&rec).expect("read");
     h.write(&rec).expect("write");
     let s = DEFAULT_HDR_SIZE;
-    assert_eq!(rec.take(), [Op::Write(s), Op::Flush, Op::Write(0), Op::Flush]);
+    assert_eq!(
+        rec.take(),
+        [Op::Write(s), Op::Flush, Op::Write(0), Op::Flush]
+    );
     h.write(&rec).expect("write");
-    assert_eq!(rec.take(), [Op::Write(0), Op::Flush, Op::Write(s), Op::Flush]);
+    assert_eq!(
+        rec.take(),
+        [Op::Write(0), Op::Flush, Op::Write(s), Op::Flush]
+    );
 
     // Primary damaged: the secondary is the newest valid copy, so the primary goes first.
     flip(&rec.inner, 4096 + 3);
     let mut h = Header::read(&rec).expect("read");
     assert_eq!(h.which_copy_used(), Copy::Secondary);
     h.write(&rec).expect("write");
-    assert_eq!(rec.take(), [Op::Write(0), Op::Flush, Op::Write(s), Op::Flush]);
-    assert_eq!(Header::read(&rec).expect("repaired").which_copy_used(), Copy::Primary);
+    assert_eq!(
+        rec.take(),
+        [Op::Write(0), Op::Flush, Op::Write(s), Op::Flush]
+    );
+    assert_eq!(
+        Header::read(&rec).expect("repaired").which_copy_used(),
+        Copy::Primary
+    );
 }
 
 /// A crash at any point of an update, including a torn write of either copy, leaves a
@@ -228,7 +274,11 @@ fn torn_updates_leave_old_or_new_header() {
                 other => panic!("seqid {other}"),
             }
             if i == 1 {
-                assert_eq!(r.seqid(), 2, "once the first copy is flushed the update is durable");
+                assert_eq!(
+                    r.seqid(),
+                    2,
+                    "once the first copy is flushed the update is durable"
+                );
             }
         }
     }
@@ -296,7 +346,10 @@ fn bad_json_in_both_copies() {
     bad.meta.digests.get_mut(&0).expect("digest 0").segments = vec![7];
     force_both(&b, &bad);
     let msg = Header::read(&b).expect_err("dangling").to_string();
-    assert!(msg.contains("missing segment 7") || msg.contains("has 0 digests"), "{msg}");
+    assert!(
+        msg.contains("missing segment 7") || msg.contains("has 0 digests"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -309,13 +362,22 @@ fn truncated_files() {
         assert!(matches!(err, Luks2Error::Truncated), "len {len}: {err}");
         assert!(err.to_string().contains("truncated"));
     }
-    assert!(matches!(Header::read(&MemBacking::new(0)), Err(Luks2Error::NotLuks)));
-    assert!(matches!(Header::read(&MemBacking::from_bytes(full[..3].to_vec())), Err(Luks2Error::NotLuks)));
+    assert!(matches!(
+        Header::read(&MemBacking::new(0)),
+        Err(Luks2Error::NotLuks)
+    ));
+    assert!(matches!(
+        Header::read(&MemBacking::from_bytes(full[..3].to_vec())),
+        Err(Luks2Error::NotLuks)
+    ));
 }
 
 #[test]
 fn wrong_magic_is_not_luks() {
-    assert!(matches!(Header::read(&MemBacking::new(20 << 20)), Err(Luks2Error::NotLuks)));
+    assert!(matches!(
+        Header::read(&MemBacking::new(20 << 20)),
+        Err(Luks2Error::NotLuks)
+    ));
     let (b, _) = formatted();
     b.write_at(b"NOPE", 0).expect("write");
     b.write_at(b"NOPE", HDR as u64).expect("write");
@@ -327,7 +389,10 @@ fn wrong_magic_is_not_luks() {
     let (b, _) = formatted();
     b.write_at(b"NOPE", 0).expect("write");
     assert!(is_luks(&b));
-    assert_eq!(Header::read(&b).expect("secondary").which_copy_used(), Copy::Secondary);
+    assert_eq!(
+        Header::read(&b).expect("secondary").which_copy_used(),
+        Copy::Secondary
+    );
 }
 
 #[test]
@@ -344,17 +409,29 @@ fn unsupported_cipher_sector_size_and_requirement() {
     let (b, h) = formatted();
     type Change = fn(&mut Header);
     let cases: [(&str, Change); 4] = [
-        ("aes-cbc-essiv:sha256", |h| h.meta.segments.get_mut(&0).expect("seg").encryption = Some("aes-cbc-essiv:sha256".into())),
-        ("sector size 1024", |h| h.meta.segments.get_mut(&0).expect("seg").sector_size = Some(1024)),
-        ("online-reencrypt-v2", |h| h.set_mandatory_requirement("online-reencrypt-v2")),
-        ("iv_tweak", |h| h.meta.segments.get_mut(&0).expect("seg").iv_tweak = Some(8)),
+        ("aes-cbc-essiv:sha256", |h| {
+            h.meta.segments.get_mut(&0).expect("seg").encryption =
+                Some("aes-cbc-essiv:sha256".into())
+        }),
+        ("sector size 1024", |h| {
+            h.meta.segments.get_mut(&0).expect("seg").sector_size = Some(1024)
+        }),
+        ("online-reencrypt-v2", |h| {
+            h.set_mandatory_requirement("online-reencrypt-v2")
+        }),
+        ("iv_tweak", |h| {
+            h.meta.segments.get_mut(&0).expect("seg").iv_tweak = Some(8)
+        }),
     ];
     for (needle, change) in cases {
         let mut bad = h.clone();
         change(&mut bad);
         force_both(&b, &bad);
         let err = Header::read(&b).expect_err(needle);
-        assert!(matches!(err, Luks2Error::Unsupported { .. }), "{needle}: {err}");
+        assert!(
+            matches!(err, Luks2Error::Unsupported { .. }),
+            "{needle}: {err}"
+        );
         assert!(err.to_string().contains(needle), "{err}");
         // And write refuses to put such a header on disk.
         assert!(bad.write(&b).is_err());
@@ -383,17 +460,44 @@ fn unsupported_key_size_in_a_cryptsetup_keyslot() {
 fn invalid_format_params() {
     let b = MemBacking::new(0);
     let bad = [
-        FormatParams { sector_size: 1024, ..params() },
-        FormatParams { data_size: 4097, ..params() },
-        FormatParams { data_size: 0, ..params() },
-        FormatParams { data_size: u64::MAX - 4095, ..params() },
-        FormatParams { label: "x".repeat(48), ..params() },
+        FormatParams {
+            sector_size: 1024,
+            ..params()
+        },
+        FormatParams {
+            data_size: 4097,
+            ..params()
+        },
+        FormatParams {
+            data_size: 0,
+            ..params()
+        },
+        FormatParams {
+            data_size: u64::MAX - 4095,
+            ..params()
+        },
+        FormatParams {
+            label: "x".repeat(48),
+            ..params()
+        },
     ];
     for p in bad {
-        assert!(matches!(Header::format(&b, &key(1), &p), Err(Luks2Error::InvalidParams(_))), "{p:?}");
+        assert!(
+            matches!(
+                Header::format(&b, &key(1), &p),
+                Err(Luks2Error::InvalidParams(_))
+            ),
+            "{p:?}"
+        );
     }
-    let huge = FormatParams { token: Some(token(&[7; 12 * 1024])), ..params() };
-    assert!(matches!(Header::format(&b, &key(1), &huge), Err(Luks2Error::JsonTooLarge { .. })));
+    let huge = FormatParams {
+        token: Some(token(&[7; 12 * 1024])),
+        ..params()
+    };
+    assert!(matches!(
+        Header::format(&b, &key(1), &huge),
+        Err(Luks2Error::JsonTooLarge { .. })
+    ));
 }
 
 #[test]
@@ -465,10 +569,19 @@ fn rekey_helpers_two_keys_requirement_and_state_token() {
     r.verify_key_against(new_id, &key(7)).expect("new key");
     r.verify_key_against(0, &key(1)).expect("old key");
     r.verify_key(&key(7)).expect("segment 0 uses the new key");
-    assert!(matches!(r.verify_key_against(0, &key(7)), Err(Luks2Error::DigestMismatch)));
-    assert!(matches!(r.verify_key_against(9, &key(7)), Err(Luks2Error::NoSuchDigest(9))));
+    assert!(matches!(
+        r.verify_key_against(0, &key(7)),
+        Err(Luks2Error::DigestMismatch)
+    ));
+    assert!(matches!(
+        r.verify_key_against(9, &key(7)),
+        Err(Luks2Error::NoSuchDigest(9))
+    ));
     assert_eq!(r.token("sealvol-rekey").expect("state")["offset"], "4096");
-    assert_eq!(r.token("sealvol-rekey").expect("state")["keyslots"], Value::Array(vec![]));
+    assert_eq!(
+        r.token("sealvol-rekey").expect("state")["keyslots"],
+        Value::Array(vec![])
+    );
     assert_eq!(r.kms_token(), Some(&token(b"blob")));
 
     let mut done = r.clone();
@@ -551,12 +664,20 @@ proptest! {
 
 /// The cryptsetup binary, or `None` (skip, with the reason printed) outside `CI=true`.
 fn cryptsetup_or_skip() -> Option<std::path::PathBuf> {
-    let found = ["/usr/sbin/cryptsetup", "/sbin/cryptsetup", "/usr/bin/cryptsetup"]
-        .map(std::path::PathBuf::from)
-        .into_iter()
-        .find(|p| p.is_file());
+    let found = [
+        "/usr/sbin/cryptsetup",
+        "/sbin/cryptsetup",
+        "/usr/bin/cryptsetup",
+    ]
+    .map(std::path::PathBuf::from)
+    .into_iter()
+    .find(|p| p.is_file());
     if found.is_none() {
-        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "cryptsetup missing under CI=true");
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "cryptsetup missing under CI=true"
+        );
         eprintln!("SKIP: cryptsetup not found (apt-get install -y cryptsetup-bin)");
     }
     found
@@ -566,7 +687,9 @@ fn cryptsetup_or_skip() -> Option<std::path::PathBuf> {
 /// use; once the rekey finishes, cryptsetup accepts the new key.
 #[test]
 fn cryptsetup_reads_but_refuses_a_rekey_in_progress() {
-    let Some(cs) = cryptsetup_or_skip() else { return };
+    let Some(cs) = cryptsetup_or_skip() else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("vol");
     let b = FileBacking::create(&path, false).expect("create");
@@ -577,15 +700,31 @@ fn cryptsetup_reads_but_refuses_a_rekey_in_progress() {
     std::fs::write(&new_key, key(7).expose()).expect("write");
     std::fs::write(&pass, "pw").expect("write");
     let run = |args: &[&std::ffi::OsStr]| {
-        let out = std::process::Command::new(&cs).args(args).output().expect("cryptsetup runs");
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new(&cs)
+            .args(args)
+            .output()
+            .expect("cryptsetup runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         (out.status.success(), text)
     };
     let add_key = || {
         run(&[
-            "luksAddKey".as_ref(), "-q".as_ref(), "--key-size".as_ref(), "512".as_ref(),
-            "--volume-key-file".as_ref(), new_key.as_os_str(), "--pbkdf".as_ref(), "pbkdf2".as_ref(),
-            "--pbkdf-force-iterations".as_ref(), "1000".as_ref(), "--new-keyfile".as_ref(), pass.as_os_str(),
+            "luksAddKey".as_ref(),
+            "-q".as_ref(),
+            "--key-size".as_ref(),
+            "512".as_ref(),
+            "--volume-key-file".as_ref(),
+            new_key.as_os_str(),
+            "--pbkdf".as_ref(),
+            "pbkdf2".as_ref(),
+            "--pbkdf-force-iterations".as_ref(),
+            "1000".as_ref(),
+            "--new-keyfile".as_ref(),
+            pass.as_os_str(),
             path.as_os_str(),
         ])
     };
@@ -593,13 +732,22 @@ fn cryptsetup_reads_but_refuses_a_rekey_in_progress() {
     let (ok, dump) = run(&["luksDump".as_ref(), path.as_os_str()]);
     assert!(ok, "{dump}");
     assert!(dump.contains("Requirements:\tsealvol-rekey-v1"), "{dump}");
-    assert!(dump.contains("1: crypt") && dump.contains("sealvol-rekey"), "{dump}");
+    assert!(
+        dump.contains("1: crypt") && dump.contains("sealvol-rekey"),
+        "{dump}"
+    );
     let (ok, out) = add_key();
-    assert!(!ok && out.contains("requirements"), "cryptsetup must refuse: {out}");
+    assert!(
+        !ok && out.contains("requirements"),
+        "cryptsetup must refuse: {out}"
+    );
 
     finish_rekey(&mut h, new_id, DATA);
     h.write(&b).expect("write");
     let (ok, out) = add_key();
     assert!(ok, "the new key is the volume key now: {out}");
-    Header::read(&b).expect("read").verify_key(&key(7)).expect("new key");
+    Header::read(&b)
+        .expect("read")
+        .verify_key(&key(7))
+        .expect("new key");
 }
