@@ -1,0 +1,96 @@
+"""State files, crash safety (kill -9), restart, clean SIGTERM shutdown, audit log."""
+
+import json
+import os
+import stat
+import subprocess
+
+import pytest
+
+from conftest import DAEMON_BIN, Daemon
+
+CTX = {"aws:ebs:id": "vol-durable"}
+
+
+def test_state_files_and_modes(daemon):
+    d = daemon.state_dir
+    for name in ("kms.db", "root.key", "credentials", "config", "audit.log"):
+        assert (d / name).exists(), name
+    for name in ("root.key", "credentials"):
+        assert stat.S_IMODE((d / name).stat().st_mode) == 0o600, name
+    assert (d / "root.key").stat().st_size == 32
+    creds = (d / "credentials").read_text()
+    for profile in ("admin", "alice", "workspaces", "ebs"):
+        assert f"[{profile}]" in creds
+    config = (d / "config").read_text()
+    assert "region = us-east-1" in config and f"endpoint_url = {daemon.endpoint}" in config
+
+
+def test_refuses_readable_root_key(tmp_path):
+    d = Daemon(tmp_path / "state").start()
+    d.stop()
+    os.chmod(tmp_path / "state" / "root.key", 0o640)
+    p = subprocess.run([str(DAEMON_BIN), "--state-dir", str(tmp_path / "state"), "--listen", "127.0.0.1:0"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode != 0 and "root.key" in p.stderr
+
+
+def test_help_documents_everything():
+    out = subprocess.run([str(DAEMON_BIN), "--help"], capture_output=True, text=True, check=True).stdout
+    for flag in ("--state-dir", "--listen", "--account", "--region", "--ready-file", "audit", "put-principal-policy"):
+        assert flag in out, flag
+
+
+def test_kill9_then_restart_decrypts(fresh_daemon):
+    admin = fresh_daemon.client("admin")
+    key = admin.create_key()["KeyMetadata"]["KeyId"]
+    admin.create_alias(AliasName="alias/durable", TargetKeyId=key)
+    admin.enable_key_rotation(KeyId=key)
+    blob = admin.generate_data_key_without_plaintext(KeyId=key, NumberOfBytes=64, EncryptionContext=CTX)["CiphertextBlob"]
+    grant = admin.create_grant(KeyId=key, GranteePrincipal="ebs.amazonaws.com", Operations=["Decrypt"],
+                               Constraints={"EncryptionContextEquals": CTX})
+    admin.rotate_key_on_demand(KeyId=key)
+    other = admin.create_key()["KeyMetadata"]["KeyId"]
+    admin.disable_key(KeyId=other)
+    fresh_daemon.kill9()
+    fresh_daemon.start()
+    admin = fresh_daemon.client("admin")
+    ebs = fresh_daemon.client("ebs")
+    assert len(ebs.decrypt(CiphertextBlob=blob, EncryptionContext=CTX)["Plaintext"]) == 64
+    assert admin.describe_key(KeyId="alias/durable")["KeyMetadata"]["KeyId"] == key
+    assert admin.describe_key(KeyId=other)["KeyMetadata"]["KeyState"] == "Disabled"
+    assert admin.get_key_rotation_status(KeyId=key)["KeyRotationEnabled"] is True
+    assert [g["GrantId"] for g in admin.list_grants(KeyId=key)["Grants"]] == [grant["GrantId"]]
+    # Every acknowledged request left an audit record.
+    names = [r["eventName"] for r in fresh_daemon.audit(key)]
+    for n in ("CreateKey", "CreateAlias", "EnableKeyRotation", "GenerateDataKeyWithoutPlaintext", "CreateGrant", "RotateKeyOnDemand", "Decrypt"):
+        assert n in names, n
+
+
+def test_sigterm_exits_cleanly(fresh_daemon):
+    fresh_daemon.client("admin").list_keys()
+    assert fresh_daemon.stop() == 0
+
+
+def test_audit_records_with_context(daemon, admin, ebs, key):
+    ctx = {"aws:workspaces:sid-directoryid": "S-1@d-1", "aws:ebs:id": "vol-audit"}
+    blob = admin.encrypt(KeyId=key, Plaintext=b"top secret plaintext", EncryptionContext=ctx)["CiphertextBlob"]
+    admin.decrypt(CiphertextBlob=blob, EncryptionContext=ctx)
+    try:
+        ebs.decrypt(CiphertextBlob=blob, EncryptionContext=ctx)
+    except Exception:
+        pass
+    records = daemon.audit(key, "Decrypt")
+    assert len(records) == 2
+    ok, denied = records
+    assert ok["eventSource"] == "kms.amazonaws.com" and ok["eventName"] == "Decrypt"
+    assert ok["requestParameters"]["encryptionContext"] == ctx
+    assert ok["userIdentity"]["arn"] == "arn:aws:iam::111122223333:root"
+    assert ok["resources"][0]["ARN"].endswith(key) and "errorCode" not in ok
+    assert denied["errorCode"] == "AccessDeniedException" and denied["userIdentity"]["arn"] == "ebs.amazonaws.com"
+    log = (daemon.state_dir / "audit.log").read_text()
+    import base64
+    assert "top secret plaintext" not in log and base64.b64encode(b"top secret plaintext").decode() not in log
+    # Failed authentication is audited too.
+    daemon.raw("TrentService.ListKeys", {}, access_key="AKIAUNKNOWNAUDIT0000")
+    assert "AKIAUNKNOWNAUDIT0000" in (daemon.state_dir / "audit.log").read_text()

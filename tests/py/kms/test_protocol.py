@@ -1,0 +1,105 @@
+"""Wire protocol and SigV4 failures, exercised with an independent SigV4 signer."""
+
+import datetime
+
+import pytest
+
+from conftest import ON_BEHALF_OF, ALICE
+
+DESCRIBE = "TrentService.ListKeys"
+
+
+def test_independent_signer_is_accepted(daemon):
+    status, body = daemon.raw(DESCRIBE, {})
+    assert status == 200 and "Keys" in body
+
+
+def test_missing_authorization(daemon):
+    status, body = daemon.raw(DESCRIBE, {}, sign=False)
+    assert status == 400 and body["__type"] == "MissingAuthenticationTokenException"
+
+
+def test_unknown_access_key(daemon):
+    status, body = daemon.raw(DESCRIBE, {}, access_key="AKIAUNKNOWNUNKNOWN00")
+    assert status == 400 and body["__type"] == "UnrecognizedClientException"
+
+
+def test_bad_signature(daemon):
+    status, body = daemon.raw(DESCRIBE, {}, secret="wrong-secret-wrong-secret-wrong-secret00")
+    assert status == 400 and body["__type"] == "InvalidSignatureException"
+
+
+def test_tampered_body(daemon, key):
+    status, body = daemon.raw("TrentService.DescribeKey", {"KeyId": key},
+                              tamper_body=('{"KeyId":"%s" }' % key).encode())
+    assert status == 400 and body["__type"] == "InvalidSignatureException"
+
+
+def test_tampered_signed_header(daemon, key):
+    # Sign as DescribeKey, then swap the target after signing.
+    status, body = daemon.raw("TrentService.DescribeKey", {"KeyId": key},
+                              unsigned_headers={"x-amz-target": "TrentService.DisableKey"})
+    assert status == 400 and body["__type"] == "InvalidSignatureException"
+
+
+def test_stale_and_future_timestamps(daemon):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for delta in (datetime.timedelta(minutes=-6), datetime.timedelta(hours=-2)):
+        stamp = (now + delta).strftime("%Y%m%dT%H%M%SZ")
+        status, body = daemon.raw(DESCRIBE, {}, amz_date=stamp)
+        assert status == 400 and body["__type"] == "InvalidSignatureException" and "expired" in body["message"], body
+    stamp = (now + datetime.timedelta(minutes=6)).strftime("%Y%m%dT%H%M%SZ")
+    status, body = daemon.raw(DESCRIBE, {}, amz_date=stamp)
+    assert status == 400 and body["__type"] in ("InvalidSignatureException", "IncompleteSignatureException")
+    stamp = (now - datetime.timedelta(minutes=4)).strftime("%Y%m%dT%H%M%SZ")
+    assert daemon.raw(DESCRIBE, {}, amz_date=stamp)[0] == 200
+
+
+def test_incomplete_authorization_header(daemon):
+    status, body = daemon.raw(DESCRIBE, {}, sign=False, unsigned_headers={"authorization": "AWS4-HMAC-SHA256 Credential=AKIA/x"})
+    assert status == 400 and body["__type"] == "IncompleteSignatureException"
+
+
+def test_unsigned_on_behalf_of_header_is_refused(daemon, key):
+    status, body = daemon.raw("TrentService.DescribeKey", {"KeyId": key}, profile="workspaces",
+                              unsigned_headers={ON_BEHALF_OF: ALICE})
+    assert status == 400 and body["__type"] == "IncompleteSignatureException"
+
+
+def test_signed_on_behalf_of_from_user_is_denied(daemon, key):
+    status, body = daemon.raw("TrentService.DescribeKey", {"KeyId": key}, profile="alice",
+                              extra_headers={ON_BEHALF_OF: ALICE})
+    assert status == 400 and body["__type"] == "AccessDeniedException"
+
+
+@pytest.mark.parametrize("payload", [
+    b"{not json", b"[]", b'{"KeyId": 5}', b'{"KeyId": "k", "Bogus": 1}', b'"string"',
+])
+def test_malformed_requests(daemon, payload):
+    status, body = daemon.raw("TrentService.DescribeKey", payload)
+    assert status == 400 and body["__type"] == "SerializationException", body
+
+
+def test_bad_base64(daemon):
+    status, body = daemon.raw("TrentService.Decrypt", {"CiphertextBlob": "***not base64***"})
+    assert status == 400 and body["__type"] == "SerializationException"
+
+
+def test_wrong_type_context(daemon, key):
+    status, body = daemon.raw("TrentService.Encrypt", {"KeyId": key, "Plaintext": "eA==", "EncryptionContext": {"a": ["b"]}})
+    assert status == 400 and body["__type"] == "SerializationException"
+
+
+def test_unknown_target(daemon):
+    status, body = daemon.raw("TrentService.Frobnicate", {})
+    assert status == 400 and body["__type"] == "UnknownOperationException"
+
+
+def test_oversized_body_is_refused(daemon):
+    status, body = daemon.raw("TrentService.Encrypt", b"{" + b" " * (300 * 1024) + b"}", sign=False)
+    assert status == 413 and body["__type"] == "ValidationException"
+
+
+def test_wrong_content_type(daemon):
+    status, body = daemon.raw(DESCRIBE, {}, content_type="text/plain")
+    assert status == 400 and body["__type"] == "SerializationException"
