@@ -257,7 +257,13 @@ fn we_read_and_rewrite_headers_that_cryptsetup_luksformat_wrote() {
     let Some(cs) = cryptsetup().map(Cs) else {
         return;
     };
-    for sector in ["4096", "512"] {
+    let bigger_metadata = [
+        "--luks2-metadata-size",
+        "64k",
+        "--luks2-keyslots-size",
+        "1m",
+    ];
+    for (sector, extra) in [("4096", &[][..]), ("512", &bigger_metadata[..])] {
         let dir = tempfile::tempdir().expect("tempdir");
         let vol = dir.path().join("cs.img");
         std::fs::File::create(&vol)
@@ -269,7 +275,8 @@ fn we_read_and_rewrite_headers_that_cryptsetup_luksformat_wrote() {
         write_key(&key_path, &key);
         let pass = dir.path().join("pass");
         std::fs::write(&pass, "passphrase").expect("write");
-        cs.ok(&[
+        let mut args = extra.to_vec();
+        args.extend([
             "luksFormat",
             "--batch-mode",
             "--type",
@@ -290,6 +297,7 @@ fn we_read_and_rewrite_headers_that_cryptsetup_luksformat_wrote() {
             s(&pass),
             s(&vol),
         ]);
+        cs.ok(&args);
         let before: serde_json::Value =
             serde_json::from_str(&cs.ok(&["luksDump", "--dump-json-metadata", s(&vol)]))
                 .expect("json");
@@ -300,10 +308,14 @@ fn we_read_and_rewrite_headers_that_cryptsetup_luksformat_wrote() {
         assert_eq!(h.label(), "made-by-cryptsetup");
         assert_eq!(h.cipher(), "aes-xts-plain64");
         assert_eq!(h.sector_size().to_string(), sector);
-        assert_eq!(h.data_offset(), luks2::DEFAULT_DATA_OFFSET);
+        let number = |v: &serde_json::Value| v.as_str().and_then(|n| n.parse::<u64>().ok());
+        let offset = number(&before["segments"]["0"]["offset"]).expect("segment offset");
+        let json_size = number(&before["config"]["json_size"]).expect("json_size");
+        assert_eq!(h.hdr_size(), json_size + 4096);
+        assert_eq!(h.data_offset(), offset);
         assert_eq!(
             h.data_size(b.size().expect("size")),
-            4 << 20,
+            (20 << 20) - offset,
             "\"dynamic\" segment size"
         );
         assert_eq!(h.keyslot_count(), 1);
