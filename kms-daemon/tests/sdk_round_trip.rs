@@ -1,0 +1,127 @@
+//! The Rust AWS SDK (the client the volume code uses) against a spawned daemon:
+//! GenerateDataKeyWithoutPlaintext (64 bytes, XTS-AES-256) + Decrypt with an encryption
+//! context, using only the profile files the daemon writes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_config::BehaviorVersion;
+use aws_sdk_kms::Client;
+use aws_sdk_kms::error::ProvideErrorMetadata;
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::{GrantConstraints, GrantOperation};
+
+struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_daemon() -> Daemon {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ready = dir.path().join("ready.json");
+    let child = Command::new(env!("CARGO_BIN_EXE_kms-daemon"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--listen", "127.0.0.1:0", "--ready-file"])
+        .arg(&ready)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("kms-daemon starts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "kms-daemon did not become ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Daemon { child, dir }
+}
+
+// `ProfileFiles` is re-exported under a deprecated alias; the replacement lives in
+// aws-runtime, which is not otherwise a dependency.
+#[allow(deprecated)]
+async fn client(state: &Path, profile: &str) -> Client {
+    use aws_config::profile::profile_file::{ProfileFileKind, ProfileFiles};
+    let files = ProfileFiles::builder()
+        .with_file(ProfileFileKind::Credentials, state.join("credentials"))
+        .with_file(ProfileFileKind::Config, state.join("config"))
+        .build();
+    let conf = aws_config::defaults(BehaviorVersion::latest()).profile_files(files).profile_name(profile).load().await;
+    Client::new(&conf)
+}
+
+fn state_dir(d: &Daemon) -> PathBuf {
+    d.dir.path().join("state")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_data_key_without_plaintext_then_decrypt_with_context() {
+    let d = start_daemon();
+    let state = state_dir(&d);
+    let admin = client(&state, "admin").await;
+    let ebs = client(&state, "ebs").await;
+
+    let key = admin.create_key().description("sdk round trip").send().await.expect("CreateKey");
+    let key_id = key.key_metadata().expect("metadata").key_id().to_owned();
+    let ctx = [("aws:workspaces:sid-directoryid", "S-1-5-21-42@d-9067000001"), ("aws:ebs:id", "vol-0sdk")];
+
+    // Without a grant the EBS principal is refused.
+    let denied = ebs
+        .generate_data_key_without_plaintext()
+        .key_id(&key_id)
+        .number_of_bytes(64)
+        .set_encryption_context(Some(ctx.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()))
+        .send()
+        .await
+        .expect_err("no grant yet");
+    assert_eq!(denied.into_service_error().code(), Some("AccessDeniedException"));
+
+    let mut constraints = GrantConstraints::builder();
+    for (k, v) in ctx {
+        constraints = constraints.encryption_context_equals(k, v);
+    }
+    admin
+        .create_grant()
+        .key_id(&key_id)
+        .grantee_principal("ebs.amazonaws.com")
+        .operations(GrantOperation::GenerateDataKeyWithoutPlaintext)
+        .operations(GrantOperation::Decrypt)
+        .constraints(constraints.build())
+        .send()
+        .await
+        .expect("CreateGrant");
+
+    let mut gdk = ebs.generate_data_key_without_plaintext().key_id(&key_id).number_of_bytes(64);
+    let dec_builder = |blob: Vec<u8>| {
+        let mut b = ebs.decrypt().ciphertext_blob(Blob::new(blob));
+        for (k, v) in ctx {
+            b = b.encryption_context(k, v);
+        }
+        b
+    };
+    for (k, v) in ctx {
+        gdk = gdk.encryption_context(k, v);
+    }
+    let out = gdk.send().await.expect("GenerateDataKeyWithoutPlaintext");
+    assert!(out.key_id().expect("key id").ends_with(&key_id));
+    let blob = out.ciphertext_blob().expect("blob").as_ref().to_vec();
+
+    let plain = dec_builder(blob.clone()).send().await.expect("Decrypt");
+    assert_eq!(plain.plaintext().expect("plaintext").as_ref().len(), 64);
+    assert!(plain.key_id().expect("key id").ends_with(&key_id));
+
+    let wrong = ebs
+        .decrypt()
+        .ciphertext_blob(Blob::new(blob))
+        .encryption_context("aws:ebs:id", "vol-0sdk")
+        .send()
+        .await
+        .expect_err("grant constraint does not match");
+    assert_eq!(wrong.into_service_error().code(), Some("AccessDeniedException"));
+}
