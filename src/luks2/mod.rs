@@ -73,17 +73,21 @@ pub fn journal_area(h: &Header) -> std::ops::Range<u64> {
 }
 
 /// True if the backing starts with a LUKS magic (`LUKS\xba\xbe`), or, when the primary
-/// magic is gone, has a secondary LUKS2 header magic (`SKUL\xba\xbe`) at one of the
-/// LUKS2 header offsets: `cryptsetup isLuks` also finds a volume by its secondary copy.
-/// LUKS1 shares the primary magic, so this is also true for LUKS1 volumes, which
-/// [`Header::read`] then refuses as unsupported. Use it to refuse overwriting a volume.
+/// magic is gone, holds a valid secondary LUKS2 header copy (checksum and all) at one of
+/// the LUKS2 header offsets: `cryptsetup isLuks` also finds a volume by its secondary
+/// copy. A stray `SKUL\xba\xbe` in the data of a plain volume does not count. LUKS1
+/// shares the primary magic, so this is also true for LUKS1 volumes, which
+/// [`Header::read`] then refuses as unsupported. Use it to refuse overwriting a volume or
+/// serving one as plain data.
 #[must_use]
 pub fn is_luks(backing: &dyn Backing) -> bool {
-    let has = |offset: u64, copy: Copy| {
-        let mut magic = [0u8; 6];
-        backing.read_at(&mut magic, offset).is_ok() && binary::magic_copy(&magic) == Some(copy)
-    };
-    has(0, Copy::Primary) || VALID_HDR_SIZES.iter().any(|&o| has(o, Copy::Secondary))
+    let mut magic = [0u8; 6];
+    let primary =
+        backing.read_at(&mut magic, 0).is_ok() && binary::magic_copy(&magic) == Some(Copy::Primary);
+    primary
+        || backing
+            .size()
+            .is_ok_and(|size| read_secondary(backing, size).is_ok())
 }
 
 /// The `sealvol-kms` token: the data key wrapped by KMS, and what it is bound to.

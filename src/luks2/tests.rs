@@ -389,6 +389,10 @@ fn wrong_magic_is_not_luks() {
     let (b, _) = formatted();
     b.write_at(b"NOPE", 0).expect("write");
     assert!(is_luks(&b));
+    // A stray secondary magic in plain data is not a LUKS2 volume.
+    let plain = MemBacking::new(1 << 20);
+    plain.write_at(b"SKUL\xba\xbe", 0x4000).expect("write");
+    assert!(!is_luks(&plain));
     assert_eq!(
         Header::read(&b).expect("secondary").which_copy_used(),
         Copy::Secondary
