@@ -248,7 +248,11 @@ fn read_copy(
     // Parse the checksummed bytes, not the first read.
     let mut bin_bytes = [0u8; BINARY_SIZE];
     bin_bytes.copy_from_slice(&copy[..BINARY_SIZE]);
-    let bin = BinaryHeader::parse(&bin_bytes)?;
+    if BinaryHeader::parse(&bin_bytes)? != bin {
+        return Err(Luks2Error::BadBinary(format!(
+            "the copy at offset {offset} changed while it was being read"
+        )));
+    }
     let area = &copy[BINARY_SIZE..];
     let end = area
         .iter()
