@@ -21,9 +21,7 @@ use crate::secret::VolumeKey;
 /// AES block size.
 const BLOCK: usize = 16;
 /// Bytes per crypto group: one `encrypt_blocks` call covers this much data.
-const GROUP: usize = 4096;
-/// Blocks per group.
-const GROUP_BLOCKS: usize = GROUP / BLOCK;
+const GROUP: usize = 16 * 1024;
 /// Requests at least this large are split across the rayon pool.
 const PARALLEL_MIN: usize = 64 * 1024;
 /// Chunk handed to one rayon task.
@@ -88,8 +86,9 @@ impl TryFrom<u32> for SectorSize {
     }
 }
 
-/// `x⁸` reduction table: `REDUCE8[b]` is the carry-less product `b · 0x87`, i.e. what the
+/// `x⁸` reduction table (test reference for [`fold8`]): `REDUCE8[b]` is the carry-less product `b · 0x87`, i.e. what the
 /// byte `b` shifted out of the top of a 128-bit tweak folds back into the bottom.
+#[cfg(test)]
 const REDUCE8: [u16; 256] = {
     let mut t = [0u16; 256];
     let mut b = 0;
@@ -114,40 +113,136 @@ const fn mul_x(t: u128) -> u128 {
     (t << 1) ^ ((t >> 127) * 0x87)
 }
 
-/// Multiplies a tweak by x⁸.
-#[inline(always)]
+/// Multiplies a tweak by x⁸ (reference for the vectorized lanes in [`whiten_first`]).
+#[cfg(test)]
 fn mul_x8(t: u128) -> u128 {
     (t << 8) ^ u128::from(REDUCE8[(t >> 120) as usize])
 }
 
-/// Fills `out` with `t0·αⁱ` for i = 0.. using 8 independent chains.
-#[inline(always)]
-fn fill_tweaks(t0: u128, out: &mut [u128]) {
-    let mut lanes = [0u128; 8];
-    let mut t = t0;
-    for lane in &mut lanes {
-        *lane = t;
-        t = mul_x(t);
-    }
-    let mut chunks = out.chunks_exact_mut(8);
-    for chunk in &mut chunks {
-        chunk.copy_from_slice(&lanes);
-        for lane in &mut lanes {
-            *lane = mul_x8(*lane);
-        }
-    }
-    let rest = chunks.into_remainder();
-    let n = rest.len();
-    rest.copy_from_slice(&lanes[..n]);
+#[cfg(target_arch = "x86_64")]
+fn avx512_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::env::var_os("SEALVOL_NO_AVX512").is_none()
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+    })
 }
 
+/// Carry-less product `b · 0x87` for a byte `b` (what x⁸ folds back), branch-free so
+/// that eight lanes vectorize.
 #[inline(always)]
-fn xor_tweaks(data: &mut [u8], tweaks: &[u128]) {
-    for (block, t) in data.chunks_exact_mut(BLOCK).zip(tweaks) {
-        let mut b = [0u8; BLOCK];
-        b.copy_from_slice(block);
-        let v = u128::from_le_bytes(b) ^ t;
-        block.copy_from_slice(&v.to_le_bytes());
+const fn fold8(b: u64) -> u64 {
+    b ^ (b << 1) ^ (b << 2) ^ (b << 7)
+}
+
+/// Generates `t0·αⁱ` for every block of `data` (held as little-endian u64 pairs) with 8
+/// independent `×x⁸` chains kept as separate low/high u64 lanes (two vector registers),
+/// XORs each tweak into its block and keeps it in `out` for the second pass.
+#[inline(always)]
+fn whiten_first(t0: u128, data: &mut [u64], out: &mut [u64]) {
+    let mut lo = [0u64; 8];
+    let mut hi = [0u64; 8];
+    let mut t = t0;
+    for i in 0..8 {
+        // Truncations split the u128 into its halves on purpose.
+        #[allow(clippy::cast_possible_truncation)]
+        {
+            lo[i] = t as u64;
+            hi[i] = (t >> 64) as u64;
+        }
+        t = mul_x(t);
+    }
+    let mut d = data.chunks_exact_mut(16);
+    let mut o = out.chunks_exact_mut(16);
+    for (dc, oc) in (&mut d).zip(&mut o) {
+        for i in 0..8 {
+            dc[2 * i] ^= lo[i].to_le();
+            dc[2 * i + 1] ^= hi[i].to_le();
+            oc[2 * i] = lo[i].to_le();
+            oc[2 * i + 1] = hi[i].to_le();
+        }
+        for i in 0..8 {
+            let top = hi[i] >> 56;
+            hi[i] = (hi[i] << 8) | (lo[i] >> 56);
+            lo[i] = (lo[i] << 8) ^ fold8(top);
+        }
+    }
+    let (dr, or) = (d.into_remainder(), o.into_remainder());
+    for (i, (dp, op)) in dr.chunks_exact_mut(2).zip(or.chunks_exact_mut(2)).enumerate() {
+        dp[0] ^= lo[i].to_le();
+        dp[1] ^= hi[i].to_le();
+        op[0] = lo[i].to_le();
+        op[1] = hi[i].to_le();
+    }
+}
+
+/// The second XOR pass: `data ^= tweaks`.
+#[inline(always)]
+fn whiten_second(data: &mut [u64], tweaks: &[u64]) {
+    for (d, t) in data.iter_mut().zip(tweaks) {
+        *d ^= *t;
+    }
+}
+
+/// AVX-512 whitening: four tweaks per 512-bit register, advanced by `×x⁴` per step
+/// (a 64-bit lane shift, the carries moved across the lane halves, and the bits shifted
+/// out of the top folded back with `0x87`). `data.len()` is a multiple of 8 words.
+///
+/// # Safety
+/// The CPU must support AVX-512F and AVX-512BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn whiten_first_avx512(t0: u128, data: &mut [u64], out: &mut [u64]) {
+    use std::arch::x86_64::{
+        __m512i, _mm512_bslli_epi128, _mm512_bsrli_epi128, _mm512_loadu_si512, _mm512_slli_epi64,
+        _mm512_srli_epi64, _mm512_storeu_si512, _mm512_ternarylogic_epi64, _mm512_xor_si512,
+    };
+    debug_assert!(data.len() % 8 == 0 && out.len() == data.len());
+    let t1 = mul_x(t0);
+    let t2 = mul_x(t1);
+    let t3 = mul_x(t2);
+    let start = [t0.to_le(), t1.to_le(), t2.to_le(), t3.to_le()];
+    // SAFETY: `start` is 64 readable bytes; unaligned loads are allowed.
+    let mut t = unsafe { _mm512_loadu_si512(start.as_ptr().cast::<__m512i>()) };
+    for (d, o) in data.chunks_exact_mut(8).zip(out.chunks_exact_mut(8)) {
+        // SAFETY: each chunk is exactly 8 u64 = 64 bytes, valid for reads and writes.
+        unsafe {
+            let v = _mm512_loadu_si512(d.as_ptr().cast::<__m512i>());
+            _mm512_storeu_si512(d.as_mut_ptr().cast::<__m512i>(), _mm512_xor_si512(v, t));
+            _mm512_storeu_si512(o.as_mut_ptr().cast::<__m512i>(), t);
+        }
+        let carry = _mm512_srli_epi64::<60>(t);
+        let shifted = _mm512_slli_epi64::<4>(t);
+        let into_high = _mm512_bslli_epi128::<8>(carry);
+        let out_top = _mm512_bsrli_epi128::<8>(carry);
+        let fold = _mm512_ternarylogic_epi64::<0x96>(
+            out_top,
+            _mm512_slli_epi64::<1>(out_top),
+            _mm512_slli_epi64::<2>(out_top),
+        );
+        let fold = _mm512_xor_si512(fold, _mm512_slli_epi64::<7>(out_top));
+        t = _mm512_ternarylogic_epi64::<0x96>(shifted, into_high, fold);
+    }
+}
+
+/// AVX-512 second pass: `data ^= tweaks`, 64 bytes at a time.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn whiten_second_avx512(data: &mut [u64], tweaks: &[u64]) {
+    use std::arch::x86_64::{__m512i, _mm512_loadu_si512, _mm512_storeu_si512, _mm512_xor_si512};
+    for (d, t) in data.chunks_exact_mut(8).zip(tweaks.chunks_exact(8)) {
+        // SAFETY: both chunks are exactly 64 bytes.
+        unsafe {
+            let v = _mm512_xor_si512(
+                _mm512_loadu_si512(d.as_ptr().cast::<__m512i>()),
+                _mm512_loadu_si512(t.as_ptr().cast::<__m512i>()),
+            );
+            _mm512_storeu_si512(d.as_mut_ptr().cast::<__m512i>(), v);
+        }
     }
 }
 
@@ -258,13 +353,38 @@ impl SectorCipher {
 
     /// The core: `buf` holds whole sectors (checked by the caller).
     fn crypt(&self, buf: &mut [u8], first_sector: u64, dir: Direction) {
+        // SAFETY: every bit pattern is a valid u128; `align_to_mut` only hands out the
+        // correctly aligned middle part.
+        let (head, words, _) = unsafe { buf.align_to_mut::<u64>() };
+        if !head.is_empty() {
+            // An unaligned caller buffer: work on an aligned copy.
+            let mut copy = vec![0u64; buf.len() / 8];
+            for (w, b) in copy.iter_mut().zip(buf.chunks_exact(8)) {
+                *w = u64::from_ne_bytes(b.try_into().expect("8-byte chunk"));
+            }
+            self.crypt_words(&mut copy, first_sector, dir);
+            for (w, b) in copy.iter().zip(buf.chunks_exact_mut(8)) {
+                b.copy_from_slice(&w.to_ne_bytes());
+            }
+            return;
+        }
+        self.crypt_words(words, first_sector, dir);
+    }
+
+    /// XTS over whole sectors held as u64 words (memory order = the blocks' byte order;
+    /// tweak halves are converted with `to_le`).
+    fn crypt_words(&self, words: &mut [u64], first_sector: u64, dir: Direction) {
+        #[cfg(target_arch = "x86_64")]
+        let avx512 = avx512_available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx512 = false;
         let ss = self.sector_size.bytes();
-        let sectors_per_group = (GROUP / ss).max(1);
-        let group_bytes = sectors_per_group * ss;
-        let mut tweaks = [0u128; GROUP_BLOCKS];
+        let words_per_sector = ss / 8;
+        let sectors_per_group = GROUP / ss;
+        let mut tweaks = vec![0u64; GROUP / 8];
         let mut sector = first_sector;
-        for group in buf.chunks_mut(group_bytes) {
-            let n = group.len() / ss;
+        for group in words.chunks_mut(sectors_per_group * words_per_sector) {
+            let n = group.len() / words_per_sector;
             // Initial tweaks of every sector in the group, encrypted in one batch.
             let mut t0 = [Array::<u8, U16>::default(); GROUP / 512];
             for (i, t) in t0.iter_mut().take(n).enumerate() {
@@ -272,22 +392,40 @@ impl SectorCipher {
                 *t = Array::from(unit.to_le_bytes());
             }
             self.tweak.encrypt_blocks(&mut t0[..n]);
-            let blocks_per_sector = ss / BLOCK;
-            for (i, t) in t0.iter().take(n).enumerate() {
+            for (i, (t, chunk)) in t0.iter().zip(group.chunks_mut(words_per_sector)).enumerate() {
                 let mut b = [0u8; BLOCK];
                 b.copy_from_slice(t.as_slice());
-                let span = i * blocks_per_sector..(i + 1) * blocks_per_sector;
-                fill_tweaks(u128::from_le_bytes(b), &mut tweaks[span]);
+                let span = i * words_per_sector..(i + 1) * words_per_sector;
+                let t0 = u128::from_le_bytes(b);
+                #[cfg(target_arch = "x86_64")]
+                if avx512 {
+                    // SAFETY: AVX-512F/BW were detected at run time.
+                    unsafe { whiten_first_avx512(t0, chunk, &mut tweaks[span]) };
+                    continue;
+                }
+                whiten_first(t0, chunk, &mut tweaks[span]);
             }
-            let used = &tweaks[..n * blocks_per_sector];
-            xor_tweaks(group, used);
-            let (blocks, rest) = Array::<u8, U16>::slice_as_chunks_mut(group);
-            debug_assert!(rest.is_empty(), "sectors are whole blocks");
-            match dir {
-                Direction::Encrypt => self.data.encrypt_blocks(blocks),
-                Direction::Decrypt => self.data.decrypt_blocks(blocks),
+            let used = &tweaks[..group.len()];
+            {
+                // SAFETY: the byte view covers exactly the memory of `group` (u64 words),
+                // every bit pattern is valid for both, and `group` is not used meanwhile.
+                let bytes = unsafe { std::slice::from_raw_parts_mut(group.as_mut_ptr().cast::<u8>(), group.len() * 8) };
+                let (blocks, rest) = Array::<u8, U16>::slice_as_chunks_mut(bytes);
+                debug_assert!(rest.is_empty(), "sectors are whole blocks");
+                match dir {
+                    Direction::Encrypt => self.data.encrypt_blocks(blocks),
+                    Direction::Decrypt => self.data.decrypt_blocks(blocks),
+                }
             }
-            xor_tweaks(group, used);
+            #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                // SAFETY: AVX-512F was detected at run time.
+                unsafe { whiten_second_avx512(group, used) };
+            } else {
+                whiten_second(group, used);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            whiten_second(group, used);
             sector += n as u64;
         }
     }
@@ -376,6 +514,13 @@ mod tests {
         let c = SectorCipher::new(&VolumeKey::generate(), SectorSize::S512);
         let s = format!("{c:?}");
         assert!(s.starts_with("SectorCipher { sector_size: S512"), "{s}");
+    }
+
+    #[test]
+    fn fold8_matches_table() {
+        for b in 0..256u64 {
+            assert_eq!(fold8(b), u64::from(REDUCE8[b as usize]));
+        }
     }
 
     #[test]
