@@ -1,9 +1,9 @@
 //! Encryption context: the typed map and its canonical, unambiguous byte encoding.
 //!
 //! The encoding is the AAD of every ciphertext blob: a big-endian u32 pair count, then
-//! for each pair in byte-wise sorted key order a u32 length + key bytes and a u32 length
-//! + value bytes. Because every field is length-prefixed, `{"ab":"c"}` and `{"a":"bc"}`
-//! encode differently.
+//! for each pair in byte-wise sorted key order the key and then the value, each as a
+//! big-endian u32 length followed by its bytes. Because every field is length-prefixed,
+//! `{"ab":"c"}` and `{"a":"bc"}` encode differently.
 
 use std::collections::BTreeMap;
 

@@ -20,6 +20,7 @@ pub mod context;
 pub mod daemon;
 pub mod error;
 pub mod keys;
+pub mod loadgen;
 pub mod ops;
 pub mod policy;
 pub mod principal;

@@ -55,6 +55,15 @@ pub struct Touched {
     pub keys: Vec<String>,
 }
 
+/// A blob to open and what the caller says about it.
+struct Unwrap<'a> {
+    blob: &'a [u8],
+    context: &'a EncryptionContext,
+    key_id: Option<&'a str>,
+    operation: &'a str,
+    tokens: &'a [String],
+}
+
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, OpError> {
     let body = if body.is_empty() { &b"{}"[..] } else { body };
     serde_json::from_slice(body).map_err(|e| {
@@ -742,16 +751,8 @@ impl Kms {
     }
 
     /// Opens a blob for `operation` (Decrypt or ReEncryptFrom) in DESIGN §3's order.
-    fn open_blob(
-        &self,
-        caller: &Caller,
-        blob_bytes: &[u8],
-        ctx: &EncryptionContext,
-        key_id: Option<&str>,
-        operation: &str,
-        tokens: &[String],
-        touched: &mut Touched,
-    ) -> Result<(KeyRecord, zeroize::Zeroizing<Vec<u8>>), OpError> {
+    fn open_blob(&self, caller: &Caller, u: Unwrap<'_>, touched: &mut Touched) -> Result<(KeyRecord, zeroize::Zeroizing<Vec<u8>>), OpError> {
+        let Unwrap { blob: blob_bytes, context: ctx, key_id, operation, tokens } = u;
         // 1. The blob parses.
         let parsed = CiphertextBlob::parse(blob_bytes)?;
         // 2. KeyId, if given, names the blob's key.
@@ -785,7 +786,11 @@ impl Kms {
         }
         let ctx = ctx_of(r.encryption_context)?;
         let tokens = r.grant_tokens.unwrap_or_default();
-        let (key, plaintext) = self.open_blob(caller, &r.ciphertext_blob.0, &ctx, r.key_id.as_deref(), "Decrypt", &tokens, touched)?;
+        let (key, plaintext) = self.open_blob(
+            caller,
+            Unwrap { blob: &r.ciphertext_blob.0, context: &ctx, key_id: r.key_id.as_deref(), operation: "Decrypt", tokens: &tokens },
+            touched,
+        )?;
         dry_run(r.dry_run)?;
         Ok(json!({"KeyId": key.arn, "Plaintext": b64(&plaintext), "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}))
     }
@@ -796,7 +801,11 @@ impl Kms {
         let src_ctx = ctx_of(r.source_encryption_context)?;
         let dst_ctx = ctx_of(r.destination_encryption_context)?;
         let tokens = r.grant_tokens.unwrap_or_default();
-        let (src, plaintext) = self.open_blob(caller, &r.ciphertext_blob.0, &src_ctx, r.source_key_id.as_deref(), "ReEncryptFrom", &tokens, touched)?;
+        let (src, plaintext) = self.open_blob(
+            caller,
+            Unwrap { blob: &r.ciphertext_blob.0, context: &src_ctx, key_id: r.source_key_id.as_deref(), operation: "ReEncryptFrom", tokens: &tokens },
+            touched,
+        )?;
         let dst = self.resolve(caller, &r.destination_key_id, touched)?;
         self.authorize(caller, &dst, &Ask { operation: "ReEncryptTo", context: Some(&dst_ctx), grant_tokens: &tokens, grants_apply: true, ..Ask::default() })?;
         require_enabled(&dst)?;
