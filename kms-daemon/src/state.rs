@@ -35,7 +35,9 @@ pub const WORKSPACES_KEY_POLICY: &str = include_str!("../policies/workspaces-key
 
 /// Substitutes account and region into a sample written for 111122223333/us-east-1.
 pub fn localize(sample: &str, account: &str, region: &str) -> String {
-    sample.replace("111122223333", account).replace("us-east-1", region)
+    sample
+        .replace("111122223333", account)
+        .replace("us-east-1", region)
 }
 
 /// The principals with access keys, by profile name.
@@ -51,7 +53,9 @@ pub fn profiles(account: &str) -> Vec<(&'static str, String)> {
 fn random_chars(n: usize, alphabet: &[u8]) -> String {
     let mut b = vec![0u8; n];
     fill_random(&mut b);
-    b.iter().map(|x| alphabet[usize::from(*x) % alphabet.len()] as char).collect()
+    b.iter()
+        .map(|x| alphabet[usize::from(*x) % alphabet.len()] as char)
+        .collect()
 }
 
 /// An opened state directory.
@@ -66,7 +70,10 @@ pub struct StateDir {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
-    move |source| StateError::Io { path: path.to_owned(), source }
+    move |source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 impl StateDir {
@@ -74,13 +81,18 @@ impl StateDir {
     pub fn open(dir: &Path, account: &str, region: &str) -> Result<Self, StateError> {
         use std::os::unix::fs::DirBuilderExt;
         if !dir.exists() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err(dir))?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_err(dir))?;
         }
         let root = RootKey::load_or_create(&dir.join("root.key"))?;
         let store = SqliteStore::open(&dir.join("kms.db"))?;
         if store.access_keys()?.is_empty() {
             const UPPER: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-            const SECRET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+            const SECRET: &[u8] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
             for (profile, principal) in profiles(account) {
                 store.insert_access_key(&AccessKeyRecord {
                     access_key_id: format!("AKIA{}", random_chars(16, UPPER)),
@@ -90,9 +102,17 @@ impl StateDir {
                 })?;
             }
             let alice = format!("arn:aws:iam::{account}:user/Alice");
-            store.put_principal_policy(&alice, "WorkSpacesEncryptedVolumes", &localize(ALICE_IAM_POLICY, account, region))?;
+            store.put_principal_policy(
+                &alice,
+                "WorkSpacesEncryptedVolumes",
+                &localize(ALICE_IAM_POLICY, account, region),
+            )?;
         }
-        Ok(Self { dir: dir.to_owned(), store, root })
+        Ok(Self {
+            dir: dir.to_owned(),
+            store,
+            root,
+        })
     }
 
     /// Writes `credentials` and `config` (0600) for `endpoint`.
@@ -101,8 +121,14 @@ impl StateDir {
         let mut creds = String::from("# Written by kms-daemon: one profile per principal.\n");
         let mut config = String::from("# Written by kms-daemon.\n");
         for k in &keys {
-            creds.push_str(&format!("[{}]\naws_access_key_id = {}\naws_secret_access_key = {}\n\n", k.profile, k.access_key_id, k.secret));
-            config.push_str(&format!("[profile {}]\nregion = {region}\nendpoint_url = {endpoint}\noutput = json\n\n", k.profile));
+            creds.push_str(&format!(
+                "[{}]\naws_access_key_id = {}\naws_secret_access_key = {}\n\n",
+                k.profile, k.access_key_id, k.secret
+            ));
+            config.push_str(&format!(
+                "[profile {}]\nregion = {region}\nendpoint_url = {endpoint}\noutput = json\n# sealvol: the IAM principal (or service) these keys belong to\nprincipal_arn = {}\n\n",
+                k.profile, k.principal
+            ));
         }
         write_private(&self.dir.join("credentials"), &creds)?;
         write_private(&self.dir.join("config"), &config)?;
@@ -124,7 +150,13 @@ impl StateDir {
 pub fn write_private(path: &Path, content: &str) -> Result<(), StateError> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io_err(&tmp))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
     f.write_all(content.as_bytes()).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))?;
@@ -150,9 +182,17 @@ pub enum PutPolicyError {
 
 /// `kms-daemon put-principal-policy`: validates and stores an identity policy. Works
 /// while the daemon runs (SQLite WAL; the daemon reads policies per request).
-pub fn put_principal_policy_cli(dir: &Path, principal: &str, file: &Path, name: &str) -> Result<(), PutPolicyError> {
-    let p = Principal::parse(principal).filter(|p| !p.is_service()).ok_or_else(|| PutPolicyError::Principal(principal.to_owned()))?;
-    let doc = std::fs::read_to_string(file).map_err(|e| PutPolicyError::Read(file.to_owned(), e))?;
+pub fn put_principal_policy_cli(
+    dir: &Path,
+    principal: &str,
+    file: &Path,
+    name: &str,
+) -> Result<(), PutPolicyError> {
+    let p = Principal::parse(principal)
+        .filter(|p| !p.is_service())
+        .ok_or_else(|| PutPolicyError::Principal(principal.to_owned()))?;
+    let doc =
+        std::fs::read_to_string(file).map_err(|e| PutPolicyError::Read(file.to_owned(), e))?;
     crate::policy::PolicyDocument::parse(&doc)?;
     let store = SqliteStore::open(&dir.join("kms.db"))?;
     store.put_principal_policy(&p.arn(), name, &doc)?;
