@@ -47,7 +47,10 @@ fn writer(mut file: File, rx: mpsc::Receiver<Job>) {
         for (line, _) in &batch {
             buf.extend_from_slice(line);
         }
-        let res = file.write_all(&buf).and_then(|()| file.sync_data()).map_err(|e| e.to_string());
+        let res = file
+            .write_all(&buf)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| e.to_string());
         for (_, done) in batch {
             let _ = done.send(res.clone());
         }
@@ -58,9 +61,15 @@ impl AuditLog {
     /// Opens (creating, 0600) the log for appending and starts the writer.
     pub fn open(path: &Path) -> Result<Self, AuditError> {
         use std::os::unix::fs::OpenOptionsExt;
-        let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
         let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new().name("audit-writer".into()).spawn(move || writer(file, rx))?;
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer(file, rx))?;
         Ok(Self { tx })
     }
 
@@ -69,7 +78,9 @@ impl AuditLog {
         let mut line = serde_json::to_vec(record).map_err(|e| AuditError::Io(e.into()))?;
         line.push(b'\n');
         let (done, wait) = oneshot::channel();
-        self.tx.send((line, done)).map_err(|_| AuditError::Stopped)?;
+        self.tx
+            .send((line, done))
+            .map_err(|_| AuditError::Stopped)?;
         match wait.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(AuditError::Io(std::io::Error::other(e))),
@@ -79,7 +90,13 @@ impl AuditLog {
 }
 
 /// Request fields never copied into the audit log.
-const SECRET_FIELDS: &[&str] = &["Plaintext", "CiphertextBlob", "GrantToken", "GrantTokens", "Recipient"];
+const SECRET_FIELDS: &[&str] = &[
+    "Plaintext",
+    "CiphertextBlob",
+    "GrantToken",
+    "GrantTokens",
+    "Recipient",
+];
 
 /// CloudTrail's `requestParameters`: the request with secrets and blobs removed and
 /// top-level names in lowerCamelCase.
@@ -193,14 +210,19 @@ pub fn query(path: &Path, key_id: &str, event: Option<&str>) -> Result<Vec<Strin
     let mut out = Vec::new();
     for line in BufReader::new(f).lines() {
         let line = line?;
-        let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
         if event.is_some_and(|e| v["eventName"] != e) {
             continue;
         }
-        let about_key = v["resources"]
-            .as_array()
-            .is_some_and(|rs| rs.iter().any(|r| r["ARN"].as_str().is_some_and(|a| a == key_id || a.ends_with(&format!("/{key_id}")))))
-            || v["requestParameters"]["keyId"].as_str() == Some(key_id);
+        let about_key = v["resources"].as_array().is_some_and(|rs| {
+            rs.iter().any(|r| {
+                r["ARN"]
+                    .as_str()
+                    .is_some_and(|a| a == key_id || a.ends_with(&format!("/{key_id}")))
+            })
+        }) || v["requestParameters"]["keyId"].as_str() == Some(key_id);
         if about_key {
             out.push(line);
         }
@@ -227,14 +249,27 @@ mod tests {
         let res = vec!["arn:aws:kms:us-east-1:111122223333:key/abc".to_owned()];
         for name in ["Decrypt", "Encrypt"] {
             let ev = Event {
-                time: 0, name, caller: None, access_key_id: None, account: "111122223333", region: "us-east-1",
-                source_ip: "127.0.0.1", user_agent: "t", request_parameters: json!({"encryptionContext": {"a": "b"}}),
-                error: None, request_id: "r", resources: &res, read_only: false,
+                time: 0,
+                name,
+                caller: None,
+                access_key_id: None,
+                account: "111122223333",
+                region: "us-east-1",
+                source_ip: "127.0.0.1",
+                user_agent: "t",
+                request_parameters: json!({"encryptionContext": {"a": "b"}}),
+                error: None,
+                request_id: "r",
+                resources: &res,
+                read_only: false,
             };
             log.append(&record(&ev)).await.expect("durable");
         }
         assert_eq!(query(&path, "abc", None).expect("reads").len(), 2);
-        assert_eq!(query(&path, "abc", Some("Decrypt")).expect("reads").len(), 1);
+        assert_eq!(
+            query(&path, "abc", Some("Decrypt")).expect("reads").len(),
+            1
+        );
         assert_eq!(query(&path, "other", None).expect("reads").len(), 0);
     }
 }

@@ -6,7 +6,7 @@ use crate::context::EncryptionContext;
 use crate::error::OpError;
 use crate::keys::KeyRecord;
 use crate::ops::Kms;
-use crate::policy::{ConditionContext, Decision, PolicyDocument, Request};
+use crate::policy::{ConditionContext, Decision, Request};
 use crate::principal::{Caller, Principal};
 
 /// What is being asked of a key.
@@ -37,13 +37,19 @@ impl Kms {
         }
         if let Some(svc) = caller.via_service() {
             let prefix = svc.strip_suffix(".amazonaws.com").unwrap_or(svc);
-            c.set("kms:ViaService", format!("{prefix}.{}.amazonaws.com", self.region));
+            c.set(
+                "kms:ViaService",
+                format!("{prefix}.{}.amazonaws.com", self.region),
+            );
         }
         if let Some(ctx) = ask.context {
             for (k, v) in ctx.iter() {
                 c.set(&format!("kms:EncryptionContext:{k}"), v);
             }
-            c.set_multi("kms:EncryptionContextKeys", ctx.iter().map(|(k, _)| k.to_owned()).collect());
+            c.set_multi(
+                "kms:EncryptionContextKeys",
+                ctx.iter().map(|(k, _)| k.to_owned()).collect(),
+            );
         }
         for (k, v) in &ask.extra {
             c.set(k, v.clone());
@@ -57,25 +63,35 @@ impl Kms {
     /// Checks that every grant token was issued by this daemon.
     pub(crate) fn check_grant_tokens(&self, tokens: &[String]) -> Result<(), OpError> {
         if tokens.len() > 10 {
-            return Err(OpError::Validation("GrantTokens may hold at most 10 tokens".into()));
+            return Err(OpError::Validation(
+                "GrantTokens may hold at most 10 tokens".into(),
+            ));
         }
         for t in tokens {
             if t.is_empty() || t.len() > 8192 || !self.store.token_issued(t)? {
-                return Err(OpError::InvalidGrantToken("The grant token is not valid.".into()));
+                return Err(OpError::InvalidGrantToken(
+                    "The grant token is not valid.".into(),
+                ));
             }
         }
         Ok(())
     }
 
     /// IAM identity-policy decision for `principal`.
-    pub(crate) fn identity_decision(&self, principal: &Principal, req: &Request<'_>) -> Result<Decision, OpError> {
+    pub(crate) fn identity_decision(
+        &self,
+        principal: &Principal,
+        req: &Request<'_>,
+    ) -> Result<Decision, OpError> {
         match principal {
             Principal::Root { account } if *account == self.account => Ok(Decision::Allow),
             Principal::Root { .. } | Principal::Service(_) => Ok(Decision::NotApplicable),
             Principal::Iam { .. } => {
                 let mut out = Decision::NotApplicable;
                 for doc in self.store.principal_policies(&principal.arn())? {
-                    let Ok(p) = PolicyDocument::parse(&doc) else { continue };
+                    let Ok(p) = self.parsed_policy(&doc) else {
+                        continue;
+                    };
                     match p.evaluate_identity_policy(req) {
                         Decision::Deny => return Ok(Decision::Deny),
                         Decision::Allow => out = Decision::Allow,
@@ -88,22 +104,44 @@ impl Kms {
     }
 
     /// Authorizes `ask` on `key` for `caller`.
-    pub(crate) fn authorize(&self, caller: &Caller, key: &KeyRecord, ask: &Ask<'_>) -> Result<(), OpError> {
+    pub(crate) fn authorize(
+        &self,
+        caller: &Caller,
+        key: &KeyRecord,
+        ask: &Ask<'_>,
+    ) -> Result<(), OpError> {
         self.check_grant_tokens(ask.grant_tokens)?;
         let action = format!("kms:{}", ask.operation);
         let conditions = self.base_conditions(caller, ask);
         let principal = caller.effective();
-        let req = Request { principal, action: &action, resource: &key.arn, conditions: &conditions };
-        let kp = PolicyDocument::parse(&key.policy)
-            .map_err(|e| OpError::Internal(format!("stored key policy of {} does not parse: {e}", key.id)))?
+        let req = Request {
+            principal,
+            action: &action,
+            resource: &key.arn,
+            conditions: &conditions,
+        };
+        let kp = self
+            .parsed_policy(&key.policy)
+            .map_err(|e| {
+                OpError::Internal(format!(
+                    "stored key policy of {} does not parse: {e}",
+                    key.id
+                ))
+            })?
             .evaluate_key_policy(&req);
-        let iam = if kp.delegates_to_iam || matches!(principal, Principal::Root { .. }) || !kp.allow {
+        let iam = if kp.delegates_to_iam || matches!(principal, Principal::Root { .. }) || !kp.allow
+        {
             self.identity_decision(principal, &req)?
         } else {
             Decision::NotApplicable
         };
         if kp.deny || iam == Decision::Deny {
-            return Err(denied(principal, &action, &key.arn, "with an explicit deny"));
+            return Err(denied(
+                principal,
+                &action,
+                &key.arn,
+                "with an explicit deny",
+            ));
         }
         let iam_allows = iam == Decision::Allow && (kp.delegates_to_iam || kp.allow);
         let root_allows = matches!(principal, Principal::Root { .. }) && kp.allow;
@@ -113,28 +151,52 @@ impl Kms {
         if ask.grants_apply && self.grant_allows(caller, key, ask)? {
             return Ok(());
         }
-        Err(denied(principal, &action, &key.arn, "because no resource-based policy allows the action"))
+        Err(denied(
+            principal,
+            &action,
+            &key.arn,
+            "because no resource-based policy allows the action",
+        ))
     }
 
     /// Whether a live grant authorizes the request.
-    pub(crate) fn grant_allows(&self, caller: &Caller, key: &KeyRecord, ask: &Ask<'_>) -> Result<bool, OpError> {
+    pub(crate) fn grant_allows(
+        &self,
+        caller: &Caller,
+        key: &KeyRecord,
+        ask: &Ask<'_>,
+    ) -> Result<bool, OpError> {
         let names = grantee_names(caller);
-        Ok(self
-            .store
-            .grants_for_key(&key.id)?
-            .iter()
-            .any(|g| names.iter().any(|n| g.authorizes(n, ask.operation, ask.context))))
+        Ok(self.store.grants_for_key(&key.id)?.iter().any(|g| {
+            names
+                .iter()
+                .any(|n| g.authorizes(n, ask.operation, ask.context))
+        }))
     }
 
     /// Authorizes an operation that targets no key (CreateKey, ListKeys, ...): IAM only.
-    pub(crate) fn authorize_account_action(&self, caller: &Caller, operation: &str) -> Result<(), OpError> {
+    pub(crate) fn authorize_account_action(
+        &self,
+        caller: &Caller,
+        operation: &str,
+    ) -> Result<(), OpError> {
         let action = format!("kms:{operation}");
         let conditions = self.base_conditions(caller, &Ask::default());
         let principal = caller.effective();
-        let req = Request { principal, action: &action, resource: "*", conditions: &conditions };
+        let req = Request {
+            principal,
+            action: &action,
+            resource: "*",
+            conditions: &conditions,
+        };
         match self.identity_decision(principal, &req)? {
             Decision::Allow => Ok(()),
-            _ => Err(denied(principal, &action, "*", "because no identity-based policy allows the action")),
+            _ => Err(denied(
+                principal,
+                &action,
+                "*",
+                "because no identity-based policy allows the action",
+            )),
         }
     }
 }
@@ -149,5 +211,8 @@ pub(crate) fn grantee_names(caller: &Caller) -> Vec<String> {
 }
 
 fn denied(p: &Principal, action: &str, resource: &str, why: &str) -> OpError {
-    OpError::AccessDenied(format!("User: {} is not authorized to perform: {action} on resource: {resource} {why}", p.arn()))
+    OpError::AccessDenied(format!(
+        "User: {} is not authorized to perform: {action} on resource: {resource} {why}",
+        p.arn()
+    ))
 }

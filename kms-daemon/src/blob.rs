@@ -13,8 +13,8 @@
 //! The AAD is the 41-byte header followed by the canonical encryption context, so a
 //! blob is bound to its key, its material version and its context.
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::{Aead, KeyInit, Payload};
 use zeroize::Zeroizing;
 
 use crate::context::EncryptionContext;
@@ -145,11 +145,20 @@ impl<'a> CiphertextBlob<'a> {
         }
         let mut v = [0u8; 4];
         v.copy_from_slice(&header[1 + KEY_ID_LEN..HEADER_LEN]);
-        Ok(Self { key_id: key_id.to_owned(), material_version: u32::from_be_bytes(v), header, sealed })
+        Ok(Self {
+            key_id: key_id.to_owned(),
+            material_version: u32::from_be_bytes(v),
+            header,
+            sealed,
+        })
     }
 
     /// Authenticates and decrypts with the named material and context.
-    pub fn open(&self, material: &SymmetricKey, ctx: &EncryptionContext) -> Result<Zeroizing<Vec<u8>>, BlobError> {
+    pub fn open(
+        &self,
+        material: &SymmetricKey,
+        ctx: &EncryptionContext,
+    ) -> Result<Zeroizing<Vec<u8>>, BlobError> {
         material.open(self.sealed, &aad(self.header, ctx))
     }
 }
@@ -169,7 +178,13 @@ fn aad(header: &[u8], ctx: &EncryptionContext) -> Vec<u8> {
 }
 
 /// Seals `plaintext` into a new blob naming `key_id` (a hyphenated UUID) and version.
-pub fn seal(key_id: &str, material_version: u32, material: &SymmetricKey, ctx: &EncryptionContext, plaintext: &[u8]) -> Vec<u8> {
+pub fn seal(
+    key_id: &str,
+    material_version: u32,
+    material: &SymmetricKey,
+    ctx: &EncryptionContext,
+    plaintext: &[u8],
+) -> Vec<u8> {
     debug_assert_eq!(key_id.len(), KEY_ID_LEN);
     let mut out = header_bytes(key_id, material_version);
     let sealed = material.seal(plaintext, &aad(&out, ctx));
@@ -194,7 +209,10 @@ mod tests {
         let p = CiphertextBlob::parse(&blob).expect("parses");
         assert_eq!(p.key_id, ID);
         assert_eq!(p.material_version, 7);
-        assert_eq!(p.open(&k, &ctx("a", "bc")).expect("opens").as_slice(), b"secret");
+        assert_eq!(
+            p.open(&k, &ctx("a", "bc")).expect("opens").as_slice(),
+            b"secret"
+        );
     }
 
     #[test]
@@ -203,7 +221,10 @@ mod tests {
         let blob = seal(ID, 1, &k, &ctx("a", "bc"), b"x");
         let p = CiphertextBlob::parse(&blob).expect("parses");
         assert_eq!(p.open(&k, &ctx("ab", "c")), Err(BlobError::Authentication));
-        assert_eq!(p.open(&SymmetricKey::generate(), &ctx("a", "bc")), Err(BlobError::Authentication));
+        assert_eq!(
+            p.open(&SymmetricKey::generate(), &ctx("a", "bc")),
+            Err(BlobError::Authentication)
+        );
     }
 
     #[test]
@@ -211,7 +232,8 @@ mod tests {
         let k = SymmetricKey::generate();
         let blob = seal(ID, 1, &k, &EncryptionContext::new(), &[9u8; 64]);
         for len in 0..blob.len() {
-            let r = CiphertextBlob::parse(&blob[..len]).and_then(|p| p.open(&k, &EncryptionContext::new()));
+            let r = CiphertextBlob::parse(&blob[..len])
+                .and_then(|p| p.open(&k, &EncryptionContext::new()));
             assert!(r.is_err(), "truncated to {len} must fail");
         }
         for i in 0..blob.len() {
@@ -233,6 +255,9 @@ mod tests {
         assert_eq!(CiphertextBlob::parse(&b), Err(BlobError::Version(2)));
         b[0] = 1;
         assert_eq!(CiphertextBlob::parse(&b), Err(BlobError::KeyId));
-        assert_eq!(CiphertextBlob::parse(&vec![1u8; MAX_BLOB_LEN + 1]), Err(BlobError::Length));
+        assert_eq!(
+            CiphertextBlob::parse(&vec![1u8; MAX_BLOB_LEN + 1]),
+            Err(BlobError::Length)
+        );
     }
 }

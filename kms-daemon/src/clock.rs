@@ -21,7 +21,9 @@ pub struct OffsetClock {
 impl OffsetClock {
     /// A clock starting at the given offset from wall-clock time.
     pub fn new(offset_secs: i64) -> Self {
-        Self { offset_secs: AtomicI64::new(offset_secs) }
+        Self {
+            offset_secs: AtomicI64::new(offset_secs),
+        }
     }
 
     /// Moves the clock forward (or back, if negative) by `secs`; returns the new offset.
@@ -72,7 +74,11 @@ pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
-    (y, u32::try_from(m).unwrap_or(1), u32::try_from(d).unwrap_or(1))
+    (
+        y,
+        u32::try_from(m).unwrap_or(1),
+        u32::try_from(d).unwrap_or(1),
+    )
 }
 
 /// ISO 8601 UTC (`2026-11-28T10:53:46Z`) for epoch seconds.
@@ -80,7 +86,12 @@ pub fn iso8601(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Parses SigV4's basic ISO 8601 form `YYYYMMDDTHHMMSSZ` into epoch seconds.

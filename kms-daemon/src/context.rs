@@ -21,8 +21,15 @@ impl EncryptionContext {
     }
 
     /// Builds a context from pairs (later duplicates win).
-    pub fn from_pairs<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
-        Self(pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Self(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )
     }
 
     /// Whether there are no pairs.
@@ -37,7 +44,13 @@ impl EncryptionContext {
 
     /// The canonical encoding used as AAD.
     pub fn canonical_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 + self.0.iter().map(|(k, v)| 8 + k.len() + v.len()).sum::<usize>());
+        let mut out = Vec::with_capacity(
+            4 + self
+                .0
+                .iter()
+                .map(|(k, v)| 8 + k.len() + v.len())
+                .sum::<usize>(),
+        );
         push_len(&mut out, self.0.len());
         for (k, v) in &self.0 {
             push_len(&mut out, k.len());
@@ -51,12 +64,17 @@ impl EncryptionContext {
     /// Looks a key up case-insensitively (grant constraints and condition keys compare
     /// keys without case).
     pub fn get_ignore_case(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v.as_str())
     }
 
     /// Whether every pair of `constraint` is in `self` (keys case-insensitive, values exact).
     pub fn contains_all(&self, constraint: &EncryptionContext) -> bool {
-        constraint.iter().all(|(k, v)| self.get_ignore_case(k) == Some(v))
+        constraint
+            .iter()
+            .all(|(k, v)| self.get_ignore_case(k) == Some(v))
     }
 
     /// Equality with keys compared case-insensitively and values exactly.
@@ -96,7 +114,17 @@ mod tests {
         assert_eq!(a.canonical_bytes(), b.canonical_bytes());
         assert_eq!(
             a.canonical_bytes(),
-            [&[0, 0, 0, 2, 0, 0, 0, 1][..], b"a", &[0, 0, 0, 1], b"1", &[0, 0, 0, 1], b"b", &[0, 0, 0, 1], b"2"].concat()
+            [
+                &[0, 0, 0, 2, 0, 0, 0, 1][..],
+                b"a",
+                &[0, 0, 0, 1],
+                b"1",
+                &[0, 0, 0, 1],
+                b"b",
+                &[0, 0, 0, 1],
+                b"2"
+            ]
+            .concat()
         );
         assert_eq!(EncryptionContext::new().canonical_bytes(), vec![0, 0, 0, 0]);
     }
@@ -106,7 +134,12 @@ mod tests {
         let req = EncryptionContext::from_pairs([("Vol", "v-1"), ("sid", "S")]);
         assert!(req.contains_all(&EncryptionContext::from_pairs([("vol", "v-1")])));
         assert!(!req.contains_all(&EncryptionContext::from_pairs([("vol", "V-1")])));
-        assert!(req.equals_ignoring_key_case(&EncryptionContext::from_pairs([("VOL", "v-1"), ("SID", "S")])));
+        assert!(
+            req.equals_ignoring_key_case(&EncryptionContext::from_pairs([
+                ("VOL", "v-1"),
+                ("SID", "S")
+            ]))
+        );
         assert!(!req.equals_ignoring_key_case(&EncryptionContext::from_pairs([("vol", "v-1")])));
     }
 }

@@ -52,29 +52,62 @@ pub struct DaemonConfig {
 }
 
 /// Runs the daemon until `shutdown` resolves.
-pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), DaemonError> {
+pub async fn run(
+    cfg: DaemonConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
     let state = StateDir::open(&cfg.state_dir, &cfg.account, &cfg.region)?;
     let verifier = Verifier::new(&cfg.region, &cfg.account, state.verifier_keys()?);
     let audit = AuditLog::open(&cfg.state_dir.join("audit.log"))?;
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|source| DaemonError::Listen { addr: cfg.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| DaemonError::Listen { addr: cfg.listen, source })?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| DaemonError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
     let endpoint = format!("http://{addr}");
     state.write_client_files(&cfg.region, &endpoint)?;
     let clock = Arc::new(OffsetClock::new(cfg.clock_offset_secs));
     let StateDir { store, root, dir } = state;
-    let kms = Arc::new(Kms::new(Arc::new(store), root, clock.clone(), &cfg.account, &cfg.region));
-    let app = router(AppState { kms, verifier: Arc::new(verifier), audit, clock, test_clock: cfg.test_clock });
+    let kms = Arc::new(Kms::new(
+        Arc::new(store),
+        root,
+        clock.clone(),
+        &cfg.account,
+        &cfg.region,
+    ));
+    let app = router(AppState {
+        kms,
+        verifier: Arc::new(verifier),
+        audit,
+        clock,
+        test_clock: cfg.test_clock,
+    });
     if let Some(f) = &cfg.ready_file {
-        let body = serde_json::json!({"endpoint": endpoint, "pid": std::process::id(), "state_dir": dir}).to_string();
+        let body =
+            serde_json::json!({"endpoint": endpoint, "pid": std::process::id(), "state_dir": dir})
+                .to_string();
         write_private(f, &body)?;
     }
-    println!("kms-daemon ready endpoint={endpoint} state_dir={}", dir.display());
+    println!(
+        "kms-daemon ready endpoint={endpoint} state_dir={}",
+        dir.display()
+    );
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|source| DaemonError::Listen { addr, source })?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .map_err(|source| DaemonError::Listen { addr, source })?;
     tracing::info!("kms-daemon stopped");
     Ok(())
 }

@@ -80,7 +80,11 @@ impl OpError {
 
     /// HTTP status.
     pub fn status(&self) -> u16 {
-        if matches!(self, Self::Internal(_)) { 500 } else { 400 }
+        if matches!(self, Self::Internal(_)) {
+            500
+        } else {
+            400
+        }
     }
 
     /// The message sent to the client (internal detail withheld).

@@ -38,14 +38,24 @@ impl RootKey {
         use std::io::Write;
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let p = path.display().to_string();
-        let io = |source| RootKeyError::Io { path: p.clone(), source };
+        let io = |source| RootKeyError::Io {
+            path: p.clone(),
+            source,
+        };
         if !path.exists() {
             let key = SymmetricKey::generate();
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io)?;
             f.write_all(key.expose()).map_err(io)?;
             f.sync_all().map_err(io)?;
             if let Some(dir) = path.parent() {
-                std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io)?;
             }
         }
         let meta = std::fs::metadata(path).map_err(io)?;
@@ -54,7 +64,9 @@ impl RootKey {
             return Err(RootKeyError::Permissions(p, mode));
         }
         let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(io)?);
-        SymmetricKey::from_slice(&bytes).map(Self).ok_or(RootKeyError::Length(p))
+        SymmetricKey::from_slice(&bytes)
+            .map(Self)
+            .ok_or(RootKeyError::Length(p))
     }
 
     /// A root key from bytes (tests).
@@ -72,7 +84,12 @@ impl RootKey {
     }
 
     /// Unseals material sealed by [`RootKey::seal_material`].
-    pub fn unseal_material(&self, key_id: &str, version: u32, sealed: &[u8]) -> Result<SymmetricKey, BlobError> {
+    pub fn unseal_material(
+        &self,
+        key_id: &str,
+        version: u32,
+        sealed: &[u8],
+    ) -> Result<SymmetricKey, BlobError> {
         let raw = self.0.open(sealed, &Self::aad(key_id, version))?;
         SymmetricKey::from_slice(&raw).ok_or(BlobError::Length)
     }
@@ -179,8 +196,12 @@ impl KeySpec {
     pub fn signing_algorithms(self, usage: &str) -> Vec<&'static str> {
         match (self, usage) {
             (Self::Rsa(_), "SIGN_VERIFY") => vec![
-                "RSASSA_PSS_SHA_256", "RSASSA_PSS_SHA_384", "RSASSA_PSS_SHA_512",
-                "RSASSA_PKCS1_V1_5_SHA_256", "RSASSA_PKCS1_V1_5_SHA_384", "RSASSA_PKCS1_V1_5_SHA_512",
+                "RSASSA_PSS_SHA_256",
+                "RSASSA_PSS_SHA_384",
+                "RSASSA_PSS_SHA_512",
+                "RSASSA_PKCS1_V1_5_SHA_256",
+                "RSASSA_PKCS1_V1_5_SHA_384",
+                "RSASSA_PKCS1_V1_5_SHA_512",
             ],
             (Self::EccNist(256) | Self::EccSecgP256k1, "SIGN_VERIFY") => vec!["ECDSA_SHA_256"],
             (Self::EccNist(384), "SIGN_VERIFY") => vec!["ECDSA_SHA_384"],
@@ -249,10 +270,18 @@ pub struct KeyRecord {
 #[serde(deny_unknown_fields)]
 pub struct GrantConstraints {
     /// Request context must contain these pairs.
-    #[serde(rename = "EncryptionContextSubset", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        rename = "EncryptionContextSubset",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub subset: Option<EncryptionContext>,
     /// Request context must equal this.
-    #[serde(rename = "EncryptionContextEquals", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        rename = "EncryptionContextEquals",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub equals: Option<EncryptionContext>,
 }
 
@@ -260,14 +289,20 @@ impl GrantConstraints {
     /// Whether a request context satisfies the constraints.
     pub fn allows(&self, ctx: &EncryptionContext) -> bool {
         self.subset.as_ref().is_none_or(|s| ctx.contains_all(s))
-            && self.equals.as_ref().is_none_or(|e| ctx.equals_ignoring_key_case(e))
+            && self
+                .equals
+                .as_ref()
+                .is_none_or(|e| ctx.equals_ignoring_key_case(e))
     }
 
     /// Whether `child` is at least as strict as `self` (every context the child allows,
     /// self allows too).
     pub fn is_narrowed_by(&self, child: &GrantConstraints) -> bool {
         if let Some(eq) = &self.equals {
-            return child.equals.as_ref().is_some_and(|c| c.equals_ignoring_key_case(eq));
+            return child
+                .equals
+                .as_ref()
+                .is_some_and(|c| c.equals_ignoring_key_case(eq));
         }
         if let Some(sub) = &self.subset {
             let child_sub_ok = child.subset.as_ref().is_some_and(|c| c.contains_all(sub));
@@ -310,7 +345,12 @@ pub struct GrantRecord {
 
 impl GrantRecord {
     /// Whether this grant lets `principal` run `operation` with `ctx`.
-    pub fn authorizes(&self, principal: &str, operation: &str, ctx: Option<&EncryptionContext>) -> bool {
+    pub fn authorizes(
+        &self,
+        principal: &str,
+        operation: &str,
+        ctx: Option<&EncryptionContext>,
+    ) -> bool {
         if self.grantee != principal || !self.operations.iter().any(|o| o == operation) {
             return false;
         }
@@ -323,17 +363,37 @@ impl GrantRecord {
 
 /// Operations a grant may name.
 pub const GRANT_OPERATIONS: &[&str] = &[
-    "Decrypt", "Encrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "ReEncryptFrom", "ReEncryptTo",
-    "Sign", "Verify", "GetPublicKey", "CreateGrant", "RetireGrant", "DescribeKey", "GenerateDataKeyPair",
-    "GenerateDataKeyPairWithoutPlaintext", "GenerateMac", "VerifyMac", "DeriveSharedSecret",
+    "Decrypt",
+    "Encrypt",
+    "GenerateDataKey",
+    "GenerateDataKeyWithoutPlaintext",
+    "ReEncryptFrom",
+    "ReEncryptTo",
+    "Sign",
+    "Verify",
+    "GetPublicKey",
+    "CreateGrant",
+    "RetireGrant",
+    "DescribeKey",
+    "GenerateDataKeyPair",
+    "GenerateDataKeyPairWithoutPlaintext",
+    "GenerateMac",
+    "VerifyMac",
+    "DeriveSharedSecret",
 ];
 
 /// Grant operations that take an encryption context (constraints apply to them).
 pub fn is_cryptographic_operation(op: &str) -> bool {
     matches!(
         op,
-        "Decrypt" | "Encrypt" | "GenerateDataKey" | "GenerateDataKeyWithoutPlaintext" | "ReEncryptFrom" | "ReEncryptTo"
-            | "GenerateDataKeyPair" | "GenerateDataKeyPairWithoutPlaintext"
+        "Decrypt"
+            | "Encrypt"
+            | "GenerateDataKey"
+            | "GenerateDataKeyWithoutPlaintext"
+            | "ReEncryptFrom"
+            | "ReEncryptTo"
+            | "GenerateDataKeyPair"
+            | "GenerateDataKeyPairWithoutPlaintext"
     )
 }
 
@@ -362,26 +422,49 @@ mod tests {
 
     #[test]
     fn grant_enforces_principal_operation_and_equals_constraint() {
-        let g = grant(GrantConstraints { equals: Some(ctx(&[("aws:ebs:id", "vol-1"), ("sid", "S@d-1")])), subset: None });
+        let g = grant(GrantConstraints {
+            equals: Some(ctx(&[("aws:ebs:id", "vol-1"), ("sid", "S@d-1")])),
+            subset: None,
+        });
         let good = ctx(&[("AWS:EBS:ID", "vol-1"), ("sid", "S@d-1")]);
         assert!(g.authorizes("ebs.amazonaws.com", "Decrypt", Some(&good)));
         assert!(!g.authorizes("workspaces.amazonaws.com", "Decrypt", Some(&good)));
         assert!(!g.authorizes("ebs.amazonaws.com", "Encrypt", Some(&good)));
-        assert!(!g.authorizes("ebs.amazonaws.com", "Decrypt", Some(&ctx(&[("aws:ebs:id", "vol-1")]))));
-        assert!(!g.authorizes("ebs.amazonaws.com", "Decrypt", Some(&ctx(&[("aws:ebs:id", "VOL-1"), ("sid", "S@d-1")]))));
+        assert!(!g.authorizes(
+            "ebs.amazonaws.com",
+            "Decrypt",
+            Some(&ctx(&[("aws:ebs:id", "vol-1")]))
+        ));
+        assert!(!g.authorizes(
+            "ebs.amazonaws.com",
+            "Decrypt",
+            Some(&ctx(&[("aws:ebs:id", "VOL-1"), ("sid", "S@d-1")]))
+        ));
         let extra = ctx(&[("aws:ebs:id", "vol-1"), ("sid", "S@d-1"), ("x", "y")]);
         assert!(!g.authorizes("ebs.amazonaws.com", "Decrypt", Some(&extra)));
     }
 
     #[test]
     fn subset_constraint_and_narrowing() {
-        let parent = GrantConstraints { subset: Some(ctx(&[("sid", "S@d-1")])), equals: None };
+        let parent = GrantConstraints {
+            subset: Some(ctx(&[("sid", "S@d-1")])),
+            equals: None,
+        };
         assert!(parent.allows(&ctx(&[("sid", "S@d-1"), ("aws:ebs:id", "vol-9")])));
         assert!(!parent.allows(&ctx(&[("sid", "S@d-2")])));
-        assert!(parent.is_narrowed_by(&GrantConstraints { subset: None, equals: Some(ctx(&[("sid", "S@d-1"), ("aws:ebs:id", "v")])) }));
-        assert!(parent.is_narrowed_by(&GrantConstraints { subset: Some(ctx(&[("sid", "S@d-1"), ("a", "b")])), equals: None }));
+        assert!(parent.is_narrowed_by(&GrantConstraints {
+            subset: None,
+            equals: Some(ctx(&[("sid", "S@d-1"), ("aws:ebs:id", "v")]))
+        }));
+        assert!(parent.is_narrowed_by(&GrantConstraints {
+            subset: Some(ctx(&[("sid", "S@d-1"), ("a", "b")])),
+            equals: None
+        }));
         assert!(!parent.is_narrowed_by(&GrantConstraints::default()));
-        assert!(!parent.is_narrowed_by(&GrantConstraints { subset: Some(ctx(&[("sid", "other")])), equals: None }));
+        assert!(!parent.is_narrowed_by(&GrantConstraints {
+            subset: Some(ctx(&[("sid", "other")])),
+            equals: None
+        }));
         let open = GrantConstraints::default();
         assert!(open.is_narrowed_by(&parent));
     }
@@ -391,7 +474,12 @@ mod tests {
         let root = RootKey::from_key(SymmetricKey::generate());
         let m = SymmetricKey::generate();
         let sealed = root.seal_material("k1", 1, &m);
-        assert_eq!(root.unseal_material("k1", 1, &sealed).expect("opens").expose(), m.expose());
+        assert_eq!(
+            root.unseal_material("k1", 1, &sealed)
+                .expect("opens")
+                .expose(),
+            m.expose()
+        );
         assert!(root.unseal_material("k1", 2, &sealed).is_err());
         assert!(root.unseal_material("k2", 1, &sealed).is_err());
     }
@@ -402,9 +490,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("root.key");
         RootKey::load_or_create(&p).expect("creates");
-        assert_eq!(std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777,
+            0o600
+        );
         RootKey::load_or_create(&p).expect("reloads");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).expect("chmod");
-        assert!(matches!(RootKey::load_or_create(&p), Err(RootKeyError::Permissions(..))));
+        assert!(matches!(
+            RootKey::load_or_create(&p),
+            Err(RootKeyError::Permissions(..))
+        ));
     }
 }

@@ -55,11 +55,17 @@ pub struct Target {
 impl Target {
     /// Reads a profile from the `credentials` and `config` files the daemon writes.
     pub fn from_state_dir(dir: &Path, profile: &str) -> Result<Self, LoadError> {
-        let read = |name: &str| std::fs::read_to_string(dir.join(name)).map_err(|e| LoadError::Profile(profile.into(), e.to_string()));
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name))
+                .map_err(|e| LoadError::Profile(profile.into(), e.to_string()))
+        };
         let creds = ini_section(&read("credentials")?, profile);
         let config = ini_section(&read("config")?, &format!("profile {profile}"));
         let get = |m: &[(String, String)], k: &str| {
-            m.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone()).ok_or_else(|| LoadError::Profile(profile.into(), format!("{k} missing")))
+            m.iter()
+                .find(|(a, _)| a == k)
+                .map(|(_, v)| v.clone())
+                .ok_or_else(|| LoadError::Profile(profile.into(), format!("{k} missing")))
         };
         Ok(Self {
             endpoint: get(&config, "endpoint_url")?,
@@ -127,16 +133,29 @@ pub struct Connection {
 impl Connection {
     /// Opens a connection.
     pub async fn open(target: &Target) -> Result<Self, LoadError> {
-        let host = target.endpoint.strip_prefix("http://").map(|h| h.trim_end_matches('/')).ok_or_else(|| LoadError::Endpoint(target.endpoint.clone()))?;
-        let stream = tokio::net::TcpStream::connect(host).await.map_err(|e| LoadError::Http(e.to_string()))?;
-        stream.set_nodelay(true).map_err(|e| LoadError::Http(e.to_string()))?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        let host = target
+            .endpoint
+            .strip_prefix("http://")
+            .map(|h| h.trim_end_matches('/'))
+            .ok_or_else(|| LoadError::Endpoint(target.endpoint.clone()))?;
+        let stream = tokio::net::TcpStream::connect(host)
             .await
             .map_err(|e| LoadError::Http(e.to_string()))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| LoadError::Http(e.to_string()))?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| LoadError::Http(e.to_string()))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        Ok(Self { sender, host: host.to_owned(), target: target.clone() })
+        Ok(Self {
+            sender,
+            host: host.to_owned(),
+            target: target.clone(),
+        })
     }
 
     /// Sends one signed KMS call; returns status and body.
@@ -148,7 +167,14 @@ impl Connection {
             ("content-type", "application/x-amz-json-1.1"),
             ("x-amz-target", target_header.as_str()),
         ];
-        let identity: Identity = Credentials::new(&self.target.access_key, &self.target.secret_key, None, None, "kms-load").into();
+        let identity: Identity = Credentials::new(
+            &self.target.access_key,
+            &self.target.secret_key,
+            None,
+            None,
+            "kms-load",
+        )
+        .into();
         let params = v4::SigningParams::builder()
             .identity(&identity)
             .region(&self.target.region)
@@ -158,9 +184,16 @@ impl Connection {
             .build()
             .map_err(|e| LoadError::Http(e.to_string()))?
             .into();
-        let signable = SignableRequest::new("POST", format!("http://{}/", self.host), headers.iter().copied(), SignableBody::Bytes(&payload))
-            .map_err(|e| LoadError::Http(e.to_string()))?;
-        let (instructions, _) = sign(signable, &params).map_err(|e| LoadError::Http(e.to_string()))?.into_parts();
+        let signable = SignableRequest::new(
+            "POST",
+            format!("http://{}/", self.host),
+            headers.iter().copied(),
+            SignableBody::Bytes(&payload),
+        )
+        .map_err(|e| LoadError::Http(e.to_string()))?;
+        let (instructions, _) = sign(signable, &params)
+            .map_err(|e| LoadError::Http(e.to_string()))?
+            .into_parts();
         let mut req = hyper::Request::post("/");
         for (k, v) in headers {
             req = req.header(k, v);
@@ -168,18 +201,36 @@ impl Connection {
         for (k, v) in instructions.headers() {
             req = req.header(k, v);
         }
-        let req = req.body(Full::new(Bytes::from(payload))).map_err(|e| LoadError::Http(e.to_string()))?;
-        self.sender.ready().await.map_err(|e| LoadError::Http(e.to_string()))?;
-        let resp = self.sender.send_request(req).await.map_err(|e| LoadError::Http(e.to_string()))?;
+        let req = req
+            .body(Full::new(Bytes::from(payload)))
+            .map_err(|e| LoadError::Http(e.to_string()))?;
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| LoadError::Http(e.to_string()))?;
+        let resp = self
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| LoadError::Http(e.to_string()))?;
         let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.map_err(|e| LoadError::Http(e.to_string()))?.to_bytes();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| LoadError::Http(e.to_string()))?
+            .to_bytes();
         Ok((status, body))
     }
 
     async fn setup_call(&mut self, op: &str, body: &Value) -> Result<Value, LoadError> {
         let (status, bytes) = self.call(op, body).await?;
         if status != 200 {
-            return Err(LoadError::Setup { op: op.into(), status, body: String::from_utf8_lossy(&bytes).into_owned() });
+            return Err(LoadError::Setup {
+                op: op.into(),
+                status,
+                body: String::from_utf8_lossy(&bytes).into_owned(),
+            });
         }
         serde_json::from_slice(&bytes).map_err(|e| LoadError::Http(e.to_string()))
     }
@@ -191,11 +242,17 @@ fn context() -> Value {
 
 /// Creates a key (or uses `key_id`) and, for Decrypt, a data-key blob; returns the
 /// request body each load request sends.
-pub async fn prepare(target: &Target, op: LoadOp, key_id: Option<String>) -> Result<Value, LoadError> {
+pub async fn prepare(
+    target: &Target,
+    op: LoadOp,
+    key_id: Option<String>,
+) -> Result<Value, LoadError> {
     let mut c = Connection::open(target).await?;
     let key_id = match key_id {
         Some(k) => k,
-        None => c.setup_call("CreateKey", &json!({"Description": "kms-load"})).await?["KeyMetadata"]["KeyId"]
+        None => c
+            .setup_call("CreateKey", &json!({"Description": "kms-load"}))
+            .await?["KeyMetadata"]["KeyId"]
             .as_str()
             .ok_or_else(|| LoadError::Http("CreateKey response without KeyId".into()))?
             .to_owned(),
@@ -204,10 +261,16 @@ pub async fn prepare(target: &Target, op: LoadOp, key_id: Option<String>) -> Res
     Ok(match op {
         LoadOp::GenerateDataKeyWithoutPlaintext => gdk,
         LoadOp::Decrypt => {
-            let out = c.setup_call("GenerateDataKeyWithoutPlaintext", &gdk).await?;
-            let blob = out["CiphertextBlob"].as_str().ok_or_else(|| LoadError::Http("no CiphertextBlob".into()))?;
+            let out = c
+                .setup_call("GenerateDataKeyWithoutPlaintext", &gdk)
+                .await?;
+            let blob = out["CiphertextBlob"]
+                .as_str()
+                .ok_or_else(|| LoadError::Http("no CiphertextBlob".into()))?;
             // Sanity: it must decode as base64.
-            base64::engine::general_purpose::STANDARD.decode(blob).map_err(|e| LoadError::Http(e.to_string()))?;
+            base64::engine::general_purpose::STANDARD
+                .decode(blob)
+                .map_err(|e| LoadError::Http(e.to_string()))?;
             json!({"CiphertextBlob": blob, "EncryptionContext": context()})
         }
     })
@@ -230,7 +293,14 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 }
 
 /// Runs `clients` concurrent clients for `duration` (after `warmup`) sending `body`.
-pub async fn run(target: &Target, op: LoadOp, body: Value, clients: usize, warmup: Duration, duration: Duration) -> Result<Report, LoadError> {
+pub async fn run(
+    target: &Target,
+    op: LoadOp,
+    body: Value,
+    clients: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<Report, LoadError> {
     let start_at = Instant::now() + warmup;
     let stop_at = start_at + duration;
     let mut tasks = Vec::with_capacity(clients);
@@ -251,7 +321,9 @@ pub async fn run(target: &Target, op: LoadOp, body: Value, clients: usize, warmu
                     continue;
                 }
                 match res {
-                    Ok((200, _)) => lat_us.push(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX)),
+                    Ok((200, _)) => {
+                        lat_us.push(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX))
+                    }
                     Ok(_) => errors += 1,
                     Err(_) => {
                         errors += 1;
@@ -294,8 +366,14 @@ mod tests {
     #[test]
     fn ini_sections_and_percentiles() {
         let text = "[admin]\naws_access_key_id = A\n\n[profile admin]\nregion = r\n[ebs]\naws_access_key_id = B\n";
-        assert_eq!(ini_section(text, "ebs"), vec![("aws_access_key_id".to_owned(), "B".to_owned())]);
-        assert_eq!(ini_section(text, "profile admin"), vec![("region".to_owned(), "r".to_owned())]);
+        assert_eq!(
+            ini_section(text, "ebs"),
+            vec![("aws_access_key_id".to_owned(), "B".to_owned())]
+        );
+        assert_eq!(
+            ini_section(text, "profile admin"),
+            vec![("region".to_owned(), "r".to_owned())]
+        );
         let v: Vec<u64> = (1..=100).map(|x| x * 1000).collect();
         assert_eq!(percentile(&v, 50.0), 50.0);
         assert_eq!(percentile(&v, 99.0), 99.0);

@@ -82,22 +82,42 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Audit { state_dir, key_id, event }) => {
-            for line in kms_daemon::audit::query(&state_dir.join("audit.log"), &key_id, event.as_deref())? {
+        Some(Command::Audit {
+            state_dir,
+            key_id,
+            event,
+        }) => {
+            for line in
+                kms_daemon::audit::query(&state_dir.join("audit.log"), &key_id, event.as_deref())?
+            {
                 println!("{line}");
             }
             Ok(())
         }
-        Some(Command::PutPrincipalPolicy { state_dir, principal, policy_file, policy_name }) => {
-            kms_daemon::state::put_principal_policy_cli(&state_dir, &principal, &policy_file, &policy_name)?;
+        Some(Command::PutPrincipalPolicy {
+            state_dir,
+            principal,
+            policy_file,
+            policy_name,
+        }) => {
+            kms_daemon::state::put_principal_policy_cli(
+                &state_dir,
+                &principal,
+                &policy_file,
+                &policy_name,
+            )?;
             Ok(())
         }
         None => {
             let a = cli.serve;
-            let state_dir = a.state_dir.context("--state-dir is required (see --help)")?;
+            let state_dir = a
+                .state_dir
+                .context("--state-dir is required (see --help)")?;
             let cfg = kms_daemon::DaemonConfig {
                 state_dir,
                 listen: a.listen,
@@ -116,7 +136,10 @@ fn main() -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return std::future::pending().await;
     };
     tokio::select! {

@@ -40,11 +40,16 @@ pub struct Kms {
     pub account: String,
     /// Region.
     pub region: String,
+    /// Parsed policy documents by their text (parsing is costlier than a lookup).
+    policy_cache: std::sync::Mutex<std::collections::HashMap<String, Arc<PolicyDocument>>>,
 }
 
 impl std::fmt::Debug for Kms {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Kms").field("account", &self.account).field("region", &self.region).finish_non_exhaustive()
+        f.debug_struct("Kms")
+            .field("account", &self.account)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
     }
 }
 
@@ -76,7 +81,9 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, OpError> {
 fn ctx_of(c: Option<EncryptionContext>) -> Result<EncryptionContext, OpError> {
     let c = c.unwrap_or_default();
     if c.byte_size() > 8192 {
-        return Err(OpError::Validation("EncryptionContext is larger than 8192 bytes".into()));
+        return Err(OpError::Validation(
+            "EncryptionContext is larger than 8192 bytes".into(),
+        ));
     }
     Ok(c)
 }
@@ -85,26 +92,47 @@ fn check_algorithm(a: Option<&str>) -> Result<(), OpError> {
     match a {
         None | Some("SYMMETRIC_DEFAULT") => Ok(()),
         Some("RSAES_OAEP_SHA_1" | "RSAES_OAEP_SHA_256" | "SM2PKE") => {
-            Err(OpError::InvalidKeyUsage("The requested encryption algorithm is not supported by the key".into()))
+            Err(OpError::InvalidKeyUsage(
+                "The requested encryption algorithm is not supported by the key".into(),
+            ))
         }
-        Some(_) => Err(OpError::Validation("EncryptionAlgorithm must be SYMMETRIC_DEFAULT".into())),
+        Some(_) => Err(OpError::Validation(
+            "EncryptionAlgorithm must be SYMMETRIC_DEFAULT".into(),
+        )),
     }
 }
 
-fn page<T>(items: Vec<T>, limit: Option<i64>, marker: Option<&str>) -> Result<(Vec<T>, Option<String>), OpError> {
+fn page<T>(
+    items: Vec<T>,
+    limit: Option<i64>,
+    marker: Option<&str>,
+) -> Result<(Vec<T>, Option<String>), OpError> {
     let limit = match limit {
         None => 100,
         Some(l) if (1..=1000).contains(&l) => usize::try_from(l).unwrap_or(100),
-        Some(_) => return Err(OpError::Validation("Limit must be between 1 and 1000".into())),
+        Some(_) => {
+            return Err(OpError::Validation(
+                "Limit must be between 1 and 1000".into(),
+            ));
+        }
     };
     let start = match marker {
         None => 0,
-        Some(m) => m.parse::<usize>().map_err(|_| OpError::InvalidMarker("The marker is not valid.".into()))?,
+        Some(m) => m
+            .parse::<usize>()
+            .map_err(|_| OpError::InvalidMarker("The marker is not valid.".into()))?,
     };
     let total = items.len();
     let end = start.saturating_add(limit).min(total);
     let next = (end < total).then(|| end.to_string());
-    Ok((items.into_iter().skip(start).take(end.saturating_sub(start)).collect(), next))
+    Ok((
+        items
+            .into_iter()
+            .skip(start)
+            .take(end.saturating_sub(start))
+            .collect(),
+        next,
+    ))
 }
 
 fn paged(mut out: Value, field: &str, items: Vec<Value>, next: Option<String>) -> Value {
@@ -130,18 +158,31 @@ fn state_error(key: &KeyRecord) -> OpError {
 }
 
 fn require_enabled(key: &KeyRecord) -> Result<(), OpError> {
-    if key.state == KeyState::Enabled { Ok(()) } else { Err(state_error(key)) }
+    if key.state == KeyState::Enabled {
+        Ok(())
+    } else {
+        Err(state_error(key))
+    }
 }
 
 fn require_not_pending(key: &KeyRecord) -> Result<(), OpError> {
-    if key.state == KeyState::PendingDeletion { Err(state_error(key)) } else { Ok(()) }
+    if key.state == KeyState::PendingDeletion {
+        Err(state_error(key))
+    } else {
+        Ok(())
+    }
 }
 
 fn require_symmetric(key: &KeyRecord) -> Result<(), OpError> {
     if key.spec == KeySpec::SymmetricDefault {
         Ok(())
     } else {
-        Err(OpError::InvalidKeyUsage(format!("{} key usage is {} with key spec {}; this operation needs a SYMMETRIC_DEFAULT ENCRYPT_DECRYPT key", key.arn, key.usage, key.spec.as_str())))
+        Err(OpError::InvalidKeyUsage(format!(
+            "{} key usage is {} with key spec {}; this operation needs a SYMMETRIC_DEFAULT ENCRYPT_DECRYPT key",
+            key.arn,
+            key.usage,
+            key.spec.as_str()
+        )))
     }
 }
 
@@ -157,13 +198,50 @@ fn require_customer_managed(key: &KeyRecord, caller: &Caller, action: &str) -> R
 }
 
 fn dry_run(flag: Option<bool>) -> Result<(), OpError> {
-    if flag == Some(true) { Err(OpError::DryRun) } else { Ok(()) }
+    if flag == Some(true) {
+        Err(OpError::DryRun)
+    } else {
+        Ok(())
+    }
 }
 
 impl Kms {
     /// Builds the service.
-    pub fn new(store: Arc<dyn KeyStore>, root: RootKey, clock: Arc<dyn Clock>, account: &str, region: &str) -> Self {
-        Self { store, root, clock, account: account.to_owned(), region: region.to_owned() }
+    pub fn new(
+        store: Arc<dyn KeyStore>,
+        root: RootKey,
+        clock: Arc<dyn Clock>,
+        account: &str,
+        region: &str,
+    ) -> Self {
+        Self {
+            store,
+            root,
+            clock,
+            account: account.to_owned(),
+            region: region.to_owned(),
+            policy_cache: Default::default(),
+        }
+    }
+
+    /// Parses a stored policy document, memoized by its text.
+    pub(crate) fn parsed_policy(
+        &self,
+        text: &str,
+    ) -> Result<Arc<PolicyDocument>, crate::policy::PolicyError> {
+        let mut cache = self
+            .policy_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(p) = cache.get(text) {
+            return Ok(p.clone());
+        }
+        let parsed = Arc::new(PolicyDocument::parse(text)?);
+        if cache.len() >= 4096 {
+            cache.clear();
+        }
+        cache.insert(text.to_owned(), parsed.clone());
+        Ok(parsed)
     }
 
     fn key_arn(&self, id: &str) -> String {
@@ -226,11 +304,21 @@ impl Kms {
         .expect("a JSON literal serializes")
     }
 
-    fn new_key_record(&self, spec: KeySpec, usage: &str, description: &str, policy: String, manager: KeyManager) -> KeyRecord {
+    fn new_key_record(
+        &self,
+        spec: KeySpec,
+        usage: &str,
+        description: &str,
+        policy: String,
+        manager: KeyManager,
+    ) -> KeyRecord {
         let id = uuid::Uuid::new_v4().hyphenated().to_string();
         let now = self.clock.now();
         let (rotation, next) = if manager == KeyManager::Aws {
-            (Some(AWS_MANAGED_ROTATION_DAYS), Some(now + AWS_MANAGED_ROTATION_DAYS * DAY))
+            (
+                Some(AWS_MANAGED_ROTATION_DAYS),
+                Some(now + AWS_MANAGED_ROTATION_DAYS * DAY),
+            )
         } else {
             (None, None)
         };
@@ -255,7 +343,11 @@ impl Kms {
 
     fn new_material(&self, key_id: &str, version: u32) -> SealedMaterial {
         let m = SymmetricKey::generate();
-        SealedMaterial { version, sealed: self.root.seal_material(key_id, version, &m), created: self.clock.now() }
+        SealedMaterial {
+            version,
+            sealed: self.root.seal_material(key_id, version, &m),
+            created: self.clock.now(),
+        }
     }
 
     /// Applies due lifecycle events: completes expired deletions, runs due rotations.
@@ -284,20 +376,34 @@ impl Kms {
     }
 
     /// Resolves a KeyId (id, key ARN, alias name or alias ARN) to a live key.
-    pub(crate) fn resolve(&self, caller: &Caller, key_id: &str, touched: &mut Touched) -> Result<KeyRecord, OpError> {
+    pub(crate) fn resolve(
+        &self,
+        caller: &Caller,
+        key_id: &str,
+        touched: &mut Touched,
+    ) -> Result<KeyRecord, OpError> {
         let arn_prefix = format!("arn:aws:kms:{}:{}:", self.region, self.account);
         let local = match key_id.strip_prefix("arn:aws:kms:") {
-            Some(_) => key_id.strip_prefix(&arn_prefix).ok_or_else(|| Self::not_found(key_id))?,
+            Some(_) => key_id
+                .strip_prefix(&arn_prefix)
+                .ok_or_else(|| Self::not_found(key_id))?,
             None => key_id,
         };
         let id = if let Some(alias) = local.strip_prefix("alias/") {
             let name = format!("alias/{alias}");
             match self.store.alias(&name)? {
                 Some(a) => a.key_id,
-                None if name == WORKSPACES_ALIAS && caller.signer == Principal::Service(WORKSPACES_SERVICE.into()) => {
+                None if name == WORKSPACES_ALIAS
+                    && caller.signer == Principal::Service(WORKSPACES_SERVICE.into()) =>
+                {
                     self.create_workspaces_managed_key()?
                 }
-                None => return Err(OpError::NotFound(format!("Alias {} is not found.", self.alias_arn(&name)))),
+                None => {
+                    return Err(OpError::NotFound(format!(
+                        "Alias {} is not found.",
+                        self.alias_arn(&name)
+                    )));
+                }
             }
         } else if let Some(id) = local.strip_prefix("key/") {
             id.to_owned()
@@ -309,7 +415,10 @@ impl Kms {
         if uuid::Uuid::try_parse(&id).is_err() {
             return Err(OpError::NotFound(format!("Invalid keyId '{key_id}'")));
         }
-        let key = self.store.key(&id)?.ok_or_else(|| Self::not_found(key_id))?;
+        let key = self
+            .store
+            .key(&id)?
+            .ok_or_else(|| Self::not_found(key_id))?;
         let key = self.refresh(key)?.ok_or_else(|| Self::not_found(key_id))?;
         touched.keys.push(key.arn.clone());
         Ok(key)
@@ -376,11 +485,18 @@ impl Kms {
                 .root
                 .unseal_material(&key.id, version, &m.sealed)
                 .map(Some)
-                .map_err(|_| OpError::Internal(format!("material {} v{version} does not unseal", key.id))),
+                .map_err(|_| {
+                    OpError::Internal(format!("material {} v{version} does not unseal", key.id))
+                }),
         }
     }
 
-    fn seal_for(&self, key: &KeyRecord, ctx: &EncryptionContext, plaintext: &[u8]) -> Result<Vec<u8>, OpError> {
+    fn seal_for(
+        &self,
+        key: &KeyRecord,
+        ctx: &EncryptionContext,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, OpError> {
         let m = self
             .material_for(key, key.current_version)?
             .ok_or_else(|| OpError::Internal(format!("current material of {} missing", key.id)))?;
@@ -388,7 +504,13 @@ impl Kms {
     }
 
     /// Runs one operation. `body` is the raw JSON request.
-    pub fn execute(&self, caller: &Caller, op: Operation, body: &[u8], touched: &mut Touched) -> Result<Value, OpError> {
+    pub fn execute(
+        &self,
+        caller: &Caller,
+        op: Operation,
+        body: &[u8],
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         use Operation as O;
         match op {
             O::CreateKey => self.create_key(caller, parse(body)?, touched),
@@ -408,7 +530,9 @@ impl Kms {
             O::RotateKeyOnDemand => self.rotate_on_demand(caller, parse(body)?, touched),
             O::ListKeyRotations => self.list_rotations(caller, parse(body)?, touched),
             O::GenerateDataKey => self.generate_data_key(caller, parse(body)?, true, touched),
-            O::GenerateDataKeyWithoutPlaintext => self.generate_data_key(caller, parse(body)?, false, touched),
+            O::GenerateDataKeyWithoutPlaintext => {
+                self.generate_data_key(caller, parse(body)?, false, touched)
+            }
             O::Encrypt => self.encrypt(caller, parse(body)?, touched),
             O::Decrypt => self.decrypt(caller, parse(body)?, touched),
             O::ReEncrypt => self.re_encrypt(caller, parse(body)?, touched),
@@ -424,13 +548,25 @@ impl Kms {
     }
 
     fn simple_ask(operation: &str) -> Ask<'_> {
-        Ask { operation, ..Ask::default() }
+        Ask {
+            operation,
+            ..Ask::default()
+        }
     }
 
-    fn create_key(&self, caller: &Caller, r: CreateKeyRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn create_key(
+        &self,
+        caller: &Caller,
+        r: CreateKeyRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         self.authorize_account_action(caller, "CreateKey")?;
         let spec_name = match (&r.key_spec, &r.customer_master_key_spec) {
-            (Some(_), Some(_)) => return Err(OpError::Validation("Specify KeySpec or CustomerMasterKeySpec, not both".into())),
+            (Some(_), Some(_)) => {
+                return Err(OpError::Validation(
+                    "Specify KeySpec or CustomerMasterKeySpec, not both".into(),
+                ));
+            }
             (Some(s), None) | (None, Some(s)) => s.as_str(),
             (None, None) => "SYMMETRIC_DEFAULT",
         };
@@ -438,25 +574,39 @@ impl Kms {
         let usage = match &r.key_usage {
             None => spec.usages()[0].to_owned(),
             Some(u) if spec.usages().contains(&u.as_str()) => u.clone(),
-            Some(u) => return Err(OpError::Validation(format!("KeyUsage {u} is not compatible with KeySpec {spec_name}"))),
+            Some(u) => {
+                return Err(OpError::Validation(format!(
+                    "KeyUsage {u} is not compatible with KeySpec {spec_name}"
+                )));
+            }
         };
         if let Some(o) = r.origin.as_deref().filter(|o| *o != "AWS_KMS") {
-            return Err(OpError::UnsupportedOperation(format!("Origin {o} is not supported")));
+            return Err(OpError::UnsupportedOperation(format!(
+                "Origin {o} is not supported"
+            )));
         }
         if r.custom_key_store_id.is_some() || r.xks_key_id.is_some() {
-            return Err(OpError::UnsupportedOperation("Custom key stores are not supported".into()));
+            return Err(OpError::UnsupportedOperation(
+                "Custom key stores are not supported".into(),
+            ));
         }
         if r.multi_region == Some(true) {
-            return Err(OpError::UnsupportedOperation("Multi-Region keys are not supported".into()));
+            return Err(OpError::UnsupportedOperation(
+                "Multi-Region keys are not supported".into(),
+            ));
         }
         let description = r.description.unwrap_or_default();
         if description.len() > 8192 {
-            return Err(OpError::Validation("Description is longer than 8192 characters".into()));
+            return Err(OpError::Validation(
+                "Description is longer than 8192 characters".into(),
+            ));
         }
         let policy = match r.policy {
             Some(p) => {
                 if p.len() > 32_768 {
-                    return Err(OpError::LimitExceeded("The key policy is larger than 32 KB".into()));
+                    return Err(OpError::LimitExceeded(
+                        "The key policy is larger than 32 KB".into(),
+                    ));
                 }
                 PolicyDocument::parse(&p)?.require_principals()?;
                 p
@@ -470,10 +620,24 @@ impl Kms {
         Ok(json!({ "KeyMetadata": self.metadata(&key) }))
     }
 
-    fn describe_key(&self, caller: &Caller, r: DescribeKeyRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn describe_key(
+        &self,
+        caller: &Caller,
+        r: DescribeKeyRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         let key = self.resolve(caller, &r.key_id, touched)?;
         let tokens = r.grant_tokens.unwrap_or_default();
-        self.authorize(caller, &key, &Ask { operation: "DescribeKey", grant_tokens: &tokens, grants_apply: true, ..Ask::default() })?;
+        self.authorize(
+            caller,
+            &key,
+            &Ask {
+                operation: "DescribeKey",
+                grant_tokens: &tokens,
+                grants_apply: true,
+                ..Ask::default()
+            },
+        )?;
         Ok(json!({ "KeyMetadata": self.metadata(&key) }))
     }
 
@@ -483,7 +647,8 @@ impl Kms {
         let mut items = Vec::new();
         for (id, arn) in self.store.list_keys()? {
             if let Some(k) = self.store.key(&id)? {
-                if k.state == KeyState::PendingDeletion && k.deletion_date.is_some_and(|d| d <= now) {
+                if k.state == KeyState::PendingDeletion && k.deletion_date.is_some_and(|d| d <= now)
+                {
                     continue;
                 }
             }
@@ -494,20 +659,38 @@ impl Kms {
     }
 
     fn validate_alias_name(name: &str) -> Result<(), OpError> {
-        let rest = name.strip_prefix("alias/").ok_or_else(|| OpError::Validation("Alias must start with the prefix \"alias/\"".into()))?;
-        if rest.is_empty() || name.len() > 256 || !rest.chars().all(|c| c.is_ascii_alphanumeric() || "/_-".contains(c)) {
-            return Err(OpError::Validation(format!("Alias name {name} is not valid")));
+        let rest = name.strip_prefix("alias/").ok_or_else(|| {
+            OpError::Validation("Alias must start with the prefix \"alias/\"".into())
+        })?;
+        if rest.is_empty()
+            || name.len() > 256
+            || !rest
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "/_-".contains(c))
+        {
+            return Err(OpError::Validation(format!(
+                "Alias name {name} is not valid"
+            )));
         }
         if rest.starts_with("aws/") {
-            return Err(OpError::InvalidAliasName("Alias names starting with alias/aws/ are reserved for AWS managed keys".into()));
+            return Err(OpError::InvalidAliasName(
+                "Alias names starting with alias/aws/ are reserved for AWS managed keys".into(),
+            ));
         }
         Ok(())
     }
 
-    fn create_alias(&self, caller: &Caller, r: AliasRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn create_alias(
+        &self,
+        caller: &Caller,
+        r: AliasRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         Self::validate_alias_name(&r.alias_name)?;
         if r.target_key_id.starts_with("alias/") || r.target_key_id.contains(":alias/") {
-            return Err(OpError::Validation("TargetKeyId must be a key id or key ARN".into()));
+            return Err(OpError::Validation(
+                "TargetKeyId must be a key id or key ARN".into(),
+            ));
         }
         let key = self.resolve(caller, &r.target_key_id, touched)?;
         self.authorize(caller, &key, &Self::simple_ask("CreateAlias"))?;
@@ -515,11 +698,16 @@ impl Kms {
         require_customer_managed(&key, caller, "CreateAlias")?;
         require_not_pending(&key)?;
         self.store
-            .create_alias(&AliasRecord { name: r.alias_name.clone(), key_id: key.id.clone(), created: self.clock.now() })
+            .create_alias(&AliasRecord {
+                name: r.alias_name.clone(),
+                key_id: key.id.clone(),
+                created: self.clock.now(),
+            })
             .map_err(|e| match e {
-                crate::store::StoreError::AlreadyExists => {
-                    OpError::AlreadyExists(format!("An alias with the name {} already exists", self.alias_arn(&r.alias_name)))
-                }
+                crate::store::StoreError::AlreadyExists => OpError::AlreadyExists(format!(
+                    "An alias with the name {} already exists",
+                    self.alias_arn(&r.alias_name)
+                )),
                 other => other.into(),
             })?;
         Ok(json!({}))
@@ -527,30 +715,62 @@ impl Kms {
 
     /// Aliases are resources of their own; the caller needs the action on them too
     /// (root and IAM-delegated principals). Alias ARNs are covered by `Resource: *`.
-    fn authorize_account_action_alias(&self, caller: &Caller, alias: &str, op: &str) -> Result<(), OpError> {
+    fn authorize_account_action_alias(
+        &self,
+        caller: &Caller,
+        alias: &str,
+        op: &str,
+    ) -> Result<(), OpError> {
         let action = format!("kms:{op}");
         let conditions = self.base_conditions(caller, &Ask::default());
         let arn = self.alias_arn(alias);
-        let req = crate::policy::Request { principal: caller.effective(), action: &action, resource: &arn, conditions: &conditions };
+        let req = crate::policy::Request {
+            principal: caller.effective(),
+            action: &action,
+            resource: &arn,
+            conditions: &conditions,
+        };
         match self.identity_decision(caller.effective(), &req)? {
             crate::policy::Decision::Allow => Ok(()),
-            _ => Err(OpError::AccessDenied(format!("User: {} is not authorized to perform: {action} on resource: {arn}", caller.effective().arn()))),
+            _ => Err(OpError::AccessDenied(format!(
+                "User: {} is not authorized to perform: {action} on resource: {arn}",
+                caller.effective().arn()
+            ))),
         }
     }
 
-    fn update_alias(&self, caller: &Caller, r: AliasRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn update_alias(
+        &self,
+        caller: &Caller,
+        r: AliasRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         Self::validate_alias_name(&r.alias_name)?;
-        let existing = self.store.alias(&r.alias_name)?.ok_or_else(|| OpError::NotFound(format!("Alias {} is not found.", self.alias_arn(&r.alias_name))))?;
+        let existing = self.store.alias(&r.alias_name)?.ok_or_else(|| {
+            OpError::NotFound(format!(
+                "Alias {} is not found.",
+                self.alias_arn(&r.alias_name)
+            ))
+        })?;
         let key = self.resolve(caller, &r.target_key_id, touched)?;
         self.authorize(caller, &key, &Self::simple_ask("UpdateAlias"))?;
         self.authorize_account_action_alias(caller, &r.alias_name, "UpdateAlias")?;
         require_not_pending(&key)?;
         self.store.delete_alias(&existing.name)?;
-        self.store.create_alias(&AliasRecord { name: existing.name, key_id: key.id, created: existing.created })?;
+        self.store.create_alias(&AliasRecord {
+            name: existing.name,
+            key_id: key.id,
+            created: existing.created,
+        })?;
         Ok(json!({}))
     }
 
-    fn list_aliases(&self, caller: &Caller, r: PageRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn list_aliases(
+        &self,
+        caller: &Caller,
+        r: PageRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         let key_filter = match &r.key_id {
             Some(k) => {
                 let key = self.resolve(caller, k, touched)?;
@@ -572,11 +792,25 @@ impl Kms {
         Ok(paged(json!({}), "Aliases", items, next))
     }
 
-    fn delete_alias(&self, caller: &Caller, r: DeleteAliasRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn delete_alias(
+        &self,
+        caller: &Caller,
+        r: DeleteAliasRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         if r.alias_name.starts_with("alias/aws/") {
-            return Err(OpError::AccessDenied(format!("User: {} is not authorized to perform: kms:DeleteAlias on resource: {} (AWS managed aliases cannot be deleted)", caller.effective().arn(), self.alias_arn(&r.alias_name))));
+            return Err(OpError::AccessDenied(format!(
+                "User: {} is not authorized to perform: kms:DeleteAlias on resource: {} (AWS managed aliases cannot be deleted)",
+                caller.effective().arn(),
+                self.alias_arn(&r.alias_name)
+            )));
         }
-        let a = self.store.alias(&r.alias_name)?.ok_or_else(|| OpError::NotFound(format!("Alias {} is not found.", self.alias_arn(&r.alias_name))))?;
+        let a = self.store.alias(&r.alias_name)?.ok_or_else(|| {
+            OpError::NotFound(format!(
+                "Alias {} is not found.",
+                self.alias_arn(&r.alias_name)
+            ))
+        })?;
         let key = self.resolve(caller, &a.key_id, touched)?;
         self.authorize(caller, &key, &Self::simple_ask("DeleteAlias"))?;
         self.authorize_account_action_alias(caller, &r.alias_name, "DeleteAlias")?;
@@ -584,13 +818,23 @@ impl Kms {
         Ok(json!({}))
     }
 
-    fn set_enabled(&self, caller: &Caller, r: KeyIdRequest, enable: bool, touched: &mut Touched) -> Result<Value, OpError> {
+    fn set_enabled(
+        &self,
+        caller: &Caller,
+        r: KeyIdRequest,
+        enable: bool,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         let op = if enable { "EnableKey" } else { "DisableKey" };
         let mut key = self.resolve(caller, &r.key_id, touched)?;
         self.authorize(caller, &key, &Self::simple_ask(op))?;
         require_customer_managed(&key, caller, op)?;
         require_not_pending(&key)?;
-        key.state = if enable { KeyState::Enabled } else { KeyState::Disabled };
+        key.state = if enable {
+            KeyState::Enabled
+        } else {
+            KeyState::Disabled
+        };
         self.store.update_key(&key)?;
         if enable {
             // A rotation that fell due while disabled happens now.
@@ -599,13 +843,20 @@ impl Kms {
         Ok(json!({}))
     }
 
-    fn schedule_deletion(&self, caller: &Caller, r: ScheduleKeyDeletionRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn schedule_deletion(
+        &self,
+        caller: &Caller,
+        r: ScheduleKeyDeletionRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         let mut key = self.resolve(caller, &r.key_id, touched)?;
         self.authorize(caller, &key, &Self::simple_ask("ScheduleKeyDeletion"))?;
         require_customer_managed(&key, caller, "ScheduleKeyDeletion")?;
         let days = r.pending_window_in_days.unwrap_or(30);
         if !(7..=30).contains(&days) {
-            return Err(OpError::Validation("PendingWindowInDays must be between 7 and 30".into()));
+            return Err(OpError::Validation(
+                "PendingWindowInDays must be between 7 and 30".into(),
+            ));
         }
         require_not_pending(&key)?;
         let when = self.clock.now() + days * DAY;
@@ -613,15 +864,25 @@ impl Kms {
         key.deletion_date = Some(when);
         key.pending_window_days = Some(days);
         self.store.update_key(&key)?;
-        Ok(json!({"KeyId": key.arn, "DeletionDate": when, "KeyState": "PendingDeletion", "PendingWindowInDays": days}))
+        Ok(
+            json!({"KeyId": key.arn, "DeletionDate": when, "KeyState": "PendingDeletion", "PendingWindowInDays": days}),
+        )
     }
 
-    fn cancel_deletion(&self, caller: &Caller, r: KeyIdRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn cancel_deletion(
+        &self,
+        caller: &Caller,
+        r: KeyIdRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         let mut key = self.resolve(caller, &r.key_id, touched)?;
         self.authorize(caller, &key, &Self::simple_ask("CancelKeyDeletion"))?;
         require_customer_managed(&key, caller, "CancelKeyDeletion")?;
         if key.state != KeyState::PendingDeletion {
-            return Err(OpError::InvalidState(format!("{} is not pending deletion.", key.arn)));
+            return Err(OpError::InvalidState(format!(
+                "{} is not pending deletion.",
+                key.arn
+            )));
         }
         key.state = KeyState::Disabled;
         key.deletion_date = None;
@@ -630,21 +891,37 @@ impl Kms {
         Ok(json!({"KeyId": key.arn}))
     }
 
-    fn rotation_target(&self, caller: &Caller, key_id: &str, op: &str, touched: &mut Touched) -> Result<KeyRecord, OpError> {
+    fn rotation_target(
+        &self,
+        caller: &Caller,
+        key_id: &str,
+        op: &str,
+        touched: &mut Touched,
+    ) -> Result<KeyRecord, OpError> {
         let key = self.resolve(caller, key_id, touched)?;
         self.authorize(caller, &key, &Self::simple_ask(op))?;
         if key.spec != KeySpec::SymmetricDefault {
-            return Err(OpError::UnsupportedOperation(format!("{} is not a symmetric encryption key; rotation is not supported", key.arn)));
+            return Err(OpError::UnsupportedOperation(format!(
+                "{} is not a symmetric encryption key; rotation is not supported",
+                key.arn
+            )));
         }
         Ok(key)
     }
 
-    fn enable_rotation(&self, caller: &Caller, r: EnableKeyRotationRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn enable_rotation(
+        &self,
+        caller: &Caller,
+        r: EnableKeyRotationRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         let mut key = self.rotation_target(caller, &r.key_id, "EnableKeyRotation", touched)?;
         require_customer_managed(&key, caller, "EnableKeyRotation")?;
         let days = r.rotation_period_in_days.unwrap_or(365);
         if !(90..=2560).contains(&days) {
-            return Err(OpError::Validation("RotationPeriodInDays must be between 90 and 2560".into()));
+            return Err(OpError::Validation(
+                "RotationPeriodInDays must be between 90 and 2560".into(),
+            ));
         }
         require_enabled(&key)?;
         key.rotation_period_days = Some(days);
@@ -653,7 +930,12 @@ impl Kms {
         Ok(json!({}))
     }
 
-    fn disable_rotation(&self, caller: &Caller, r: KeyIdRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn disable_rotation(
+        &self,
+        caller: &Caller,
+        r: KeyIdRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         let mut key = self.rotation_target(caller, &r.key_id, "DisableKeyRotation", touched)?;
         require_customer_managed(&key, caller, "DisableKeyRotation")?;
         require_enabled(&key)?;
@@ -663,10 +945,16 @@ impl Kms {
         Ok(json!({}))
     }
 
-    fn rotation_status(&self, caller: &Caller, r: KeyIdRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn rotation_status(
+        &self,
+        caller: &Caller,
+        r: KeyIdRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         let key = self.rotation_target(caller, &r.key_id, "GetKeyRotationStatus", touched)?;
         require_not_pending(&key)?;
-        let mut out = json!({"KeyId": key.arn, "KeyRotationEnabled": key.rotation_period_days.is_some()});
+        let mut out =
+            json!({"KeyId": key.arn, "KeyRotationEnabled": key.rotation_period_days.is_some()});
         if let (Some(p), Some(n)) = (key.rotation_period_days, key.next_rotation) {
             out["RotationPeriodInDays"] = json!(p);
             out["NextRotationDate"] = json!(n);
@@ -677,7 +965,12 @@ impl Kms {
         Ok(out)
     }
 
-    fn rotate_on_demand(&self, caller: &Caller, r: KeyIdRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn rotate_on_demand(
+        &self,
+        caller: &Caller,
+        r: KeyIdRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         let mut key = self.rotation_target(caller, &r.key_id, "RotateKeyOnDemand", touched)?;
         require_customer_managed(&key, caller, "RotateKeyOnDemand")?;
         require_enabled(&key)?;
@@ -689,8 +982,16 @@ impl Kms {
         Ok(json!({"KeyId": key.arn}))
     }
 
-    fn list_rotations(&self, caller: &Caller, r: PageRequest, touched: &mut Touched) -> Result<Value, OpError> {
-        let key_id = r.key_id.clone().ok_or_else(|| OpError::Validation("KeyId is required".into()))?;
+    fn list_rotations(
+        &self,
+        caller: &Caller,
+        r: PageRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
+        let key_id = r
+            .key_id
+            .clone()
+            .ok_or_else(|| OpError::Validation("KeyId is required".into()))?;
         let key = self.rotation_target(caller, &key_id, "ListKeyRotations", touched)?;
         let items: Vec<Value> = self
             .store
@@ -703,24 +1004,62 @@ impl Kms {
         Ok(paged(json!({}), "Rotations", items, next))
     }
 
-    fn generate_data_key(&self, caller: &Caller, r: GenerateDataKeyRequest, with_plaintext: bool, touched: &mut Touched) -> Result<Value, OpError> {
-        let op = if with_plaintext { "GenerateDataKey" } else { "GenerateDataKeyWithoutPlaintext" };
+    fn generate_data_key(
+        &self,
+        caller: &Caller,
+        r: GenerateDataKeyRequest,
+        with_plaintext: bool,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
+        let op = if with_plaintext {
+            "GenerateDataKey"
+        } else {
+            "GenerateDataKeyWithoutPlaintext"
+        };
         let n = match (r.number_of_bytes, r.key_spec.as_deref()) {
-            (Some(_), Some(_)) => return Err(OpError::Validation("Specify NumberOfBytes or KeySpec, not both".into())),
+            (Some(_), Some(_)) => {
+                return Err(OpError::Validation(
+                    "Specify NumberOfBytes or KeySpec, not both".into(),
+                ));
+            }
             (Some(n), None) if (1..=1024).contains(&n) => usize::try_from(n).unwrap_or(32),
-            (Some(_), None) => return Err(OpError::Validation("NumberOfBytes must be between 1 and 1024".into())),
+            (Some(_), None) => {
+                return Err(OpError::Validation(
+                    "NumberOfBytes must be between 1 and 1024".into(),
+                ));
+            }
             (None, Some("AES_256")) => 32,
             (None, Some("AES_128")) => 16,
-            (None, Some(s)) => return Err(OpError::Validation(format!("KeySpec {s} is not AES_256 or AES_128"))),
-            (None, None) => return Err(OpError::Validation("Please specify either number of bytes or key spec.".into())),
+            (None, Some(s)) => {
+                return Err(OpError::Validation(format!(
+                    "KeySpec {s} is not AES_256 or AES_128"
+                )));
+            }
+            (None, None) => {
+                return Err(OpError::Validation(
+                    "Please specify either number of bytes or key spec.".into(),
+                ));
+            }
         };
         if r.recipient.is_some() {
-            return Err(OpError::UnsupportedOperation("Recipient (Nitro Enclaves attestation) is not supported".into()));
+            return Err(OpError::UnsupportedOperation(
+                "Recipient (Nitro Enclaves attestation) is not supported".into(),
+            ));
         }
         let ctx = ctx_of(r.encryption_context)?;
         let key = self.resolve(caller, &r.key_id, touched)?;
         let tokens = r.grant_tokens.unwrap_or_default();
-        self.authorize(caller, &key, &Ask { operation: op, context: Some(&ctx), grant_tokens: &tokens, grants_apply: true, ..Ask::default() })?;
+        self.authorize(
+            caller,
+            &key,
+            &Ask {
+                operation: op,
+                context: Some(&ctx),
+                grant_tokens: &tokens,
+                grants_apply: true,
+                ..Ask::default()
+            },
+        )?;
         require_enabled(&key)?;
         require_symmetric(&key)?;
         dry_run(r.dry_run)?;
@@ -734,25 +1073,55 @@ impl Kms {
         Ok(out)
     }
 
-    fn encrypt(&self, caller: &Caller, r: EncryptRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn encrypt(
+        &self,
+        caller: &Caller,
+        r: EncryptRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         if r.plaintext.0.is_empty() || r.plaintext.0.len() > 4096 {
-            return Err(OpError::Validation("Plaintext must be between 1 and 4096 bytes".into()));
+            return Err(OpError::Validation(
+                "Plaintext must be between 1 and 4096 bytes".into(),
+            ));
         }
         check_algorithm(r.encryption_algorithm.as_deref())?;
         let ctx = ctx_of(r.encryption_context)?;
         let key = self.resolve(caller, &r.key_id, touched)?;
         let tokens = r.grant_tokens.unwrap_or_default();
-        self.authorize(caller, &key, &Ask { operation: "Encrypt", context: Some(&ctx), grant_tokens: &tokens, grants_apply: true, ..Ask::default() })?;
+        self.authorize(
+            caller,
+            &key,
+            &Ask {
+                operation: "Encrypt",
+                context: Some(&ctx),
+                grant_tokens: &tokens,
+                grants_apply: true,
+                ..Ask::default()
+            },
+        )?;
         require_enabled(&key)?;
         require_symmetric(&key)?;
         dry_run(r.dry_run)?;
         let blob = self.seal_for(&key, &ctx, &r.plaintext.0)?;
-        Ok(json!({"CiphertextBlob": b64(&blob), "KeyId": key.arn, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}))
+        Ok(
+            json!({"CiphertextBlob": b64(&blob), "KeyId": key.arn, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}),
+        )
     }
 
     /// Opens a blob for `operation` (Decrypt or ReEncryptFrom) in DESIGN §3's order.
-    fn open_blob(&self, caller: &Caller, u: Unwrap<'_>, touched: &mut Touched) -> Result<(KeyRecord, zeroize::Zeroizing<Vec<u8>>), OpError> {
-        let Unwrap { blob: blob_bytes, context: ctx, key_id, operation, tokens } = u;
+    fn open_blob(
+        &self,
+        caller: &Caller,
+        u: Unwrap<'_>,
+        touched: &mut Touched,
+    ) -> Result<(KeyRecord, zeroize::Zeroizing<Vec<u8>>), OpError> {
+        let Unwrap {
+            blob: blob_bytes,
+            context: ctx,
+            key_id,
+            operation,
+            tokens,
+        } = u;
         // 1. The blob parses.
         let parsed = CiphertextBlob::parse(blob_bytes)?;
         // 2. KeyId, if given, names the blob's key.
@@ -769,33 +1138,65 @@ impl Kms {
         .ok_or_else(|| OpError::InvalidCiphertext(String::new()))?;
         touched.keys.push(key.arn.clone());
         // 3. The caller is authorized.
-        self.authorize(caller, &key, &Ask { operation, context: Some(ctx), grant_tokens: tokens, grants_apply: true, ..Ask::default() })?;
+        self.authorize(
+            caller,
+            &key,
+            &Ask {
+                operation,
+                context: Some(ctx),
+                grant_tokens: tokens,
+                grants_apply: true,
+                ..Ask::default()
+            },
+        )?;
         // 4. Key state.
         require_enabled(&key)?;
         require_symmetric(&key)?;
         // 5. The context authenticates.
-        let material = self.material_for(&key, parsed.material_version)?.ok_or_else(|| OpError::InvalidCiphertext(String::new()))?;
+        let material = self
+            .material_for(&key, parsed.material_version)?
+            .ok_or_else(|| OpError::InvalidCiphertext(String::new()))?;
         let plaintext = parsed.open(&material, ctx)?;
         Ok((key, plaintext))
     }
 
-    fn decrypt(&self, caller: &Caller, r: DecryptRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn decrypt(
+        &self,
+        caller: &Caller,
+        r: DecryptRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         check_algorithm(r.encryption_algorithm.as_deref())?;
         if r.recipient.is_some() {
-            return Err(OpError::UnsupportedOperation("Recipient (Nitro Enclaves attestation) is not supported".into()));
+            return Err(OpError::UnsupportedOperation(
+                "Recipient (Nitro Enclaves attestation) is not supported".into(),
+            ));
         }
         let ctx = ctx_of(r.encryption_context)?;
         let tokens = r.grant_tokens.unwrap_or_default();
         let (key, plaintext) = self.open_blob(
             caller,
-            Unwrap { blob: &r.ciphertext_blob.0, context: &ctx, key_id: r.key_id.as_deref(), operation: "Decrypt", tokens: &tokens },
+            Unwrap {
+                blob: &r.ciphertext_blob.0,
+                context: &ctx,
+                key_id: r.key_id.as_deref(),
+                operation: "Decrypt",
+                tokens: &tokens,
+            },
             touched,
         )?;
         dry_run(r.dry_run)?;
-        Ok(json!({"KeyId": key.arn, "Plaintext": b64(&plaintext), "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}))
+        Ok(
+            json!({"KeyId": key.arn, "Plaintext": b64(&plaintext), "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}),
+        )
     }
 
-    fn re_encrypt(&self, caller: &Caller, r: ReEncryptRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn re_encrypt(
+        &self,
+        caller: &Caller,
+        r: ReEncryptRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         check_algorithm(r.source_encryption_algorithm.as_deref())?;
         check_algorithm(r.destination_encryption_algorithm.as_deref())?;
         let src_ctx = ctx_of(r.source_encryption_context)?;
@@ -803,11 +1204,27 @@ impl Kms {
         let tokens = r.grant_tokens.unwrap_or_default();
         let (src, plaintext) = self.open_blob(
             caller,
-            Unwrap { blob: &r.ciphertext_blob.0, context: &src_ctx, key_id: r.source_key_id.as_deref(), operation: "ReEncryptFrom", tokens: &tokens },
+            Unwrap {
+                blob: &r.ciphertext_blob.0,
+                context: &src_ctx,
+                key_id: r.source_key_id.as_deref(),
+                operation: "ReEncryptFrom",
+                tokens: &tokens,
+            },
             touched,
         )?;
         let dst = self.resolve(caller, &r.destination_key_id, touched)?;
-        self.authorize(caller, &dst, &Ask { operation: "ReEncryptTo", context: Some(&dst_ctx), grant_tokens: &tokens, grants_apply: true, ..Ask::default() })?;
+        self.authorize(
+            caller,
+            &dst,
+            &Ask {
+                operation: "ReEncryptTo",
+                context: Some(&dst_ctx),
+                grant_tokens: &tokens,
+                grants_apply: true,
+                ..Ask::default()
+            },
+        )?;
         require_enabled(&dst)?;
         require_symmetric(&dst)?;
         dry_run(r.dry_run)?;
@@ -818,9 +1235,18 @@ impl Kms {
         }))
     }
 
-    fn principal_field(arn: Option<String>, service: Option<String>, what: &str, required: bool) -> Result<Option<String>, OpError> {
+    fn principal_field(
+        arn: Option<String>,
+        service: Option<String>,
+        what: &str,
+        required: bool,
+    ) -> Result<Option<String>, OpError> {
         let v = match (arn, service) {
-            (Some(_), Some(_)) => return Err(OpError::Validation(format!("Specify {what}Principal or {what}ServicePrincipal, not both"))),
+            (Some(_), Some(_)) => {
+                return Err(OpError::Validation(format!(
+                    "Specify {what}Principal or {what}ServicePrincipal, not both"
+                )));
+            }
             (Some(a), None) => {
                 if Principal::parse(&a).is_none() {
                     return Err(OpError::Validation(format!("Invalid {what}Principal {a}")));
@@ -829,39 +1255,74 @@ impl Kms {
             }
             (None, Some(s)) => {
                 if !is_service_principal(&s) {
-                    return Err(OpError::Validation(format!("Invalid {what}ServicePrincipal {s}")));
+                    return Err(OpError::Validation(format!(
+                        "Invalid {what}ServicePrincipal {s}"
+                    )));
                 }
                 Some(s)
             }
-            (None, None) if required => return Err(OpError::Validation(format!("{what}Principal is required"))),
+            (None, None) if required => {
+                return Err(OpError::Validation(format!("{what}Principal is required")));
+            }
             (None, None) => None,
         };
         Ok(v)
     }
 
-    fn create_grant(&self, caller: &Caller, r: CreateGrantRequest, touched: &mut Touched) -> Result<Value, OpError> {
-        let grantee = Self::principal_field(r.grantee_principal, r.grantee_service_principal, "Grantee", true)?
-            .ok_or_else(|| OpError::Validation("GranteePrincipal is required".into()))?;
-        let retiring = Self::principal_field(r.retiring_principal, r.retiring_service_principal, "Retiring", false)?;
+    fn create_grant(
+        &self,
+        caller: &Caller,
+        r: CreateGrantRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
+        let grantee = Self::principal_field(
+            r.grantee_principal,
+            r.grantee_service_principal,
+            "Grantee",
+            true,
+        )?
+        .ok_or_else(|| OpError::Validation("GranteePrincipal is required".into()))?;
+        let retiring = Self::principal_field(
+            r.retiring_principal,
+            r.retiring_service_principal,
+            "Retiring",
+            false,
+        )?;
         if r.operations.is_empty() {
-            return Err(OpError::Validation("Operations must name at least one operation".into()));
+            return Err(OpError::Validation(
+                "Operations must name at least one operation".into(),
+            ));
         }
         for op in &r.operations {
             if !GRANT_OPERATIONS.contains(&op.as_str()) {
-                return Err(OpError::Validation(format!("Value '{op}' at 'operations' failed to satisfy constraint")));
+                return Err(OpError::Validation(format!(
+                    "Value '{op}' at 'operations' failed to satisfy constraint"
+                )));
             }
         }
         let constraints = r.constraints.unwrap_or_default();
         if constraints.subset.is_some() && constraints.equals.is_some() {
-            return Err(OpError::Validation("Specify EncryptionContextSubset or EncryptionContextEquals, not both".into()));
+            return Err(OpError::Validation(
+                "Specify EncryptionContextSubset or EncryptionContextEquals, not both".into(),
+            ));
         }
         if !constraints.is_empty()
-            && r.operations.iter().any(|o| !is_cryptographic_operation(o) && o != "CreateGrant" && o != "RetireGrant")
+            && r.operations
+                .iter()
+                .any(|o| !is_cryptographic_operation(o) && o != "CreateGrant" && o != "RetireGrant")
         {
-            return Err(OpError::Validation("Grant constraints are not supported for the non-cryptographic operations listed".into()));
+            return Err(OpError::Validation(
+                "Grant constraints are not supported for the non-cryptographic operations listed"
+                    .into(),
+            ));
         }
         if let Some(n) = &r.name {
-            if n.is_empty() || n.len() > 256 || !n.chars().all(|c| c.is_ascii_alphanumeric() || ":/_-".contains(c)) {
+            if n.is_empty()
+                || n.len() > 256
+                || !n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ":/_-".contains(c))
+            {
                 return Err(OpError::Validation("Grant name is not valid".into()));
             }
         }
@@ -933,13 +1394,26 @@ impl Kms {
         v
     }
 
-    fn list_grants(&self, caller: &Caller, r: ListGrantsRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn list_grants(
+        &self,
+        caller: &Caller,
+        r: ListGrantsRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         let key = self.resolve(caller, &r.key_id, touched)?;
         let mut extra = Vec::new();
         if caller.via_service().is_some() {
             extra.push(("kms:GrantIsForAWSResource", "true".to_owned()));
         }
-        self.authorize(caller, &key, &Ask { operation: "ListGrants", extra, ..Ask::default() })?;
+        self.authorize(
+            caller,
+            &key,
+            &Ask {
+                operation: "ListGrants",
+                extra,
+                ..Ask::default()
+            },
+        )?;
         let items: Vec<Value> = self
             .store
             .grants_for_key(&key.id)?
@@ -952,7 +1426,11 @@ impl Kms {
         Ok(paged(json!({}), "Grants", items, next))
     }
 
-    fn list_retirable(&self, caller: &Caller, r: ListRetirableGrantsRequest) -> Result<Value, OpError> {
+    fn list_retirable(
+        &self,
+        caller: &Caller,
+        r: ListRetirableGrantsRequest,
+    ) -> Result<Value, OpError> {
         let is_self = grantee_names(caller).contains(&r.retiring_principal);
         if !is_self {
             self.authorize_account_action(caller, "ListRetirableGrants")?;
@@ -967,12 +1445,25 @@ impl Kms {
         Ok(paged(json!({}), "Grants", items, next))
     }
 
-    fn retire_grant(&self, caller: &Caller, r: RetireGrantRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn retire_grant(
+        &self,
+        caller: &Caller,
+        r: RetireGrantRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         let grant = match (&r.grant_token, &r.key_id, &r.grant_id) {
             (Some(t), _, _) => match self.store.grant_by_token(t)? {
                 Some(g) => g,
-                None if self.store.token_issued(t)? => return Err(OpError::NotFound("The grant has already been retired or revoked.".into())),
-                None => return Err(OpError::InvalidGrantToken("The grant token is not valid.".into())),
+                None if self.store.token_issued(t)? => {
+                    return Err(OpError::NotFound(
+                        "The grant has already been retired or revoked.".into(),
+                    ));
+                }
+                None => {
+                    return Err(OpError::InvalidGrantToken(
+                        "The grant token is not valid.".into(),
+                    ));
+                }
             },
             (None, Some(k), Some(id)) => {
                 let key = self.resolve(caller, k, touched)?;
@@ -980,15 +1471,22 @@ impl Kms {
                 g.ok_or_else(|| OpError::NotFound(format!("Grant ID {id} not found")))?
             }
             (None, None, Some(_)) | (None, Some(_), None) => {
-                return Err(OpError::Validation("RetireGrant needs GrantToken, or KeyId and GrantId".into()));
+                return Err(OpError::Validation(
+                    "RetireGrant needs GrantToken, or KeyId and GrantId".into(),
+                ));
             }
-            (None, None, None) => return Err(OpError::Validation("RetireGrant needs GrantToken, or KeyId and GrantId".into())),
+            (None, None, None) => {
+                return Err(OpError::Validation(
+                    "RetireGrant needs GrantToken, or KeyId and GrantId".into(),
+                ));
+            }
         };
         touched.keys.push(self.key_arn(&grant.key_id));
         let names = grantee_names(caller);
         let account_root = format!("arn:aws:iam::{}:root", self.account);
         let allowed = grant.retiring.as_ref().is_some_and(|rp| names.contains(rp))
-            || (names.contains(&grant.grantee) && grant.operations.iter().any(|o| o == "RetireGrant"))
+            || (names.contains(&grant.grantee)
+                && grant.operations.iter().any(|o| o == "RetireGrant"))
             || names.contains(&account_root);
         if !allowed {
             return Err(OpError::AccessDenied(format!(
@@ -1002,19 +1500,41 @@ impl Kms {
         Ok(json!({}))
     }
 
-    fn revoke_grant(&self, caller: &Caller, r: RevokeGrantRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn revoke_grant(
+        &self,
+        caller: &Caller,
+        r: RevokeGrantRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         let key = self.resolve(caller, &r.key_id, touched)?;
         let mut extra = Vec::new();
         if caller.via_service().is_some() {
             extra.push(("kms:GrantIsForAWSResource", "true".to_owned()));
         }
-        self.authorize(caller, &key, &Ask { operation: "RevokeGrant", extra, ..Ask::default() })?;
+        self.authorize(
+            caller,
+            &key,
+            &Ask {
+                operation: "RevokeGrant",
+                extra,
+                ..Ask::default()
+            },
+        )?;
         if r.grant_id.len() != 64 || !r.grant_id.bytes().all(|c| c.is_ascii_hexdigit()) {
-            return Err(OpError::InvalidGrantId(format!("Invalid grant ID {}", r.grant_id)));
+            return Err(OpError::InvalidGrantId(format!(
+                "Invalid grant ID {}",
+                r.grant_id
+            )));
         }
-        let g = self.store.grant(&r.grant_id)?.filter(|g| g.key_id == key.id);
+        let g = self
+            .store
+            .grant(&r.grant_id)?
+            .filter(|g| g.key_id == key.id);
         if g.is_none() {
-            return Err(OpError::NotFound(format!("Grant ID {} not found", r.grant_id)));
+            return Err(OpError::NotFound(format!(
+                "Grant ID {} not found",
+                r.grant_id
+            )));
         }
         dry_run(r.dry_run)?;
         self.store.delete_grant(&r.grant_id)?;
@@ -1028,27 +1548,47 @@ impl Kms {
         }
     }
 
-    fn get_key_policy(&self, caller: &Caller, r: GetKeyPolicyRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn get_key_policy(
+        &self,
+        caller: &Caller,
+        r: GetKeyPolicyRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         let key = self.resolve(caller, &r.key_id, touched)?;
         self.authorize(caller, &key, &Self::simple_ask("GetKeyPolicy"))?;
         Self::policy_name(r.policy_name.as_deref())?;
         Ok(json!({"Policy": key.policy, "PolicyName": "default"}))
     }
 
-    fn list_key_policies(&self, caller: &Caller, r: PageRequest, touched: &mut Touched) -> Result<Value, OpError> {
-        let key_id = r.key_id.clone().ok_or_else(|| OpError::Validation("KeyId is required".into()))?;
+    fn list_key_policies(
+        &self,
+        caller: &Caller,
+        r: PageRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
+        let key_id = r
+            .key_id
+            .clone()
+            .ok_or_else(|| OpError::Validation("KeyId is required".into()))?;
         let key = self.resolve(caller, &key_id, touched)?;
         self.authorize(caller, &key, &Self::simple_ask("ListKeyPolicies"))?;
         Ok(json!({"PolicyNames": ["default"], "Truncated": false}))
     }
 
-    fn put_key_policy(&self, caller: &Caller, r: PutKeyPolicyRequest, touched: &mut Touched) -> Result<Value, OpError> {
+    fn put_key_policy(
+        &self,
+        caller: &Caller,
+        r: PutKeyPolicyRequest,
+        touched: &mut Touched,
+    ) -> Result<Value, OpError> {
         let mut key = self.resolve(caller, &r.key_id, touched)?;
         self.authorize(caller, &key, &Self::simple_ask("PutKeyPolicy"))?;
         require_customer_managed(&key, caller, "PutKeyPolicy")?;
         Self::policy_name(r.policy_name.as_deref())?;
         if r.policy.len() > 32_768 {
-            return Err(OpError::LimitExceeded("The key policy is larger than 32 KB".into()));
+            return Err(OpError::LimitExceeded(
+                "The key policy is larger than 32 KB".into(),
+            ));
         }
         PolicyDocument::parse(&r.policy)?.require_principals()?;
         require_not_pending(&key)?;

@@ -78,14 +78,19 @@ impl Op {
     }
 
     fn negated(self) -> bool {
-        matches!(self, Self::StringNotEquals | Self::StringNotEqualsIgnoreCase | Self::StringNotLike)
+        matches!(
+            self,
+            Self::StringNotEquals | Self::StringNotEqualsIgnoreCase | Self::StringNotLike
+        )
     }
 
     /// Positive match of one request value against one policy value.
     fn matches_one(self, request: &str, policy: &str) -> bool {
         match self {
             Self::StringEquals | Self::StringNotEquals => request == policy,
-            Self::StringEqualsIgnoreCase | Self::StringNotEqualsIgnoreCase => request.eq_ignore_ascii_case(policy),
+            Self::StringEqualsIgnoreCase | Self::StringNotEqualsIgnoreCase => {
+                request.eq_ignore_ascii_case(policy)
+            }
             Self::StringLike | Self::StringNotLike => glob(policy, request, false),
             Self::Bool => request.eq_ignore_ascii_case(policy),
             Self::Null => false,
@@ -192,9 +197,15 @@ fn strings(v: &Value, what: &str) -> Result<Vec<String>, PolicyError> {
         Value::String(s) => Ok(vec![s.clone()]),
         Value::Array(a) if !a.is_empty() => a
             .iter()
-            .map(|x| x.as_str().map(str::to_owned).ok_or_else(|| malformed(format!("{what} entries must be strings"))))
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| malformed(format!("{what} entries must be strings")))
+            })
             .collect(),
-        _ => Err(malformed(format!("{what} must be a string or a non-empty list of strings"))),
+        _ => Err(malformed(format!(
+            "{what} must be a string or a non-empty list of strings"
+        ))),
     }
 }
 
@@ -203,7 +214,9 @@ fn condition_values(v: &Value) -> Result<Vec<String>, PolicyError> {
         Value::String(s) => Ok(s.clone()),
         Value::Bool(b) => Ok(b.to_string()),
         Value::Number(n) => Ok(n.to_string()),
-        _ => Err(malformed("condition values must be strings, booleans or numbers")),
+        _ => Err(malformed(
+            "condition values must be strings, booleans or numbers",
+        )),
     };
     match v {
         Value::Array(a) => a.iter().map(one).collect(),
@@ -240,7 +253,9 @@ fn principal_spec(v: &Value) -> Result<PrincipalSpec, PolicyError> {
 }
 
 fn parse_statement(v: &Value) -> Result<Statement, PolicyError> {
-    let m = v.as_object().ok_or_else(|| malformed("statement must be an object"))?;
+    let m = v
+        .as_object()
+        .ok_or_else(|| malformed("statement must be an object"))?;
     let mut effect = None;
     let mut st = Statement {
         effect: Effect::Allow,
@@ -283,7 +298,9 @@ fn parse_statement(v: &Value) -> Result<Statement, PolicyError> {
                 st.resource = Some((strings(val, k)?, k == "NotResource"));
             }
             "Condition" => {
-                let ops = val.as_object().ok_or_else(|| malformed("Condition must be an object"))?;
+                let ops = val
+                    .as_object()
+                    .ok_or_else(|| malformed("Condition must be an object"))?;
                 for (op_name, keys) in ops {
                     let (set, rest) = if let Some(r) = op_name.strip_prefix("ForAnyValue:") {
                         (SetOp::ForAnyValue, r)
@@ -296,10 +313,20 @@ fn parse_statement(v: &Value) -> Result<Statement, PolicyError> {
                         Some(b) => (b, true),
                         None => (rest, false),
                     };
-                    let op = Op::parse(base).ok_or_else(|| malformed(format!("unsupported condition operator {op_name}")))?;
-                    let keys = keys.as_object().ok_or_else(|| malformed("condition operator must map keys to values"))?;
+                    let op = Op::parse(base).ok_or_else(|| {
+                        malformed(format!("unsupported condition operator {op_name}"))
+                    })?;
+                    let keys = keys
+                        .as_object()
+                        .ok_or_else(|| malformed("condition operator must map keys to values"))?;
                     for (key, values) in keys {
-                        st.conditions.push(Condition { op, set, if_exists, key: key.to_ascii_lowercase(), values: condition_values(values)? });
+                        st.conditions.push(Condition {
+                            op,
+                            set,
+                            if_exists,
+                            key: key.to_ascii_lowercase(),
+                            values: condition_values(values)?,
+                        });
                     }
                 }
             }
@@ -317,7 +344,9 @@ impl PolicyDocument {
     /// Parses a policy document.
     pub fn parse(text: &str) -> Result<Self, PolicyError> {
         let v: Value = serde_json::from_str(text).map_err(|_| PolicyError::Json)?;
-        let m = v.as_object().ok_or_else(|| malformed("policy must be a JSON object"))?;
+        let m = v
+            .as_object()
+            .ok_or_else(|| malformed("policy must be a JSON object"))?;
         let mut statements = None;
         for (k, val) in m {
             match k.as_str() {
@@ -329,7 +358,10 @@ impl PolicyDocument {
                 "Id" => {}
                 "Statement" => {
                     statements = Some(match val {
-                        Value::Array(a) => a.iter().map(parse_statement).collect::<Result<Vec<_>, _>>()?,
+                        Value::Array(a) => a
+                            .iter()
+                            .map(parse_statement)
+                            .collect::<Result<Vec<_>, _>>()?,
                         o @ Value::Object(_) => vec![parse_statement(o)?],
                         _ => return Err(malformed("Statement must be an object or a list")),
                     })
@@ -346,7 +378,11 @@ impl PolicyDocument {
 
     /// Requires every statement to name a principal (key policies must).
     pub fn require_principals(&self) -> Result<(), PolicyError> {
-        if self.statements.iter().all(|s| s.principal.is_some() || s.not_principal.is_some()) {
+        if self
+            .statements
+            .iter()
+            .all(|s| s.principal.is_some() || s.not_principal.is_some())
+        {
             Ok(())
         } else {
             Err(malformed("every key policy statement needs a Principal"))
@@ -383,7 +419,11 @@ impl PolicyDocument {
                 Effect::Allow => allow = true,
             }
         }
-        if allow { Decision::Allow } else { Decision::NotApplicable }
+        if allow {
+            Decision::Allow
+        } else {
+            Decision::NotApplicable
+        }
     }
 }
 
@@ -477,7 +517,13 @@ impl Condition {
 pub fn glob(pattern: &str, text: &str, ignore_case: bool) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let t: Vec<char> = text.chars().collect();
-    let eq = |a: char, b: char| if ignore_case { a.eq_ignore_ascii_case(&b) } else { a == b };
+    let eq = |a: char, b: char| {
+        if ignore_case {
+            a.eq_ignore_ascii_case(&b)
+        } else {
+            a == b
+        }
+    };
     let (mut pi, mut ti) = (0usize, 0usize);
     let mut star: Option<(usize, usize)> = None;
     while ti < t.len() {
@@ -512,11 +558,17 @@ mod tests {
     }
 
     fn ask<'a>(p: &'a Principal, action: &'a str, c: &'a ConditionContext) -> Request<'a> {
-        Request { principal: p, action, resource: KEY, conditions: c }
+        Request {
+            principal: p,
+            action,
+            resource: KEY,
+            conditions: c,
+        }
     }
 
     fn sample_key_policy() -> PolicyDocument {
-        PolicyDocument::parse(include_str!("../policies/workspaces-key-policy.json")).expect("sample parses")
+        PolicyDocument::parse(include_str!("../policies/workspaces-key-policy.json"))
+            .expect("sample parses")
     }
 
     #[test]
@@ -533,9 +585,14 @@ mod tests {
     #[test]
     fn sample_key_policy_root_delegates_and_alice_needs_via_service() {
         let kp = sample_key_policy();
-        let root = Principal::Root { account: "111122223333".into() };
+        let root = Principal::Root {
+            account: "111122223333".into(),
+        };
         let none = ConditionContext::new();
-        assert!(kp.evaluate_key_policy(&ask(&root, "kms:DisableKey", &none)).allow);
+        assert!(
+            kp.evaluate_key_policy(&ask(&root, "kms:DisableKey", &none))
+                .allow
+        );
         let a = alice();
         let direct = kp.evaluate_key_policy(&ask(&a, "kms:Decrypt", &none));
         assert!(!direct.allow);
@@ -544,28 +601,57 @@ mod tests {
         via.set("kms:ViaService", "workspaces.us-east-1.amazonaws.com");
         via.set("kms:CallerAccount", "111122223333");
         assert!(kp.evaluate_key_policy(&ask(&a, "kms:Decrypt", &via)).allow);
-        assert!(kp.evaluate_key_policy(&ask(&a, "kms:GenerateDataKeyWithoutPlaintext", &via)).allow);
+        assert!(
+            kp.evaluate_key_policy(&ask(&a, "kms:GenerateDataKeyWithoutPlaintext", &via))
+                .allow
+        );
         let mut wrong = ConditionContext::new();
         wrong.set("kms:ViaService", "ec2.us-east-1.amazonaws.com");
-        assert!(!kp.evaluate_key_policy(&ask(&a, "kms:Decrypt", &wrong)).allow);
+        assert!(
+            !kp.evaluate_key_policy(&ask(&a, "kms:Decrypt", &wrong))
+                .allow
+        );
         // CreateGrant needs GrantIsForAWSResource.
-        assert!(!kp.evaluate_key_policy(&ask(&a, "kms:CreateGrant", &via)).allow);
+        assert!(
+            !kp.evaluate_key_policy(&ask(&a, "kms:CreateGrant", &via))
+                .allow
+        );
         via.set("kms:GrantIsForAWSResource", "true");
-        assert!(kp.evaluate_key_policy(&ask(&a, "kms:CreateGrant", &via)).allow);
+        assert!(
+            kp.evaluate_key_policy(&ask(&a, "kms:CreateGrant", &via))
+                .allow
+        );
         // Services are not "*" and are not named.
         let ebs = Principal::Service("ebs.amazonaws.com".into());
-        assert_eq!(kp.evaluate_key_policy(&ask(&ebs, "kms:Decrypt", &via)), KeyPolicyOutcome::default());
+        assert_eq!(
+            kp.evaluate_key_policy(&ask(&ebs, "kms:Decrypt", &via)),
+            KeyPolicyOutcome::default()
+        );
     }
 
     #[test]
     fn sample_iam_policy_grants_describe_list_creategrant_only() {
-        let iam = PolicyDocument::parse(include_str!("../policies/alice-workspaces-iam-policy.json")).expect("parses");
+        let iam =
+            PolicyDocument::parse(include_str!("../policies/alice-workspaces-iam-policy.json"))
+                .expect("parses");
         let a = alice();
         let c = ConditionContext::new();
-        assert_eq!(iam.evaluate_identity_policy(&ask(&a, "kms:DescribeKey", &c)), Decision::Allow);
-        assert_eq!(iam.evaluate_identity_policy(&ask(&a, "kms:ListGrants", &c)), Decision::Allow);
-        assert_eq!(iam.evaluate_identity_policy(&ask(&a, "kms:CreateGrant", &c)), Decision::Allow);
-        assert_eq!(iam.evaluate_identity_policy(&ask(&a, "kms:Decrypt", &c)), Decision::NotApplicable);
+        assert_eq!(
+            iam.evaluate_identity_policy(&ask(&a, "kms:DescribeKey", &c)),
+            Decision::Allow
+        );
+        assert_eq!(
+            iam.evaluate_identity_policy(&ask(&a, "kms:ListGrants", &c)),
+            Decision::Allow
+        );
+        assert_eq!(
+            iam.evaluate_identity_policy(&ask(&a, "kms:CreateGrant", &c)),
+            Decision::Allow
+        );
+        assert_eq!(
+            iam.evaluate_identity_policy(&ask(&a, "kms:Decrypt", &c)),
+            Decision::NotApplicable
+        );
     }
 
     #[test]
@@ -592,12 +678,24 @@ mod tests {
         let mut c = ConditionContext::new();
         c.set_multi("kms:EncryptionContextKeys", vec!["aws:ebs:id".into()]);
         c.set("kms:EncryptionContext:aws:ebs:id", "vol-1");
-        assert_eq!(p.evaluate_identity_policy(&ask(&a, "kms:Decrypt", &c)), Decision::Allow);
-        c.set_multi("kms:EncryptionContextKeys", vec!["aws:ebs:id".into(), "other".into()]);
-        assert_eq!(p.evaluate_identity_policy(&ask(&a, "kms:Decrypt", &c)), Decision::NotApplicable);
+        assert_eq!(
+            p.evaluate_identity_policy(&ask(&a, "kms:Decrypt", &c)),
+            Decision::Allow
+        );
+        c.set_multi(
+            "kms:EncryptionContextKeys",
+            vec!["aws:ebs:id".into(), "other".into()],
+        );
+        assert_eq!(
+            p.evaluate_identity_policy(&ask(&a, "kms:Decrypt", &c)),
+            Decision::NotApplicable
+        );
         let mut d = ConditionContext::new();
         d.set("kms:EncryptionContext:aws:ebs:id", "snap-1");
-        assert_eq!(p.evaluate_identity_policy(&ask(&a, "kms:Decrypt", &d)), Decision::NotApplicable);
+        assert_eq!(
+            p.evaluate_identity_policy(&ask(&a, "kms:Decrypt", &d)),
+            Decision::NotApplicable
+        );
     }
 
     #[test]

@@ -29,21 +29,35 @@ impl Principal {
             return Some(Self::Service(s.to_owned()));
         }
         if s.len() == 12 && s.bytes().all(|c| c.is_ascii_digit()) {
-            return Some(Self::Root { account: s.to_owned() });
+            return Some(Self::Root {
+                account: s.to_owned(),
+            });
         }
-        let rest = s.strip_prefix("arn:aws:iam::").or_else(|| s.strip_prefix("arn:aws:sts::"))?;
+        let rest = s
+            .strip_prefix("arn:aws:iam::")
+            .or_else(|| s.strip_prefix("arn:aws:sts::"))?;
         let (account, resource) = rest.split_once(':')?;
-        if account.len() != 12 || !account.bytes().all(|c| c.is_ascii_digit()) || resource.is_empty() {
+        if account.len() != 12
+            || !account.bytes().all(|c| c.is_ascii_digit())
+            || resource.is_empty()
+        {
             return None;
         }
         if resource == "root" {
-            return Some(Self::Root { account: account.to_owned() });
+            return Some(Self::Root {
+                account: account.to_owned(),
+            });
         }
         let kind = resource.split('/').next().unwrap_or("");
-        if !matches!(kind, "user" | "role" | "assumed-role" | "federated-user") || !resource.contains('/') {
+        if !matches!(kind, "user" | "role" | "assumed-role" | "federated-user")
+            || !resource.contains('/')
+        {
             return None;
         }
-        Some(Self::Iam { arn: s.to_owned(), account: account.to_owned() })
+        Some(Self::Iam {
+            arn: s.to_owned(),
+            account: account.to_owned(),
+        })
     }
 
     /// The ARN (or service name) that identifies this principal in policies and grants.
@@ -87,7 +101,10 @@ impl fmt::Display for Principal {
 
 /// Whether `s` looks like a service principal name.
 pub fn is_service_principal(s: &str) -> bool {
-    s.ends_with(".amazonaws.com") && !s.contains(':') && !s.contains('/') && s.len() > ".amazonaws.com".len()
+    s.ends_with(".amazonaws.com")
+        && !s.contains(':')
+        && !s.contains('/')
+        && s.len() > ".amazonaws.com".len()
 }
 
 /// The identity a request was signed with, plus the user a service acts for.
@@ -123,10 +140,26 @@ mod tests {
 
     #[test]
     fn parses_principal_forms() {
-        assert_eq!(Principal::parse("arn:aws:iam::111122223333:root"), Some(Principal::Root { account: "111122223333".into() }));
-        assert_eq!(Principal::parse("111122223333"), Some(Principal::Root { account: "111122223333".into() }));
-        assert!(matches!(Principal::parse("arn:aws:iam::111122223333:user/Alice"), Some(Principal::Iam { .. })));
-        assert_eq!(Principal::parse("ebs.amazonaws.com"), Some(Principal::Service("ebs.amazonaws.com".into())));
+        assert_eq!(
+            Principal::parse("arn:aws:iam::111122223333:root"),
+            Some(Principal::Root {
+                account: "111122223333".into()
+            })
+        );
+        assert_eq!(
+            Principal::parse("111122223333"),
+            Some(Principal::Root {
+                account: "111122223333".into()
+            })
+        );
+        assert!(matches!(
+            Principal::parse("arn:aws:iam::111122223333:user/Alice"),
+            Some(Principal::Iam { .. })
+        ));
+        assert_eq!(
+            Principal::parse("ebs.amazonaws.com"),
+            Some(Principal::Service("ebs.amazonaws.com".into()))
+        );
         assert_eq!(Principal::parse("arn:aws:iam::1111:user/x"), None);
         assert_eq!(Principal::parse("nonsense"), None);
         assert_eq!(Principal::parse("arn:aws:iam::111122223333:group/x"), None);

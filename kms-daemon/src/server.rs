@@ -46,7 +46,10 @@ pub struct AppState {
 fn json_response(status: StatusCode, body: &Value, request_id: &str) -> Response {
     let mut r = (status, body.to_string()).into_response();
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-amz-json-1.1"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-amz-json-1.1"),
+    );
     if let Ok(v) = HeaderValue::from_str(request_id) {
         h.insert("x-amzn-requestid", v);
     }
@@ -55,70 +58,125 @@ fn json_response(status: StatusCode, body: &Value, request_id: &str) -> Response
 
 fn error_response(status: u16, code: &str, message: &str, request_id: &str) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
-    json_response(status, &json!({"__type": code, "message": message}), request_id)
+    json_response(
+        status,
+        &json!({"__type": code, "message": message}),
+        request_id,
+    )
 }
 
 /// Builds the router.
 pub fn router(state: AppState) -> Router {
     let mut r = Router::new().route("/", axum::routing::post(handle).fallback(not_found));
     if state.test_clock {
-        r = r.route(TEST_CLOCK_PATH, axum::routing::post(advance_clock).get(advance_clock));
+        r = r.route(
+            TEST_CLOCK_PATH,
+            axum::routing::post(advance_clock).get(advance_clock),
+        );
     }
     r.fallback(not_found)
         .with_state(state)
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
         .layer(tower::limit::ConcurrencyLimitLayer::new(MAX_CONCURRENCY))
 }
 
 async fn not_found() -> Response {
-    error_response(404, "UnknownOperationException", "Only POST / with X-Amz-Target is served", "")
+    error_response(
+        404,
+        "UnknownOperationException",
+        "Only POST / with X-Amz-Target is served",
+        "",
+    )
 }
 
 async fn advance_clock(State(st): State<AppState>, body: Bytes) -> Response {
-    let secs = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["AdvanceSeconds"].as_i64()).unwrap_or(0);
+    let secs = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["AdvanceSeconds"].as_i64())
+        .unwrap_or(0);
     let offset = st.clock.advance(secs);
-    json_response(StatusCode::OK, &json!({"OffsetSeconds": offset, "Now": crate::clock::Clock::now(st.clock.as_ref())}), "")
+    json_response(
+        StatusCode::OK,
+        &json!({"OffsetSeconds": offset, "Now": crate::clock::Clock::now(st.clock.as_ref())}),
+        "",
+    )
 }
 
-async fn handle(State(st): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, req: Request<Body>) -> Response {
+async fn handle(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request<Body>,
+) -> Response {
     let request_id = uuid::Uuid::new_v4().to_string();
     let (parts, body) = req.into_parts();
-    let user_agent = parts.headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-    let target = parts.headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let user_agent = parts
+        .headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let target = parts
+        .headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     let op = Operation::from_target(&target);
     let op_name = op.map(Operation::name).unwrap_or("Unknown");
     let source_ip = peer.ip().to_string();
     let body = match axum::body::to_bytes(body, BODY_LIMIT).await {
         Ok(b) => b,
         Err(_) => {
-            return error_response(413, "ValidationException", &format!("Request body is larger than {BODY_LIMIT} bytes"), &request_id);
+            return error_response(
+                413,
+                "ValidationException",
+                &format!("Request body is larger than {BODY_LIMIT} bytes"),
+                &request_id,
+            );
         }
     };
     let auth = st.verifier.verify(&parts, &body, wall_clock_secs());
     let mut touched = Touched::default();
     let result: Result<Value, OpError> = match (&auth, op) {
         (Err(_), _) => Err(OpError::Internal(String::new())),
-        (Ok(_), None) => Err(OpError::UnknownOperation(format!("Unknown operation {target}"))),
+        (Ok(_), None) => Err(OpError::UnknownOperation(format!(
+            "Unknown operation {target}"
+        ))),
         (Ok(caller), Some(op)) => {
-            let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-            if !content_type.starts_with("application/x-amz-json-1.1") && !content_type.starts_with("application/json") {
-                Err(OpError::Serialization("Content-Type must be application/x-amz-json-1.1".into()))
+            let content_type = parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if !content_type.starts_with("application/x-amz-json-1.1")
+                && !content_type.starts_with("application/json")
+            {
+                Err(OpError::Serialization(
+                    "Content-Type must be application/x-amz-json-1.1".into(),
+                ))
             } else {
-                let kms = st.kms.clone();
-                let caller = caller.clone();
-                let body = body.clone();
-                match tokio::task::spawn_blocking(move || {
-                    let mut touched = Touched::default();
-                    let r = kms.execute(&caller, op, &body, &mut touched);
-                    (r, touched)
-                })
-                .await
-                {
-                    Ok((r, t)) => {
-                        touched = t;
-                        r
+                if op.runs_inline() {
+                    st.kms.execute(caller, op, &body, &mut touched)
+                } else {
+                    let kms = st.kms.clone();
+                    let caller = caller.clone();
+                    let body = body.clone();
+                    match tokio::task::spawn_blocking(move || {
+                        let mut touched = Touched::default();
+                        let r = kms.execute(&caller, op, &body, &mut touched);
+                        (r, touched)
+                    })
+                    .await
+                    {
+                        Ok((r, t)) => {
+                            touched = t;
+                            r
+                        }
+                        Err(_) => Err(OpError::Internal("operation panicked".into())),
                     }
-                    Err(_) => Err(OpError::Internal("operation panicked".into())),
                 }
             }
         }
@@ -152,10 +210,20 @@ async fn handle(State(st): State<AppState>, ConnectInfo(peer): ConnectInfo<Socke
     };
     if let Err(e) = st.audit.append(&audit::record(&event)).await {
         tracing::error!(request_id, error = %e, "audit record could not be written; refusing the request");
-        return error_response(500, "KMSInternalException", "The request could not be audited.", &request_id);
+        return error_response(
+            500,
+            "KMSInternalException",
+            "The request could not be audited.",
+            &request_id,
+        );
     }
     match result {
         Ok(v) if auth.is_ok() => json_response(StatusCode::OK, &v, &request_id),
-        _ => error_response(status, code.unwrap_or("KMSInternalException"), &message, &request_id),
+        _ => error_response(
+            status,
+            code.unwrap_or("KMSInternalException"),
+            &message,
+            &request_id,
+        ),
     }
 }

@@ -31,7 +31,9 @@ pub enum AuthError {
     #[error("The security token included in the request is invalid.")]
     UnknownAccessKey,
     /// Signature mismatch.
-    #[error("The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method. Consult the service documentation for details.")]
+    #[error(
+        "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method. Consult the service documentation for details."
+    )]
     BadSignature,
     /// Timestamp more than five minutes off.
     #[error("Signature expired: {0} is now earlier than {1} ({2} - 5 min.)")]
@@ -75,9 +77,9 @@ struct AuthHeader<'a> {
 }
 
 fn parse_authorization(v: &str) -> Result<AuthHeader<'_>, AuthError> {
-    let rest = v
-        .strip_prefix("AWS4-HMAC-SHA256 ")
-        .ok_or_else(|| AuthError::Incomplete("Authorization header must use AWS4-HMAC-SHA256".into()))?;
+    let rest = v.strip_prefix("AWS4-HMAC-SHA256 ").ok_or_else(|| {
+        AuthError::Incomplete("Authorization header must use AWS4-HMAC-SHA256".into())
+    })?;
     let (mut cred, mut signed, mut sig) = (None, None, None);
     for part in rest.split(',') {
         let part = part.trim();
@@ -89,13 +91,26 @@ fn parse_authorization(v: &str) -> Result<AuthHeader<'_>, AuthError> {
             sig = Some(x);
         }
     }
-    let missing = |what: &str| AuthError::Incomplete(format!("Authorization header requires '{what}' parameter. Authorization={v}"));
+    let missing = |what: &str| {
+        AuthError::Incomplete(format!(
+            "Authorization header requires '{what}' parameter. Authorization={v}"
+        ))
+    };
     let cred = cred.ok_or_else(|| missing("Credential"))?;
     let signed = signed.ok_or_else(|| missing("SignedHeaders"))?;
     let sig = sig.ok_or_else(|| missing("Signature"))?;
     let parts: Vec<&str> = cred.split('/').collect();
-    let [access_key, scope_date, scope_region, scope_service, "aws4_request"] = parts[..] else {
-        return Err(AuthError::Incomplete(format!("Credential should be scoped to a valid region and service. Credential={cred}")));
+    let [
+        access_key,
+        scope_date,
+        scope_region,
+        scope_service,
+        "aws4_request",
+    ] = parts[..]
+    else {
+        return Err(AuthError::Incomplete(format!(
+            "Credential should be scoped to a valid region and service. Credential={cred}"
+        )));
     };
     if sig.len() != 64 || !sig.bytes().all(|c| c.is_ascii_hexdigit()) {
         return Err(AuthError::BadSignature);
@@ -112,7 +127,11 @@ fn parse_authorization(v: &str) -> Result<AuthHeader<'_>, AuthError> {
 
 impl Verifier {
     /// A verifier for `region`/`account` accepting the given (access key, secret, principal).
-    pub fn new(region: &str, account: &str, keys: impl IntoIterator<Item = (String, String, Principal)>) -> Self {
+    pub fn new(
+        region: &str,
+        account: &str,
+        keys: impl IntoIterator<Item = (String, String, Principal)>,
+    ) -> Self {
         Self {
             keys: keys.into_iter().map(|(ak, sk, p)| (ak, (sk, p))).collect(),
             region: region.to_owned(),
@@ -126,7 +145,12 @@ impl Verifier {
     }
 
     /// Verifies a request; `now` is real wall-clock epoch seconds.
-    pub fn verify(&self, parts: &http::request::Parts, body: &[u8], now: i64) -> Result<Caller, AuthError> {
+    pub fn verify(
+        &self,
+        parts: &http::request::Parts,
+        body: &[u8],
+        now: i64,
+    ) -> Result<Caller, AuthError> {
         let headers = &parts.headers;
         let auth = headers
             .get(http::header::AUTHORIZATION)
@@ -136,23 +160,38 @@ impl Verifier {
         let a = parse_authorization(auth)?;
         for required in ["host", "x-amz-date"] {
             if !a.signed_headers.contains(&required) {
-                return Err(AuthError::Incomplete(format!("SignedHeaders must include {required}")));
+                return Err(AuthError::Incomplete(format!(
+                    "SignedHeaders must include {required}"
+                )));
             }
         }
         if headers.contains_key("x-amz-target") && !a.signed_headers.contains(&"x-amz-target") {
-            return Err(AuthError::Incomplete("SignedHeaders must include x-amz-target".into()));
+            return Err(AuthError::Incomplete(
+                "SignedHeaders must include x-amz-target".into(),
+            ));
         }
         if headers.contains_key(ON_BEHALF_OF) && !a.signed_headers.contains(&ON_BEHALF_OF) {
-            return Err(AuthError::Incomplete(format!("SignedHeaders must include {ON_BEHALF_OF}")));
+            return Err(AuthError::Incomplete(format!(
+                "SignedHeaders must include {ON_BEHALF_OF}"
+            )));
         }
         let amz_date = headers
             .get("x-amz-date")
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| AuthError::Incomplete("Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header.".into()))?;
-        let t = crate::clock::parse_amz_date(amz_date)
-            .ok_or_else(|| AuthError::Incomplete(format!("Date must be in ISO-8601 'basic format'. Got '{amz_date}'.")))?;
-        let (secret, principal) = self.keys.get(a.access_key).ok_or(AuthError::UnknownAccessKey)?;
-        if a.scope_service != "kms" || a.scope_region != self.region || !amz_date.starts_with(a.scope_date) {
+        let t = crate::clock::parse_amz_date(amz_date).ok_or_else(|| {
+            AuthError::Incomplete(format!(
+                "Date must be in ISO-8601 'basic format'. Got '{amz_date}'."
+            ))
+        })?;
+        let (secret, principal) = self
+            .keys
+            .get(a.access_key)
+            .ok_or(AuthError::UnknownAccessKey)?;
+        if a.scope_service != "kms"
+            || a.scope_region != self.region
+            || !amz_date.starts_with(a.scope_date)
+        {
             return Err(AuthError::Scope);
         }
         if (now - t).abs() > MAX_SKEW_SECS {
@@ -160,40 +199,85 @@ impl Verifier {
             return Err(if t < now {
                 AuthError::Expired(amz_date.to_owned(), basic(now - MAX_SKEW_SECS), basic(now))
             } else {
-                AuthError::Incomplete(format!("Signature not yet current: {amz_date} is still later than {} ({} + 5 min.)", basic(now + MAX_SKEW_SECS), basic(now)))
+                AuthError::Incomplete(format!(
+                    "Signature not yet current: {amz_date} is still later than {} ({} + 5 min.)",
+                    basic(now + MAX_SKEW_SECS),
+                    basic(now)
+                ))
             });
         }
         let expected = self.expected_signature(parts, body, &a, secret, t)?;
-        if !bool::from(expected.as_bytes().ct_eq(a.signature.to_ascii_lowercase().as_bytes())) {
+        if !bool::from(
+            expected
+                .as_bytes()
+                .ct_eq(a.signature.to_ascii_lowercase().as_bytes()),
+        ) {
             return Err(AuthError::BadSignature);
         }
         let on_behalf_of = match headers.get(ON_BEHALF_OF) {
             None => None,
             Some(v) => {
                 if !principal.is_service() {
-                    return Err(AuthError::OnBehalfOf(format!("Only service principals may send {ON_BEHALF_OF}")));
+                    return Err(AuthError::OnBehalfOf(format!(
+                        "Only service principals may send {ON_BEHALF_OF}"
+                    )));
                 }
-                let s = v.to_str().map_err(|_| AuthError::OnBehalfOf(format!("{ON_BEHALF_OF} is not an ARN")))?;
+                let s = v
+                    .to_str()
+                    .map_err(|_| AuthError::OnBehalfOf(format!("{ON_BEHALF_OF} is not an ARN")))?;
                 match Principal::parse(s) {
-                    Some(p @ (Principal::Iam { .. } | Principal::Root { .. })) if p.account() == Some(self.account.as_str()) => Some(p),
-                    _ => return Err(AuthError::OnBehalfOf(format!("{ON_BEHALF_OF} must name a principal of account {}", self.account))),
+                    Some(p @ (Principal::Iam { .. } | Principal::Root { .. }))
+                        if p.account() == Some(self.account.as_str()) =>
+                    {
+                        Some(p)
+                    }
+                    _ => {
+                        return Err(AuthError::OnBehalfOf(format!(
+                            "{ON_BEHALF_OF} must name a principal of account {}",
+                            self.account
+                        )));
+                    }
                 }
             }
         };
-        Ok(Caller { signer: principal.clone(), access_key_id: a.access_key.to_owned(), on_behalf_of })
+        Ok(Caller {
+            signer: principal.clone(),
+            access_key_id: a.access_key.to_owned(),
+            on_behalf_of,
+        })
     }
 
-    fn expected_signature(&self, parts: &http::request::Parts, body: &[u8], a: &AuthHeader<'_>, secret: &str, t: i64) -> Result<String, AuthError> {
+    fn expected_signature(
+        &self,
+        parts: &http::request::Parts,
+        body: &[u8],
+        a: &AuthHeader<'_>,
+        secret: &str,
+        t: i64,
+    ) -> Result<String, AuthError> {
         let mut owned: Vec<(&str, String)> = Vec::with_capacity(a.signed_headers.len());
         for name in &a.signed_headers {
-            let values: Vec<&str> = parts.headers.get_all(*name).iter().filter_map(|v| v.to_str().ok()).collect();
+            let values: Vec<&str> = parts
+                .headers
+                .get_all(*name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
             if values.is_empty() {
                 return Err(AuthError::BadSignature);
             }
             owned.push((name, values.join(",")));
         }
-        let host = owned.iter().find(|(n, _)| *n == "host").map(|(_, v)| v.clone()).unwrap_or_default();
-        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let host = owned
+            .iter()
+            .find(|(n, _)| *n == "host")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
         let uri = format!("http://{host}{path}");
         let signable = SignableRequest::new(
             parts.method.as_str(),
@@ -202,10 +286,12 @@ impl Verifier {
             SignableBody::Bytes(body),
         )
         .map_err(|_| AuthError::BadSignature)?;
-        let identity: Identity = Credentials::new(a.access_key, secret, None, None, "kms-daemon").into();
+        let identity: Identity =
+            Credentials::new(a.access_key, secret, None, None, "kms-daemon").into();
         let mut settings = SigningSettings::default();
         settings.excluded_headers = Some(Vec::new());
-        let time = UNIX_EPOCH + Duration::from_secs(u64::try_from(t).map_err(|_| AuthError::BadSignature)?);
+        let time = UNIX_EPOCH
+            + Duration::from_secs(u64::try_from(t).map_err(|_| AuthError::BadSignature)?);
         let params = v4::SigningParams::builder()
             .identity(&identity)
             .region(&self.region)

@@ -60,7 +60,12 @@ pub struct SealedMaterial {
 /// Persistent KMS state. Every mutating call is durable when it returns.
 pub trait KeyStore: Send + Sync {
     /// Inserts a key with its first material version and optional alias, atomically.
-    fn create_key(&self, key: &KeyRecord, material: &SealedMaterial, alias: Option<&str>) -> Result<(), StoreError>;
+    fn create_key(
+        &self,
+        key: &KeyRecord,
+        material: &SealedMaterial,
+        alias: Option<&str>,
+    ) -> Result<(), StoreError>;
     /// Loads a key.
     fn key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
     /// Replaces a key's metadata.
@@ -100,7 +105,12 @@ pub trait KeyStore: Send + Sync {
     /// Identity policies attached to a principal.
     fn principal_policies(&self, principal: &str) -> Result<Vec<String>, StoreError>;
     /// Attaches (or replaces) a named identity policy.
-    fn put_principal_policy(&self, principal: &str, name: &str, document: &str) -> Result<(), StoreError>;
+    fn put_principal_policy(
+        &self,
+        principal: &str,
+        name: &str,
+        document: &str,
+    ) -> Result<(), StoreError>;
     /// All access keys.
     fn access_keys(&self) -> Result<Vec<AccessKeyRecord>, StoreError>;
     /// Adds an access key.
@@ -163,9 +173,13 @@ fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(KeyRecord, String, S
     ))
 }
 
-fn finish_key((mut k, spec, state, manager): (KeyRecord, String, String, String)) -> Result<KeyRecord, StoreError> {
-    k.spec = KeySpec::parse(&spec).ok_or_else(|| StoreError::Corrupt(format!("key spec {spec}")))?;
-    k.state = KeyState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("key state {state}")))?;
+fn finish_key(
+    (mut k, spec, state, manager): (KeyRecord, String, String, String),
+) -> Result<KeyRecord, StoreError> {
+    k.spec =
+        KeySpec::parse(&spec).ok_or_else(|| StoreError::Corrupt(format!("key spec {spec}")))?;
+    k.state =
+        KeyState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("key state {state}")))?;
     k.manager = match manager.as_str() {
         "AWS" => KeyManager::Aws,
         "CUSTOMER" => KeyManager::Customer,
@@ -174,7 +188,8 @@ fn finish_key((mut k, spec, state, manager): (KeyRecord, String, String, String)
     Ok(k)
 }
 
-const GRANT_COLS: &str = "id, key_id, name, grantee, retiring, operations, constraints, issuing_account, created, token";
+const GRANT_COLS: &str =
+    "id, key_id, name, grantee, retiring, operations, constraints, issuing_account, created, token";
 
 fn grant_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(GrantRecord, String, String)> {
     Ok((
@@ -195,7 +210,9 @@ fn grant_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(GrantRecord, Strin
     ))
 }
 
-fn finish_grant((mut g, ops, cons): (GrantRecord, String, String)) -> Result<GrantRecord, StoreError> {
+fn finish_grant(
+    (mut g, ops, cons): (GrantRecord, String, String),
+) -> Result<GrantRecord, StoreError> {
     g.operations = serde_json::from_str(&ops).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     g.constraints = serde_json::from_str(&cons).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     Ok(g)
@@ -224,18 +241,28 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let mut guard = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut guard)
     }
 
     fn query_grants(&self, sql: &str, arg: &str) -> Result<Vec<GrantRecord>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare_cached(sql)?;
-            let rows = st.query_map(params![arg], grant_from_row)?.collect::<Result<Vec<_>, _>>()?;
+            let rows = st
+                .query_map(params![arg], grant_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
             rows.into_iter().map(finish_grant).collect()
         })
     }
@@ -272,20 +299,36 @@ fn write_key(tx: &Connection, k: &KeyRecord, insert: bool) -> Result<(), StoreEr
 }
 
 fn write_material(tx: &Connection, key_id: &str, m: &SealedMaterial) -> Result<(), StoreError> {
-    tx.prepare_cached("INSERT INTO materials (key_id, version, sealed, created) VALUES (?1,?2,?3,?4)")?
-        .execute(params![key_id, m.version, m.sealed, m.created])?;
+    tx.prepare_cached(
+        "INSERT INTO materials (key_id, version, sealed, created) VALUES (?1,?2,?3,?4)",
+    )?
+    .execute(params![key_id, m.version, m.sealed, m.created])?;
     Ok(())
 }
 
 impl KeyStore for SqliteStore {
-    fn create_key(&self, key: &KeyRecord, material: &SealedMaterial, alias: Option<&str>) -> Result<(), StoreError> {
+    fn create_key(
+        &self,
+        key: &KeyRecord,
+        material: &SealedMaterial,
+        alias: Option<&str>,
+    ) -> Result<(), StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
             write_key(&tx, key, true)?;
             write_material(&tx, &key.id, material)?;
             if let Some(a) = alias {
-                tx.execute("INSERT INTO aliases (name, key_id, created) VALUES (?1,?2,?3)", params![a, key.id, key.created])
-                    .map_err(|e| if is_unique_violation(&e) { StoreError::AlreadyExists } else { e.into() })?;
+                tx.execute(
+                    "INSERT INTO aliases (name, key_id, created) VALUES (?1,?2,?3)",
+                    params![a, key.id, key.created],
+                )
+                .map_err(|e| {
+                    if is_unique_violation(&e) {
+                        StoreError::AlreadyExists
+                    } else {
+                        e.into()
+                    }
+                })?;
             }
             tx.commit()?;
             Ok(())
@@ -334,26 +377,42 @@ impl KeyStore for SqliteStore {
     fn list_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare_cached("SELECT id, arn FROM keys ORDER BY seq")?;
-            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?;
+            let rows = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
     }
 
     fn material(&self, key_id: &str, version: u32) -> Result<Option<SealedMaterial>, StoreError> {
         self.with(|c| {
-            Ok(c.prepare_cached("SELECT version, sealed, created FROM materials WHERE key_id=?1 AND version=?2")?
-                .query_row(params![key_id, version], |r| {
-                    Ok(SealedMaterial { version: r.get(0)?, sealed: r.get(1)?, created: r.get(2)? })
+            Ok(c.prepare_cached(
+                "SELECT version, sealed, created FROM materials WHERE key_id=?1 AND version=?2",
+            )?
+            .query_row(params![key_id, version], |r| {
+                Ok(SealedMaterial {
+                    version: r.get(0)?,
+                    sealed: r.get(1)?,
+                    created: r.get(2)?,
                 })
-                .optional()?)
+            })
+            .optional()?)
         })
     }
 
     fn materials(&self, key_id: &str) -> Result<Vec<SealedMaterial>, StoreError> {
         self.with(|c| {
-            let mut st = c.prepare_cached("SELECT version, sealed, created FROM materials WHERE key_id=?1 ORDER BY version")?;
+            let mut st = c.prepare_cached(
+                "SELECT version, sealed, created FROM materials WHERE key_id=?1 ORDER BY version",
+            )?;
             let rows = st
-                .query_map(params![key_id], |r| Ok(SealedMaterial { version: r.get(0)?, sealed: r.get(1)?, created: r.get(2)? }))?
+                .query_map(params![key_id], |r| {
+                    Ok(SealedMaterial {
+                        version: r.get(0)?,
+                        sealed: r.get(1)?,
+                        created: r.get(2)?,
+                    })
+                })?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
@@ -361,17 +420,34 @@ impl KeyStore for SqliteStore {
 
     fn create_alias(&self, alias: &AliasRecord) -> Result<(), StoreError> {
         self.with(|c| {
-            c.execute("INSERT INTO aliases (name, key_id, created) VALUES (?1,?2,?3)", params![alias.name, alias.key_id, alias.created])
-                .map_err(|e| if is_unique_violation(&e) { StoreError::AlreadyExists } else { e.into() })?;
+            c.execute(
+                "INSERT INTO aliases (name, key_id, created) VALUES (?1,?2,?3)",
+                params![alias.name, alias.key_id, alias.created],
+            )
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::AlreadyExists
+                } else {
+                    e.into()
+                }
+            })?;
             Ok(())
         })
     }
 
     fn alias(&self, name: &str) -> Result<Option<AliasRecord>, StoreError> {
         self.with(|c| {
-            Ok(c.prepare_cached("SELECT name, key_id, created FROM aliases WHERE name=?1")?
-                .query_row(params![name], |r| Ok(AliasRecord { name: r.get(0)?, key_id: r.get(1)?, created: r.get(2)? }))
-                .optional()?)
+            Ok(
+                c.prepare_cached("SELECT name, key_id, created FROM aliases WHERE name=?1")?
+                    .query_row(params![name], |r| {
+                        Ok(AliasRecord {
+                            name: r.get(0)?,
+                            key_id: r.get(1)?,
+                            created: r.get(2)?,
+                        })
+                    })
+                    .optional()?,
+            )
         })
     }
 
@@ -392,40 +468,79 @@ impl KeyStore for SqliteStore {
     }
 
     fn insert_grant(&self, g: &GrantRecord) -> Result<(), StoreError> {
-        let ops = serde_json::to_string(&g.operations).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let cons = serde_json::to_string(&g.constraints).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let ops =
+            serde_json::to_string(&g.operations).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let cons = serde_json::to_string(&g.constraints)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute(
-                &format!("INSERT INTO grants ({GRANT_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)"),
-                params![g.id, g.key_id, g.name, g.grantee, g.retiring, ops, cons, g.issuing_account, g.created, g.token],
+                &format!(
+                    "INSERT INTO grants ({GRANT_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)"
+                ),
+                params![
+                    g.id,
+                    g.key_id,
+                    g.name,
+                    g.grantee,
+                    g.retiring,
+                    ops,
+                    cons,
+                    g.issuing_account,
+                    g.created,
+                    g.token
+                ],
             )?;
-            tx.execute("INSERT INTO grant_tokens (token, grant_id) VALUES (?1,?2)", params![g.token, g.id])?;
+            tx.execute(
+                "INSERT INTO grant_tokens (token, grant_id) VALUES (?1,?2)",
+                params![g.token, g.id],
+            )?;
             tx.commit()?;
             Ok(())
         })
     }
 
     fn grants_for_key(&self, key_id: &str) -> Result<Vec<GrantRecord>, StoreError> {
-        self.query_grants(&format!("SELECT {GRANT_COLS} FROM grants WHERE key_id=?1 ORDER BY created, id"), key_id)
+        self.query_grants(
+            &format!("SELECT {GRANT_COLS} FROM grants WHERE key_id=?1 ORDER BY created, id"),
+            key_id,
+        )
     }
 
     fn grant(&self, grant_id: &str) -> Result<Option<GrantRecord>, StoreError> {
-        Ok(self.query_grants(&format!("SELECT {GRANT_COLS} FROM grants WHERE id=?1"), grant_id)?.pop())
+        Ok(self
+            .query_grants(
+                &format!("SELECT {GRANT_COLS} FROM grants WHERE id=?1"),
+                grant_id,
+            )?
+            .pop())
     }
 
     fn grant_by_token(&self, token: &str) -> Result<Option<GrantRecord>, StoreError> {
-        Ok(self.query_grants(&format!("SELECT {GRANT_COLS} FROM grants WHERE token=?1"), token)?.pop())
+        Ok(self
+            .query_grants(
+                &format!("SELECT {GRANT_COLS} FROM grants WHERE token=?1"),
+                token,
+            )?
+            .pop())
     }
 
     fn token_issued(&self, token: &str) -> Result<bool, StoreError> {
         self.with(|c| {
-            Ok(c.prepare_cached("SELECT 1 FROM grant_tokens WHERE token=?1")?.query_row(params![token], |_| Ok(())).optional()?.is_some())
+            Ok(
+                c.prepare_cached("SELECT 1 FROM grant_tokens WHERE token=?1")?
+                    .query_row(params![token], |_| Ok(()))
+                    .optional()?
+                    .is_some(),
+            )
         })
     }
 
     fn retirable_grants(&self, principal: &str) -> Result<Vec<GrantRecord>, StoreError> {
-        self.query_grants(&format!("SELECT {GRANT_COLS} FROM grants WHERE retiring=?1 ORDER BY created, id"), principal)
+        self.query_grants(
+            &format!("SELECT {GRANT_COLS} FROM grants WHERE retiring=?1 ORDER BY created, id"),
+            principal,
+        )
     }
 
     fn delete_grant(&self, grant_id: &str) -> Result<bool, StoreError> {
@@ -434,13 +549,22 @@ impl KeyStore for SqliteStore {
 
     fn principal_policies(&self, principal: &str) -> Result<Vec<String>, StoreError> {
         self.with(|c| {
-            let mut st = c.prepare_cached("SELECT document FROM principal_policies WHERE principal=?1 ORDER BY name")?;
-            let rows = st.query_map(params![principal], |r| r.get(0))?.collect::<Result<Vec<_>, _>>()?;
+            let mut st = c.prepare_cached(
+                "SELECT document FROM principal_policies WHERE principal=?1 ORDER BY name",
+            )?;
+            let rows = st
+                .query_map(params![principal], |r| r.get(0))?
+                .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
     }
 
-    fn put_principal_policy(&self, principal: &str, name: &str, document: &str) -> Result<(), StoreError> {
+    fn put_principal_policy(
+        &self,
+        principal: &str,
+        name: &str,
+        document: &str,
+    ) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
                 "INSERT INTO principal_policies (principal, name, document) VALUES (?1,?2,?3)

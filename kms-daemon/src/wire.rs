@@ -62,20 +62,68 @@ macro_rules! operations {
 }
 
 operations!(
-    CreateKey, DescribeKey, ListKeys, CreateAlias, ListAliases, DeleteAlias, UpdateAlias, EnableKey, DisableKey,
-    ScheduleKeyDeletion, CancelKeyDeletion, EnableKeyRotation, DisableKeyRotation, GetKeyRotationStatus,
-    RotateKeyOnDemand, ListKeyRotations, GenerateDataKey, GenerateDataKeyWithoutPlaintext, Encrypt, Decrypt,
-    ReEncrypt, CreateGrant, ListGrants, ListRetirableGrants, RetireGrant, RevokeGrant, GetKeyPolicy, PutKeyPolicy,
+    CreateKey,
+    DescribeKey,
+    ListKeys,
+    CreateAlias,
+    ListAliases,
+    DeleteAlias,
+    UpdateAlias,
+    EnableKey,
+    DisableKey,
+    ScheduleKeyDeletion,
+    CancelKeyDeletion,
+    EnableKeyRotation,
+    DisableKeyRotation,
+    GetKeyRotationStatus,
+    RotateKeyOnDemand,
+    ListKeyRotations,
+    GenerateDataKey,
+    GenerateDataKeyWithoutPlaintext,
+    Encrypt,
+    Decrypt,
+    ReEncrypt,
+    CreateGrant,
+    ListGrants,
+    ListRetirableGrants,
+    RetireGrant,
+    RevokeGrant,
+    GetKeyPolicy,
+    PutKeyPolicy,
     ListKeyPolicies,
 );
 
 impl Operation {
+    /// Operations that never write (barring a due rotation) and take microseconds: the
+    /// server runs them on the I/O thread instead of handing them to the blocking pool.
+    pub fn runs_inline(self) -> bool {
+        matches!(
+            self,
+            Self::Decrypt
+                | Self::Encrypt
+                | Self::GenerateDataKey
+                | Self::GenerateDataKeyWithoutPlaintext
+                | Self::ReEncrypt
+                | Self::DescribeKey
+                | Self::GetKeyPolicy
+                | Self::GetKeyRotationStatus
+                | Self::ListGrants
+        )
+    }
+
     /// Whether CloudTrail marks the operation read-only.
     pub fn read_only(self) -> bool {
         matches!(
             self,
-            Self::DescribeKey | Self::ListKeys | Self::ListAliases | Self::GetKeyRotationStatus | Self::ListKeyRotations
-                | Self::ListGrants | Self::ListRetirableGrants | Self::GetKeyPolicy | Self::ListKeyPolicies
+            Self::DescribeKey
+                | Self::ListKeys
+                | Self::ListAliases
+                | Self::GetKeyRotationStatus
+                | Self::ListKeyRotations
+                | Self::ListGrants
+                | Self::ListRetirableGrants
+                | Self::GetKeyPolicy
+                | Self::ListKeyPolicies
         )
     }
 }
@@ -323,11 +371,22 @@ mod tests {
     #[test]
     fn unknown_fields_wrong_types_and_bad_base64_are_rejected() {
         assert!(serde_json::from_str::<DecryptRequest>(r#"{"CiphertextBlob":"AAAA"}"#).is_ok());
-        assert!(serde_json::from_str::<DecryptRequest>(r#"{"CiphertextBlob":"AAAA","Bogus":1}"#).is_err());
+        assert!(
+            serde_json::from_str::<DecryptRequest>(r#"{"CiphertextBlob":"AAAA","Bogus":1}"#)
+                .is_err()
+        );
         assert!(serde_json::from_str::<DecryptRequest>(r#"{"CiphertextBlob":"!!!"}"#).is_err());
         assert!(serde_json::from_str::<DecryptRequest>(r#"{"CiphertextBlob":5}"#).is_err());
-        assert!(serde_json::from_str::<DecryptRequest>(r#"{"CiphertextBlob":"AAAA","EncryptionContext":{"a":1}}"#).is_err());
-        assert_eq!(Operation::from_target("TrentService.Decrypt"), Some(Operation::Decrypt));
+        assert!(
+            serde_json::from_str::<DecryptRequest>(
+                r#"{"CiphertextBlob":"AAAA","EncryptionContext":{"a":1}}"#
+            )
+            .is_err()
+        );
+        assert_eq!(
+            Operation::from_target("TrentService.Decrypt"),
+            Some(Operation::Decrypt)
+        );
         assert_eq!(Operation::from_target("TrentService.Sign"), None);
         assert_eq!(Operation::from_target("Decrypt"), None);
     }

@@ -52,7 +52,11 @@ async fn client(state: &Path, profile: &str) -> Client {
         .with_file(ProfileFileKind::Credentials, state.join("credentials"))
         .with_file(ProfileFileKind::Config, state.join("config"))
         .build();
-    let conf = aws_config::defaults(BehaviorVersion::latest()).profile_files(files).profile_name(profile).load().await;
+    let conf = aws_config::defaults(BehaviorVersion::latest())
+        .profile_files(files)
+        .profile_name(profile)
+        .load()
+        .await;
     Client::new(&conf)
 }
 
@@ -67,20 +71,35 @@ async fn generate_data_key_without_plaintext_then_decrypt_with_context() {
     let admin = client(&state, "admin").await;
     let ebs = client(&state, "ebs").await;
 
-    let key = admin.create_key().description("sdk round trip").send().await.expect("CreateKey");
+    let key = admin
+        .create_key()
+        .description("sdk round trip")
+        .send()
+        .await
+        .expect("CreateKey");
     let key_id = key.key_metadata().expect("metadata").key_id().to_owned();
-    let ctx = [("aws:workspaces:sid-directoryid", "S-1-5-21-42@d-9067000001"), ("aws:ebs:id", "vol-0sdk")];
+    let ctx = [
+        ("aws:workspaces:sid-directoryid", "S-1-5-21-42@d-9067000001"),
+        ("aws:ebs:id", "vol-0sdk"),
+    ];
 
     // Without a grant the EBS principal is refused.
     let denied = ebs
         .generate_data_key_without_plaintext()
         .key_id(&key_id)
         .number_of_bytes(64)
-        .set_encryption_context(Some(ctx.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()))
+        .set_encryption_context(Some(
+            ctx.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        ))
         .send()
         .await
         .expect_err("no grant yet");
-    assert_eq!(denied.into_service_error().code(), Some("AccessDeniedException"));
+    assert_eq!(
+        denied.into_service_error().code(),
+        Some("AccessDeniedException")
+    );
 
     let mut constraints = GrantConstraints::builder();
     for (k, v) in ctx {
@@ -97,7 +116,10 @@ async fn generate_data_key_without_plaintext_then_decrypt_with_context() {
         .await
         .expect("CreateGrant");
 
-    let mut gdk = ebs.generate_data_key_without_plaintext().key_id(&key_id).number_of_bytes(64);
+    let mut gdk = ebs
+        .generate_data_key_without_plaintext()
+        .key_id(&key_id)
+        .number_of_bytes(64);
     let dec_builder = |blob: Vec<u8>| {
         let mut b = ebs.decrypt().ciphertext_blob(Blob::new(blob));
         for (k, v) in ctx {
@@ -123,5 +145,8 @@ async fn generate_data_key_without_plaintext_then_decrypt_with_context() {
         .send()
         .await
         .expect_err("grant constraint does not match");
-    assert_eq!(wrong.into_service_error().code(), Some("AccessDeniedException"));
+    assert_eq!(
+        wrong.into_service_error().code(),
+        Some("AccessDeniedException")
+    );
 }

@@ -57,10 +57,18 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let target = match (&cli.state_dir, &cli.endpoint) {
         (Some(dir), _) => Target::from_state_dir(dir, &cli.profile)?,
-        (None, Some(e)) => Target { endpoint: e.clone(), region: cli.region.clone(), access_key: cli.access_key.clone(), secret_key: cli.secret_key.clone() },
+        (None, Some(e)) => Target {
+            endpoint: e.clone(),
+            region: cli.region.clone(),
+            access_key: cli.access_key.clone(),
+            secret_key: cli.secret_key.clone(),
+        },
         (None, None) => anyhow::bail!("give --state-dir or --endpoint"),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
     let mut reports = Vec::new();
     rt.block_on(async {
         for op in &cli.op {
@@ -79,7 +87,12 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     if cli.output == "json" {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"endpoint": target.endpoint, "runs": reports}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"endpoint": target.endpoint, "runs": reports})
+            )?
+        );
     }
     Ok(())
 }
