@@ -121,6 +121,8 @@ pub struct Report {
     pub p99_ms: f64,
     /// Worst latency in milliseconds.
     pub max_ms: f64,
+    /// Connections the server closed (0 means every client kept one connection alive).
+    pub reconnects: u64,
 }
 
 /// One keep-alive connection.
@@ -128,6 +130,8 @@ pub struct Connection {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     host: String,
     target: Target,
+    /// How often the server closed the connection and it was reopened.
+    pub reconnects: u64,
 }
 
 impl Connection {
@@ -155,6 +159,7 @@ impl Connection {
             sender,
             host: host.to_owned(),
             target: target.clone(),
+            reconnects: 0,
         })
     }
 
@@ -204,10 +209,17 @@ impl Connection {
         let req = req
             .body(Full::new(Bytes::from(payload)))
             .map_err(|e| LoadError::Http(e.to_string()))?;
-        self.sender
-            .ready()
-            .await
-            .map_err(|e| LoadError::Http(e.to_string()))?;
+        if self.sender.is_closed() || self.sender.ready().await.is_err() {
+            // The server closed the connection (e.g. an HTTP/1.0 server such as
+            // werkzeug's): reconnect and count it.
+            let fresh = Self::open(&self.target).await?;
+            self.sender = fresh.sender;
+            self.reconnects += 1;
+            self.sender
+                .ready()
+                .await
+                .map_err(|e| LoadError::Http(e.to_string()))?;
+        }
         let resp = self
             .sender
             .send_request(req)
@@ -334,15 +346,17 @@ pub async fn run(
                     }
                 }
             }
-            (lat_us, errors)
+            (lat_us, errors, conn.reconnects)
         }));
     }
     let mut all = Vec::new();
     let mut errors = 0;
+    let mut reconnects = 0;
     for t in tasks {
-        let (l, e) = t.await.map_err(|e| LoadError::Http(e.to_string()))?;
+        let (l, e, r) = t.await.map_err(|e| LoadError::Http(e.to_string()))?;
         all.extend(l);
         errors += e;
+        reconnects += r;
     }
     all.sort_unstable();
     let secs = duration.as_secs_f64();
@@ -356,6 +370,7 @@ pub async fn run(
         p50_ms: percentile(&all, 50.0),
         p99_ms: percentile(&all, 99.0),
         max_ms: all.last().map(|m| *m as f64 / 1000.0).unwrap_or(0.0),
+        reconnects,
     })
 }
 

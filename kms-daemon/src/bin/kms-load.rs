@@ -77,8 +77,8 @@ fn main() -> anyhow::Result<()> {
                 let r = loadgen::run(&target, *op, body.clone(), *clients, Duration::from_secs(cli.warmup), Duration::from_secs(cli.duration)).await?;
                 if cli.output == "text" {
                     println!(
-                        "{:?} clients={} req/s={:.0} p50={:.2}ms p99={:.2}ms max={:.2}ms ok={} errors={}",
-                        r.operation, r.clients, r.requests_per_second, r.p50_ms, r.p99_ms, r.max_ms, r.requests, r.errors
+                        "{:?} clients={} req/s={:.0} p50={:.2}ms p99={:.2}ms max={:.2}ms ok={} errors={} reconnects={}",
+                        r.operation, r.clients, r.requests_per_second, r.p50_ms, r.p99_ms, r.max_ms, r.requests, r.errors, r.reconnects
                     );
                 }
                 reports.push(r);

@@ -4,7 +4,7 @@ import datetime
 
 import pytest
 
-from conftest import ON_BEHALF_OF, ALICE
+from kms_harness import ON_BEHALF_OF, ALICE
 
 DESCRIBE = "TrentService.ListKeys"
 

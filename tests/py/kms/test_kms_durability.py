@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import DAEMON_BIN, Daemon
+from kms_harness import DAEMON_BIN, Daemon
 
 CTX = {"aws:ebs:id": "vol-durable"}
 

@@ -5,9 +5,9 @@ import json
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import ACCOUNT, ALICE, REGION, error_code
+from kms_harness import ACCOUNT, ALICE, DAEMON_BIN, REGION, REPO, error_code
 
-REPO_POLICIES = __import__("conftest").REPO / "kms-daemon" / "policies"
+REPO_POLICIES = REPO / "kms-daemon" / "policies"
 
 
 def test_create_describe_list(admin):
@@ -172,7 +172,6 @@ def test_alice_iam_policy_describe_list_only(admin, alice, key):
 
 def test_put_principal_policy_subcommand(daemon, admin, key, tmp_path):
     import subprocess
-    from conftest import DAEMON_BIN
     bob = f"arn:aws:iam::{ACCOUNT}:user/Bob"
     f = tmp_path / "p.json"
     f.write_text(json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "kms:Encrypt", "Resource": "*"}]}))

@@ -3,7 +3,7 @@
 import base64
 import json
 
-from conftest import ALICE
+from kms_harness import ALICE
 
 
 def test_aws_cli_round_trip(daemon, tmp_path):

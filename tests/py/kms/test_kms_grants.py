@@ -7,7 +7,7 @@ import json
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import ACCOUNT, ALICE, REPO, error_code
+from kms_harness import ACCOUNT, ALICE, REPO, error_code
 
 EBS = "ebs.amazonaws.com"
 WS = "workspaces.amazonaws.com"
