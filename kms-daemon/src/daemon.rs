@@ -101,13 +101,7 @@ pub async fn run(
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .map_err(|source| DaemonError::Listen { addr, source })?;
+    crate::server::serve(listener, app, shutdown).await;
     tracing::info!("kms-daemon stopped");
     Ok(())
 }

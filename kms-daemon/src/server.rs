@@ -25,6 +25,10 @@ pub const BODY_LIMIT: usize = 256 * 1024;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Requests processed at once; further ones wait.
 pub const MAX_CONCURRENCY: usize = 512;
+/// Open connections at once; further accepts wait.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// A client must send a complete request head within this time.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Path of the test-only clock endpoint (`--test-clock`).
 pub const TEST_CLOCK_PATH: &str = "/_sealvol/test/clock";
 
@@ -225,5 +229,65 @@ async fn handle(
             &message,
             &request_id,
         ),
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests
+/// finish (bounded by [`REQUEST_TIMEOUT`]). Connections are capped at
+/// [`MAX_CONNECTIONS`]; each must send its request head within [`HEADER_READ_TIMEOUT`].
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = tower::ServiceBuilder::new()
+            .map_request(move |mut req: Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req
+            })
+            .service(app.clone());
+        let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(
+        REQUEST_TIMEOUT + Duration::from_secs(5),
+        graceful.shutdown(),
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!("connections still open at shutdown; closing them");
     }
 }

@@ -103,3 +103,20 @@ def test_oversized_body_is_refused(daemon):
 def test_wrong_content_type(daemon):
     status, body = daemon.raw(DESCRIBE, {}, content_type="text/plain")
     assert status == 400 and body["__type"] == "SerializationException"
+
+
+def test_stalled_connections_do_not_block_others(daemon):
+    """Half-sent request heads hold only their own connection; others are served."""
+    import socket
+    host, port = daemon.endpoint.split("://", 1)[1].rsplit(":", 1)
+    stalled = []
+    try:
+        for _ in range(50):
+            s = socket.create_connection((host, int(port)), timeout=5)
+            s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nX-Amz-Tar")
+            stalled.append(s)
+        status, body = daemon.raw(DESCRIBE, {})
+        assert status == 200 and "Keys" in body
+    finally:
+        for s in stalled:
+            s.close()
