@@ -242,6 +242,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_record_that_cannot_be_written_fails_the_append() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.log");
+        std::fs::write(&path, b"").expect("create");
+        // A read-only handle: every write fails, as on a full or broken disk.
+        let file = File::open(&path).expect("open read-only");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || writer(file, rx));
+        let log = AuditLog { tx };
+        assert!(log.append(&json!({"eventName": "Decrypt"})).await.is_err());
+    }
+
+    #[tokio::test]
     async fn appended_records_are_queryable() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.log");

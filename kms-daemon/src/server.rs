@@ -134,12 +134,32 @@ async fn handle(
     let body = match axum::body::to_bytes(body, BODY_LIMIT).await {
         Ok(b) => b,
         Err(_) => {
-            return error_response(
-                413,
-                "ValidationException",
-                &format!("Request body is larger than {BODY_LIMIT} bytes"),
-                &request_id,
-            );
+            let message = format!("Request body is larger than {BODY_LIMIT} bytes");
+            let access_key = crate::sigv4::presented_access_key(&parts.headers);
+            let event = audit::Event {
+                time: wall_clock_secs(),
+                name: op_name,
+                caller: None,
+                access_key_id: access_key.as_deref(),
+                account: &st.kms.account,
+                region: &st.kms.region,
+                source_ip: &source_ip,
+                user_agent: &user_agent,
+                request_parameters: Value::Null,
+                error: Some(("ValidationException", message.clone())),
+                request_id: &request_id,
+                resources: &[],
+                read_only: false,
+            };
+            if st.audit.append(&audit::record(&event)).await.is_err() {
+                return error_response(
+                    500,
+                    "KMSInternalException",
+                    "The request could not be audited.",
+                    &request_id,
+                );
+            }
+            return error_response(413, "ValidationException", &message, &request_id);
         }
     };
     let auth = st.verifier.verify(&parts, &body, wall_clock_secs());

@@ -18,6 +18,11 @@ pub enum StateError {
     /// Database problem.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The database exists but its root key does not.
+    #[error(
+        "{0} is missing but kms.db exists: restore the root key (refusing to create a new one)"
+    )]
+    MissingRootKey(PathBuf),
     /// File I/O.
     #[error("{path}: {source}")]
     Io {
@@ -87,7 +92,12 @@ impl StateDir {
                 .create(dir)
                 .map_err(io_err(dir))?;
         }
-        let root = RootKey::load_or_create(&dir.join("root.key"))?;
+        let root_path = dir.join("root.key");
+        if !root_path.exists() && dir.join("kms.db").exists() {
+            // A new root key could not unseal any existing key material.
+            return Err(StateError::MissingRootKey(root_path));
+        }
+        let root = RootKey::load_or_create(&root_path)?;
         let store = SqliteStore::open(&dir.join("kms.db"))?;
         if store.access_keys()?.is_empty() {
             const UPPER: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";

@@ -94,3 +94,22 @@ def test_audit_records_with_context(daemon, admin, ebs, key):
     # Failed authentication is audited too.
     daemon.raw("TrentService.ListKeys", {}, access_key="AKIAUNKNOWNAUDIT0000")
     assert "AKIAUNKNOWNAUDIT0000" in (daemon.state_dir / "audit.log").read_text()
+
+
+def test_refuses_to_start_without_root_key_for_existing_db(tmp_path):
+    d = Daemon(tmp_path / "state").start()
+    d.stop()
+    os.remove(tmp_path / "state" / "root.key")
+    p = subprocess.run([str(DAEMON_BIN), "--state-dir", str(tmp_path / "state"), "--listen", "127.0.0.1:0"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode != 0 and "root.key" in p.stderr
+    assert not (tmp_path / "state" / "root.key").exists()
+
+
+def test_oversized_request_is_audited(daemon):
+    before = (daemon.state_dir / "audit.log").read_text().count("\n")
+    status, _ = daemon.raw("TrentService.Encrypt", b"{" + b" " * (300 * 1024) + b"}", sign=False)
+    assert status == 413
+    lines = (daemon.state_dir / "audit.log").read_text().splitlines()
+    assert len(lines) == before + 1
+    assert json.loads(lines[-1])["errorCode"] == "ValidationException"
