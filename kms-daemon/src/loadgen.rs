@@ -295,11 +295,12 @@ fn op_name(op: LoadOp) -> &'static str {
     }
 }
 
-fn percentile(sorted: &[u64], p: f64) -> f64 {
+fn percentile(sorted: &[u64], pct: usize) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
-    let rank = (p / 100.0 * (sorted.len() as f64)).ceil() as usize;
+    // Nearest-rank: the smallest value with at least pct% of samples at or below it.
+    let rank = (pct * sorted.len()).div_ceil(100);
     let idx = rank.clamp(1, sorted.len()) - 1;
     sorted[idx] as f64 / 1000.0
 }
@@ -367,8 +368,8 @@ pub async fn run(
         requests: all.len() as u64,
         errors,
         requests_per_second: all.len() as f64 / secs,
-        p50_ms: percentile(&all, 50.0),
-        p99_ms: percentile(&all, 99.0),
+        p50_ms: percentile(&all, 50),
+        p99_ms: percentile(&all, 99),
         max_ms: all.last().map(|m| *m as f64 / 1000.0).unwrap_or(0.0),
         reconnects,
     })
@@ -390,8 +391,8 @@ mod tests {
             vec![("region".to_owned(), "r".to_owned())]
         );
         let v: Vec<u64> = (1..=100).map(|x| x * 1000).collect();
-        assert_eq!(percentile(&v, 50.0), 50.0);
-        assert_eq!(percentile(&v, 99.0), 99.0);
-        assert_eq!(percentile(&[], 99.0), 0.0);
+        assert_eq!(percentile(&v, 50), 50.0);
+        assert_eq!(percentile(&v, 99), 99.0);
+        assert_eq!(percentile(&[], 99), 0.0);
     }
 }

@@ -227,3 +227,20 @@ def test_aws_managed_key_rotates_every_three_years(fresh_daemon):
     fresh_daemon.advance_clock(2 * 86400)
     assert ws.encrypt(KeyId=key, Plaintext=b"x")["CiphertextBlob"][37:41] == b"\x00\x00\x00\x02"
     assert ws.decrypt(CiphertextBlob=old, EncryptionContext=CTX)["Plaintext"] == b"old"
+
+
+def test_service_principal_fields_and_tokens(daemon, admin, ebs, key):
+    """GranteeServicePrincipal / RetiringServicePrincipal (DESIGN §3) over the raw wire."""
+    status, body = daemon.raw("TrentService.CreateGrant", {
+        "KeyId": key, "GranteeServicePrincipal": EBS, "RetiringServicePrincipal": WS,
+        "Operations": ["Decrypt", "Encrypt"], "Constraints": {"EncryptionContextSubset": {"aws:ebs:id": "vol-0svc"}}})
+    assert status == 200, body
+    ctx = {"aws:ebs:id": "vol-0svc"}
+    blob = ebs.encrypt(KeyId=key, Plaintext=b"x", EncryptionContext=ctx, GrantTokens=[body["GrantToken"]])["CiphertextBlob"]
+    assert ebs.decrypt(CiphertextBlob=blob, EncryptionContext=ctx)["Plaintext"] == b"x"
+    grant = admin.list_grants(KeyId=key, GrantId=body["GrantId"])["Grants"][0]
+    assert grant["GranteePrincipal"] == EBS and grant["RetiringPrincipal"] == WS
+    assert body["GrantId"] in [g["GrantId"] for g in admin.list_retirable_grants(RetiringPrincipal=WS)["Grants"]]
+    status, err = daemon.raw("TrentService.CreateGrant", {
+        "KeyId": key, "GranteeServicePrincipal": "arn:aws:iam::111122223333:user/Alice", "Operations": ["Decrypt"]})
+    assert status == 400 and err["__type"] == "ValidationException"
