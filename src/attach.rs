@@ -100,6 +100,31 @@ fn record_path(mountpoint: &Path) -> PathBuf {
     runtime_dir().join(format!("agent-{}.json", &hex::encode(digest)[..16]))
 }
 
+/// The control socket of the agent serving `mountpoint` (next to its record).
+///
+/// # Errors
+/// The mountpoint does not exist.
+pub fn control_path(mountpoint: &Path) -> Result<PathBuf, AttachError> {
+    Ok(record_path(&canonical_mountpoint(mountpoint)?).with_extension("sock"))
+}
+
+/// The mountpoint of a running agent that serves the volume file `volume`, if any.
+#[must_use]
+pub fn attached_at(volume: &Path) -> Option<PathBuf> {
+    let want = volume.canonicalize().ok()?;
+    std::fs::read_dir(runtime_dir()).ok()?.flatten().find_map(|entry| {
+        let name = entry.file_name();
+        let name = name.to_str()?;
+        if !(name.starts_with("agent-") && name.ends_with(".json")) {
+            return None;
+        }
+        let rec: AgentRecord = serde_json::from_slice(&std::fs::read(entry.path()).ok()?).ok()?;
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(rec.pid), None).is_ok();
+        let serves = rec.files.iter().any(|(_, f)| f.canonicalize().is_ok_and(|f| f == want));
+        (alive && serves).then_some(rec.mountpoint)
+    })
+}
+
 fn canonical_mountpoint(path: &Path) -> Result<PathBuf, AttachError> {
     let canon = path.canonicalize().map_err(|e| AttachError::Mountpoint { path: path.into(), why: e.to_string() })?;
     if !canon.is_dir() {
@@ -153,6 +178,23 @@ pub fn serve(
     threads: usize,
     on_ready: impl FnOnce(),
 ) -> Result<(), AttachError> {
+    serve_with(mountpoint, exports, threads, &[], on_ready)
+}
+
+/// [`serve`], then resumes the interrupted rekeys of the exports named in `resume_rekeys`
+/// (opened in rekey mode) in the background once the mount is live. Every agent listens
+/// on its control socket ([`control_path`]) for online `rekey-volume` requests; pending
+/// rekeys stop at a hotzone boundary on unmount and resume on the next attach.
+///
+/// # Errors
+/// Mountpoint problems, mount failure.
+pub fn serve_with(
+    mountpoint: &Path,
+    exports: Vec<Export>,
+    threads: usize,
+    resume_rekeys: &[String],
+    on_ready: impl FnOnce(),
+) -> Result<(), AttachError> {
     let mountpoint = canonical_mountpoint(mountpoint)?;
     if is_mountpoint(&mountpoint) {
         return Err(AttachError::Mountpoint { path: mountpoint, why: "something is already mounted there".into() });
@@ -166,6 +208,7 @@ pub fn serve(
 
     let files: Vec<(String, PathBuf)> = exports.iter().map(|e| (e.name.clone(), PathBuf::from(e.device.backing().name()))).collect();
     let devices: Vec<Arc<crate::device::Device>> = exports.iter().map(|e| e.device.clone()).collect();
+    let exports_named: Vec<(String, Arc<crate::device::Device>)> = exports.iter().map(|e| (e.name.clone(), e.device.clone())).collect();
     let fs = VolumeFs::new(exports);
     let mut session = fuser::Session::new(fs, &mountpoint, &mount_config(threads))
         .map_err(|source| AttachError::Mount { path: mountpoint.clone(), source })?;
@@ -190,8 +233,17 @@ pub fn serve(
         })
         .map_err(|e| AttachError::State { path: rec_path.clone(), source: e })?;
 
+    let ctl_path = rec_path.with_extension("sock");
+    let control = crate::rekey::ControlServer::spawn(&ctl_path, exports_named)
+        .map_err(|e| AttachError::State { path: ctl_path.clone(), source: std::io::Error::other(e.to_string()) })?;
     on_ready();
+    for name in resume_rekeys {
+        if let Err(e) = control.resume(name) {
+            tracing::error!("cannot resume the rekey of {name}: {e}");
+        }
+    }
     let result = session.run();
+    control.shutdown();
     let _ = std::fs::remove_file(&rec_path);
     for d in &devices {
         if let Err(e) = d.flush() {

@@ -82,6 +82,38 @@ pub enum Cmd {
         /// Background agent's log file (default: discarded).
         #[arg(long)]
         log_file: Option<PathBuf>,
+        /// The new key of an interrupted rekey: with both keys, attach resumes the rekey
+        /// in the background while serving.
+        #[arg(long, requires = "volume_key_file")]
+        new_volume_key_file: Option<PathBuf>,
+    },
+    /// Re-encrypt every sector under a new data key, crash-safe; online for an attached
+    /// volume. Running it again after a crash resumes.
+    RekeyVolume {
+        /// A detached volume file.
+        #[arg(long, required_unless_present = "mountpoint", conflicts_with = "mountpoint")]
+        path: Option<PathBuf>,
+        /// The mountpoint of a volume attached with `attach` (the agent does the rekey).
+        #[arg(long)]
+        mountpoint: Option<PathBuf>,
+        /// The current 64-byte key file (with --path).
+        #[arg(long, required_unless_present = "mountpoint")]
+        volume_key_file: Option<PathBuf>,
+        /// The new 64-byte key file.
+        #[arg(long)]
+        new_volume_key_file: PathBuf,
+        /// The volume is detached (implied by --path; refuses a mountpoint).
+        #[arg(long, conflicts_with = "mountpoint")]
+        offline: bool,
+        /// Hotzone size in MiB (default 8, at most the keyslots area).
+        #[arg(long)]
+        hotzone_mib: Option<u64>,
+        /// Served file to rekey with --mountpoint (default: the only one).
+        #[arg(long, requires = "mountpoint")]
+        file: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
     },
     /// Unmount filesystems and loop devices over an attached volume, unmount FUSE, wipe keys.
     Detach {
@@ -124,6 +156,9 @@ pub enum CliError {
     /// Bad arguments.
     #[error("{0}")]
     Usage(String),
+    /// Rekey errors.
+    #[error(transparent)]
+    Rekey(#[from] crate::rekey::RekeyError),
 }
 
 /// Runs the CLI; maps errors to a message on stderr and exit code 1.
@@ -168,9 +203,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             volume::create(&CreateParams { path: &path, size, sector_size, force, encryption })?;
             describe(&path, output)
         }
-        Cmd::Attach { path, mountpoint, volume_key_file, unencrypted: _, foreground, threads, log_file } => {
+        Cmd::Attach { path, mountpoint, volume_key_file, unencrypted: _, foreground, threads, log_file, new_volume_key_file } => {
             if foreground || std::env::var_os("SEALVOL_AGENT").is_some() {
-                attach_here(&path, &mountpoint, volume_key_file.as_deref(), threads)
+                attach_here(&path, &mountpoint, volume_key_file.as_deref(), new_volume_key_file.as_deref(), threads)
             } else {
                 let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
                 args.push("--foreground".into());
@@ -180,6 +215,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Cmd::Detach { mountpoint } => Ok(attach::detach(&mountpoint)?),
+        Cmd::RekeyVolume { path, mountpoint, volume_key_file, new_volume_key_file, offline: _, hotzone_mib, file, output } => {
+            let hotzone_bytes = hotzone_mib
+                .map(|m| m.checked_mul(1024 * 1024).ok_or_else(|| CliError::Usage(format!("--hotzone-mib {m} is too large"))))
+                .transpose()?;
+            rekey_volume(path.as_deref(), mountpoint.as_deref(), volume_key_file.as_deref(), &new_volume_key_file, hotzone_bytes, file, output)
+        }
         Cmd::DescribeVolume { path, output } => describe(&path, output),
         Cmd::Bench { seconds, output } => {
             if !(seconds > 0.0 && seconds <= 600.0) {
@@ -207,18 +248,30 @@ fn parse_sector_size(s: &str) -> Result<u32, String> {
     }
 }
 
-fn attach_here(path: &Path, mountpoint: &Path, key_file: Option<&Path>, threads: usize) -> Result<(), CliError> {
+fn attach_here(path: &Path, mountpoint: &Path, key_file: Option<&Path>, new_key_file: Option<&Path>, threads: usize) -> Result<(), CliError> {
     crate::secret::harden_process();
-    let opened = match key_file {
-        Some(kf) => {
+    let mut resume = Vec::new();
+    let opened = match (key_file, new_key_file) {
+        (Some(kf), Some(nkf)) => {
+            let key = VolumeKey::from_file(kf)?;
+            let new = VolumeKey::from_file(nkf)?;
+            if crate::rekey::in_progress(&volume::read_header(path)?) {
+                resume.push("disk".to_string());
+                crate::rekey::open_resuming(path, &key, &new)?
+            } else {
+                // No rekey pending: serve whichever key the volume is under.
+                volume::open_encrypted(path, &new).or_else(|_| volume::open_encrypted(path, &key))?
+            }
+        }
+        (Some(kf), None) => {
             let key = VolumeKey::from_file(kf)?;
             volume::open_encrypted(path, &key)?
         }
-        None => volume::open_plain(path)?,
+        (None, _) => volume::open_plain(path)?,
     };
     let exports = vec![Export { name: "disk".into(), device: opened.device }];
     let agent = std::env::var_os("SEALVOL_AGENT").is_some();
-    attach::serve(mountpoint, exports, threads, || {
+    attach::serve_with(mountpoint, exports, threads, &resume, || {
         if agent {
             println!("{READY_LINE}");
             if let Ok(null) = std::fs::File::open("/dev/null") {
@@ -257,6 +310,57 @@ fn describe(path: &Path, output: Output) -> Result<(), CliError> {
         for (k, v) in &t.encryption_context {
             println!("Context:         {k} = {v}");
         }
+    }
+    Ok(())
+}
+
+fn rekey_volume(
+    path: Option<&Path>,
+    mountpoint: Option<&Path>,
+    key_file: Option<&Path>,
+    new_key_file: &Path,
+    hotzone_bytes: Option<u64>,
+    file: Option<String>,
+    output: Output,
+) -> Result<(), CliError> {
+    use crate::rekey::{self, ControlRequest, Progress, RekeyOptions};
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("rekey {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("static template"),
+    );
+    let update = |p: Progress| {
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+    };
+    let (report, target) = match (path, mountpoint) {
+        (Some(path), _) => {
+            crate::secret::harden_process();
+            let old = VolumeKey::from_file(key_file.ok_or_else(|| CliError::Usage("--path needs --volume-key-file".into()))?)?;
+            let new = VolumeKey::from_file(new_key_file)?;
+            let opts = RekeyOptions { hotzone_bytes, new_kms_token: None };
+            (rekey::rekey_detached(path, &old, &new, &opts, update)?, path.display().to_string())
+        }
+        (None, Some(mp)) => {
+            // The agent reads the key file itself: hand it an absolute path.
+            let key = std::path::absolute(new_key_file).map_err(|e| CliError::Usage(format!("{}: {e}", new_key_file.display())))?;
+            let req = ControlRequest::Rekey { export: file, new_volume_key_file: key, hotzone_bytes };
+            (rekey::request_online(mp, &req, update)?, mp.display().to_string())
+        }
+        (None, None) => return Err(CliError::Usage("give --path FILE or --mountpoint DIR".into())),
+    };
+    bar.finish_and_clear();
+    if output == Output::Json {
+        print_json(&report);
+    } else if report.already_done {
+        println!("{target}: already under the new key; nothing to do");
+    } else {
+        println!(
+            "{target}: rekeyed {} bytes{} in {:.1} s ({:.1} MB/s)",
+            report.bytes_this_run,
+            if report.resumed { " (resumed)" } else { "" },
+            report.seconds,
+            report.mb_per_s
+        );
     }
     Ok(())
 }

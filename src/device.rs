@@ -41,6 +41,17 @@ pub enum DeviceError {
     Cipher(#[from] XtsError),
 }
 
+/// Errors from the rekey transitions of a device's transform.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptStateError {
+    /// A rekey operation on a device that is not in the matching state.
+    #[error("the device is not in the state this rekey step needs (plain volume, a rekey already running, or none in progress)")]
+    WrongState,
+    /// The cipher refused a buffer (a bug: callers pass whole sectors).
+    #[error(transparent)]
+    Cipher(#[from] XtsError),
+}
+
 /// How sectors are transformed between the backing and the caller: a closed set.
 #[derive(Debug)]
 pub enum Crypt {
@@ -48,6 +59,41 @@ pub enum Crypt {
     Plain,
     /// XTS-AES-256 with plain64 tweaks.
     Xts(SectorCipher),
+    /// A rekey is in progress (see [`crate::rekey`]): sectors below `boundary` (a
+    /// data-relative byte offset, sector-aligned) are under the `new` key, the rest under
+    /// the `old` one. The boundary only moves while the rekey holds the write lock of the
+    /// hotzone it just finished, so every request sees one consistent split.
+    Rekeying {
+        /// The key being retired.
+        old: SectorCipher,
+        /// The key being rolled out.
+        new: SectorCipher,
+        /// First byte still under `old`.
+        boundary: u64,
+    },
+}
+
+impl Crypt {
+    /// Encrypts (`encrypt`) or decrypts whole sectors at data offset `at` in place; holes
+    /// (all-zero sectors) are left alone.
+    fn apply(&self, buf: &mut [u8], at: u64, ss: usize, encrypt: bool) -> Result<(), XtsError> {
+        let first = at / ss as u64;
+        let run = |cipher: &SectorCipher, run: &mut [u8], sector: u64| {
+            if encrypt { cipher.par_encrypt_sectors(run, sector) } else { cipher.par_decrypt_sectors(run, sector) }
+        };
+        match self {
+            Self::Plain => Ok(()),
+            Self::Xts(cipher) => for_each_run(buf, ss, |i, r| run(cipher, r, first + i as u64)),
+            Self::Rekeying { old, new, boundary } => {
+                // Sectors [first, split) are under `new`, the rest under `old`.
+                let split = (boundary / ss as u64).clamp(first, first + (buf.len() / ss) as u64);
+                let at_split = usize::try_from(split - first).expect("bounded by buf.len()") * ss;
+                let (below, above) = buf.split_at_mut(at_split);
+                for_each_run(below, ss, |i, r| run(new, r, first + i as u64))?;
+                for_each_run(above, ss, |i, r| run(old, r, split + i as u64))
+            }
+        }
+    }
 }
 
 /// Geometry of the data area inside the backing.
@@ -105,7 +151,89 @@ impl Device {
     /// Whether sectors are encrypted.
     #[must_use]
     pub fn is_encrypted(&self) -> bool {
-        matches!(*self.crypt.read().expect("crypt lock is never poisoned"), Crypt::Xts(_))
+        !matches!(*self.crypt.read().expect("crypt lock is never poisoned"), Crypt::Plain)
+    }
+
+    /// The rekey boundary while a rekey is in progress (see [`Crypt::Rekeying`]).
+    #[must_use]
+    pub fn rekey_boundary(&self) -> Option<u64> {
+        match &*self.crypt.read().expect("crypt lock is never poisoned") {
+            Crypt::Rekeying { boundary, .. } => Some(*boundary),
+            _ => None,
+        }
+    }
+
+    /// Switches an encrypted device into rekey mode with the boundary at 0 (every sector
+    /// still under the old key, so no range lock is needed).
+    ///
+    /// # Errors
+    /// [`CryptStateError::WrongState`] unless the device is [`Crypt::Xts`].
+    pub fn begin_rekey(&self, new: SectorCipher) -> Result<(), CryptStateError> {
+        let mut crypt = self.crypt.write().expect("crypt lock is never poisoned");
+        match std::mem::replace(&mut *crypt, Crypt::Plain) {
+            Crypt::Xts(old) => {
+                *crypt = Crypt::Rekeying { old, new, boundary: 0 };
+                Ok(())
+            }
+            other => {
+                *crypt = other;
+                Err(CryptStateError::WrongState)
+            }
+        }
+    }
+
+    /// Moves the rekey boundary. The caller holds the write lock of every byte between
+    /// the old and the new boundary.
+    ///
+    /// # Errors
+    /// [`CryptStateError::WrongState`] if no rekey is in progress.
+    pub fn set_rekey_boundary(&self, to: u64) -> Result<(), CryptStateError> {
+        match &mut *self.crypt.write().expect("crypt lock is never poisoned") {
+            Crypt::Rekeying { boundary, .. } => {
+                *boundary = to;
+                Ok(())
+            }
+            _ => Err(CryptStateError::WrongState),
+        }
+    }
+
+    /// Ends a finished rekey: the device serves every sector under the new key (the old
+    /// key schedule is wiped on drop).
+    ///
+    /// # Errors
+    /// [`CryptStateError::WrongState`] if no rekey is in progress.
+    pub fn finish_rekey(&self) -> Result<(), CryptStateError> {
+        let mut crypt = self.crypt.write().expect("crypt lock is never poisoned");
+        match std::mem::replace(&mut *crypt, Crypt::Plain) {
+            Crypt::Rekeying { new, .. } => {
+                *crypt = Crypt::Xts(new);
+                Ok(())
+            }
+            other => {
+                *crypt = other;
+                Err(CryptStateError::WrongState)
+            }
+        }
+    }
+
+    /// Re-encrypts raw ciphertext sectors at data offset `at` from the old key to the new
+    /// one, in place (holes stay holes). The caller holds the range's write lock and the
+    /// range lies at or above the rekey boundary.
+    ///
+    /// # Errors
+    /// [`CryptStateError::WrongState`] if no rekey is in progress; cipher errors.
+    pub fn rekey_sectors(&self, at: u64, buf: &mut [u8]) -> Result<(), CryptStateError> {
+        let crypt = self.crypt.read().expect("crypt lock is never poisoned");
+        let Crypt::Rekeying { old, new, .. } = &*crypt else {
+            return Err(CryptStateError::WrongState);
+        };
+        let ss = self.geo.sector_size.bytes();
+        let first = at / ss as u64;
+        for_each_run(buf, ss, |i, run| {
+            old.par_decrypt_sectors(run, first + i as u64)?;
+            new.par_encrypt_sectors(run, first + i as u64)
+        })?;
+        Ok(())
     }
 
     /// The backing.
@@ -264,13 +392,7 @@ impl Device {
     pub fn read_sectors(&self, at: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         self.backing.read_at(buf, self.geo.data_offset + at)?;
         let crypt = self.crypt.read().expect("crypt lock is never poisoned");
-        if let Crypt::Xts(cipher) = &*crypt {
-            let ss = self.geo.sector_size.bytes();
-            for_each_run(buf, ss, |run_start, run| {
-                let sector = at / ss as u64 + run_start as u64;
-                cipher.par_decrypt_sectors(run, sector)
-            })?;
-        }
+        crypt.apply(buf, at, self.geo.sector_size.bytes(), false)?;
         Ok(())
     }
 
@@ -278,16 +400,7 @@ impl Device {
     /// offset `at`. All-zero plaintext sectors are stored as holes. The caller holds the
     /// range lock.
     pub fn write_sectors(&self, at: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
-        {
-            let crypt = self.crypt.read().expect("crypt lock is never poisoned");
-            if let Crypt::Xts(cipher) = &*crypt {
-                let ss = self.geo.sector_size.bytes();
-                for_each_run(buf, ss, |run_start, run| {
-                    let sector = at / ss as u64 + run_start as u64;
-                    cipher.par_encrypt_sectors(run, sector)
-                })?;
-            }
-        }
+        self.crypt.read().expect("crypt lock is never poisoned").apply(buf, at, self.geo.sector_size.bytes(), true)?;
         self.backing.write_at(buf, self.geo.data_offset + at)?;
         Ok(())
     }
@@ -317,7 +430,7 @@ fn for_each_run(
 }
 
 /// Whether a sector is all zeros (word-wise; sectors are multiples of 16 bytes).
-fn is_zero(sector: &[u8]) -> bool {
+pub(crate) fn is_zero(sector: &[u8]) -> bool {
     let (head, words, tail) = {
         // SAFETY: u128 has no invalid bit patterns; align_to returns correctly aligned
         // middle slice and unaligned head/tail.

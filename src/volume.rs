@@ -72,6 +72,12 @@ pub enum VolumeError {
     /// Cipher parameters refused.
     #[error(transparent)]
     Cipher(#[from] XtsError),
+    /// A rekey of the volume is in progress (interrupted) and only one key was given.
+    #[error("a rekey of {path} is in progress (it was interrupted); resume it with `sealvol rekey-volume --path {path} --volume-key-file OLD --new-volume-key-file NEW`, or attach with both `--volume-key-file OLD --new-volume-key-file NEW` to resume it online")]
+    RekeyInProgress {
+        /// Volume path.
+        path: PathBuf,
+    },
 }
 
 /// What to create.
@@ -173,14 +179,27 @@ fn read_header_from(backing: &dyn Backing, path: &Path) -> Result<Header, Volume
 pub fn open_encrypted(path: &Path, key: &VolumeKey) -> Result<OpenVolume, VolumeError> {
     let backing = open_backing(path)?;
     let header = read_header_from(&backing, path)?;
+    if crate::rekey::in_progress(&header) {
+        return Err(VolumeError::RekeyInProgress { path: path.to_path_buf() });
+    }
     header.verify_key(key).map_err(|e| match e {
         Luks2Error::DigestMismatch => VolumeError::WrongKey { path: path.to_path_buf() },
         source => VolumeError::Header { path: path.to_path_buf(), source },
     })?;
     let sector_size = SectorSize::try_from(header.sector_size())?;
+    device_for(Arc::new(backing), header, path, Crypt::Xts(SectorCipher::new(key, sector_size)))
+}
+
+/// Builds the open volume for a validated header over `backing` with the given transform
+/// (the caller checked the key(s)).
+///
+/// # Errors
+/// Unsupported sector size, backing failure.
+pub fn device_for(backing: Arc<dyn Backing>, header: Header, path: &Path, crypt: Crypt) -> Result<OpenVolume, VolumeError> {
+    let sector_size = SectorSize::try_from(header.sector_size())?;
     let size = header.data_size(backing.size()?);
     let geo = Geometry { data_offset: header.data_offset(), size, sector_size };
-    let device = Device::new(Arc::new(backing), geo, Crypt::Xts(SectorCipher::new(key, sector_size)));
+    let device = Device::new(backing, geo, crypt);
     Ok(OpenVolume { device: Arc::new(device), header: Some(header), path: path.to_path_buf() })
 }
 
@@ -236,6 +255,9 @@ pub struct VolumeInfo {
     pub kms_token: Option<KmsToken>,
     /// Bytes the file occupies on disk (holes excluded).
     pub allocated_bytes: u64,
+    /// Progress of an unfinished rekey (`None` when none is in progress).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rekey_in_progress: Option<crate::rekey::Progress>,
 }
 
 /// Describes a volume file.
@@ -263,6 +285,7 @@ pub fn describe(path: &Path) -> Result<VolumeInfo, VolumeError> {
             header_copy: None,
             kms_token: None,
             allocated_bytes,
+            rekey_in_progress: None,
         });
     }
     let h = read_header_from(&backing, path)?;
@@ -281,5 +304,9 @@ pub fn describe(path: &Path) -> Result<VolumeInfo, VolumeError> {
         header_copy: Some(format!("{:?}", h.which_copy_used()).to_lowercase()),
         kms_token: h.kms_token().cloned(),
         allocated_bytes,
+        rekey_in_progress: crate::rekey::state(&h)
+            .ok()
+            .flatten()
+            .map(|st| crate::rekey::Progress { done: st.boundary, total: h.data_size(file_size) }),
     })
 }

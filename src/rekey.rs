@@ -1,0 +1,906 @@
+//! Online, crash-safe re-encryption of a volume under a new data key (DESIGN §7).
+//!
+//! # On disk
+//!
+//! While a rekey is in progress the LUKS2 header carries, besides the one crypt segment
+//! and its digest of the **old** key:
+//! - a second `pbkdf2` digest, of the **new** key, bound to no segment;
+//! - the mandatory requirement [`luks2::REKEY_REQUIREMENT`], so `cryptsetup` refuses to
+//!   activate or modify the half-converted volume;
+//! - a token of type [`TOKEN_TYPE`] holding [`RekeyState`]: both digest ids, the
+//!   hotzone size, the **boundary** (data-relative byte offset: everything below it is
+//!   under the new key, everything above under the old one), the optional new KMS token
+//!   (installed at the end), and the **journal** record while a hotzone is being rewritten
+//!   (which zone, where its copy lies in the keyslots area, and the SHA-256 of that copy).
+//!
+//! The journal is the old ciphertext of the hotzone, stored verbatim at the start of
+//! [`luks2::journal_area`] (the keyslots area between the header copies and the data).
+//!
+//! # One hotzone `[b, e)`, holding its write lock throughout
+//!
+//! 1. read the old ciphertext `C`; if it is all holes, just checkpoint `boundary = e`;
+//! 2. write `C` to the journal, flush;
+//! 3. checkpoint `journal = {zone b, sha256(C)}` (header update: both copies, flushed);
+//! 4. re-encrypt `C` old -> new (holes stay holes), write it over the zone, flush;
+//! 5. checkpoint `boundary = e, journal = none`; move the device's in-memory boundary.
+//!
+//! Foreground I/O on either side keeps running: reads and writes below the boundary use
+//! the new key, above it the old key, and the zone itself waits for its lock. Because the
+//! in-memory boundary never runs ahead of the one on disk while the zone is unlocked, a
+//! foreground write that lands after step 5 is always interpreted with the right key after
+//! a crash.
+//!
+//! # Recovery
+//!
+//! On open, with both keys: if the header records a journal, its checksum must match the
+//! journal copy (it was flushed before the header named it), and the zone is restored
+//! from it, which undoes a partial or torn step 4; the zone is then redone from step 2.
+//! Without a journal record the zone at the boundary is untouched old ciphertext. A
+//! finished zone is never re-encrypted twice: the boundary passes it only after its new
+//! ciphertext is durable. After the last zone the header becomes a plain sealvol header
+//! again: the new digest takes over the segment, the old digest, the token and the
+//! requirement go, and the journal area is punched out.
+//!
+//! # Online, in the attach agent
+//!
+//! [`ControlServer`] listens on a Unix socket next to the agent's record (root or the
+//! agent's user only) and runs rekeys of the devices it serves as background jobs,
+//! streaming progress back as JSON lines; `sealvol rekey-volume --mountpoint` is its
+//! client ([`request_online`]).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::ops::Range;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::backing::{Backing, BackingError};
+use crate::device::{CryptStateError, Device, DeviceError, is_zero};
+use crate::luks2::{self, Header, KmsToken, Luks2Error};
+use crate::secret::{SecretError, VolumeKey};
+use crate::volume::{self, VolumeError};
+use crate::xts::{SectorCipher, SectorSize};
+
+/// LUKS2 token type holding the rekey checkpoint.
+pub const TOKEN_TYPE: &str = "sealvol-rekey";
+/// Version of the [`RekeyState`] format.
+pub const STATE_VERSION: u32 = 1;
+/// Default hotzone size.
+pub const DEFAULT_HOTZONE: u64 = 8 * 1024 * 1024;
+/// Hotzones are multiples of this (the device's range-lock granularity).
+pub const HOTZONE_ALIGN: u64 = 64 * 1024;
+
+/// Everything a rekey can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum RekeyError {
+    /// Header problem.
+    #[error(transparent)]
+    Header(#[from] Luks2Error),
+    /// Device problem.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The device is not in the state a rekey step needs.
+    #[error(transparent)]
+    CryptState(#[from] CryptStateError),
+    /// Storage problem.
+    #[error(transparent)]
+    Backing(#[from] BackingError),
+    /// Opening the volume failed.
+    #[error(transparent)]
+    Volume(Box<VolumeError>),
+    /// A key file could not be used.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    /// The `sealvol-rekey` token does not parse.
+    #[error("the {TOKEN_TYPE} token in the header is malformed: {0}")]
+    BadToken(String),
+    /// The old key is not the one the rekey started from.
+    #[error("the old volume key does not match the volume (digest mismatch); pass the key the volume was encrypted with as --volume-key-file")]
+    WrongOldKey,
+    /// The new key is not the one the interrupted rekey started with.
+    #[error("the new volume key does not match the interrupted rekey's new key (digest mismatch); resume with the same --new-volume-key-file it was started with")]
+    WrongNewKey,
+    /// New key == old key.
+    #[error("the new volume key is the volume's current key; generate a fresh one (`head -c 64 /dev/urandom > NEW`)")]
+    SameKey,
+    /// A rekey is already in progress (start refused).
+    #[error("a rekey is already in progress on this volume; resume it instead")]
+    AlreadyInProgress,
+    /// No rekey in progress (resume refused).
+    #[error("no rekey is in progress on this volume")]
+    NotInProgress,
+    /// The volume has a KMS token but no new wrapped key was supplied.
+    #[error("this volume's data key is wrapped by KMS; a rekey must store the new key's KMS blob too (rekey it through the KMS path, not with key files only)")]
+    KmsTokenNeeded,
+    /// Passphrase keyslots (added with cryptsetup) would keep unlocking the old key.
+    #[error("the volume has {0} passphrase keyslot(s) added with cryptsetup; they hold the old key, so remove them first (`cryptsetup luksKillSlot`) and add them again after the rekey")]
+    HasKeyslots(usize),
+    /// The hotzone size is unusable.
+    #[error("hotzone of {requested} bytes is not usable: it must be a positive multiple of {HOTZONE_ALIGN} bytes and at most the {max}-byte journal area")]
+    BadHotzone {
+        /// Requested size.
+        requested: u64,
+        /// Largest usable size.
+        max: u64,
+    },
+    /// The journal copy does not match its checksum in the header.
+    #[error("the rekey journal for the hotzone at byte {zone_start} does not match its checksum in the header; the volume cannot be recovered automatically (restore from a snapshot)")]
+    JournalCorrupt {
+        /// Data offset of the zone.
+        zone_start: u64,
+    },
+    /// Stopped between two hotzones (detach); the checkpoint is consistent.
+    #[error("rekey paused at byte {0} (the volume was detached); it resumes on the next attach with both keys or with `sealvol rekey-volume`")]
+    Cancelled(u64),
+    /// The volume is attached: use the online path.
+    #[error("{0} is attached at {1}; rekey it online with `sealvol rekey-volume --mountpoint {1} --new-volume-key-file NEW`")]
+    Attached(PathBuf, PathBuf),
+    /// Talking to the attach agent failed.
+    #[error("attach agent control socket {path}: {why}")]
+    Control {
+        /// The socket.
+        path: PathBuf,
+        /// What went wrong.
+        why: String,
+    },
+    /// The agent reported a failure.
+    #[error("the attach agent's rekey failed: {0}")]
+    Agent(String),
+}
+
+impl From<VolumeError> for RekeyError {
+    fn from(e: VolumeError) -> Self {
+        Self::Volume(Box::new(e))
+    }
+}
+
+/// The journal record of the hotzone being rewritten.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalRecord {
+    /// Data-relative offset of the zone (equals the boundary).
+    pub zone_start: u64,
+    /// Zone length in bytes.
+    pub len: u64,
+    /// Absolute backing offset of the journal copy (inside the keyslots area).
+    pub offset: u64,
+    /// SHA-256 (hex) of the journal copy: the zone's old ciphertext.
+    pub sha256: String,
+}
+
+/// The checkpoint stored in the `sealvol-rekey` token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RekeyState {
+    /// Format version ([`STATE_VERSION`]).
+    pub version: u32,
+    /// Digest id of the old key (bound to the segment until the end).
+    pub old_digest: u32,
+    /// Digest id of the new key (bound to nothing until the end).
+    pub new_digest: u32,
+    /// Hotzone size in bytes.
+    pub hotzone_bytes: u64,
+    /// Data-relative byte offset: below it the new key, from it on the old key.
+    pub boundary: u64,
+    /// The zone being rewritten, when its old ciphertext is journaled.
+    pub journal: Option<JournalRecord>,
+    /// The new key's KMS token, installed when the rekey finishes.
+    pub new_kms_token: Option<KmsToken>,
+}
+
+/// Progress of a rekey, in data bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Progress {
+    /// Bytes under the new key (the boundary).
+    pub done: u64,
+    /// Data size.
+    pub total: u64,
+}
+
+/// Options for starting a rekey.
+#[derive(Debug, Clone, Default)]
+pub struct RekeyOptions {
+    /// Hotzone size in bytes (`None`: [`DEFAULT_HOTZONE`], capped by the journal area).
+    pub hotzone_bytes: Option<u64>,
+    /// The new key's KMS token (the seam for KMS-backed volumes), stored at the end.
+    pub new_kms_token: Option<KmsToken>,
+}
+
+/// Where a step is, for [`Rekeyer::step_with`]'s observer (crash tests interleave
+/// foreground I/O there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepPhase {
+    /// The zone's old ciphertext is in the journal and flushed.
+    Journaled,
+    /// The header names the journal.
+    Checkpointed,
+    /// The zone holds the new ciphertext, flushed.
+    Rewritten,
+    /// The header's boundary passed the zone.
+    Advanced,
+}
+
+/// The rekey state in a header, if a rekey is in progress.
+///
+/// # Errors
+/// [`RekeyError::BadToken`] for a token that does not parse.
+pub fn state(header: &Header) -> Result<Option<RekeyState>, RekeyError> {
+    let Some(v) = header.token(TOKEN_TYPE) else {
+        return Ok(None);
+    };
+    let mut obj = v.as_object().cloned().ok_or_else(|| RekeyError::BadToken("not an object".into()))?;
+    obj.remove("type");
+    obj.remove("keyslots");
+    let st: RekeyState = serde_json::from_value(Value::Object(obj)).map_err(|e| RekeyError::BadToken(e.to_string()))?;
+    if st.version != STATE_VERSION {
+        return Err(RekeyError::BadToken(format!("version {} (this sealvol knows {STATE_VERSION})", st.version)));
+    }
+    Ok(Some(st))
+}
+
+/// Whether a header has a rekey in progress (token or requirement).
+#[must_use]
+pub fn in_progress(header: &Header) -> bool {
+    header.token(TOKEN_TYPE).is_some() || header.mandatory_requirements().iter().any(|r| r == luks2::REKEY_REQUIREMENT)
+}
+
+fn store_state(header: &mut Header, st: &RekeyState, backing: &dyn Backing) -> Result<(), RekeyError> {
+    let Value::Object(fields) = serde_json::to_value(st).map_err(|e| RekeyError::BadToken(e.to_string()))? else {
+        return Err(RekeyError::BadToken("state is not an object".into()));
+    };
+    header.set_token(TOKEN_TYPE, fields);
+    header.write(backing)?;
+    Ok(())
+}
+
+fn sha256_hex(buf: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(buf))
+}
+
+/// Writes the non-hole sector runs of `buf` at absolute offset `at` (holes are never
+/// written, so sparse files stay sparse); with `punch`, hole runs are punched.
+fn write_runs(backing: &dyn Backing, at: u64, buf: &[u8], ss: usize, punch: bool) -> Result<(), BackingError> {
+    let sectors = buf.len() / ss;
+    let mut i = 0;
+    while i < sectors {
+        let zero = is_zero(&buf[i * ss..(i + 1) * ss]);
+        let start = i;
+        while i < sectors && is_zero(&buf[i * ss..(i + 1) * ss]) == zero {
+            i += 1;
+        }
+        let off = at + (start * ss) as u64;
+        if !zero {
+            backing.write_at(&buf[start * ss..i * ss], off)?;
+        } else if punch {
+            backing.punch_hole(off, ((i - start) * ss) as u64)?;
+        }
+    }
+    Ok(())
+}
+
+/// The largest usable hotzone for a header (the journal area, aligned down).
+#[must_use]
+pub fn max_hotzone(header: &Header) -> u64 {
+    let area = luks2::journal_area(header);
+    (area.end - area.start) / HOTZONE_ALIGN * HOTZONE_ALIGN
+}
+
+fn check_keys(header: &Header, st: &RekeyState, old: &VolumeKey, new: &VolumeKey) -> Result<(), RekeyError> {
+    let map = |e: Luks2Error, wrong: RekeyError| match e {
+        Luks2Error::DigestMismatch => wrong,
+        other => RekeyError::Header(other),
+    };
+    header.verify_key_against(st.old_digest, old).map_err(|e| map(e, RekeyError::WrongOldKey))?;
+    header.verify_key_against(st.new_digest, new).map_err(|e| map(e, RekeyError::WrongNewKey))
+}
+
+/// Crash recovery, before a volume with a rekey in progress is served: checks both keys
+/// against their digests and, if the header names a journal, restores the hotzone from it
+/// (the zone is then redone by [`Rekeyer::step`]). Returns the checkpoint.
+///
+/// # Errors
+/// Wrong keys, a corrupt journal, I/O failure.
+pub fn recover(backing: &dyn Backing, header: &Header, old: &VolumeKey, new: &VolumeKey) -> Result<RekeyState, RekeyError> {
+    let st = state(header)?.ok_or(RekeyError::NotInProgress)?;
+    check_keys(header, &st, old, new)?;
+    if let Some(j) = &st.journal {
+        let len = usize::try_from(j.len).map_err(|_| RekeyError::BadToken("journal length".into()))?;
+        let area = luks2::journal_area(header);
+        if j.zone_start != st.boundary || j.offset < area.start || j.offset.saturating_add(j.len) > area.end {
+            return Err(RekeyError::BadToken("the journal record does not match the boundary or the journal area".into()));
+        }
+        let mut buf = vec![0u8; len];
+        backing.read_at(&mut buf, j.offset)?;
+        if sha256_hex(&buf) != j.sha256 {
+            return Err(RekeyError::JournalCorrupt { zone_start: j.zone_start });
+        }
+        let ss = usize::try_from(header.sector_size()).unwrap_or(4096);
+        write_runs(backing, header.data_offset() + j.zone_start, &buf, ss, true)?;
+        backing.flush()?;
+        tracing::info!("rekey recovery: restored the hotzone at {} ({} bytes) from the journal", j.zone_start, j.len);
+    }
+    Ok(st)
+}
+
+/// A rekey in progress on an open device: drives it hotzone by hotzone.
+#[derive(Debug)]
+pub struct Rekeyer {
+    device: Arc<Device>,
+    header: Header,
+    st: RekeyState,
+    journal_offset: u64,
+}
+
+impl Rekeyer {
+    /// Starts a rekey of `device` (open under its current key, which the header's
+    /// segment digest names) to `new`: adds the new digest, the token and the mandatory
+    /// requirement, then switches the device into rekey mode at boundary 0.
+    ///
+    /// # Errors
+    /// A rekey already in progress, `new` equal to the current key, a KMS-backed volume
+    /// without a new KMS token, passphrase keyslots, a bad hotzone, I/O failure.
+    pub fn start(device: Arc<Device>, new: &VolumeKey, opts: &RekeyOptions) -> Result<Self, RekeyError> {
+        let backing = device.backing().clone();
+        let mut header = Header::read(&*backing)?;
+        if in_progress(&header) {
+            return Err(RekeyError::AlreadyInProgress);
+        }
+        match header.verify_key(new) {
+            Ok(()) => return Err(RekeyError::SameKey),
+            Err(Luks2Error::DigestMismatch) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if header.kms_token().is_some() && opts.new_kms_token.is_none() {
+            return Err(RekeyError::KmsTokenNeeded);
+        }
+        if header.keyslot_count() > 0 {
+            return Err(RekeyError::HasKeyslots(header.keyslot_count()));
+        }
+        let max = max_hotzone(&header);
+        let hotzone = opts.hotzone_bytes.unwrap_or(DEFAULT_HOTZONE.min(max));
+        let ss = u64::from(header.sector_size());
+        if hotzone == 0 || hotzone % HOTZONE_ALIGN != 0 || hotzone % ss != 0 || hotzone > max {
+            return Err(RekeyError::BadHotzone { requested: hotzone, max });
+        }
+        let old_digest = header
+            .digests()
+            .iter()
+            .find(|(_, d)| !d.segments.is_empty())
+            .map(|(id, _)| *id)
+            .ok_or_else(|| RekeyError::BadToken("the segment has no digest".into()))?;
+        let new_digest = header.add_digest_for(new);
+        header.set_mandatory_requirement(luks2::REKEY_REQUIREMENT);
+        let st = RekeyState {
+            version: STATE_VERSION,
+            old_digest,
+            new_digest,
+            hotzone_bytes: hotzone,
+            boundary: 0,
+            journal: None,
+            new_kms_token: opts.new_kms_token.clone(),
+        };
+        store_state(&mut header, &st, &*backing)?;
+        let sector_size = SectorSize::try_from(header.sector_size()).map_err(|e| RekeyError::BadToken(e.to_string()))?;
+        device.begin_rekey(SectorCipher::new(new, sector_size))?;
+        let journal_offset = luks2::journal_area(&header).start;
+        Ok(Self { device, header, st, journal_offset })
+    }
+
+    /// Resumes the rekey of a device opened in rekey mode (after [`recover`], e.g. by
+    /// [`open_resuming`]).
+    ///
+    /// # Errors
+    /// No rekey in the header, or the device's boundary differs from the header's.
+    pub fn resume(device: Arc<Device>) -> Result<Self, RekeyError> {
+        let header = Header::read(&**device.backing())?;
+        let st = state(&header)?.ok_or(RekeyError::NotInProgress)?;
+        if device.rekey_boundary() != Some(st.boundary) {
+            return Err(RekeyError::BadToken(format!(
+                "the device is at boundary {:?} but the header says {}",
+                device.rekey_boundary(),
+                st.boundary
+            )));
+        }
+        let journal_offset = luks2::journal_area(&header).start;
+        Ok(Self { device, header, st, journal_offset })
+    }
+
+    /// Progress so far.
+    #[must_use]
+    pub fn progress(&self) -> Progress {
+        Progress { done: self.st.boundary, total: self.device.size() }
+    }
+
+    /// The checkpoint as last written.
+    #[must_use]
+    pub fn checkpoint(&self) -> &RekeyState {
+        &self.st
+    }
+
+    /// Re-encrypts the next hotzone, or finishes the rekey after the last; returns true
+    /// once finished.
+    ///
+    /// # Errors
+    /// I/O failure: the on-disk checkpoint stays consistent and the rekey can resume.
+    pub fn step(&mut self) -> Result<bool, RekeyError> {
+        self.step_with(&mut |_, _| {})
+    }
+
+    /// [`Rekeyer::step`], calling `observe(phase, zone)` after each durable phase while
+    /// the zone's write lock is held (I/O outside the zone may run there).
+    ///
+    /// # Errors
+    /// As [`Rekeyer::step`].
+    pub fn step_with(&mut self, observe: &mut dyn FnMut(StepPhase, Range<u64>)) -> Result<bool, RekeyError> {
+        let size = self.device.size();
+        let b = self.st.boundary;
+        if b >= size {
+            self.finish()?;
+            return Ok(true);
+        }
+        let e = b.saturating_add(self.st.hotzone_bytes).min(size);
+        let zone = b..e;
+        let backing = self.device.backing().clone();
+        let geo = self.device.geometry();
+        let ss = geo.sector_size.bytes();
+        let _guard = self.device.lock_write(&zone);
+        let mut buf = vec![0u8; usize::try_from(e - b).expect("a hotzone fits in memory")];
+        backing.read_at(&mut buf, geo.data_offset + b)?;
+        let all_holes = buf.chunks(ss).all(is_zero);
+        if !all_holes {
+            backing.write_at(&buf, self.journal_offset)?;
+            backing.flush()?;
+            observe(StepPhase::Journaled, zone.clone());
+            self.st.journal = Some(JournalRecord { zone_start: b, len: e - b, offset: self.journal_offset, sha256: sha256_hex(&buf) });
+            store_state(&mut self.header, &self.st, &*backing)?;
+            observe(StepPhase::Checkpointed, zone.clone());
+            self.device.rekey_sectors(b, &mut buf)?;
+            write_runs(&*backing, geo.data_offset + b, &buf, ss, false)?;
+            backing.flush()?;
+            observe(StepPhase::Rewritten, zone.clone());
+        }
+        self.st.boundary = e;
+        self.st.journal = None;
+        store_state(&mut self.header, &self.st, &*backing)?;
+        self.device.set_rekey_boundary(e)?;
+        observe(StepPhase::Advanced, zone);
+        Ok(false)
+    }
+
+    /// Turns the header back into a plain one under the new key and the device to
+    /// serve the new key only.
+    fn finish(&mut self) -> Result<(), RekeyError> {
+        let backing = self.device.backing().clone();
+        let digests = self.header.digests_mut();
+        let segments = digests.get(&self.st.old_digest).map(|d| d.segments.clone()).unwrap_or_default();
+        let new = digests
+            .get_mut(&self.st.new_digest)
+            .ok_or(RekeyError::Header(Luks2Error::NoSuchDigest(self.st.new_digest)))?;
+        new.segments = segments;
+        digests.remove(&self.st.old_digest);
+        self.header.remove_token(TOKEN_TYPE);
+        self.header.clear_mandatory_requirement(luks2::REKEY_REQUIREMENT);
+        if let Some(t) = self.st.new_kms_token.clone() {
+            self.header.set_kms_token(t);
+        }
+        self.header.write(&*backing)?;
+        if self.device.rekey_boundary().is_some() {
+            self.device.finish_rekey()?;
+        }
+        // The journal holds old-key ciphertext: wipe it.
+        let area = luks2::journal_area(&self.header);
+        let len = self.st.hotzone_bytes.min(area.end - area.start);
+        backing.punch_hole(self.journal_offset, len)?;
+        backing.flush()?;
+        self.st.boundary = self.device.size();
+        Ok(())
+    }
+
+    /// Runs to the end, reporting progress after each hotzone; stops early (with
+    /// [`RekeyError::Cancelled`], checkpoint consistent) when `cancel` is set.
+    ///
+    /// # Errors
+    /// I/O failure or cancellation.
+    pub fn run(&mut self, cancel: &AtomicBool, mut progress: impl FnMut(Progress)) -> Result<(), RekeyError> {
+        progress(self.progress());
+        loop {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(RekeyError::Cancelled(self.st.boundary));
+            }
+            let done = self.step()?;
+            progress(self.progress());
+            if done {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Opens a volume whose header has a rekey in progress, with both keys: checks them,
+/// recovers the hotzone from the journal, and returns the volume with its device in rekey
+/// mode at the checkpoint's boundary (ready for [`Rekeyer::resume`]).
+///
+/// # Errors
+/// Wrong keys, no rekey in progress, corrupt journal, I/O failure.
+pub fn open_resuming(path: &Path, old: &VolumeKey, new: &VolumeKey) -> Result<volume::OpenVolume, RekeyError> {
+    let backing: Arc<dyn Backing> = Arc::new(crate::backing::FileBacking::open(path)?);
+    Ok(open_resuming_backing(backing, path, old, new)?)
+}
+
+/// [`open_resuming`] over any backing (the crash tests use the simulator's images).
+///
+/// # Errors
+/// As [`open_resuming`].
+pub fn open_resuming_backing(backing: Arc<dyn Backing>, path: &Path, old: &VolumeKey, new: &VolumeKey) -> Result<volume::OpenVolume, RekeyError> {
+    let header = Header::read(&*backing)?;
+    let st = recover(&*backing, &header, old, new)?;
+    let ss = SectorSize::try_from(header.sector_size()).map_err(|e| RekeyError::BadToken(e.to_string()))?;
+    let crypt = crate::device::Crypt::Rekeying { old: SectorCipher::new(old, ss), new: SectorCipher::new(new, ss), boundary: st.boundary };
+    Ok(volume::device_for(backing, header, path, crypt)?)
+}
+
+/// What a finished rekey reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct RekeyReport {
+    /// Volume data bytes.
+    pub total_bytes: u64,
+    /// Bytes re-encrypted in this run (from the resume point to the end).
+    pub bytes_this_run: u64,
+    /// Whether an interrupted rekey was resumed.
+    pub resumed: bool,
+    /// Whether the volume was already under the new key (nothing to do).
+    pub already_done: bool,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Throughput of this run in MB/s (10^6 bytes).
+    pub mb_per_s: f64,
+}
+
+fn report(start: Instant, from: u64, total: u64, resumed: bool) -> RekeyReport {
+    let seconds = start.elapsed().as_secs_f64();
+    let bytes = total - from;
+    RekeyReport {
+        total_bytes: total,
+        bytes_this_run: bytes,
+        resumed,
+        already_done: false,
+        seconds,
+        mb_per_s: if seconds > 0.0 { bytes as f64 / seconds / 1e6 } else { 0.0 },
+    }
+}
+
+/// Rekeys (or resumes the rekey of) a detached volume file.
+///
+/// # Errors
+/// The volume is attached, wrong keys, I/O failure.
+pub fn rekey_detached(path: &Path, old: &VolumeKey, new: &VolumeKey, opts: &RekeyOptions, progress: impl FnMut(Progress)) -> Result<RekeyReport, RekeyError> {
+    if let Some(mountpoint) = crate::attach::attached_at(path) {
+        return Err(RekeyError::Attached(path.to_path_buf(), mountpoint));
+    }
+    let start = Instant::now();
+    let header = volume::read_header(path)?;
+    let (mut rekeyer, resumed) = if in_progress(&header) {
+        let vol = open_resuming(path, old, new)?;
+        (Rekeyer::resume(vol.device)?, true)
+    } else {
+        if header.verify_key(new).is_ok() {
+            let total = header.data_size(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0));
+            return Ok(RekeyReport { total_bytes: total, bytes_this_run: 0, resumed: false, already_done: true, seconds: 0.0, mb_per_s: 0.0 });
+        }
+        let vol = volume::open_encrypted(path, old).map_err(|e| match e {
+            VolumeError::WrongKey { .. } => RekeyError::WrongOldKey,
+            other => other.into(),
+        })?;
+        (Rekeyer::start(vol.device, new, opts)?, false)
+    };
+    let from = rekeyer.progress().done;
+    let total = rekeyer.progress().total;
+    rekeyer.run(&AtomicBool::new(false), progress)?;
+    Ok(report(start, from, total, resumed))
+}
+
+// ----- the agent's control socket -----------------------------------------------------
+
+/// A request to the attach agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ControlRequest {
+    /// Start (or follow) a rekey of one served file.
+    Rekey {
+        /// Served file name (`disk`); `None` when the agent serves exactly one.
+        export: Option<String>,
+        /// Path of the new 64-byte key file (read by the agent).
+        new_volume_key_file: PathBuf,
+        /// Hotzone size in bytes.
+        hotzone_bytes: Option<u64>,
+    },
+    /// Report rekey progress of every served file.
+    Status,
+}
+
+/// One line the agent sends back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ControlReply {
+    /// Progress of the rekey.
+    Progress(Progress),
+    /// The rekey finished.
+    Done(RekeyReport),
+    /// Status: per served file, the rekey progress if one is in progress.
+    Status(Vec<(String, Option<Progress>)>),
+    /// Failure.
+    Error(String),
+}
+
+#[derive(Debug, Default)]
+struct JobState {
+    progress: Option<Progress>,
+    result: Option<Result<RekeyReport, String>>,
+}
+
+#[derive(Debug, Default)]
+struct Job {
+    state: Mutex<JobState>,
+    changed: Condvar,
+    cancel: AtomicBool,
+    handle: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Job {
+    fn update(&self, f: impl FnOnce(&mut JobState)) {
+        f(&mut self.state.lock().expect("job lock"));
+        self.changed.notify_all();
+    }
+}
+
+/// The agent side of the control socket: serves rekey requests for its devices and runs
+/// them as background jobs while FUSE keeps serving I/O.
+#[derive(Debug)]
+pub struct ControlServer {
+    path: PathBuf,
+    inner: Arc<ServerInner>,
+}
+
+#[derive(Debug)]
+struct ServerInner {
+    devices: Vec<(String, Arc<Device>)>,
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
+    stopping: AtomicBool,
+}
+
+impl ControlServer {
+    /// Binds `path` (mode 0600, replacing a stale socket) and serves it on a thread.
+    ///
+    /// # Errors
+    /// The socket cannot be bound.
+    pub fn spawn(path: &Path, devices: Vec<(String, Arc<Device>)>) -> Result<Self, RekeyError> {
+        let err = |why: String| RekeyError::Control { path: path.to_path_buf(), why };
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(|e| err(e.to_string()))?;
+        let inner = Arc::new(ServerInner { devices, jobs: Mutex::new(HashMap::new()), stopping: AtomicBool::new(false) });
+        let srv = inner.clone();
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if srv.stopping.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let srv = srv.clone();
+                    let _ = std::thread::Builder::new().name("control-conn".into()).spawn(move || srv.handle(conn));
+                }
+            })
+            .map_err(|e| err(e.to_string()))?;
+        Ok(Self { path: path.to_path_buf(), inner })
+    }
+
+    /// Resumes the rekey of a served device opened in rekey mode (attach with both keys).
+    ///
+    /// # Errors
+    /// No such export, or the device has no rekey in progress.
+    pub fn resume(&self, export: &str) -> Result<(), RekeyError> {
+        let device = self.inner.device(Some(export)).map_err(RekeyError::Agent)?.1;
+        let rekeyer = Rekeyer::resume(device)?;
+        self.inner.start_job(export, rekeyer, true).map(|_| ()).map_err(RekeyError::Agent)
+    }
+
+    /// Stops every job at its next hotzone boundary and waits for it; removes the socket.
+    pub fn shutdown(&self) {
+        self.inner.stopping.store(true, Ordering::Relaxed);
+        let _ = std::fs::remove_file(&self.path);
+        let jobs: Vec<Arc<Job>> = self.inner.jobs.lock().expect("jobs lock").values().cloned().collect();
+        for job in jobs {
+            job.cancel.store(true, Ordering::Relaxed);
+            if let Some(h) = job.handle.lock().expect("job handle lock").take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+impl ServerInner {
+    fn device(&self, export: Option<&str>) -> Result<(String, Arc<Device>), String> {
+        match export {
+            Some(name) => self
+                .devices
+                .iter()
+                .find(|(n, _)| n == name)
+                .cloned()
+                .ok_or_else(|| format!("this agent serves no file named {name:?}")),
+            None if self.devices.len() == 1 => Ok(self.devices[0].clone()),
+            None => Err(format!(
+                "this agent serves {} files; name one ({})",
+                self.devices.len(),
+                self.devices.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+
+    fn start_job(&self, name: &str, mut rekeyer: Rekeyer, resumed: bool) -> Result<Arc<Job>, String> {
+        let mut jobs = self.jobs.lock().expect("jobs lock");
+        if let Some(j) = jobs.get(name) {
+            if j.state.lock().expect("job lock").result.is_none() {
+                return Ok(j.clone());
+            }
+        }
+        let job = Arc::new(Job::default());
+        let j = job.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("rekey-{name}"))
+            .spawn(move || {
+                let start = Instant::now();
+                let from = rekeyer.progress().done;
+                let total = rekeyer.progress().total;
+                let r = rekeyer.run(&j.cancel, |p| j.update(|s| s.progress = Some(p)));
+                if let Err(e) = &r {
+                    tracing::error!("rekey: {e}");
+                }
+                let r = r.map(|()| report(start, from, total, resumed)).map_err(|e| e.to_string());
+                j.update(|s| s.result = Some(r));
+            })
+            .map_err(|e| e.to_string())?;
+        *job.handle.lock().expect("job handle lock") = Some(handle);
+        jobs.insert(name.to_string(), job.clone());
+        Ok(job)
+    }
+
+    fn handle(&self, conn: UnixStream) {
+        let allowed = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+            .is_ok_and(|c| c.uid() == 0 || c.uid() == nix::unistd::geteuid().as_raw());
+        let Ok(mut out) = conn.try_clone() else { return };
+        let mut send = |r: &ControlReply| -> bool {
+            let mut line = serde_json::to_vec(r).expect("replies serialize");
+            line.push(b'\n');
+            out.write_all(&line).is_ok()
+        };
+        if !allowed {
+            send(&ControlReply::Error("permission denied: only root or the agent's user may control it".into()));
+            return;
+        }
+        let mut line = String::new();
+        if BufReader::new(&conn).take(64 * 1024).read_line(&mut line).is_err() {
+            return;
+        }
+        let req: ControlRequest = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                send(&ControlReply::Error(format!("bad request: {e}")));
+                return;
+            }
+        };
+        match req {
+            ControlRequest::Status => {
+                let st = self.devices.iter().map(|(n, d)| (n.clone(), d.rekey_boundary().map(|b| Progress { done: b, total: d.size() }))).collect();
+                send(&ControlReply::Status(st));
+            }
+            ControlRequest::Rekey { export, new_volume_key_file, hotzone_bytes } => {
+                let job = match self.begin(export.as_deref(), &new_volume_key_file, hotzone_bytes) {
+                    Ok(j) => j,
+                    Err(e) => {
+                        send(&ControlReply::Error(e));
+                        return;
+                    }
+                };
+                // Follow the job; a client that goes away does not stop it.
+                let mut last = None;
+                let mut st = job.state.lock().expect("job lock");
+                loop {
+                    if let Some(r) = &st.result {
+                        let reply = match r {
+                            Ok(rep) => ControlReply::Done(rep.clone()),
+                            Err(e) => ControlReply::Error(e.clone()),
+                        };
+                        drop(st);
+                        send(&reply);
+                        return;
+                    }
+                    if st.progress != last {
+                        last = st.progress;
+                        let p = st.progress;
+                        drop(st);
+                        if let Some(p) = p {
+                            if !send(&ControlReply::Progress(p)) {
+                                return;
+                            }
+                        }
+                        st = job.state.lock().expect("job lock");
+                        continue;
+                    }
+                    st = job.changed.wait(st).expect("job lock");
+                }
+            }
+        }
+    }
+
+    fn begin(&self, export: Option<&str>, key_file: &Path, hotzone: Option<u64>) -> Result<Arc<Job>, String> {
+        let (name, device) = self.device(export)?;
+        let new = VolumeKey::from_file(key_file).map_err(|e| e.to_string())?;
+        if let Some(job) = self.jobs.lock().expect("jobs lock").get(&name).cloned() {
+            if job.state.lock().expect("job lock").result.is_none() {
+                // A rekey is running: follow it if it is to the same key.
+                let header = Header::read(&**device.backing()).map_err(|e| e.to_string())?;
+                let st = state(&header).map_err(|e| e.to_string())?.ok_or("no rekey in the header")?;
+                header.verify_key_against(st.new_digest, &new).map_err(|_| {
+                    "a rekey to a different new key is already running on this volume; wait for it to finish".to_string()
+                })?;
+                return Ok(job);
+            }
+        }
+        let rekeyer = if device.rekey_boundary().is_some() {
+            // Resumed at attach, finished or failed job: continue with the same new key.
+            let header = Header::read(&**device.backing()).map_err(|e| e.to_string())?;
+            let st = state(&header).map_err(|e| e.to_string())?.ok_or("no rekey in the header")?;
+            header.verify_key_against(st.new_digest, &new).map_err(|_| RekeyError::WrongNewKey.to_string())?;
+            Rekeyer::resume(device).map_err(|e| e.to_string())?
+        } else {
+            let header = Header::read(&**device.backing()).map_err(|e| e.to_string())?;
+            if header.verify_key(&new).is_ok() {
+                // Already under the new key (a rekey that finished before a crash).
+                let job = Job::default();
+                let total = device.size();
+                job.update(|s| {
+                    s.result = Some(Ok(RekeyReport { total_bytes: total, bytes_this_run: 0, resumed: false, already_done: true, seconds: 0.0, mb_per_s: 0.0 }));
+                });
+                return Ok(Arc::new(job));
+            }
+            let opts = RekeyOptions { hotzone_bytes: hotzone, new_kms_token: None };
+            Rekeyer::start(device, &new, &opts).map_err(|e| e.to_string())?
+        };
+        self.start_job(&name, rekeyer, false)
+    }
+}
+
+/// The client side: asks the agent serving `mountpoint` to rekey (or continue rekeying)
+/// a served file, calling `progress` for each update, and returns the agent's report.
+///
+/// # Errors
+/// No agent there, the agent refused or the rekey failed.
+pub fn request_online(mountpoint: &Path, req: &ControlRequest, mut progress: impl FnMut(Progress)) -> Result<RekeyReport, RekeyError> {
+    let path = crate::attach::control_path(mountpoint).map_err(|e| RekeyError::Control { path: mountpoint.to_path_buf(), why: e.to_string() })?;
+    let err = |why: String| RekeyError::Control { path: path.clone(), why };
+    let mut conn = UnixStream::connect(&path).map_err(|e| err(format!("{e} (is a sealvol agent serving {}?)", mountpoint.display())))?;
+    let mut line = serde_json::to_vec(req).expect("requests serialize");
+    line.push(b'\n');
+    conn.write_all(&line).map_err(|e| err(e.to_string()))?;
+    for line in BufReader::new(&conn).lines() {
+        let line = line.map_err(|e| err(e.to_string()))?;
+        match serde_json::from_str::<ControlReply>(&line).map_err(|e| err(format!("bad reply: {e}")))? {
+            ControlReply::Progress(p) => progress(p),
+            ControlReply::Done(r) => return Ok(r),
+            ControlReply::Error(e) => return Err(RekeyError::Agent(e)),
+            ControlReply::Status(_) => return Err(err("unexpected status reply".into())),
+        }
+    }
+    Err(err("the agent closed the connection before the rekey finished (did it crash? attach again with both keys to resume)".into()))
+}
