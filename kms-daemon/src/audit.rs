@@ -64,8 +64,10 @@ impl AuditLog {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .mode(0o600)
             .open(path)?;
+        drop_torn_tail(&file)?;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("audit-writer".into())
@@ -87,6 +89,38 @@ impl AuditLog {
             Err(_) => Err(AuditError::Stopped),
         }
     }
+}
+
+/// A crash can leave a partly written last line (never an acknowledged one: those are
+/// synced whole before the response). Cut it off so the next record starts on a line
+/// of its own.
+fn drop_torn_tail(file: &File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let mut last = [0u8; 1];
+    file.read_exact_at(&mut last, len - 1)?;
+    if last[0] == b'\n' {
+        return Ok(());
+    }
+    let mut end = len;
+    let mut keep = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..usize::try_from(end - start).unwrap_or(0)];
+        file.read_exact_at(chunk, start)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            keep = start + i as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    tracing::warn!(bytes = len - keep, "dropping a torn record at the end of the audit log");
+    file.set_len(keep)?;
+    file.sync_all()
 }
 
 /// Request fields never copied into the audit log.
@@ -239,6 +273,17 @@ mod tests {
         let p = request_parameters(br#"{"KeyId":"k","Plaintext":"c2VjcmV0","EncryptionContext":{"a":"b"},"GrantTokens":["t"]}"#);
         assert_eq!(p, json!({"keyId": "k", "encryptionContext": {"a": "b"}}));
         assert_eq!(request_parameters(b"not json"), Value::Null);
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_is_cut_before_appending() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.log");
+        std::fs::write(&path, b"{\"eventName\":\"A\"}\n{\"eventNa").expect("write");
+        let log = AuditLog::open(&path).expect("opens");
+        log.append(&json!({"eventName": "B"})).await.expect("durable");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text, "{\"eventName\":\"A\"}\n{\"eventName\":\"B\"}\n");
     }
 
     #[tokio::test]
