@@ -314,7 +314,15 @@ pub fn spawn_agent(args: &[std::ffi::OsString], log: Option<&Path>) -> Result<u3
 /// # Errors
 /// Nothing attached, or something could not be unmounted (with what to do).
 pub fn detach(mountpoint: &Path) -> Result<(), AttachError> {
-    let mountpoint = canonical_mountpoint(mountpoint)?;
+    // The FUSE mount of an agent that died (kill -9) cannot even be stat'ed (ENOTCONN):
+    // resolve its parent instead so that the dead mount can be cleaned up.
+    let mountpoint = canonical_mountpoint(mountpoint).or_else(|e| {
+        let parent = mountpoint.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        match (parent.canonicalize(), mountpoint.file_name()) {
+            (Ok(p), Some(name)) if is_mountpoint(&p.join(name)) => Ok(p.join(name)),
+            _ => Err(e),
+        }
+    })?;
     let rec_path = record_path(&mountpoint);
     let record: Option<AgentRecord> =
         std::fs::read(&rec_path).ok().and_then(|b| serde_json::from_slice(&b).ok());

@@ -532,7 +532,7 @@ impl Rekeyer {
 /// Wrong keys, no rekey in progress, corrupt journal, I/O failure.
 pub fn open_resuming(path: &Path, old: &VolumeKey, new: &VolumeKey) -> Result<volume::OpenVolume, RekeyError> {
     let backing: Arc<dyn Backing> = Arc::new(crate::backing::FileBacking::open(path)?);
-    Ok(open_resuming_backing(backing, path, old, new)?)
+    open_resuming_backing(backing, path, old, new)
 }
 
 /// [`open_resuming`] over any backing (the crash tests use the simulator's images).
