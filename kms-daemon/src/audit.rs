@@ -118,7 +118,10 @@ fn drop_torn_tail(file: &File) -> std::io::Result<()> {
         }
         end = start;
     }
-    tracing::warn!(bytes = len - keep, "dropping a torn record at the end of the audit log");
+    tracing::warn!(
+        bytes = len - keep,
+        "dropping a torn record at the end of the audit log"
+    );
     file.set_len(keep)?;
     file.sync_all()
 }
@@ -281,7 +284,9 @@ mod tests {
         let path = dir.path().join("audit.log");
         std::fs::write(&path, b"{\"eventName\":\"A\"}\n{\"eventNa").expect("write");
         let log = AuditLog::open(&path).expect("opens");
-        log.append(&json!({"eventName": "B"})).await.expect("durable");
+        log.append(&json!({"eventName": "B"}))
+            .await
+            .expect("durable");
         let text = std::fs::read_to_string(&path).expect("read");
         assert_eq!(text, "{\"eventName\":\"A\"}\n{\"eventName\":\"B\"}\n");
     }

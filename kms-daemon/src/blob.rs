@@ -248,6 +248,25 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_or_open(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let k = SymmetricKey::generate();
+            let r = CiphertextBlob::parse(&bytes).and_then(|p| p.open(&k, &EncryptionContext::new()));
+            proptest::prop_assert!(r.is_err());
+        }
+
+        #[test]
+        fn random_plaintexts_round_trip(pt in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), v in 0u32..5) {
+            let k = SymmetricKey::generate();
+            let blob = seal(ID, v, &k, &ctx("k", "v"), &pt);
+            let p = CiphertextBlob::parse(&blob).expect("parses");
+            proptest::prop_assert_eq!(p.material_version, v);
+            let opened = p.open(&k, &ctx("k", "v")).expect("opens");
+            proptest::prop_assert_eq!(opened.as_slice(), pt.as_slice());
+        }
+    }
+
     #[test]
     fn forged_headers_are_typed_errors() {
         assert_eq!(CiphertextBlob::parse(&[0u8; 10]), Err(BlobError::Length));

@@ -129,6 +129,41 @@ mod tests {
         assert_eq!(EncryptionContext::new().canonical_bytes(), vec![0, 0, 0, 0]);
     }
 
+    /// Test-side decoder: if every encoding decodes back to its context, the encoding
+    /// is injective (no two contexts share bytes).
+    fn decode(mut b: &[u8]) -> Option<EncryptionContext> {
+        fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+            if b.len() < n {
+                return None;
+            }
+            let (h, t) = b.split_at(n);
+            *b = t;
+            Some(h)
+        }
+        fn len(b: &mut &[u8]) -> Option<usize> {
+            let raw: [u8; 4] = take(b, 4)?.try_into().ok()?;
+            usize::try_from(u32::from_be_bytes(raw)).ok()
+        }
+        let n = len(&mut b)?;
+        let mut pairs = Vec::new();
+        for _ in 0..n {
+            let kl = len(&mut b)?;
+            let k = String::from_utf8(take(&mut b, kl)?.to_vec()).ok()?;
+            let vl = len(&mut b)?;
+            let v = String::from_utf8(take(&mut b, vl)?.to_vec()).ok()?;
+            pairs.push((k, v));
+        }
+        b.is_empty().then(|| EncryptionContext::from_pairs(pairs))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn canonical_encoding_is_injective(pairs in proptest::collection::btree_map(".{0,12}", ".{0,12}", 0..6)) {
+            let ctx = EncryptionContext::from_pairs(pairs);
+            proptest::prop_assert_eq!(decode(&ctx.canonical_bytes()), Some(ctx));
+        }
+    }
+
     #[test]
     fn constraint_matching_ignores_key_case_only() {
         let req = EncryptionContext::from_pairs([("Vol", "v-1"), ("sid", "S")]);
