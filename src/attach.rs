@@ -219,12 +219,20 @@ pub fn serve_with(
 
     let mut unmounter = session.unmount_callable();
     let mp = mountpoint.clone();
+    let served = record.files.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             loop {
                 let Ok(sig) = signals.wait() else { return };
                 tracing::info!("{sig:?}: unmounting {}", mp.display());
+                // Filesystems and loop devices over our files go first (DESIGN §5 order);
+                // later exports may be mounted inside earlier ones, so go in reverse.
+                for (name, _) in served.iter().rev() {
+                    if let Err(e) = release_loops(&mp.join(name)) {
+                        tracing::error!("{e}");
+                    }
+                }
                 match unmounter.unmount() {
                     Ok(()) => return,
                     Err(e) => tracing::error!("cannot unmount {} on {sig:?}: {e} (still in use?)", mp.display()),

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod workspaces;
+
 use crate::attach::{self, AttachError, ERROR_PREFIX, READY_LINE};
 use crate::fuse::Export;
 use crate::secret::{SecretError, VolumeKey};
@@ -139,6 +141,9 @@ pub enum Cmd {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
+    /// WorkSpaces lifecycle verbs.
+    #[command(flatten)]
+    Workspace(workspaces::WorkspaceCmd),
 }
 
 /// Everything the CLI can fail with.
@@ -159,6 +164,12 @@ pub enum CliError {
     /// Rekey errors.
     #[error(transparent)]
     Rekey(#[from] crate::rekey::RekeyError),
+    /// Lifecycle controller errors.
+    #[error(transparent)]
+    Controller(#[from] crate::controller::ControllerError),
+    /// A batch verb had refused items (already printed).
+    #[error("{0} request(s) failed")]
+    Failed(usize),
 }
 
 /// Runs the CLI; maps errors to a message on stderr and exit code 1.
@@ -221,6 +232,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 .transpose()?;
             rekey_volume(path.as_deref(), mountpoint.as_deref(), volume_key_file.as_deref(), &new_volume_key_file, hotzone_bytes, file, output)
         }
+        Cmd::Workspace(cmd) => workspaces::run(cmd),
         Cmd::DescribeVolume { path, output } => describe(&path, output),
         Cmd::Bench { seconds, output } => {
             if !(seconds > 0.0 && seconds <= 600.0) {

@@ -1,0 +1,415 @@
+//! CLI verbs of the lifecycle controller, mirroring the AWS CLI (`aws workspaces ...`):
+//! kebab-case flags of the API field names, `--output json|table`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use super::{CliError, Output, print_json};
+use crate::controller::workspaces::{BatchResult, CreateResult, WorkspaceProperties, WorkspaceRequest, WorkspaceView};
+use crate::controller::{Controller, ControllerConfig};
+
+/// Where the controller keeps state and which AWS profiles sign.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// State directory (controller.db, volumes, snapshots, agents, mounts).
+    #[arg(long, env = "SEALVOL_STATE_DIR", default_value = "/var/lib/sealvol")]
+    pub state_dir: PathBuf,
+    /// The administrator's AWS profile (as `aws --profile`).
+    #[arg(long, env = "AWS_PROFILE", default_value = "default")]
+    pub profile: String,
+    /// Profile of the WorkSpaces service principal.
+    #[arg(long, env = "SEALVOL_SERVICE_PROFILE", default_value = "workspaces")]
+    pub service_profile: String,
+    /// Profile of the EBS service principal (the attach agent).
+    #[arg(long, env = "SEALVOL_EBS_PROFILE", default_value = "ebs")]
+    pub ebs_profile: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+impl Common {
+    fn controller(&self) -> Result<Controller, CliError> {
+        Ok(Controller::open(ControllerConfig {
+            state_dir: self.state_dir.clone(),
+            admin_profile: self.profile.clone(),
+            service_profile: self.service_profile.clone(),
+            ebs_profile: self.ebs_profile.clone(),
+        })?)
+    }
+}
+
+/// Ids for a batch verb.
+#[derive(Debug, Clone, Args)]
+pub struct Ids {
+    /// WorkSpace ids (1 to 25).
+    #[arg(long, num_args = 1.., required = true)]
+    pub workspace_ids: Vec<String>,
+    /// Common options.
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// Lifecycle verbs.
+#[derive(Debug, Subcommand)]
+pub enum WorkspaceCmd {
+    /// Register a directory (d-xxxxxxxxxx) that WorkSpaces users belong to.
+    RegisterDirectory {
+        /// Directory id.
+        #[arg(long)]
+        directory_id: String,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Create a directory user with a stable SID.
+    CreateUser {
+        /// Directory id.
+        #[arg(long)]
+        directory_id: String,
+        /// User name.
+        #[arg(long)]
+        user_name: String,
+        /// Use this SID instead of assigning one (S-1-5-21-a-b-c-RID).
+        #[arg(long)]
+        sid: Option<String>,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Create a bundle: an ext4 root image built from a directory (mkfs.ext4 -d).
+    CreateBundle {
+        /// Bundle id (wsb-...).
+        #[arg(long)]
+        bundle_id: String,
+        /// Directory whose contents become the root filesystem.
+        #[arg(long)]
+        from_dir: PathBuf,
+        /// Image size in GiB.
+        #[arg(long, default_value_t = 1)]
+        size_gib: u64,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Launch a WorkSpace (root volume from the bundle, empty user volume), optionally encrypted.
+    CreateWorkspaces {
+        /// Directory id.
+        #[arg(long)]
+        directory_id: String,
+        /// User name.
+        #[arg(long)]
+        user_name: String,
+        /// Bundle id.
+        #[arg(long)]
+        bundle_id: String,
+        /// KMS key (id, ARN or alias); default alias/aws/workspaces when encrypting.
+        #[arg(long)]
+        volume_encryption_key: Option<String>,
+        /// Encrypt the root volume.
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+        root_volume_encryption_enabled: bool,
+        /// Encrypt the user volume.
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+        user_volume_encryption_enabled: bool,
+        /// Root volume size (default: the bundle's size).
+        #[arg(long)]
+        root_volume_size_gib: Option<u64>,
+        /// User volume size.
+        #[arg(long, default_value_t = 10)]
+        user_volume_size_gib: u64,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Describe WorkSpaces (all, or the given ids).
+    DescribeWorkspaces {
+        /// Only these WorkSpaces.
+        #[arg(long, num_args = 1..)]
+        workspace_ids: Vec<String>,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Describe the volumes behind WorkSpaces.
+    DescribeVolumes {
+        /// Only this WorkSpace's volumes.
+        #[arg(long)]
+        workspace_id: Option<String>,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Reboot WorkSpaces (refused while an encrypted WorkSpace's key is not Enabled).
+    RebootWorkspaces(Ids),
+    /// Rebuild WorkSpaces: root from the bundle, user volume from its latest snapshot.
+    RebuildWorkspaces(Ids),
+    /// Stop WorkSpaces (volumes detached, keys wiped).
+    StopWorkspaces(Ids),
+    /// Start stopped WorkSpaces.
+    StartWorkspaces(Ids),
+    /// Terminate WorkSpaces: grants retired, volumes and snapshots deleted.
+    TerminateWorkspaces(Ids),
+    /// Restore a WorkSpace's volumes from their latest snapshots (as new volumes).
+    RestoreWorkspace {
+        /// WorkSpace id.
+        #[arg(long)]
+        workspace_id: String,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Snapshot both volumes of a WorkSpace (they stay encrypted under the same data key).
+    CreateSnapshot {
+        /// WorkSpace id.
+        #[arg(long)]
+        workspace_id: String,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Create an image from an unencrypted WorkSpace (refused for encrypted ones).
+    CreateWorkspaceImage {
+        /// WorkSpace id.
+        #[arg(long)]
+        workspace_id: String,
+        /// Image name.
+        #[arg(long)]
+        name: String,
+        /// Image description.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Change WorkSpace properties; changing volume encryption is refused.
+    ModifyWorkspaceProperties {
+        /// WorkSpace id.
+        #[arg(long)]
+        workspace_id: String,
+        /// Requested root volume encryption.
+        #[arg(long)]
+        root_volume_encryption_enabled: Option<bool>,
+        /// Requested user volume encryption.
+        #[arg(long)]
+        user_volume_encryption_enabled: Option<bool>,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// (internal) The per-WorkSpace agent the controller starts.
+    #[command(hide = true)]
+    Agent {
+        /// State directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// WorkSpace id.
+        #[arg(long)]
+        workspace_id: String,
+        /// EBS profile.
+        #[arg(long, default_value = "ebs")]
+        ebs_profile: String,
+    },
+}
+
+fn encryption_label(root: bool, user: bool) -> (&'static str, String) {
+    let list: Vec<&str> = [("Root", root), ("User", user)].into_iter().filter(|(_, on)| *on).map(|(n, _)| n).collect();
+    (if list.is_empty() { "Disabled" } else { "Enabled" }, if list.is_empty() { "None".into() } else { list.join(", ") })
+}
+
+fn print_workspaces(views: &[WorkspaceView]) {
+    println!(
+        "{:<13} {:<14} {:<14} {:<16} {:<12} {:<18} {:<12}",
+        "WorkspaceId", "DirectoryId", "UserName", "BundleId", "State", "Volume Encryption", "Key"
+    );
+    for v in views {
+        let (enc, _) = encryption_label(v.root_volume_encryption_enabled, v.user_volume_encryption_enabled);
+        let key = v.volume_encryption_key.as_deref().map_or("-", |k| k.rsplit('/').next().unwrap_or(k));
+        println!("{:<13} {:<14} {:<14} {:<16} {:<12} {:<18} {}", v.workspace_id, v.directory_id, v.user_name, v.bundle_id, v.state.as_str(), enc, key);
+    }
+    for v in views {
+        let (_, list) = encryption_label(v.root_volume_encryption_enabled, v.user_volume_encryption_enabled);
+        println!();
+        println!("{}:", v.workspace_id);
+        println!("  Encrypted Volumes:   {list}");
+        if let Some(k) = &v.volume_encryption_key {
+            println!("  Encryption Key:      {k}");
+        }
+        if let Some(m) = &v.mount_point {
+            println!("  Mounted at:          {m} (user volume at {m}/home)");
+        }
+        if let Some(w) = &v.key_warning {
+            println!("  WARNING:             {w}");
+        }
+        if let Some(e) = &v.error_message {
+            println!("  Error:               {e}");
+        }
+    }
+}
+
+fn print_batch(verb: &str, r: &BatchResult, output: Output) -> Result<(), CliError> {
+    if output == Output::Json {
+        print_json(r);
+    } else if r.failed_requests.is_empty() {
+        println!("{verb}: all requests accepted");
+    } else {
+        for f in &r.failed_requests {
+            println!("FAILED {} {}: {}", f.workspace_id.as_deref().unwrap_or("-"), f.error_code, f.error_message);
+        }
+    }
+    if r.failed_requests.is_empty() { Ok(()) } else { Err(CliError::Failed(r.failed_requests.len())) }
+}
+
+/// Runs a lifecycle verb.
+///
+/// # Errors
+/// Controller errors; batch verbs with failed items exit non-zero after printing them.
+pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
+    match cmd {
+        WorkspaceCmd::RegisterDirectory { directory_id, common } => {
+            let new = common.controller()?.register_directory(&directory_id)?;
+            if common.output == Output::Json {
+                print_json(&serde_json::json!({"DirectoryId": directory_id, "Created": new}));
+            } else {
+                println!("directory {directory_id} {}", if new { "registered" } else { "was already registered" });
+            }
+        }
+        WorkspaceCmd::CreateUser { directory_id, user_name, sid, common } => {
+            let u = common.controller()?.create_user(&directory_id, &user_name, sid.as_deref())?;
+            if common.output == Output::Json {
+                print_json(&serde_json::json!({"DirectoryId": u.directory_id, "UserName": u.user_name, "Sid": u.sid}));
+            } else {
+                println!("user {} in {}: SID {}", u.user_name, u.directory_id, u.sid);
+            }
+        }
+        WorkspaceCmd::CreateBundle { bundle_id, from_dir, size_gib, common } => {
+            let b = common.controller()?.create_bundle(&bundle_id, &from_dir, size_gib)?;
+            if common.output == Output::Json {
+                print_json(&serde_json::json!({"BundleId": b.bundle_id, "ImagePath": b.image_path, "SizeGib": b.size_gib}));
+            } else {
+                println!("bundle {} ({} GiB ext4 image at {})", b.bundle_id, b.size_gib, b.image_path.display());
+            }
+        }
+        WorkspaceCmd::CreateWorkspaces {
+            directory_id,
+            user_name,
+            bundle_id,
+            volume_encryption_key,
+            root_volume_encryption_enabled,
+            user_volume_encryption_enabled,
+            root_volume_size_gib,
+            user_volume_size_gib,
+            common,
+        } => {
+            let c = common.controller()?;
+            let root_size = match root_volume_size_gib {
+                Some(s) => s,
+                None => c.registry().bundle(&bundle_id).ok().flatten().map_or(1, |b| b.size_gib),
+            };
+            let req = WorkspaceRequest {
+                directory_id,
+                user_name,
+                bundle_id,
+                volume_encryption_key,
+                user_volume_encryption_enabled,
+                root_volume_encryption_enabled,
+                workspace_properties: Some(WorkspaceProperties { root_volume_size_gib: root_size, user_volume_size_gib }),
+            };
+            let r: CreateResult = c.create_workspaces(vec![req])?;
+            if common.output == Output::Json {
+                print_json(&r);
+            } else {
+                print_workspaces(&r.pending_requests);
+                for f in &r.failed_requests {
+                    println!("FAILED {}: {}", f.error_code, f.error_message);
+                }
+            }
+            if !r.failed_requests.is_empty() {
+                return Err(CliError::Failed(r.failed_requests.len()));
+            }
+        }
+        WorkspaceCmd::DescribeWorkspaces { workspace_ids, common } => {
+            let views = common.controller()?.describe_workspaces(&workspace_ids, true)?;
+            if common.output == Output::Json {
+                print_json(&serde_json::json!({ "Workspaces": views }));
+            } else {
+                print_workspaces(&views);
+            }
+        }
+        WorkspaceCmd::DescribeVolumes { workspace_id, common } => {
+            let vols = common.controller()?.describe_volumes(workspace_id.as_deref())?;
+            if common.output == Output::Json {
+                print_json(&serde_json::json!({ "Volumes": vols }));
+            } else {
+                println!("{:<22} {:<13} {:<5} {:<10} {:>8}  Key", "VolumeId", "WorkspaceId", "Kind", "Encrypted", "SizeGiB");
+                for v in vols {
+                    println!(
+                        "{:<22} {:<13} {:<5} {:<10} {:>8}  {}",
+                        v.volume_id,
+                        v.workspace_id,
+                        v.kind,
+                        if v.encrypted { "yes" } else { "no" },
+                        v.size_gib,
+                        v.kms_key_id.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+        }
+        WorkspaceCmd::RebootWorkspaces(ids) => {
+            let r = ids.common.controller()?.reboot(&ids.workspace_ids)?;
+            print_batch("reboot-workspaces", &r, ids.common.output)?;
+        }
+        WorkspaceCmd::RebuildWorkspaces(ids) => {
+            let r = ids.common.controller()?.rebuild(&ids.workspace_ids)?;
+            print_batch("rebuild-workspaces", &r, ids.common.output)?;
+        }
+        WorkspaceCmd::StopWorkspaces(ids) => {
+            let r = ids.common.controller()?.stop(&ids.workspace_ids)?;
+            print_batch("stop-workspaces", &r, ids.common.output)?;
+        }
+        WorkspaceCmd::StartWorkspaces(ids) => {
+            let r = ids.common.controller()?.start(&ids.workspace_ids)?;
+            print_batch("start-workspaces", &r, ids.common.output)?;
+        }
+        WorkspaceCmd::TerminateWorkspaces(ids) => {
+            let r = ids.common.controller()?.terminate(&ids.workspace_ids)?;
+            print_batch("terminate-workspaces", &r, ids.common.output)?;
+        }
+        WorkspaceCmd::RestoreWorkspace { workspace_id, common } => {
+            let r = common.controller()?.restore(&workspace_id)?;
+            print_batch("restore-workspace", &r, common.output)?;
+        }
+        WorkspaceCmd::CreateSnapshot { workspace_id, common } => {
+            let snaps = common.controller()?.create_snapshot(&workspace_id)?;
+            if common.output == Output::Json {
+                print_json(&serde_json::json!({ "Snapshots": snaps }));
+            } else {
+                for s in snaps {
+                    println!("{} of {} ({} volume, {})", s.snapshot_id, s.volume_id, s.kind, if s.encrypted { "encrypted" } else { "unencrypted" });
+                }
+            }
+        }
+        WorkspaceCmd::CreateWorkspaceImage { workspace_id, name, description, common } => {
+            let img = common.controller()?.create_image(&workspace_id, &name, &description)?;
+            print_json(&img);
+        }
+        WorkspaceCmd::ModifyWorkspaceProperties { workspace_id, root_volume_encryption_enabled, user_volume_encryption_enabled, common } => {
+            common.controller()?.modify_encryption(&workspace_id, root_volume_encryption_enabled, user_volume_encryption_enabled)?;
+            println!("nothing to change");
+        }
+        WorkspaceCmd::Agent { state_dir, workspace_id, ebs_profile } => {
+            Controller::run_agent(&state_dir, &workspace_id, &ebs_profile, |r| match r {
+                Ok(()) => {
+                    println!("{}", crate::attach::READY_LINE);
+                    if let Ok(null) = std::fs::File::open("/dev/null") {
+                        let _ = nix::unistd::dup2_stdout(null);
+                    }
+                }
+                Err(e) => println!("{}{e}", crate::attach::ERROR_PREFIX),
+            })?;
+        }
+    }
+    Ok(())
+}

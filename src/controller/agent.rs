@@ -1,0 +1,240 @@
+//! The per-WorkSpace agent: a process that unwraps the volumes' data keys (as the `ebs`
+//! principal, under the EBS grants), serves both volumes through FUSE at
+//! `<state-dir>/fuse/<ws-id>/{root,user}`, puts them on loop devices and mounts ext4 at
+//! `<state-dir>/mnt/<ws-id>/` and `.../home`. The controller starts it, stops it with
+//! SIGTERM (the agent then unmounts, detaches its loops and wipes the keys), and treats a
+//! dead agent as UNHEALTHY.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::attach::{self, AttachError};
+use crate::fuse::Export;
+use crate::kms::{EncryptionContext, KmsClient, KmsError};
+use crate::volume::{self, VolumeError};
+
+use super::registry::{Registry, RegistryError, Volume};
+
+/// Agent errors.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Registry failure.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The data key could not be unwrapped.
+    #[error("cannot unwrap the data key of {volume_id} ({kind} volume): {source}")]
+    Unwrap {
+        /// Volume id.
+        volume_id: String,
+        /// `root`/`user`.
+        kind: String,
+        /// The KMS error.
+        source: KmsError,
+    },
+    /// A volume has no KMS token.
+    #[error("volume {0} has no sealvol-kms token in its header")]
+    NoToken(String),
+    /// Volume open failure.
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    /// Mount or process failure.
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    /// KMS set-up failure.
+    #[error(transparent)]
+    Kms(#[from] KmsError),
+    /// Something else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Paths of one WorkSpace's agent.
+#[derive(Debug, Clone)]
+pub struct AgentPaths {
+    /// FUSE mountpoint holding `root` and `user`.
+    pub fuse_dir: PathBuf,
+    /// Root filesystem mountpoint (`/`); the user volume is at `home/` inside it.
+    pub mnt_dir: PathBuf,
+    /// Agent log.
+    pub log: PathBuf,
+    /// Agent record (pid).
+    pub pid_file: PathBuf,
+}
+
+impl AgentPaths {
+    /// Paths for `workspace_id` under `state_dir`.
+    #[must_use]
+    pub fn new(state_dir: &Path, workspace_id: &str) -> Self {
+        Self {
+            fuse_dir: state_dir.join("fuse").join(workspace_id),
+            mnt_dir: state_dir.join("mnt").join(workspace_id),
+            log: state_dir.join("agents").join(format!("{workspace_id}.log")),
+            pid_file: state_dir.join("agents").join(format!("{workspace_id}.pid")),
+        }
+    }
+}
+
+/// The encryption context of a volume, as bound at launch.
+#[must_use]
+pub fn volume_context(sid: &str, directory_id: &str, volume_id: &str) -> EncryptionContext {
+    let mut c = EncryptionContext::new();
+    c.insert("aws:workspaces:sid-directoryid".into(), format!("{sid}@{directory_id}"));
+    c.insert("aws:ebs:id".into(), volume_id.into());
+    c
+}
+
+fn open_volume(v: &Volume, context: &EncryptionContext, ebs: Option<&KmsClient>) -> Result<volume::OpenVolume, AgentError> {
+    if !v.encrypted {
+        return Ok(volume::open_plain(&v.path)?);
+    }
+    let header = volume::read_header(&v.path)?;
+    let token = header.kms_token().ok_or_else(|| AgentError::NoToken(v.volume_id.clone()))?;
+    let ebs = ebs.ok_or_else(|| AgentError::Other("no KMS client".into()))?;
+    // The context is the one this volume must have (from the registry), never the one the
+    // header claims: KMS authenticates it against the blob, so a volume file copied from
+    // another WorkSpace or edited to another user's context cannot be unwrapped here.
+    let key = ebs
+        .decrypt_volume_key(&token.ciphertext_blob, context, Some(&token.key_arn), &[])
+        .map_err(|source| AgentError::Unwrap { volume_id: v.volume_id.clone(), kind: v.kind.clone(), source })?;
+    Ok(volume::open_encrypted(&v.path, &key)?)
+}
+
+/// Runs the agent for `workspace_id` in this process until stopped.
+///
+/// `on_ready(Ok)` is called once FUSE, loops and filesystems are up; `on_ready(Err)` when
+/// setting them up failed (the agent then tears down and returns).
+///
+/// # Errors
+/// Key unwrap, volume open, or mount failure.
+pub fn run(
+    state_dir: &Path,
+    workspace_id: &str,
+    ebs_profile: &str,
+    on_ready: impl FnOnce(Result<(), String>) + Send + 'static,
+) -> Result<(), AgentError> {
+    crate::secret::harden_process();
+    let reg = Registry::open(state_dir)?;
+    let ws = reg.workspace(workspace_id)?.ok_or_else(|| AgentError::Other(format!("no WorkSpace {workspace_id}")))?;
+    let user = reg
+        .user(&ws.directory_id, &ws.user_name)?
+        .ok_or_else(|| AgentError::Other(format!("user {} is not in {}", ws.user_name, ws.directory_id)))?;
+    let vols = reg.volumes(Some(workspace_id))?;
+    let paths = AgentPaths::new(state_dir, workspace_id);
+    let ebs = if vols.iter().any(|v| v.encrypted) { Some(KmsClient::connect(ebs_profile, None)?) } else { None };
+    let mut exports = Vec::new();
+    let mut needs_mkfs = Vec::new();
+    for v in &vols {
+        let context = volume_context(&user.sid, &ws.directory_id, &v.volume_id);
+        let opened = open_volume(v, &context, ebs.as_ref())?;
+        if v.kind == "user" && !v.formatted {
+            needs_mkfs.push(v.volume_id.clone());
+        }
+        exports.push(Export { name: v.kind.clone(), device: opened.device });
+    }
+    drop(ebs);
+    std::fs::create_dir_all(&paths.fuse_dir).map_err(|e| AgentError::Other(format!("{}: {e}", paths.fuse_dir.display())))?;
+    std::fs::create_dir_all(&paths.mnt_dir).map_err(|e| AgentError::Other(format!("{}: {e}", paths.mnt_dir.display())))?;
+    write_pid(&paths.pid_file)?;
+    let fuse_dir = paths.fuse_dir.clone();
+    let mnt_dir = paths.mnt_dir.clone();
+    let state_dir = state_dir.to_path_buf();
+    let result = attach::serve(&paths.fuse_dir, exports, 4, move || {
+        std::thread::spawn(move || {
+            let r = mount_filesystems(&state_dir, &fuse_dir, &mnt_dir, &needs_mkfs);
+            if let Err(e) = &r {
+                // Tear down through the normal signal path (releases loops, unmounts FUSE).
+                let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGTERM);
+                tracing::error!("{e}");
+            }
+            on_ready(r);
+        });
+    });
+    let _ = std::fs::remove_file(&paths.pid_file);
+    Ok(result?)
+}
+
+fn write_pid(path: &Path) -> Result<(), AgentError> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).map_err(|e| AgentError::Other(format!("{}: {e}", d.display())))?;
+    }
+    std::fs::write(path, std::process::id().to_string()).map_err(|e| AgentError::Other(format!("{}: {e}", path.display())))
+}
+
+fn loop_attach(file: &Path) -> Result<String, String> {
+    attach::run("losetup", &["-f", "--show", &file.display().to_string()]).map(|s| s.trim().to_string()).map_err(|e| e.to_string())
+}
+
+fn mount_filesystems(state_dir: &Path, fuse_dir: &Path, mnt_dir: &Path, needs_mkfs: &[String]) -> Result<(), String> {
+    let root_dev = loop_attach(&fuse_dir.join("root"))?;
+    attach::run("mount", &["-t", "ext4", &root_dev, &mnt_dir.display().to_string()]).map_err(|e| e.to_string())?;
+    // Grow the filesystem if the volume is larger than the bundle (no-op otherwise).
+    let _ = attach::run("resize2fs", &[&root_dev]);
+    let home = mnt_dir.join("home");
+    std::fs::create_dir_all(&home).map_err(|e| format!("{}: {e}", home.display()))?;
+    let user_dev = loop_attach(&fuse_dir.join("user"))?;
+    if !needs_mkfs.is_empty() {
+        attach::run("mkfs.ext4", &["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", "-L", "home", &user_dev])
+            .map_err(|e| e.to_string())?;
+        let reg = Registry::open(state_dir).map_err(|e| e.to_string())?;
+        for v in reg.volumes(None).map_err(|e| e.to_string())? {
+            if needs_mkfs.contains(&v.volume_id) {
+                reg.put_volume(&Volume { formatted: true, ..v }).map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    attach::run("mount", &["-t", "ext4", &user_dev, &home.display().to_string()]).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// The pid of a live agent for this WorkSpace, if any.
+#[must_use]
+pub fn live_pid(paths: &AgentPaths) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(&paths.pid_file).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let is_agent = cmdline.split(|&b| b == 0).any(|a| a == b"agent");
+    is_agent.then_some(pid)
+}
+
+/// Stops the agent (SIGTERM, then SIGKILL after a deadline) and removes any mounts and
+/// loop devices a dead agent left behind.
+pub fn stop(paths: &AgentPaths) {
+    if let Some(pid) = live_pid(paths) {
+        let p = nix::unistd::Pid::from_raw(pid);
+        let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while live_pid(paths).is_some() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if live_pid(paths).is_some() {
+            let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    force_cleanup(paths);
+}
+
+/// Removes leftovers of a dead agent: filesystems, loop devices over its FUSE files, and
+/// the dead FUSE mount itself.
+pub fn force_cleanup(paths: &AgentPaths) {
+    let home = paths.mnt_dir.join("home");
+    for m in [&home, &paths.mnt_dir] {
+        if attach::is_mountpoint(m) {
+            let _ = nix::mount::umount2(m.as_path(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    // `losetup -j` cannot stat a file on a dead FUSE mount, so match on the path text.
+    if let Ok(list) = attach::run("losetup", &["-l", "-n", "-O", "NAME,BACK-FILE"]) {
+        let prefix = paths.fuse_dir.display().to_string();
+        for line in list.lines() {
+            let mut cols = line.split_whitespace();
+            if let (Some(dev), Some(back)) = (cols.next(), cols.next()) {
+                if back.starts_with(&prefix) {
+                    let _ = attach::run("losetup", &["-d", dev]);
+                }
+            }
+        }
+    }
+    if attach::is_mountpoint(&paths.fuse_dir) {
+        let _ = nix::mount::umount2(paths.fuse_dir.as_path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+    let _ = std::fs::remove_file(&paths.pid_file);
+}
