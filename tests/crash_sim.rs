@@ -191,8 +191,9 @@ fn read_all(dev: &Device) -> Result<Vec<u8>, String> {
 }
 
 fn device_writes_with_flush(ss: u32) -> usize {
-    let seed = seed_from_env() ^ u64::from(ss);
-    eprintln!("device_writes_with_flush({ss}): SEALVOL_CRASH_SEED={seed:#x}");
+    let base = seed_from_env();
+    eprintln!("device_writes_with_flush({ss}): SEALVOL_CRASH_SEED={base:#x}");
+    let seed = base ^ u64::from(ss);
     let mut rng = SimRng::new(seed);
     let sim = Arc::new(CrashSim::empty(0));
     let k = key(&mut rng);
@@ -206,7 +207,7 @@ fn device_writes_with_flush(ss: u32) -> usize {
         }
         model.flush(&dev, &sim);
     }
-    let cfg = CrashConfig { seed, subsets: 12, torn: 6 };
+    let cfg = CrashConfig { seed: base, subsets: 12, torn: 6 };
     sim.for_each_crash(cfg, |img| {
         let dev = open_device(Arc::new(img.disk.fork()), &k)?;
         model.check(img, &read_all(&dev)?)
@@ -257,10 +258,10 @@ fn recover_and_check(disk: Arc<dyn Backing>, old: &VolumeKey, new: &VolumeKey, c
     check(&read_all(&*open_device(disk, new)?)?)
 }
 
-fn rekey_crash_run(ss: u32, salt: u64) -> usize {
-    let seed = seed_from_env() ^ salt;
-    eprintln!("rekey_crash_run({ss}): SEALVOL_CRASH_SEED={seed:#x}");
-    let mut rng = SimRng::new(seed);
+fn rekey_crash_run(ss: u32, salt: u64, hotzone: u64) -> usize {
+    let base = seed_from_env();
+    eprintln!("rekey_crash_run({ss}, hotzone {hotzone}): SEALVOL_CRASH_SEED={base:#x}");
+    let mut rng = SimRng::new(base ^ salt);
     let sim = Arc::new(CrashSim::empty(0));
     let old = key(&mut rng);
     let new = key(&mut rng);
@@ -287,7 +288,7 @@ fn rekey_crash_run(ss: u32, salt: u64) -> usize {
     model.acks = vec![(None, 0, model.data.clone())];
     sim.checkpoint();
 
-    let opts = RekeyOptions { hotzone_bytes: Some(64 * 1024), new_kms_token: None };
+    let opts = RekeyOptions { hotzone_bytes: Some(hotzone), new_kms_token: None };
     let mut r = Rekeyer::start(dev.clone(), &new, &opts).expect("start");
     let mut wrote = 0;
     loop {
@@ -312,7 +313,7 @@ fn rekey_crash_run(ss: u32, salt: u64) -> usize {
     }
     // The live device serves the final content.
     model.check_live(&read_all(&dev).expect("read"));
-    let cfg = CrashConfig { seed, subsets: 10, torn: 5 };
+    let cfg = CrashConfig { seed: base, subsets: 16, torn: 12 };
     let mut nested = 0;
     let checked = sim
         .for_each_crash(cfg, |img| {
@@ -323,7 +324,7 @@ fn rekey_crash_run(ss: u32, salt: u64) -> usize {
             if img.epoch % 9 == 4 && img.kind == sealvol::crashsim::CrashKind::WholeEpoch {
                 let sim2 = Arc::new(CrashSim::new(img.disk.image()));
                 let _ = recover_and_check(sim2.clone(), &old, &new, &check);
-                let cfg2 = CrashConfig { seed: seed ^ img.epoch as u64, subsets: 3, torn: 2 };
+                let cfg2 = CrashConfig { seed: base, subsets: 3, torn: 2 };
                 nested += sim2
                     .for_each_crash(cfg2, |img2| {
                         recover_and_check(Arc::new(img2.disk.fork()), &old, &new, &check)
@@ -334,7 +335,7 @@ fn rekey_crash_run(ss: u32, salt: u64) -> usize {
             Ok(())
         })
         .unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("rekey({ss}): {checked} crash points + {nested} crash points inside recovery; {wrote} foreground writes interleaved");
+    eprintln!("rekey({ss}, hotzone {hotzone}): {checked} crash points + {nested} crash points inside recovery; {wrote} foreground writes interleaved");
     checked + nested
 }
 
@@ -346,7 +347,7 @@ impl Model {
 
 #[test]
 fn rekey_survives_a_crash_at_every_step() {
-    let n = rekey_crash_run(4096, 1) + rekey_crash_run(512, 2);
+    let n = rekey_crash_run(4096, 1, 64 * 1024) + rekey_crash_run(512, 2, 64 * 1024) + rekey_crash_run(4096, 3, 192 * 1024);
     eprintln!("rekey: {n} crash points checked");
     assert!(n > 1000, "{n}");
 }
