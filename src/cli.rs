@@ -312,6 +312,14 @@ fn describe(path: &Path, output: Output) -> Result<(), CliError> {
     println!("Size:            {} bytes ({:.2} GiB)", info.size_bytes, info.size_bytes as f64 / GIB as f64);
     println!("Data offset:     {}", info.data_offset);
     println!("Allocated:       {} bytes", info.allocated_bytes);
+    if let Some(p) = &info.rekey_in_progress {
+        println!(
+            "Rekey:           in progress, {} of {} bytes under the new key ({:.1}%); resume with `sealvol rekey-volume`",
+            p.done,
+            p.total,
+            p.done as f64 * 100.0 / p.total.max(1) as f64
+        );
+    }
     if let Some(u) = &info.uuid {
         println!("UUID:            {u}");
         println!("Header seqid:    {} (read from {} copy)", info.seqid.unwrap_or(0), info.header_copy.as_deref().unwrap_or("?"));
