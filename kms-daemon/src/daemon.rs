@@ -76,7 +76,7 @@ pub async fn run(
     let clock = Arc::new(OffsetClock::new(cfg.clock_offset_secs));
     let StateDir { store, root, dir } = state;
     let kms = Arc::new(Kms::new(
-        Arc::new(store),
+        Arc::new(crate::cache::CachedStore::new(store)),
         root,
         clock.clone(),
         &cfg.account,

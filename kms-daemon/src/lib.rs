@@ -15,6 +15,7 @@
 pub mod audit;
 pub mod authz;
 pub mod blob;
+pub mod cache;
 pub mod clock;
 pub mod context;
 pub mod daemon;
