@@ -216,3 +216,197 @@ fn denied(p: &Principal, action: &str, resource: &str, why: &str) -> OpError {
         p.arn()
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::{Value, json};
+
+    use crate::blob::SymmetricKey;
+    use crate::clock::OffsetClock;
+    use crate::error::OpError;
+    use crate::keys::RootKey;
+    use crate::ops::{Kms, Touched};
+    use crate::principal::{Caller, Principal};
+    use crate::store::SqliteStore;
+    use crate::wire::Operation;
+
+    const ACCT: &str = "111122223333";
+
+    fn kms(dir: &std::path::Path) -> Kms {
+        let store = SqliteStore::open(&dir.join("kms.db")).expect("opens");
+        let alice = format!("arn:aws:iam::{ACCT}:user/Alice");
+        crate::store::KeyStore::put_principal_policy(
+            &store,
+            &alice,
+            "p",
+            crate::state::ALICE_IAM_POLICY,
+        )
+        .expect("policy");
+        Kms::new(
+            Arc::new(store),
+            RootKey::from_key(SymmetricKey::generate()),
+            Arc::new(OffsetClock::new(0)),
+            ACCT,
+            "us-east-1",
+        )
+    }
+
+    fn caller(p: &str, on_behalf_of: Option<&str>) -> Caller {
+        Caller {
+            signer: Principal::parse(p).expect("principal"),
+            access_key_id: "AKIATEST".into(),
+            on_behalf_of: on_behalf_of.and_then(Principal::parse),
+        }
+    }
+
+    fn call(k: &Kms, c: &Caller, op: Operation, body: Value) -> Result<Value, OpError> {
+        k.execute(c, op, body.to_string().as_bytes(), &mut Touched::default())
+    }
+
+    fn code(r: Result<Value, OpError>) -> &'static str {
+        match r {
+            Ok(_) => "Ok",
+            Err(e) => e.code(),
+        }
+    }
+
+    #[test]
+    fn key_policy_iam_grants_and_deny_combine_as_aws_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = kms(dir.path());
+        let admin = caller(&format!("arn:aws:iam::{ACCT}:root"), None);
+        let alice = caller(&format!("arn:aws:iam::{ACCT}:user/Alice"), None);
+        let ebs = caller("ebs.amazonaws.com", None);
+        let ws_for_alice = caller(
+            "workspaces.amazonaws.com",
+            Some(&format!("arn:aws:iam::{ACCT}:user/Alice")),
+        );
+        let policy = crate::state::WORKSPACES_KEY_POLICY;
+        let key = call(&k, &admin, Operation::CreateKey, json!({"Policy": policy}))
+            .expect("CreateKey")["KeyMetadata"]["KeyId"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        let ctx = json!({"aws:ebs:id": "vol-1"});
+        let gdk = json!({"KeyId": key, "NumberOfBytes": 64, "EncryptionContext": ctx});
+        // Root statement delegates to IAM; Alice's IAM policy allows Describe but not use.
+        assert_eq!(
+            code(call(
+                &k,
+                &alice,
+                Operation::DescribeKey,
+                json!({"KeyId": key})
+            )),
+            "Ok"
+        );
+        assert_eq!(
+            code(call(
+                &k,
+                &alice,
+                Operation::GenerateDataKeyWithoutPlaintext,
+                gdk.clone()
+            )),
+            "AccessDeniedException"
+        );
+        // Through WorkSpaces the key policy's ViaService statement allows Alice.
+        assert_eq!(
+            code(call(
+                &k,
+                &ws_for_alice,
+                Operation::GenerateDataKeyWithoutPlaintext,
+                gdk.clone()
+            )),
+            "Ok"
+        );
+        // EBS: nothing, then a grant with a matching constraint.
+        assert_eq!(
+            code(call(
+                &k,
+                &ebs,
+                Operation::GenerateDataKeyWithoutPlaintext,
+                gdk.clone()
+            )),
+            "AccessDeniedException"
+        );
+        let grant = call(&k, &ws_for_alice, Operation::CreateGrant, json!({
+            "KeyId": key, "GranteePrincipal": "ebs.amazonaws.com", "Operations": ["GenerateDataKeyWithoutPlaintext"],
+            "Constraints": {"EncryptionContextEquals": ctx}
+        }))
+        .expect("CreateGrant through WorkSpaces (GrantIsForAWSResource)");
+        assert_eq!(
+            code(call(
+                &k,
+                &ebs,
+                Operation::GenerateDataKeyWithoutPlaintext,
+                gdk.clone()
+            )),
+            "Ok"
+        );
+        let other = json!({"KeyId": key, "NumberOfBytes": 64, "EncryptionContext": {"aws:ebs:id": "vol-2"}});
+        assert_eq!(
+            code(call(
+                &k,
+                &ebs,
+                Operation::GenerateDataKeyWithoutPlaintext,
+                other
+            )),
+            "AccessDeniedException"
+        );
+        // An explicit Deny in the key policy beats the grant.
+        let deny = json!({"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Principal": {"AWS": format!("arn:aws:iam::{ACCT}:root")}, "Action": "kms:*", "Resource": "*"},
+            {"Effect": "Deny", "Principal": {"Service": "ebs.amazonaws.com"}, "Action": "kms:GenerateDataKey*", "Resource": "*"}
+        ]});
+        call(
+            &k,
+            &admin,
+            Operation::PutKeyPolicy,
+            json!({"KeyId": key, "Policy": deny.to_string()}),
+        )
+        .expect("PutKeyPolicy");
+        assert_eq!(
+            code(call(
+                &k,
+                &ebs,
+                Operation::GenerateDataKeyWithoutPlaintext,
+                gdk.clone()
+            )),
+            "AccessDeniedException"
+        );
+        // Revoked grants stop at once.
+        call(
+            &k,
+            &admin,
+            Operation::PutKeyPolicy,
+            json!({"KeyId": key, "Policy": k.default_key_policy()}),
+        )
+        .expect("PutKeyPolicy");
+        assert_eq!(
+            code(call(
+                &k,
+                &ebs,
+                Operation::GenerateDataKeyWithoutPlaintext,
+                gdk.clone()
+            )),
+            "Ok"
+        );
+        call(
+            &k,
+            &admin,
+            Operation::RevokeGrant,
+            json!({"KeyId": key, "GrantId": grant["GrantId"]}),
+        )
+        .expect("RevokeGrant");
+        assert_eq!(
+            code(call(
+                &k,
+                &ebs,
+                Operation::GenerateDataKeyWithoutPlaintext,
+                gdk
+            )),
+            "AccessDeniedException"
+        );
+    }
+}
