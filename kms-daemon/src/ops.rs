@@ -998,7 +998,14 @@ impl Kms {
             .materials(&key.id)?
             .into_iter()
             .filter(|m| m.version > 1)
-            .map(|m| json!({"KeyId": key.arn, "RotationDate": m.created, "RotationType": "AUTOMATIC"}))
+            .map(|m| {
+                let kind = if key.on_demand_rotation == Some(m.created) {
+                    "ON_DEMAND"
+                } else {
+                    "AUTOMATIC"
+                };
+                json!({"KeyId": key.arn, "RotationDate": m.created, "RotationType": kind})
+            })
             .collect();
         let (items, next) = page(items, r.limit, r.marker.as_deref())?;
         Ok(paged(json!({}), "Rotations", items, next))

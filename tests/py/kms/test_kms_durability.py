@@ -168,3 +168,13 @@ def test_kill9_under_load_loses_nothing_acknowledged(fresh_daemon):
     assert set(keys) <= created
     encrypted = [r for r in log if r["eventName"] == "Encrypt" and "errorCode" not in r]
     assert len(encrypted) >= len(blobs)
+
+
+def test_audit_identity_for_on_behalf_of(daemon, admin, workspaces_for_alice):
+    key = admin.create_key(Policy=(__import__("kms_harness").REPO / "kms-daemon" / "policies" / "workspaces-key-policy.json").read_text())["KeyMetadata"]["KeyId"]
+    workspaces_for_alice.describe_key(KeyId=key)
+    rec = daemon.audit(key, "DescribeKey")[-1]
+    assert rec["userIdentity"]["arn"] == "arn:aws:iam::111122223333:user/Alice"
+    assert rec["userIdentity"]["type"] == "IAMUser"
+    assert rec["userIdentity"]["invokedBy"] == "workspaces.amazonaws.com"
+    assert rec["readOnly"] is True and "errorCode" not in rec

@@ -216,3 +216,18 @@ def test_rotation_status_and_on_demand(admin, key):
     assert admin.decrypt(CiphertextBlob=blob)["Plaintext"] == b"before"
     admin.disable_key_rotation(KeyId=key)
     assert admin.get_key_rotation_status(KeyId=key)["KeyRotationEnabled"] is False
+
+
+def test_list_key_policies_and_policy_size_limit(admin, key):
+    assert admin.list_key_policies(KeyId=key)["PolicyNames"] == ["default"]
+    big = json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Sid": "x" * 40000, "Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"}, "Action": "kms:*", "Resource": "*"}]})
+    with pytest.raises(ClientError) as e:
+        admin.put_key_policy(KeyId=key, PolicyName="default", Policy=big)
+    assert error_code(e) == "LimitExceededException"
+
+
+def test_list_key_rotations_types(admin, key):
+    admin.rotate_key_on_demand(KeyId=key)
+    rotations = admin.list_key_rotations(KeyId=key)["Rotations"]
+    assert [r["RotationType"] for r in rotations] == ["ON_DEMAND"]
