@@ -57,6 +57,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -170,7 +171,8 @@ pub struct JournalRecord {
     pub len: u64,
     /// Absolute backing offset of the journal copy (inside the keyslots area).
     pub offset: u64,
-    /// SHA-256 (hex) of the journal copy: the zone's old ciphertext.
+    /// Checksum of the journal copy (the zone's old ciphertext): SHA-256 over the SHA-256
+    /// digests of each 1 MiB chunk, hex.
     pub sha256: String,
 }
 
@@ -260,9 +262,17 @@ fn store_state(header: &mut Header, st: &RekeyState, backing: &dyn Backing) -> R
     Ok(())
 }
 
-fn sha256_hex(buf: &[u8]) -> String {
+/// The journal checksum: SHA-256 over the SHA-256 digests of each 1 MiB chunk (hex), so
+/// that the chunks hash in parallel.
+fn journal_checksum(buf: &[u8]) -> String {
+    use rayon::prelude::*;
     use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(buf))
+    let parts: Vec<Vec<u8>> = buf.par_chunks(1 << 20).map(|c| sha2::Sha256::digest(c).to_vec()).collect();
+    let mut h = sha2::Sha256::new();
+    for p in &parts {
+        h.update(p);
+    }
+    hex::encode(h.finalize())
 }
 
 /// Writes the non-hole sector runs of `buf` at absolute offset `at` (holes are never
@@ -319,7 +329,7 @@ pub fn recover(backing: &dyn Backing, header: &Header, old: &VolumeKey, new: &Vo
         }
         let mut buf = vec![0u8; len];
         backing.read_at(&mut buf, j.offset)?;
-        if sha256_hex(&buf) != j.sha256 {
+        if journal_checksum(&buf) != j.sha256 {
             return Err(RekeyError::JournalCorrupt { zone_start: j.zone_start });
         }
         let ss = usize::try_from(header.sector_size()).unwrap_or(4096);
@@ -331,12 +341,19 @@ pub fn recover(backing: &dyn Backing, header: &Header, old: &VolumeKey, new: &Vo
 }
 
 /// A rekey in progress on an open device: drives it hotzone by hotzone.
-#[derive(Debug)]
 pub struct Rekeyer {
     device: Arc<Device>,
     header: Header,
     st: RekeyState,
     journal_offset: u64,
+    /// Zone buffers (old and new ciphertext), reused from zone to zone.
+    scratch: (Vec<u8>, Vec<u8>),
+}
+
+impl std::fmt::Debug for Rekeyer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rekeyer").field("device", &self.device).field("checkpoint", &self.st).finish_non_exhaustive()
+    }
 }
 
 impl Rekeyer {
@@ -391,7 +408,7 @@ impl Rekeyer {
         let sector_size = SectorSize::try_from(header.sector_size()).map_err(|e| RekeyError::BadToken(e.to_string()))?;
         device.begin_rekey(SectorCipher::new(new, sector_size))?;
         let journal_offset = luks2::journal_area(&header).start;
-        Ok(Self { device, header, st, journal_offset })
+        Ok(Self { device, header, st, journal_offset, scratch: (Vec::new(), Vec::new()) })
     }
 
     /// Resumes the rekey of a device opened in rekey mode (after [`recover`], e.g. by
@@ -410,7 +427,7 @@ impl Rekeyer {
             )));
         }
         let journal_offset = luks2::journal_area(&header).start;
-        Ok(Self { device, header, st, journal_offset })
+        Ok(Self { device, header, st, journal_offset, scratch: (Vec::new(), Vec::new()) })
     }
 
     /// Progress so far.
@@ -452,21 +469,33 @@ impl Rekeyer {
         let geo = self.device.geometry();
         let ss = geo.sector_size.bytes();
         let _guard = self.device.lock_write(&zone);
-        let mut buf = vec![0u8; usize::try_from(e - b).expect("a hotzone fits in memory")];
-        backing.read_at(&mut buf, geo.data_offset + b)?;
-        let all_holes = buf.chunks(ss).all(is_zero);
+        let len = usize::try_from(e - b).expect("a hotzone fits in memory");
+        let (mut old, mut new) = std::mem::take(&mut self.scratch);
+        old.resize(len, 0);
+        backing.read_at(&mut old, geo.data_offset + b)?;
+        let all_holes = old.par_chunks(ss).all(is_zero);
         if !all_holes {
-            backing.write_at(&buf, self.journal_offset)?;
-            backing.flush()?;
+            // The journal write and its flush overlap with the checksum and the crypto,
+            // which only read the old ciphertext.
+            new.clear();
+            new.extend_from_slice(&old);
+            let device = &self.device;
+            let journal_offset = self.journal_offset;
+            let (journaled, (sum, crypted)) = rayon::join(
+                || backing.write_at(&old, journal_offset).and_then(|()| backing.flush()),
+                || (journal_checksum(&old), device.rekey_sectors(b, &mut new)),
+            );
+            journaled?;
+            crypted?;
             observe(StepPhase::Journaled, zone.clone());
-            self.st.journal = Some(JournalRecord { zone_start: b, len: e - b, offset: self.journal_offset, sha256: sha256_hex(&buf) });
+            self.st.journal = Some(JournalRecord { zone_start: b, len: e - b, offset: self.journal_offset, sha256: sum });
             store_state(&mut self.header, &self.st, &*backing)?;
             observe(StepPhase::Checkpointed, zone.clone());
-            self.device.rekey_sectors(b, &mut buf)?;
-            write_runs(&*backing, geo.data_offset + b, &buf, ss, false)?;
+            write_runs(&*backing, geo.data_offset + b, &new, ss, false)?;
             backing.flush()?;
             observe(StepPhase::Rewritten, zone.clone());
         }
+        self.scratch = (old, new);
         self.st.boundary = e;
         self.st.journal = None;
         store_state(&mut self.header, &self.st, &*backing)?;
