@@ -60,11 +60,26 @@ impl AuthError {
 }
 
 /// The access keys the daemon accepts.
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 pub struct Verifier {
     keys: HashMap<String, (String, Principal)>,
     region: String,
     account: String,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print secrets: access key ids and principals only.
+        let keys: Vec<_> = self
+            .keys
+            .iter()
+            .map(|(ak, (_, p))| (ak.as_str(), p.arn()))
+            .collect();
+        f.debug_struct("Verifier")
+            .field("keys", &keys)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
 }
 
 struct AuthHeader<'a> {

@@ -33,8 +33,8 @@ pub struct AliasRecord {
     pub created: i64,
 }
 
-/// An access key the daemon accepts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An access key the daemon accepts. `Debug` hides the secret.
+#[derive(Clone, PartialEq, Eq)]
 pub struct AccessKeyRecord {
     /// Access key id.
     pub access_key_id: String,
@@ -44,6 +44,16 @@ pub struct AccessKeyRecord {
     pub principal: String,
     /// Shared-credentials profile name.
     pub profile: String,
+}
+
+impl std::fmt::Debug for AccessKeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessKeyRecord")
+            .field("access_key_id", &self.access_key_id)
+            .field("principal", &self.principal)
+            .field("profile", &self.profile)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One stored version of a key's material (sealed under the root key).
