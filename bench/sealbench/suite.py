@@ -1,0 +1,171 @@
+"""The whole run: every contender side by side, repetitions interleaved (each repetition
+starts with a different contender) so drift from other load hits all of them."""
+import os
+import tempfile
+import time
+
+from . import fio, peers
+from .targets import LoopExt4, QsdLuks, RawFile, SealvolVolume
+from .util import Cleanup, machine_facts, rotated, summary
+
+SECTIONS = ("cipher", "fio", "scaling", "rss", "kms", "rekey")
+
+TARGET_LABELS = {
+    "raw": "raw backing file (host fs, O_DIRECT)",
+    "sealvol-plain": "sealvol unencrypted volume (FUSE)",
+    "sealvol-enc": "sealvol encrypted volume (FUSE)",
+    "qsd-luks": "qemu-storage-daemon LUKS FUSE export",
+    "ext4-sealvol-plain": "loop + ext4 on sealvol unencrypted",
+    "ext4-sealvol-enc": "loop + ext4 on sealvol encrypted",
+}
+
+REQUEST_SIZES = ["4k", "16k", "64k", "256k", "1M"]
+THREADS = [1, 2, 4]
+RSS_SIZES_GIB = [1, 10, 100]
+
+
+def _timed(fn):
+    t0 = time.monotonic()
+    fn()
+    return time.monotonic() - t0
+
+
+def run_fio_section(a, work, cl, res, log):
+    size = a.size_gib << 30
+    ws = a.working_set_mib << 20
+    t = {}
+    t["raw"] = RawFile(work, "raw", size)
+    cl.callback(t["raw"].close)
+    for name, enc in (("sealvol-plain", False), ("sealvol-enc", True)):
+        t[name] = SealvolVolume(a.sealvol, work, name, a.size_gib, encrypted=enc)
+        cl.callback(t[name].close)
+    t["qsd-luks"] = QsdLuks(work, "qsd", size)
+    cl.callback(t["qsd-luks"].close)
+    for name, enc in (("ext4-sealvol-plain", False), ("ext4-sealvol-enc", True)):
+        vol = SealvolVolume(a.sealvol, work, name + "-vol", a.size_gib, encrypted=enc)
+        cl.callback(vol.close)
+        t[name] = LoopExt4(vol, work, name)
+        cl.callback(t[name].close)
+    names = list(t)
+    res["fio_fill_mb_per_s"] = {}
+    for n in names:
+        dt = _timed(lambda: fio.fill(t[n].path, ws))
+        res["fio_fill_mb_per_s"][n] = ws / dt / 1e6
+    log(f"filled {a.working_set_mib} MiB on {len(names)} targets: "
+        + ", ".join(f"{n} {v:.0f} MB/s" for n, v in res["fio_fill_mb_per_s"].items()))
+    rss = {"after_fill": {n: v.agent_rss_kib() for n, v in t.items() if isinstance(v, SealvolVolume)}}
+    rss["after_fill"]["qsd-luks"] = t["qsd-luks"].rss_kib()
+
+    # One fio process per (repetition, target) runs every row; targets rotate per repetition.
+    per = {n: {row[0]: [] for row in fio.ROWS} for n in names}
+    jobs = [(row, rw, bs, qd) for row, rw, bs, qd, _ in fio.ROWS]
+    for rep in range(a.reps):
+        for n in rotated(names, rep):
+            for row, r in fio.run_batch(t[n].path, jobs, a.runtime, ws, a.ramp).items():
+                per[n][row].append(r)
+        log(f"fio repetition {rep + 1}/{a.reps} done")
+    out = {}
+    for row, rw, bs, qd, metric in fio.ROWS:
+        entry = {"rw": rw, "bs": bs, "iodepth": qd, "metric": metric,
+                 "targets": {n: summary([r[metric] for r in per[n][row]]) for n in names},
+                 "p99_us": {n: summary([r["p99_us"] for r in per[n][row]]) for n in names}}
+        out[row] = entry
+        med = {n: entry["targets"][n]["median"] for n in names}
+        log(f"{row:22s} " + " ".join(f"{n}={med[n]:.0f}" for n in names) + f" ({metric})")
+    res["fio"] = out
+
+    # Request-size scaling: random reads QD8 on the three FUSE files.
+    sc = {}
+    who = ["sealvol-plain", "sealvol-enc", "qsd-luks"]
+    per = {(n, bs): [] for n in who for bs in REQUEST_SIZES}
+    size_jobs = [(bs, "randread", bs, 8) for bs in REQUEST_SIZES]
+    for rep in range(a.reps):
+        for n in rotated(who, rep):
+            for bs, r in fio.run_batch(t[n].path, size_jobs, a.scale_runtime, ws, a.scale_ramp).items():
+                per[(n, bs)].append(r["mb_per_s"])
+    for (n, bs), xs in per.items():
+        sc.setdefault(n, {})[bs] = summary(xs)
+    res.setdefault("scaling", {})["request_size_randread_qd8_mb_per_s"] = sc
+    log("request size (randread QD8, MB/s): " + "; ".join(
+        f"{n}: " + " ".join(f"{bs}={sc[n][bs]['median']:.0f}" for bs in REQUEST_SIZES) for n in who))
+
+    rss["after_load"] = {n: v.agent_rss_kib() for n, v in t.items() if isinstance(v, SealvolVolume)}
+    rss["after_load"]["qsd-luks"] = t["qsd-luks"].rss_kib()
+    res["rss_fio_targets_kib"] = rss
+    for n in reversed(names):
+        t[n].close()
+        if isinstance(t[n], LoopExt4):
+            t[n].under.close()
+
+
+def run_thread_scaling(a, work, cl, res, log):
+    ws = a.working_set_mib << 20
+    vol = SealvolVolume(a.sealvol, work, "threads", a.size_gib, encrypted=True, threads=4)
+    cl.callback(vol.close)
+    fio.fill(vol.path, ws)
+    vol.detach()
+    jobs = [("seq-read-1M-qd4", "read", "1M", 4, "mb_per_s"), ("rand-read-4k-qd16", "randread", "4k", 16, "iops"),
+            ("rand-write-4k-qd16", "randwrite", "4k", 16, "iops")]
+    per = {(j[0], th): [] for j in jobs for th in THREADS}
+    for rep in range(a.reps):
+        for th in rotated(THREADS, rep):
+            vol.attach(th)
+            got = fio.run_batch(vol.path, [j[:4] for j in jobs], a.scale_runtime, ws, a.scale_ramp)
+            for name, rw, bs, qd, metric in jobs:
+                per[(name, th)].append(got[name][metric])
+            vol.detach()
+    out = {}
+    for (name, th), xs in per.items():
+        out.setdefault(name, {})[str(th)] = summary(xs)
+    res.setdefault("scaling", {})["fuse_threads_encrypted"] = out
+    log("FUSE threads (encrypted): " + "; ".join(
+        f"{n}: " + " ".join(f"{th}t={out[n][str(th)]['median']:.0f}" for th in THREADS) for n in out))
+    vol.close()
+
+
+def run_rss_scaling(a, work, cl, res, log):
+    """Agent RSS as the (sparse) volume grows: right after attach, and after random 4 KiB
+    writes then reads spread over the whole volume."""
+    out = {}
+    for g in RSS_SIZES_GIB:
+        vol = SealvolVolume(a.sealvol, work, f"rss{g}", g, encrypted=True)
+        cl.callback(vol.close)
+        idle = vol.agent_rss_kib()
+        size = g << 30
+        fio.run_batch(vol.path, [("w", "randwrite", "4k", 16), ("r", "randread", "4k", 16)], a.scale_runtime, size, 0)
+        out[f"{g}"] = {"rss_after_attach_kib": idle, "rss_after_io_kib": vol.agent_rss_kib(),
+                       "backing_allocated_mib": vol.backing_allocated_bytes() / 2**20}
+        vol.close()
+    res["rss_vs_volume_size"] = out
+    log("agent RSS (KiB) after I/O, by volume size: " + ", ".join(
+        f"{g} GiB={v['rss_after_io_kib']}" for g, v in out.items()))
+
+
+def run(a, log):
+    res = {"machine": machine_facts(), "params": {k: v for k, v in vars(a).items()},
+           "target_labels": TARGET_LABELS, "errors": {}}
+    t_start = time.monotonic()
+    work = tempfile.mkdtemp(prefix="sealvol-bench-", dir="/var/tmp")
+    with Cleanup(work) as cl:
+        steps = {
+            "cipher": lambda: res.__setitem__("cipher", peers.cipher(a.sealvol, a.reps, a.cipher_seconds, log)),
+            "fio": lambda: run_fio_section(a, work, cl, res, log),
+            "scaling": lambda: run_thread_scaling(a, work, cl, res, log),
+            "rss": lambda: run_rss_scaling(a, work, cl, res, log),
+            "kms": lambda: res.__setitem__("kms", peers.kms(a.kms_daemon, a.kms_load, a.moto_server, work, cl, a.reps,
+                                                            a.kms_duration, a.kms_warmup, log)),
+            "rekey": lambda: res.__setitem__("rekey", peers.rekey(a.sealvol, work, a.reps, a.rekey_size_gib, log)),
+        }
+        for name in a.only:
+            t0 = time.monotonic()
+            try:
+                steps[name]()
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # one failed section must not lose the others
+                res["errors"][name] = f"{type(e).__name__}: {e}"
+                log(f"!! {name} failed: {e}")
+            res.setdefault("section_seconds", {})[name] = round(time.monotonic() - t0, 1)
+    res["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+    res["total_seconds"] = round(time.monotonic() - t_start, 1)
+    return res
