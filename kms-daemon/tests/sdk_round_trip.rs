@@ -150,3 +150,53 @@ async fn generate_data_key_without_plaintext_then_decrypt_with_context() {
         Some("AccessDeniedException")
     );
 }
+
+/// How a service principal (the WorkSpaces controller) acts for a user with the Rust SDK:
+/// `customize().mutate_request` adds `x-sealvol-on-behalf-of` before signing, so the
+/// header is covered by SigV4 and the user's key policy statements with
+/// `kms:ViaService` apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspaces_acts_for_alice_with_a_signed_header() {
+    let d = start_daemon();
+    let state = state_dir(&d);
+    let admin = client(&state, "admin").await;
+    let workspaces = client(&state, "workspaces").await;
+    let policy = include_str!("../policies/workspaces-key-policy.json");
+    let key = admin
+        .create_key()
+        .policy(policy)
+        .send()
+        .await
+        .expect("CreateKey");
+    let key_id = key.key_metadata().expect("metadata").key_id().to_owned();
+
+    // As itself, WorkSpaces has no statement in Alice's key policy.
+    let denied = workspaces
+        .generate_data_key_without_plaintext()
+        .key_id(&key_id)
+        .number_of_bytes(64)
+        .send()
+        .await
+        .expect_err("no grant, no statement");
+    assert_eq!(
+        denied.into_service_error().code(),
+        Some("AccessDeniedException")
+    );
+
+    let out = workspaces
+        .generate_data_key_without_plaintext()
+        .key_id(&key_id)
+        .number_of_bytes(64)
+        .encryption_context("aws:ebs:id", "vol-0obo")
+        .customize()
+        .mutate_request(|req| {
+            req.headers_mut().insert(
+                "x-sealvol-on-behalf-of",
+                "arn:aws:iam::111122223333:user/Alice",
+            );
+        })
+        .send()
+        .await
+        .expect("allowed through kms:ViaService for Alice");
+    assert!(out.ciphertext_blob().is_some());
+}
