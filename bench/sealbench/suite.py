@@ -154,7 +154,7 @@ def run(a, log):
             "rss": lambda: run_rss_scaling(a, work, cl, res, log),
             "kms": lambda: res.__setitem__("kms", peers.kms(a.kms_daemon, a.kms_load, a.moto_server, work, cl, a.reps,
                                                             a.kms_duration, a.kms_warmup, log)),
-            "rekey": lambda: res.__setitem__("rekey", peers.rekey(a.sealvol, work, a.reps, a.rekey_size_gib, log)),
+            "rekey": lambda: res.__setitem__("rekey", peers.rekey(a.sealvol, work, a.rekey_reps, a.rekey_size_gib, log)),
         }
         for name in a.only:
             t0 = time.monotonic()
