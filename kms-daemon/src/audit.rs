@@ -68,6 +68,11 @@ impl AuditLog {
             .mode(0o600)
             .open(path)?;
         drop_torn_tail(&file)?;
+        // Make the file's directory entry durable too, or a crash could lose the
+        // whole (synced) log of a first start.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("audit-writer".into())

@@ -99,6 +99,7 @@ impl StateDir {
         }
         let root = RootKey::load_or_create(&root_path)?;
         let store = SqliteStore::open(&dir.join("kms.db"))?;
+        sync_parent(&dir.join("kms.db"))?;
         if store.access_keys()?.is_empty() {
             const UPPER: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
             const SECRET: &[u8] =
@@ -156,6 +157,16 @@ impl StateDir {
     }
 }
 
+/// Syncs the directory holding `path` so a new or renamed entry survives a crash.
+fn sync_parent(path: &Path) -> Result<(), StateError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
 /// Atomically replaces `path` with `content`, mode 0600, durably.
 pub fn write_private(path: &Path, content: &str) -> Result<(), StateError> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -170,6 +181,7 @@ pub fn write_private(path: &Path, content: &str) -> Result<(), StateError> {
     f.write_all(content.as_bytes()).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    sync_parent(path)?;
     Ok(())
 }
 
