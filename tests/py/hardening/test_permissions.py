@@ -1,0 +1,113 @@
+"""Permissions of every file sealvol and kms-daemon write (docs/threat-model.md §4):
+keys, databases, credentials, audit log and volume files are 0600 (no group/other bits);
+state directories 0700; FUSE mounts are private (no allow_other; nosuid, nodev, noexec;
+root 0700, volume files 0600) and mountpoints are not world-writable; the attach agent
+cannot dump core."""
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import SEALVOL_BIN, skip_or_fail
+from kms_harness import Daemon
+
+
+def mode(p: Path) -> int:
+    return stat.S_IMODE(p.lstat().st_mode)
+
+
+def private_tree(root: Path):
+    """Every file under `root` without group/other bits; every directory 0700."""
+    bad = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        if mode(d) & 0o077:
+            bad.append(f"{d} {oct(mode(d))}")
+        for name in filenames:
+            p = d / name
+            if p.is_socket():
+                continue
+            if mode(p) & 0o077:
+                bad.append(f"{p} {oct(mode(p))}")
+    return bad
+
+
+def test_kms_daemon_state_is_private(tmp_path):
+    os.umask(0o022)  # the usual umask: the daemon must not depend on a strict one
+    d = Daemon(tmp_path / "state").start()
+    try:
+        status, body = d.raw("TrentService.CreateKey", {"Description": "perm"})
+        assert status == 200, body
+        state = d.state_dir
+        names = {p.name for p in state.iterdir()}
+        for must in ("kms.db", "root.key", "credentials", "config", "audit.log"):
+            assert must in names, must
+        assert mode(state) == 0o700, oct(mode(state))
+        for name in ("kms.db", "root.key", "credentials", "audit.log"):
+            assert mode(state / name) == 0o600, f"{name} is {oct(mode(state / name))}"
+        assert private_tree(state) == []
+        ready = tmp_path / "state.ready"
+        assert mode(ready) & 0o077 == 0, f"ready file {oct(mode(ready))}"
+    finally:
+        assert d.stop() == 0
+
+
+def test_sealvol_volume_mount_and_agent_are_private(tmp_path):
+    if os.geteuid() != 0:
+        skip_or_fail("needs root for a FUSE mount")
+    if not Path("/dev/fuse").exists():
+        skip_or_fail("/dev/fuse is missing")
+    if not SEALVOL_BIN.exists():
+        pytest.fail(f"sealvol binary not found at {SEALVOL_BIN}")
+    os.umask(0o022)
+    env = dict(os.environ, SEALVOL_RUNTIME_DIR=str(tmp_path / "run"))
+    vol, key, mnt = tmp_path / "vol.luks", tmp_path / "key", tmp_path / "mnt"
+    raw = bytearray(os.urandom(64))
+    raw[32:] = bytes(b ^ 0xA5 for b in raw[:32])
+    key.write_bytes(bytes(raw))
+    key.chmod(0o600)
+    mnt.mkdir(mode=0o755)
+
+    def sv(*args):
+        p = subprocess.run([str(SEALVOL_BIN), *map(str, args)], env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        return p
+
+    sv("create-volume", "--path", vol, "--size-gib", "1", "--volume-key-file", key)
+    assert mode(vol) == 0o600, f"volume file {oct(mode(vol))}"
+    sv("attach", "--path", vol, "--mountpoint", mnt, "--volume-key-file", key)
+    try:
+        with open("/proc/self/mounts") as f:
+            entry = next(l.split() for l in f if l.split()[1] == str(mnt))
+        opts = entry[3].split(",")
+        assert entry[2].startswith("fuse"), entry
+        for o in ("nosuid", "nodev", "noexec"):
+            assert o in opts, f"FUSE mount lacks {o}: {opts}"
+        assert "allow_other" not in opts, f"FUSE mount allows other users: {opts}"
+        assert mode(mnt) & 0o002 == 0, f"mountpoint world-writable: {oct(mode(mnt))}"
+        assert mode(mnt) & 0o077 == 0, f"FUSE root {oct(mode(mnt))}"
+        assert mode(mnt / "disk") == 0o600, f"volume file in the mount {oct(mode(mnt / 'disk'))}"
+        # The agent's record names volume paths only; it must not be writable by others,
+        # and the agent must not dump core (it holds the data key).
+        run = tmp_path / "run"
+        assert mode(run) & 0o022 == 0, f"runtime dir {oct(mode(run))}"
+        records = list(run.rglob("*"))
+        assert records, "attach wrote no agent record"
+        pid = None
+        for r in records:
+            if r.is_file():
+                assert mode(r) & 0o022 == 0, f"{r} {oct(mode(r))}"
+                text = r.read_text()
+                assert key.read_bytes().hex() not in text
+                pid = json.loads(text).get("pid", pid)
+        assert pid, "agent record without a pid"
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        core = next(l for l in limits.splitlines() if l.startswith("Max core file size"))
+        assert core.split()[4] == "0", f"agent may dump core: {core}"
+    finally:
+        sv("detach", "--mountpoint", mnt)
+    assert mode(vol) == 0o600
