@@ -111,3 +111,15 @@ def test_sealvol_volume_mount_and_agent_are_private(tmp_path):
     finally:
         sv("detach", "--mountpoint", mnt)
     assert mode(vol) == 0o600
+
+
+def test_controller_state_is_private(tmp_path):
+    if not SEALVOL_BIN.exists():
+        pytest.fail(f"sealvol binary not found at {SEALVOL_BIN}")
+    os.umask(0o022)
+    state = tmp_path / "sealvol-state"
+    p = subprocess.run([str(SEALVOL_BIN), "register-directory", "--directory-id", "d-906734f0a1", "--state-dir", str(state)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert mode(state / "controller.db") == 0o600
+    assert private_tree(state) == []
