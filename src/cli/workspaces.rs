@@ -199,6 +199,18 @@ pub enum WorkspaceCmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Re-encrypt a WorkSpace's data-key blobs under another KMS key (no data rewritten).
+    RewrapVolume {
+        /// WorkSpace id (every encrypted volume of it is rewrapped).
+        #[arg(long)]
+        workspace_id: String,
+        /// The new KMS key (id, ARN or alias).
+        #[arg(long)]
+        volume_encryption_key: String,
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
     /// (internal) The per-WorkSpace agent the controller starts.
     #[command(hide = true)]
     Agent {
@@ -398,6 +410,16 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
         WorkspaceCmd::ModifyWorkspaceProperties { workspace_id, root_volume_encryption_enabled, user_volume_encryption_enabled, common } => {
             common.controller()?.modify_encryption(&workspace_id, root_volume_encryption_enabled, user_volume_encryption_enabled)?;
             println!("nothing to change");
+        }
+        WorkspaceCmd::RewrapVolume { workspace_id, volume_encryption_key, common } => {
+            let vols = common.controller()?.rewrap(&workspace_id, &volume_encryption_key)?;
+            if common.output == Output::Json {
+                print_json(&serde_json::json!({ "Volumes": vols }));
+            } else {
+                for v in vols.iter().filter(|v| v.encrypted) {
+                    println!("{} ({}) now wrapped under {}", v.volume_id, v.kind, v.kms_key_id.as_deref().unwrap_or("-"));
+                }
+            }
         }
         WorkspaceCmd::Agent { state_dir, workspace_id, ebs_profile } => {
             Controller::run_agent(&state_dir, &workspace_id, &ebs_profile, |r| match r {

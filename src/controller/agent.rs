@@ -83,20 +83,42 @@ pub fn volume_context(sid: &str, directory_id: &str, volume_id: &str) -> Encrypt
     c
 }
 
-fn open_volume(v: &Volume, context: &EncryptionContext, ebs: Option<&KmsClient>) -> Result<volume::OpenVolume, AgentError> {
+/// An opened volume and whether an interrupted rekey must resume once it is served.
+struct Opened {
+    volume: volume::OpenVolume,
+    resume_rekey: bool,
+}
+
+fn unwrap(ebs: &KmsClient, v: &Volume, token: &crate::luks2::KmsToken, context: &EncryptionContext) -> Result<crate::secret::VolumeKey, AgentError> {
+    // The context is the one this volume must have (from the registry), never the one the
+    // header claims: KMS authenticates it against the blob, so a volume file copied from
+    // another WorkSpace or edited to another user's context cannot be unwrapped here.
+    ebs.decrypt_volume_key(&token.ciphertext_blob, context, Some(&token.key_arn), &[])
+        .map_err(|source| AgentError::Unwrap { volume_id: v.volume_id.clone(), kind: v.kind.clone(), source })
+}
+
+fn open_volume(v: &Volume, context: &EncryptionContext, ebs: Option<&KmsClient>) -> Result<Opened, AgentError> {
     if !v.encrypted {
-        return Ok(volume::open_plain(&v.path)?);
+        return Ok(Opened { volume: volume::open_plain(&v.path)?, resume_rekey: false });
     }
     let header = volume::read_header(&v.path)?;
     let token = header.kms_token().ok_or_else(|| AgentError::NoToken(v.volume_id.clone()))?;
     let ebs = ebs.ok_or_else(|| AgentError::Other("no KMS client".into()))?;
-    // The context is the one this volume must have (from the registry), never the one the
-    // header claims: KMS authenticates it against the blob, so a volume file copied from
-    // another WorkSpace or edited to another user's context cannot be unwrapped here.
-    let key = ebs
-        .decrypt_volume_key(&token.ciphertext_blob, context, Some(&token.key_arn), &[])
-        .map_err(|source| AgentError::Unwrap { volume_id: v.volume_id.clone(), kind: v.kind.clone(), source })?;
-    Ok(volume::open_encrypted(&v.path, &key)?)
+    let key = unwrap(ebs, v, token, context)?;
+    if crate::rekey::in_progress(&header) {
+        // An interrupted rekey: the header holds the new key's blob too; unwrap both and
+        // resume in the background once the volume is served.
+        let state = crate::rekey::state(&header)
+            .map_err(|e| AgentError::Other(e.to_string()))?
+            .ok_or_else(|| AgentError::Other(format!("volume {}: unreadable rekey state", v.volume_id)))?;
+        let new_token = state
+            .new_kms_token
+            .ok_or_else(|| AgentError::Other(format!("volume {}: interrupted rekey without the new key's KMS token", v.volume_id)))?;
+        let new_key = unwrap(ebs, v, &new_token, context)?;
+        let volume = crate::rekey::open_resuming(&v.path, &key, &new_key).map_err(|e| AgentError::Other(e.to_string()))?;
+        return Ok(Opened { volume, resume_rekey: true });
+    }
+    Ok(Opened { volume: volume::open_encrypted(&v.path, &key)?, resume_rekey: false })
 }
 
 /// Runs the agent for `workspace_id` in this process until stopped.
@@ -122,6 +144,7 @@ pub fn run(
     let paths = AgentPaths::new(state_dir, workspace_id);
     let ebs = if vols.iter().any(|v| v.encrypted) { Some(KmsClient::connect(ebs_profile, None)?) } else { None };
     let mut exports = Vec::new();
+    let mut resume = Vec::new();
     let mut needs_mkfs = Vec::new();
     for v in &vols {
         let context = volume_context(&user.sid, &ws.directory_id, &v.volume_id);
@@ -129,7 +152,10 @@ pub fn run(
         if v.kind == "user" && !v.formatted {
             needs_mkfs.push(v.volume_id.clone());
         }
-        exports.push(Export { name: v.kind.clone(), device: opened.device });
+        if opened.resume_rekey {
+            resume.push(v.kind.clone());
+        }
+        exports.push(Export { name: v.kind.clone(), device: opened.volume.device });
     }
     drop(ebs);
     std::fs::create_dir_all(&paths.fuse_dir).map_err(|e| AgentError::Other(format!("{}: {e}", paths.fuse_dir.display())))?;
@@ -138,7 +164,7 @@ pub fn run(
     let fuse_dir = paths.fuse_dir.clone();
     let mnt_dir = paths.mnt_dir.clone();
     let state_dir = state_dir.to_path_buf();
-    let result = attach::serve(&paths.fuse_dir, exports, 4, move || {
+    let result = attach::serve_with(&paths.fuse_dir, exports, 4, &resume, move || {
         std::thread::spawn(move || {
             let r = mount_filesystems(&state_dir, &fuse_dir, &mnt_dir, &needs_mkfs);
             if let Err(e) = &r {

@@ -1034,6 +1034,91 @@ impl Controller {
         Ok(())
     }
 
+    /// `rewrap-volume`: re-encrypts every volume's data-key blob of a WorkSpace under
+    /// another KMS key (ReEncrypt; no data rewritten), with new grants on that key and an
+    /// atomic header update per volume; the old key's grants are retired, so the old key
+    /// can then be disabled and the WorkSpace still reboots.
+    ///
+    /// # Errors
+    /// Unknown or unencrypted WorkSpace, unusable key, KMS refusals (nothing is changed
+    /// for a volume whose rewrap failed; volumes already rewrapped stay valid).
+    pub fn rewrap(&self, workspace_id: &str, new_key: &str) -> Result<Vec<VolumeView>, ControllerError> {
+        let mut w = self.reg.workspace(workspace_id)?.ok_or_else(|| api("ResourceNotFoundException", format!("WorkSpace {workspace_id} does not exist")))?;
+        if w.key_arn.is_empty() {
+            return Err(api("InvalidResourceStateException", format!("WorkSpace {workspace_id} has no encrypted volume to rewrap")));
+        }
+        if matches!(w.state, WorkspaceState::Terminating | WorkspaceState::Terminated | WorkspaceState::Pending) {
+            return Err(api("InvalidResourceStateException", format!("WorkSpace {workspace_id} is {}", w.state)));
+        }
+        let user = self.reg.user(&w.directory_id, &w.user_name)?.ok_or_else(|| ControllerError::Local(format!("user {} vanished", w.user_name)))?;
+        let admin = self.service_for_admin()?;
+        let info = admin.describe_key(new_key)?;
+        if info.spec != "SYMMETRIC_DEFAULT" {
+            return Err(api("KMS.InvalidKeyUsageException", format!("key {} is {}, not a symmetric encryption key", info.arn, info.spec)));
+        }
+        if let Some((code, message)) = key_state_refusal(&info, "rewrap") {
+            return Err(api(&code, message));
+        }
+        if info.arn == w.key_arn {
+            return Err(api("InvalidParameterValuesException", format!("WorkSpace {workspace_id} is already under {}", info.arn)));
+        }
+        for v in self.reg.volumes(Some(workspace_id))? {
+            if let Ok(h) = volume::read_header(&v.path) {
+                if crate::rekey::in_progress(&h) {
+                    return Err(api("InvalidResourceStateException", format!("volume {} is being rekeyed; rewrap after the rekey finishes", v.volume_id)));
+                }
+            }
+        }
+        let old_key = w.key_arn.clone();
+        let old_ws_grant = w.ws_grant_id.clone();
+        // A WorkSpaces grant on the new key, for this user.
+        let ws_grant = admin.create_grant(&GrantSpec {
+            key_id: info.arn.clone(),
+            grantee: WORKSPACES_SERVICE.into(),
+            retiring: Some(WORKSPACES_SERVICE.into()),
+            operations: vec!["Decrypt", "GenerateDataKeyWithoutPlaintext", "ReEncryptFrom", "ReEncryptTo", "CreateGrant"],
+            context_equals: None,
+            context_subset: Some(ctx_subset(&user.sid, &w.directory_id)),
+            name: Some(format!("workspaces-{workspace_id}")),
+        })?;
+        let service = self.service()?;
+        let ebs = self.ebs()?;
+        for v in self.reg.volumes(Some(workspace_id))?.into_iter().filter(|v| v.encrypted) {
+            let context = volume_context(&user.sid, &w.directory_id, &v.volume_id);
+            let grant = service.create_grant(&GrantSpec {
+                key_id: info.arn.clone(),
+                grantee: EBS_SERVICE.into(),
+                retiring: Some(WORKSPACES_SERVICE.into()),
+                operations: vec!["Decrypt", "GenerateDataKeyWithoutPlaintext", "ReEncryptFrom", "ReEncryptTo"],
+                context_equals: Some(context.clone()),
+                context_subset: None,
+                name: Some(format!("ebs-{}", v.volume_id)),
+            })?;
+            let mut header = volume::read_header(&v.path).map_err(|e| ControllerError::Local(e.to_string()))?;
+            let token = header.kms_token().cloned().ok_or_else(|| ControllerError::Local(format!("volume {} has no KMS token", v.volume_id)))?;
+            let (blob, arn) = ebs.re_encrypt(&token.ciphertext_blob, &context, &info.arn, &context, &[grant.grant_token.clone()])?;
+            header.set_kms_token(KmsToken { key_arn: if arn.is_empty() { info.arn.clone() } else { arn }, ciphertext_blob: blob, ..token });
+            let backing = crate::backing::FileBacking::open(&v.path).map_err(|e| ControllerError::Local(e.to_string()))?;
+            header.write(&backing).map_err(|e| ControllerError::Local(e.to_string()))?;
+            let old_grant = v.grant_id.clone();
+            self.reg.put_volume(&Volume { key_arn: info.arn.clone(), grant_id: grant.grant_id, ..v })?;
+            if !old_grant.is_empty() {
+                if let Err(e) = service.retire_grant(&old_key, &old_grant) {
+                    tracing::warn!("retiring the old EBS grant {old_grant}: {e}");
+                }
+            }
+        }
+        w.key_arn = info.arn.clone();
+        w.ws_grant_id = ws_grant.grant_id;
+        self.reg.update_workspace(&w)?;
+        if !old_ws_grant.is_empty() {
+            if let Err(e) = service.retire_grant(&old_key, &old_ws_grant) {
+                tracing::warn!("retiring the old WorkSpaces grant {old_ws_grant}: {e}");
+            }
+        }
+        self.describe_volumes(Some(workspace_id))
+    }
+
     /// `create-workspace-image`: refused for encrypted WorkSpaces (as the API does).
     ///
     /// # Errors

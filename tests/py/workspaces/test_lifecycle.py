@@ -12,7 +12,7 @@ import subprocess
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import DIRECTORY, wait_for
+from conftest import DIRECTORY, KEY_POLICY, wait_for
 
 
 def write_synced(path, data):
@@ -204,4 +204,23 @@ def test_revoked_ebs_grant_fails_attach_clearly(sv, admin, cmk):
     failed = json.loads(r.stdout)["FailedRequests"][0]
     assert failed["ErrorCode"] == "AttachFailed"
     assert user_vol["VolumeId"] in failed["ErrorMessage"] and "AccessDeniedException" in failed["ErrorMessage"], failed
+    sv.run("terminate-workspaces", "--workspace-ids", ws)
+
+
+def test_rewrap_to_another_key_then_retire_the_old_one(sv, admin, cmk, daemon):
+    ws = sv.launch("ivan", key=cmk)
+    home = sv.mnt(ws) / "home"
+    write_synced(home / "data.txt", "survives rewrap\n")
+    before = {v["VolumeId"]: os.path.getsize(v["Path"]) for v in sv.json("describe-volumes", "--workspace-id", ws)["Volumes"]}
+    k2 = admin.create_key(Policy=KEY_POLICY, Description="rewrap target")["KeyMetadata"]["Arn"]
+    vols = sv.json("rewrap-volume", "--workspace-id", ws, "--volume-encryption-key", k2)["Volumes"]
+    assert all(v["KmsKeyId"] == k2 for v in vols)
+    assert {v["VolumeId"] for v in vols} == set(before), "same volumes: no data rewritten"
+    assert sv.describe(ws)["VolumeEncryptionKey"] == k2
+    old = [g for g in admin.list_grants(KeyId=cmk)["Grants"] if g["GranteePrincipal"] in ("ebs.amazonaws.com", "workspaces.amazonaws.com")]
+    assert old == [], "grants on the old key retired"
+    admin.disable_key(KeyId=cmk)
+    assert sv.json("reboot-workspaces", "--workspace-ids", ws)["FailedRequests"] == []
+    assert (home / "data.txt").read_text() == "survives rewrap\n"
+    admin.enable_key(KeyId=cmk)
     sv.run("terminate-workspaces", "--workspace-ids", ws)
