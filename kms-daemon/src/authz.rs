@@ -409,4 +409,38 @@ mod tests {
             "AccessDeniedException"
         );
     }
+
+    #[test]
+    fn sweep_purges_keys_whose_deletion_window_passed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(SqliteStore::open(&dir.path().join("kms.db")).expect("opens"));
+        let clock = Arc::new(OffsetClock::new(0));
+        let k = Kms::new(
+            store.clone(),
+            RootKey::from_key(SymmetricKey::generate()),
+            clock.clone(),
+            ACCT,
+            "us-east-1",
+        );
+        let admin = caller(&format!("arn:aws:iam::{ACCT}:root"), None);
+        let key = call(&k, &admin, Operation::CreateKey, json!({})).expect("CreateKey")["KeyMetadata"]["KeyId"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        call(
+            &k,
+            &admin,
+            Operation::ScheduleKeyDeletion,
+            json!({"KeyId": key, "PendingWindowInDays": 7}),
+        )
+        .expect("schedule");
+        assert_eq!(k.sweep().expect("sweeps"), 0);
+        clock.advance(7 * 86_400 + 1);
+        assert_eq!(k.sweep().expect("sweeps"), 1);
+        assert!(
+            crate::store::KeyStore::materials(store.as_ref(), &key)
+                .expect("reads")
+                .is_empty()
+        );
+    }
 }

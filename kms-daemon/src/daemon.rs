@@ -82,6 +82,7 @@ pub async fn run(
         &cfg.account,
         &cfg.region,
     ));
+    spawn_lifecycle_sweep(kms.clone());
     let app = router(AppState {
         kms,
         verifier: Arc::new(verifier),
@@ -104,4 +105,23 @@ pub async fn run(
     crate::server::serve(listener, app, shutdown).await;
     tracing::info!("kms-daemon stopped");
     Ok(())
+}
+
+/// How often due deletions and rotations are applied to keys nobody touches.
+pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn spawn_lifecycle_sweep(kms: Arc<Kms>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            tick.tick().await;
+            let k = kms.clone();
+            match tokio::task::spawn_blocking(move || k.sweep()).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(deleted = n, "key deletions completed"),
+                Ok(Err(e)) => tracing::error!(error = %e, "lifecycle sweep failed"),
+                Err(e) => tracing::error!(error = %e, "lifecycle sweep panicked"),
+            }
+        }
+    });
 }

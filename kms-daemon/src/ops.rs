@@ -371,6 +371,21 @@ impl Kms {
         Ok(Some(key))
     }
 
+    /// Applies due lifecycle events to every key: completes deletions whose window has
+    /// passed (purging their material) and runs due automatic rotations, also for keys
+    /// nobody uses. Returns how many keys were deleted.
+    pub fn sweep(&self) -> Result<usize, OpError> {
+        let mut deleted = 0;
+        for (id, _) in self.store.list_keys()? {
+            if let Some(k) = self.store.key(&id)? {
+                if self.refresh(k)?.is_none() {
+                    deleted += 1;
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
     fn not_found(key_id: &str) -> OpError {
         OpError::NotFound(format!("Key '{key_id}' does not exist"))
     }

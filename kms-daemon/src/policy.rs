@@ -730,7 +730,13 @@ mod invariant_tests {
         "arn:aws:iam::444455556666:user/Mallory",
         "ebs.amazonaws.com",
     ];
-    const ACTIONS: [&str; 5] = ["kms:Decrypt", "kms:CreateGrant", "kms:DescribeKey", "kms:GenerateDataKey", "kms:PutKeyPolicy"];
+    const ACTIONS: [&str; 5] = [
+        "kms:Decrypt",
+        "kms:CreateGrant",
+        "kms:DescribeKey",
+        "kms:GenerateDataKey",
+        "kms:PutKeyPolicy",
+    ];
 
     fn principal(i: usize) -> Principal {
         Principal::parse(PRINCIPALS[i]).unwrap_or_else(|| Principal::Service(PRINCIPALS[i].into()))
@@ -751,26 +757,43 @@ mod invariant_tests {
         ];
         let condition = prop_oneof![
             Just(None),
-            Just(Some(json!({"StringEquals": {"kms:CallerAccount": "111122223333"}}))),
-            Just(Some(json!({"StringLike": {"kms:ViaService": "workspaces.*.amazonaws.com"}}))),
+            Just(Some(
+                json!({"StringEquals": {"kms:CallerAccount": "111122223333"}})
+            )),
+            Just(Some(
+                json!({"StringLike": {"kms:ViaService": "workspaces.*.amazonaws.com"}})
+            )),
             Just(Some(json!({"Bool": {"kms:GrantIsForAWSResource": "true"}}))),
-            Just(Some(json!({"ForAllValues:StringEquals": {"kms:EncryptionContextKeys": ["aws:ebs:id"]}}))),
-            Just(Some(json!({"StringNotEqualsIfExists": {"kms:EncryptionContext:aws:ebs:id": "vol-2"}}))),
+            Just(Some(
+                json!({"ForAllValues:StringEquals": {"kms:EncryptionContextKeys": ["aws:ebs:id"]}})
+            )),
+            Just(Some(
+                json!({"StringNotEqualsIfExists": {"kms:EncryptionContext:aws:ebs:id": "vol-2"}})
+            )),
             Just(Some(json!({"Null": {"kms:ViaService": "true"}}))),
         ];
-        (any::<bool>(), 0u8..3, principal, any::<bool>(), action, condition).prop_map(|(allow, p_kind, p, not_action, a, c)| {
-            let mut s = json!({"Effect": if allow { "Allow" } else { "Deny" }, "Resource": "*"});
-            match p_kind {
-                0 => s["Principal"] = p,
-                1 => s["NotPrincipal"] = p,
-                _ => {}
-            }
-            s[if not_action { "NotAction" } else { "Action" }] = a;
-            if let Some(c) = c {
-                s["Condition"] = c;
-            }
-            s
-        })
+        (
+            any::<bool>(),
+            0u8..3,
+            principal,
+            any::<bool>(),
+            action,
+            condition,
+        )
+            .prop_map(|(allow, p_kind, p, not_action, a, c)| {
+                let mut s =
+                    json!({"Effect": if allow { "Allow" } else { "Deny" }, "Resource": "*"});
+                match p_kind {
+                    0 => s["Principal"] = p,
+                    1 => s["NotPrincipal"] = p,
+                    _ => {}
+                }
+                s[if not_action { "NotAction" } else { "Action" }] = a;
+                if let Some(c) = c {
+                    s["Condition"] = c;
+                }
+                s
+            })
     }
 
     fn conditions(via: bool, ebs: bool) -> ConditionContext {
@@ -788,7 +811,10 @@ mod invariant_tests {
     }
 
     fn doc(statements: &[Value]) -> Option<PolicyDocument> {
-        PolicyDocument::parse(&json!({"Version": "2012-10-17", "Statement": statements}).to_string()).ok()
+        PolicyDocument::parse(
+            &json!({"Version": "2012-10-17", "Statement": statements}).to_string(),
+        )
+        .ok()
     }
 
     proptest! {
