@@ -245,6 +245,33 @@ fn ctx_subset(sid: &str, directory_id: &str) -> crate::kms::EncryptionContext {
     c
 }
 
+/// The WorkSpaces service's grant on `key`: everything it needs, only within this user's
+/// `sid-directoryid` context (CreateGrant lets it hand narrower grants to EBS).
+fn workspaces_grant(key: &str, sid: &str, directory_id: &str, workspace_id: &str) -> GrantSpec {
+    GrantSpec {
+        key_id: key.into(),
+        grantee: WORKSPACES_SERVICE.into(),
+        retiring: Some(WORKSPACES_SERVICE.into()),
+        operations: vec!["Decrypt", "GenerateDataKeyWithoutPlaintext", "ReEncryptFrom", "ReEncryptTo", "CreateGrant"],
+        context_equals: None,
+        context_subset: Some(ctx_subset(sid, directory_id)),
+        name: Some(format!("workspaces-{workspace_id}")),
+    }
+}
+
+/// The EBS grant of one volume: exactly that volume's full context.
+fn ebs_grant(key: &str, context: &crate::kms::EncryptionContext, volume_id: &str) -> GrantSpec {
+    GrantSpec {
+        key_id: key.into(),
+        grantee: EBS_SERVICE.into(),
+        retiring: Some(WORKSPACES_SERVICE.into()),
+        operations: vec!["Decrypt", "GenerateDataKeyWithoutPlaintext", "ReEncryptFrom", "ReEncryptTo"],
+        context_equals: Some(context.clone()),
+        context_subset: None,
+        name: Some(format!("ebs-{volume_id}")),
+    }
+}
+
 fn kms_failure(e: &KmsError) -> (String, String) {
     match e.code() {
         Some(code) => (format!("KMS.{code}"), e.to_string()),
@@ -544,15 +571,7 @@ impl Controller {
         if let (Some(key), Some(client)) = (key, ws_client) {
             // Step 2: a grant for the WorkSpaces service, constrained to this user.
             let grant = client
-                .create_grant(&GrantSpec {
-                    key_id: key.arn.clone(),
-                    grantee: WORKSPACES_SERVICE.into(),
-                    retiring: Some(WORKSPACES_SERVICE.into()),
-                    operations: vec!["Decrypt", "GenerateDataKeyWithoutPlaintext", "ReEncryptFrom", "ReEncryptTo", "CreateGrant"],
-                    context_equals: None,
-                    context_subset: Some(ctx_subset(&user.sid, &ws.directory_id)),
-                    name: Some(format!("workspaces-{}", ws.workspace_id)),
-                })
+                .create_grant(&workspaces_grant(&key.arn, &user.sid, &ws.directory_id, &ws.workspace_id))
                 .map_err(|e| kms_failure(&e))?;
             ws.ws_grant_id = grant.grant_id;
             ws_grant_token.push(grant.grant_token);
@@ -579,15 +598,7 @@ impl Controller {
                     let context = volume_context(&user.sid, &ws.directory_id, &volume_id);
                     // Step 3: one EBS grant per volume, for exactly this volume's context.
                     let grant = service
-                        .create_grant(&GrantSpec {
-                            key_id: key.arn.clone(),
-                            grantee: EBS_SERVICE.into(),
-                            retiring: Some(WORKSPACES_SERVICE.into()),
-                            operations: vec!["Decrypt", "GenerateDataKeyWithoutPlaintext", "ReEncryptFrom", "ReEncryptTo"],
-                            context_equals: Some(context.clone()),
-                            context_subset: None,
-                            name: Some(format!("ebs-{volume_id}")),
-                        })
+                        .create_grant(&ebs_grant(&key.arn, &context, &volume_id))
                         .map_err(|e| kms_failure(&e))?;
                     row.key_arn = key.arn.clone();
                     row.grant_id = grant.grant_id.clone();
@@ -999,15 +1010,7 @@ impl Controller {
             let new_ctx = volume_context(&user.sid, &w.directory_id, &volume_id);
             let old_ctx = volume_context(&user.sid, &w.directory_id, &old.volume_id);
             let grant = service
-                .create_grant(&GrantSpec {
-                    key_id: old.key_arn.clone(),
-                    grantee: EBS_SERVICE.into(),
-                    retiring: Some(WORKSPACES_SERVICE.into()),
-                    operations: vec!["Decrypt", "GenerateDataKeyWithoutPlaintext", "ReEncryptFrom", "ReEncryptTo"],
-                    context_equals: Some(new_ctx.clone()),
-                    context_subset: None,
-                    name: Some(format!("ebs-{volume_id}")),
-                })
+                .create_grant(&ebs_grant(&old.key_arn, &new_ctx, &volume_id))
                 .map_err(|e| kms_failure(&e))?;
             row.grant_id = grant.grant_id.clone();
             let mut header = volume::read_header(&path).map_err(|e| local(e.to_string()))?;
@@ -1072,28 +1075,12 @@ impl Controller {
         let old_key = w.key_arn.clone();
         let old_ws_grant = w.ws_grant_id.clone();
         // A WorkSpaces grant on the new key, for this user.
-        let ws_grant = admin.create_grant(&GrantSpec {
-            key_id: info.arn.clone(),
-            grantee: WORKSPACES_SERVICE.into(),
-            retiring: Some(WORKSPACES_SERVICE.into()),
-            operations: vec!["Decrypt", "GenerateDataKeyWithoutPlaintext", "ReEncryptFrom", "ReEncryptTo", "CreateGrant"],
-            context_equals: None,
-            context_subset: Some(ctx_subset(&user.sid, &w.directory_id)),
-            name: Some(format!("workspaces-{workspace_id}")),
-        })?;
+        let ws_grant = admin.create_grant(&workspaces_grant(&info.arn, &user.sid, &w.directory_id, &workspace_id))?;
         let service = self.service()?;
         let ebs = self.ebs()?;
         for v in self.reg.volumes(Some(workspace_id))?.into_iter().filter(|v| v.encrypted) {
             let context = volume_context(&user.sid, &w.directory_id, &v.volume_id);
-            let grant = service.create_grant(&GrantSpec {
-                key_id: info.arn.clone(),
-                grantee: EBS_SERVICE.into(),
-                retiring: Some(WORKSPACES_SERVICE.into()),
-                operations: vec!["Decrypt", "GenerateDataKeyWithoutPlaintext", "ReEncryptFrom", "ReEncryptTo"],
-                context_equals: Some(context.clone()),
-                context_subset: None,
-                name: Some(format!("ebs-{}", v.volume_id)),
-            })?;
+            let grant = service.create_grant(&ebs_grant(&info.arn, &context, &v.volume_id))?;
             let mut header = volume::read_header(&v.path).map_err(|e| ControllerError::Local(e.to_string()))?;
             let token = header.kms_token().cloned().ok_or_else(|| ControllerError::Local(format!("volume {} has no KMS token", v.volume_id)))?;
             let (blob, arn) = ebs.re_encrypt(&token.ciphertext_blob, &context, &info.arn, &context, &[grant.grant_token.clone()])?;
