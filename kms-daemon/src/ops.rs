@@ -26,6 +26,8 @@ const DAY: i64 = 86_400;
 pub const WORKSPACES_ALIAS: &str = "alias/aws/workspaces";
 /// The WorkSpaces service principal.
 pub const WORKSPACES_SERVICE: &str = "workspaces.amazonaws.com";
+/// Grants one key may carry (AWS's quota).
+pub const MAX_GRANTS_PER_KEY: usize = 50_000;
 /// Rotation period of AWS managed keys.
 pub const AWS_MANAGED_ROTATION_DAYS: i64 = 3 * 365;
 
@@ -1380,6 +1382,12 @@ impl Kms {
             }
         }
         require_not_pending(&key)?;
+        if self.store.grants_for_key(&key.id)?.len() >= MAX_GRANTS_PER_KEY {
+            return Err(OpError::LimitExceeded(format!(
+                "{} already has {MAX_GRANTS_PER_KEY} grants",
+                key.arn
+            )));
+        }
         dry_run(r.dry_run)?;
         let mut token_bytes = [0u8; 48];
         fill_random(&mut token_bytes);
