@@ -1,6 +1,7 @@
 """Wire protocol and SigV4 failures, exercised with an independent SigV4 signer."""
 
 import datetime
+import json
 
 import pytest
 
@@ -120,3 +121,30 @@ def test_stalled_connections_do_not_block_others(daemon):
     finally:
         for s in stalled:
             s.close()
+
+
+def test_random_garbage_never_crashes_or_500s(daemon, key):
+    """Random targets x mangled bodies: every answer is a clean 4xx with a __type, and
+    the daemon keeps serving."""
+    import base64
+    import random
+    rng = random.Random(1234)
+    targets = ["Decrypt", "Encrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "ReEncrypt", "CreateGrant",
+               "RetireGrant", "RevokeGrant", "PutKeyPolicy", "CreateAlias", "ScheduleKeyDeletion", "ListGrants",
+               "DescribeKey", "ListAliases", "EnableKeyRotation"]
+    values = [None, True, 0, -1, 2**63, 1.5, "", "x" * 5000, "alias/aws/workspaces", key, [], {}, {"a": 1}, ["t"],
+              base64.b64encode(rng.randbytes(80)).decode(), "!!!", {"EncryptionContextEquals": {"a": "b"}}]
+    fields = ["KeyId", "CiphertextBlob", "Plaintext", "EncryptionContext", "GrantTokens", "NumberOfBytes", "KeySpec",
+              "Operations", "GranteePrincipal", "Constraints", "Policy", "AliasName", "TargetKeyId", "GrantId",
+              "GrantToken", "PendingWindowInDays", "DestinationKeyId", "Limit", "Marker", "RotationPeriodInDays"]
+    for i in range(300):
+        body = {f: rng.choice(values) for f in rng.sample(fields, rng.randint(0, 5))}
+        raw = json.dumps(body).encode()
+        if i % 7 == 0:
+            raw = raw[: rng.randint(0, len(raw))]
+        status, resp = daemon.raw("TrentService." + rng.choice(targets), raw)
+        assert status in (200, 400), (status, resp, raw)
+        if status == 400:
+            assert resp.get("__type") and "message" in resp, resp
+    assert daemon.raw(DESCRIBE, {})[0] == 200
+    assert daemon.proc.poll() is None
