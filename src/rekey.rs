@@ -345,7 +345,9 @@ pub struct Rekeyer {
     device: Arc<Device>,
     header: Header,
     st: RekeyState,
-    journal_offset: u64,
+    journal_area: Range<u64>,
+    /// No other I/O on the device (offline): checkpoints are merged, see [`Rekeyer::exclusive`].
+    exclusive: bool,
     /// Zone buffers (old and new ciphertext), reused from zone to zone.
     scratch: (Vec<u8>, Vec<u8>),
 }
@@ -407,8 +409,8 @@ impl Rekeyer {
         store_state(&mut header, &st, &*backing)?;
         let sector_size = SectorSize::try_from(header.sector_size()).map_err(|e| RekeyError::BadToken(e.to_string()))?;
         device.begin_rekey(SectorCipher::new(new, sector_size))?;
-        let journal_offset = luks2::journal_area(&header).start;
-        Ok(Self { device, header, st, journal_offset, scratch: (Vec::new(), Vec::new()) })
+        let journal_area = luks2::journal_area(&header);
+        Ok(Self { device, header, st, journal_area, exclusive: false, scratch: (Vec::new(), Vec::new()) })
     }
 
     /// Resumes the rekey of a device opened in rekey mode (after [`recover`], e.g. by
@@ -426,8 +428,31 @@ impl Rekeyer {
                 st.boundary
             )));
         }
-        let journal_offset = luks2::journal_area(&header).start;
-        Ok(Self { device, header, st, journal_offset, scratch: (Vec::new(), Vec::new()) })
+        let journal_area = luks2::journal_area(&header);
+        Ok(Self { device, header, st, journal_area, exclusive: false, scratch: (Vec::new(), Vec::new()) })
+    }
+
+    /// Declares that nothing else does I/O on the device (an offline rekey). Each hotzone
+    /// then costs one header update instead of two: the checkpoint that names the journal
+    /// of zone `h` (in one of two alternating journal slots, so the slot the header names
+    /// is never overwritten) also records that zone `h - 1` is done, and all-hole zones
+    /// are passed without a checkpoint. This is unsafe with concurrent writers, whose
+    /// writes below an unrecorded boundary would be read with the old key after a crash.
+    #[must_use]
+    pub fn exclusive(mut self) -> Self {
+        self.exclusive = true;
+        self
+    }
+
+    /// Where the next journal copy goes: the slot the header does not name.
+    fn next_slot(&self) -> u64 {
+        let slot0 = self.journal_area.start;
+        let slot1 = slot0 + self.st.hotzone_bytes;
+        let two_fit = slot1 + self.st.hotzone_bytes <= self.journal_area.end;
+        match &self.st.journal {
+            Some(j) if j.offset == slot0 && two_fit => slot1,
+            _ => slot0,
+        }
     }
 
     /// Progress so far.
@@ -480,7 +505,7 @@ impl Rekeyer {
             new.clear();
             new.extend_from_slice(&old);
             let device = &self.device;
-            let journal_offset = self.journal_offset;
+            let journal_offset = self.next_slot();
             let (journaled, (sum, crypted)) = rayon::join(
                 || backing.write_at(&old, journal_offset).and_then(|()| backing.flush()),
                 || (journal_checksum(&old), device.rekey_sectors(b, &mut new)),
@@ -488,7 +513,7 @@ impl Rekeyer {
             journaled?;
             crypted?;
             observe(StepPhase::Journaled, zone.clone());
-            self.st.journal = Some(JournalRecord { zone_start: b, len: e - b, offset: self.journal_offset, sha256: sum });
+            self.st.journal = Some(JournalRecord { zone_start: b, len: e - b, offset: journal_offset, sha256: sum });
             store_state(&mut self.header, &self.st, &*backing)?;
             observe(StepPhase::Checkpointed, zone.clone());
             write_runs(&*backing, geo.data_offset + b, &new, ss, false)?;
@@ -497,8 +522,12 @@ impl Rekeyer {
         }
         self.scratch = (old, new);
         self.st.boundary = e;
-        self.st.journal = None;
-        store_state(&mut self.header, &self.st, &*backing)?;
+        if !self.exclusive {
+            self.st.journal = None;
+            store_state(&mut self.header, &self.st, &*backing)?;
+        }
+        // (Exclusive: the next zone's checkpoint records this boundary; until then the
+        // header still names this zone's journal, which stays intact in its slot.)
         self.device.set_rekey_boundary(e)?;
         observe(StepPhase::Advanced, zone);
         Ok(false)
@@ -525,9 +554,9 @@ impl Rekeyer {
             self.device.finish_rekey()?;
         }
         // The journal holds old-key ciphertext: wipe it.
-        let area = luks2::journal_area(&self.header);
-        let len = self.st.hotzone_bytes.min(area.end - area.start);
-        backing.punch_hole(self.journal_offset, len)?;
+        let area = &self.journal_area;
+        let len = self.st.hotzone_bytes.saturating_mul(2).min(area.end - area.start);
+        backing.punch_hole(area.start, len)?;
         backing.flush()?;
         self.st.boundary = self.device.size();
         Ok(())
@@ -619,7 +648,7 @@ pub fn rekey_detached(path: &Path, old: &VolumeKey, new: &VolumeKey, opts: &Reke
     let header = volume::read_header(path)?;
     let (mut rekeyer, resumed) = if in_progress(&header) {
         let vol = open_resuming(path, old, new)?;
-        (Rekeyer::resume(vol.device)?, true)
+        (Rekeyer::resume(vol.device)?.exclusive(), true)
     } else {
         if header.verify_key(new).is_ok() {
             let total = header.data_size(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0));
@@ -629,7 +658,10 @@ pub fn rekey_detached(path: &Path, old: &VolumeKey, new: &VolumeKey, opts: &Reke
             VolumeError::WrongKey { .. } => RekeyError::WrongOldKey,
             other => other.into(),
         })?;
-        (Rekeyer::start(vol.device, new, opts)?, false)
+        // Offline: two journal slots, so a hotzone is at most half the journal area.
+        let mut opts = opts.clone();
+        opts.hotzone_bytes = opts.hotzone_bytes.or(Some((max_hotzone(&header) / 2 / HOTZONE_ALIGN * HOTZONE_ALIGN).min(DEFAULT_HOTZONE)));
+        (Rekeyer::start(vol.device, new, &opts)?.exclusive(), false)
     };
     let from = rekeyer.progress().done;
     let total = rekeyer.progress().total;
