@@ -48,7 +48,7 @@ def run_batch(path, jobs, runtime_s, size_bytes, ramp_s=1.0):
     fio's start-up per job. jobs: (name, rw, bs, iodepth). Returns name -> metrics."""
     args = ["fio", f"--filename={path}", "--ioengine=libaio", "--direct=1", f"--size={size_bytes}",
             "--time_based", f"--runtime={int(runtime_s * 1000)}ms", "--randrepeat=0", "--norandommap",
-            "--output-format=json"]
+            "--invalidate=0", "--output-format=json"]
     if ramp_s > 0:
         args.append(f"--ramp_time={int(ramp_s * 1000)}ms")
     for name, rw, bs, qd in jobs:

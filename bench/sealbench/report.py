@@ -187,6 +187,7 @@ def markdown(res, png_name="report.png"):
     th = s.get("fuse_threads_encrypted")
     if th:
         w("### FUSE threads (`sealvol attach --threads N`, encrypted volume)\n")
+        w(f"{p.get('scale_reps', p['reps'])} repetition(s), {p['scale_runtime']} s each.\n")
         w("| workload | " + " | ".join(f"{t} thread(s)" for t in THREADS) + " | 4 vs 1 |")
         w("|---|" + "---|" * (len(THREADS) + 1))
         for name, per in th.items():
@@ -206,7 +207,8 @@ def markdown(res, png_name="report.png"):
     rv = res.get("rss_vs_volume_size")
     if rv:
         w("### Agent RSS as the volume grows (encrypted, sparse)\n")
-        w(f"Random 4 KiB writes then reads over the whole volume for {p['scale_runtime']} s each, QD16.\n")
+        w(("Random 4 KiB writes then reads" if p.get("rss_writes", True) else "Random 4 KiB reads")
+          + f" over the whole volume for {p['scale_runtime']} s each, QD16.\n")
         w("| volume | RSS after attach (KiB) | RSS after I/O (KiB) | backing allocated (MiB) |\n|---|---|---|---|")
         for g, v in rv.items():
             w(f"| {g} GiB | {_fmt(v['rss_after_attach_kib'])} | {_fmt(v['rss_after_io_kib'])} | {_fmt(v['backing_allocated_mib'])} |")

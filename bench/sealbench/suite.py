@@ -79,7 +79,7 @@ def run_fio_section(a, work, cl, res, log):
     who = ["sealvol-plain", "sealvol-enc", "qsd-luks"]
     per = {(n, bs): [] for n in who for bs in REQUEST_SIZES}
     size_jobs = [(bs, "randread", bs, 8) for bs in REQUEST_SIZES]
-    for rep in range(a.reps):
+    for rep in range(a.scale_reps):
         for n in rotated(who, rep):
             for bs, r in fio.run_batch(t[n].path, size_jobs, a.scale_runtime, ws, a.scale_ramp).items():
                 per[(n, bs)].append(r["mb_per_s"])
@@ -107,7 +107,7 @@ def run_thread_scaling(a, work, cl, res, log):
     jobs = [("seq-read-1M-qd4", "read", "1M", 4, "mb_per_s"), ("rand-read-4k-qd16", "randread", "4k", 16, "iops"),
             ("rand-write-4k-qd16", "randwrite", "4k", 16, "iops")]
     per = {(j[0], th): [] for j in jobs for th in THREADS}
-    for rep in range(a.reps):
+    for rep in range(a.scale_reps):
         for th in rotated(THREADS, rep):
             vol.attach(th)
             got = fio.run_batch(vol.path, [j[:4] for j in jobs], a.scale_runtime, ws, a.scale_ramp)
@@ -132,7 +132,8 @@ def run_rss_scaling(a, work, cl, res, log):
         cl.callback(vol.close)
         idle = vol.agent_rss_kib()
         size = g << 30
-        fio.run_batch(vol.path, [("w", "randwrite", "4k", 16), ("r", "randread", "4k", 16)], a.scale_runtime, size, 0)
+        jobs = [("w", "randwrite", "4k", 16)] if a.rss_writes else []
+        fio.run_batch(vol.path, jobs + [("r", "randread", "4k", 16)], a.scale_runtime, size, 0)
         out[f"{g}"] = {"rss_after_attach_kib": idle, "rss_after_io_kib": vol.agent_rss_kib(),
                        "backing_allocated_mib": vol.backing_allocated_bytes() / 2**20}
         vol.close()
