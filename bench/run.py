@@ -30,7 +30,16 @@ def parse(argv):
     ap.add_argument("--report-only", action="store_true", help="redraw report.md/.png from OUT_DIR/results.json")
     a = ap.parse_args(argv)
     a.only_default = a.only == ap.get_default("only")
-    a.argv = argv
+    # As typed to scripts/bench (the binary paths it passes are left out).
+    shown, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x in ("--sealvol", "--kms-daemon", "--kms-load", "--moto-server"):
+            skip = True
+        else:
+            shown.append(x)
+    a.argv = shown
     q = a.quick
     a.size_gib = a.size_gib or (1 if q else 2)
     a.runtime = a.runtime if a.runtime is not None else (0.2 if q else 3.0)
