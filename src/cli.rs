@@ -93,17 +93,27 @@ pub enum Cmd {
     /// volume. Running it again after a crash resumes.
     RekeyVolume {
         /// A detached volume file.
-        #[arg(long, required_unless_present = "mountpoint", conflicts_with = "mountpoint")]
+        #[arg(long, required_unless_present_any = ["mountpoint", "workspace_id"], conflicts_with_all = ["mountpoint", "workspace_id"])]
         path: Option<PathBuf>,
+        /// A WorkSpace: its encrypted volumes get new data keys from the KMS (online while
+        /// it runs, under the same grants and context).
+        #[arg(long, conflicts_with = "mountpoint")]
+        workspace_id: Option<String>,
+        /// With --workspace-id: only this volume.
+        #[arg(long, requires = "workspace_id")]
+        volume_id: Option<String>,
+        /// With --workspace-id: controller state and AWS profiles.
+        #[command(flatten)]
+        workspace: workspaces::Profiles,
         /// The mountpoint of a volume attached with `attach` (the agent does the rekey).
         #[arg(long)]
         mountpoint: Option<PathBuf>,
         /// The current 64-byte key file (with --path).
-        #[arg(long, required_unless_present = "mountpoint")]
+        #[arg(long, required_unless_present_any = ["mountpoint", "workspace_id"])]
         volume_key_file: Option<PathBuf>,
-        /// The new 64-byte key file.
-        #[arg(long)]
-        new_volume_key_file: PathBuf,
+        /// The new 64-byte key file (not with --workspace-id: the KMS makes the new key).
+        #[arg(long, required_unless_present = "workspace_id", conflicts_with = "workspace_id")]
+        new_volume_key_file: Option<PathBuf>,
         /// The volume is detached (implied by --path; refuses a mountpoint).
         #[arg(long, conflicts_with = "mountpoint")]
         offline: bool,
@@ -226,11 +236,15 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Cmd::Detach { mountpoint } => Ok(attach::detach(&mountpoint)?),
-        Cmd::RekeyVolume { path, mountpoint, volume_key_file, new_volume_key_file, offline: _, hotzone_mib, file, output } => {
+        Cmd::RekeyVolume { path, workspace_id, volume_id, workspace, mountpoint, volume_key_file, new_volume_key_file, offline: _, hotzone_mib, file, output } => {
             let hotzone_bytes = hotzone_mib
                 .map(|m| m.checked_mul(1024 * 1024).ok_or_else(|| CliError::Usage(format!("--hotzone-mib {m} is too large"))))
                 .transpose()?;
-            rekey_volume(path.as_deref(), mountpoint.as_deref(), volume_key_file.as_deref(), &new_volume_key_file, hotzone_bytes, file, output)
+            if let Some(ws) = workspace_id {
+                return workspaces::rekey(&workspace, &ws, volume_id.as_deref(), hotzone_bytes, output);
+            }
+            let new_key_file = new_volume_key_file.ok_or_else(|| CliError::Usage("--new-volume-key-file is required".into()))?;
+            rekey_volume(path.as_deref(), mountpoint.as_deref(), volume_key_file.as_deref(), &new_key_file, hotzone_bytes, file, output)
         }
         Cmd::Workspace(cmd) => workspaces::run(cmd),
         Cmd::DescribeVolume { path, output } => describe(&path, output),
@@ -363,7 +377,7 @@ fn rekey_volume(
         (None, Some(mp)) => {
             // The agent reads the key file itself: hand it an absolute path.
             let key = std::path::absolute(new_key_file).map_err(|e| CliError::Usage(format!("{}: {e}", new_key_file.display())))?;
-            let req = ControlRequest::Rekey { export: file, new_volume_key_file: key, hotzone_bytes };
+            let req = ControlRequest::Rekey { export: file, new_volume_key_file: key, hotzone_bytes, new_kms_token: None };
             (rekey::request_online(mp, &req, update)?, mp.display().to_string())
         }
         (None, None) => return Err(CliError::Usage("give --path FILE or --mountpoint DIR".into())),
@@ -383,4 +397,17 @@ fn rekey_volume(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every subcommand's arguments are consistent (unique names, valid relations): clap
+    /// checks this only when a subcommand is parsed, so check them all here.
+    #[test]
+    fn cli_definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
 }

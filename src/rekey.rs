@@ -683,6 +683,10 @@ pub enum ControlRequest {
         new_volume_key_file: PathBuf,
         /// Hotzone size in bytes.
         hotzone_bytes: Option<u64>,
+        /// For a KMS-backed volume: the new key's token (blob + context), stored in the
+        /// checkpoint so a crash can resume and installed in the header at the end.
+        #[serde(default)]
+        new_kms_token: Option<KmsToken>,
     },
     /// Report rekey progress of every served file.
     Status,
@@ -865,8 +869,8 @@ impl ServerInner {
                 let st = self.devices.iter().map(|(n, d)| (n.clone(), d.rekey_boundary().map(|b| Progress { done: b, total: d.size() }))).collect();
                 send(&ControlReply::Status(st));
             }
-            ControlRequest::Rekey { export, new_volume_key_file, hotzone_bytes } => {
-                let job = match self.begin(export.as_deref(), &new_volume_key_file, hotzone_bytes) {
+            ControlRequest::Rekey { export, new_volume_key_file, hotzone_bytes, new_kms_token } => {
+                let job = match self.begin(export.as_deref(), &new_volume_key_file, hotzone_bytes, new_kms_token) {
                     Ok(j) => j,
                     Err(e) => {
                         send(&ControlReply::Error(e));
@@ -904,7 +908,7 @@ impl ServerInner {
         }
     }
 
-    fn begin(&self, export: Option<&str>, key_file: &Path, hotzone: Option<u64>) -> Result<Arc<Job>, String> {
+    fn begin(&self, export: Option<&str>, key_file: &Path, hotzone: Option<u64>, new_kms_token: Option<KmsToken>) -> Result<Arc<Job>, String> {
         let (name, device) = self.device(export)?;
         let new = VolumeKey::from_file(key_file).map_err(|e| e.to_string())?;
         if let Some(job) = self.jobs.lock().expect("jobs lock").get(&name).cloned() {
@@ -935,7 +939,7 @@ impl ServerInner {
                 });
                 return Ok(Arc::new(job));
             }
-            let opts = RekeyOptions { hotzone_bytes: hotzone, new_kms_token: None };
+            let opts = RekeyOptions { hotzone_bytes: hotzone, new_kms_token };
             Rekeyer::start(device, &new, &opts).map_err(|e| e.to_string())?
         };
         self.start_job(&name, rekeyer, false)

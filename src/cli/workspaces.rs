@@ -11,7 +11,7 @@ use crate::controller::{Controller, ControllerConfig};
 
 /// Where the controller keeps state and which AWS profiles sign.
 #[derive(Debug, Clone, Args)]
-pub struct Common {
+pub struct Profiles {
     /// State directory (controller.db, volumes, snapshots, agents, mounts).
     #[arg(long, env = "SEALVOL_STATE_DIR", default_value = "/var/lib/sealvol")]
     pub state_dir: PathBuf,
@@ -24,12 +24,9 @@ pub struct Common {
     /// Profile of the EBS service principal (the attach agent).
     #[arg(long, env = "SEALVOL_EBS_PROFILE", default_value = "ebs")]
     pub ebs_profile: String,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t)]
-    pub output: Output,
 }
 
-impl Common {
+impl Profiles {
     fn controller(&self) -> Result<Controller, CliError> {
         Ok(Controller::open(ControllerConfig {
             state_dir: self.state_dir.clone(),
@@ -38,6 +35,47 @@ impl Common {
             ebs_profile: self.ebs_profile.clone(),
         })?)
     }
+}
+
+/// [`Profiles`] plus the output format.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// State and profiles.
+    #[command(flatten)]
+    pub profiles: Profiles,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+impl Common {
+    fn controller(&self) -> Result<Controller, CliError> {
+        self.profiles.controller()
+    }
+}
+
+/// `rekey-volume --workspace-id`: new data keys from the KMS for a WorkSpace's volumes.
+///
+/// # Errors
+/// Controller or rekey failure.
+pub fn rekey(profiles: &Profiles, workspace_id: &str, volume_id: Option<&str>, hotzone_bytes: Option<u64>, output: Output) -> Result<(), CliError> {
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("rekey {msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}").expect("static template"),
+    );
+    let reports = profiles.controller()?.rekey(workspace_id, volume_id, hotzone_bytes, |vol, p| {
+        bar.set_message(vol.to_string());
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+    })?;
+    bar.finish_and_clear();
+    if output == Output::Json {
+        print_json(&serde_json::json!({ "Volumes": reports }));
+    } else {
+        for (vol, r) in &reports {
+            println!("{vol}: rekeyed {} bytes{} in {:.1} s ({:.1} MB/s)", r.bytes_this_run, if r.resumed { " (resumed)" } else { "" }, r.seconds, r.mb_per_s);
+        }
+    }
+    Ok(())
 }
 
 /// Ids for a batch verb.

@@ -224,3 +224,31 @@ def test_rewrap_to_another_key_then_retire_the_old_one(sv, admin, cmk, daemon):
     assert (home / "data.txt").read_text() == "survives rewrap\n"
     admin.enable_key(KeyId=cmk)
     sv.run("terminate-workspaces", "--workspace-ids", ws)
+
+
+def test_online_kms_rekey_while_writing(sv, admin, cmk, daemon):
+    ws = sv.launch("judy", key=cmk)
+    home = sv.mnt(ws) / "home"
+    write_synced(home / "before.bin", "x" * 100000)
+    vols = {v["Kind"]: v for v in sv.json("describe-volumes", "--workspace-id", ws)["Volumes"]}
+    old_blob = json.loads(sv.run("describe-volume", "--path", vols["user"]["Path"], "--output", "json").stdout)["KmsToken"]["ciphertext_blob"]
+    # Online: the agent keeps serving while the user volume is re-encrypted.
+    writer = subprocess.Popen(["sh", "-c", f"for i in $(seq 1 200); do echo line-$i >> {home}/during.txt; done; sync"])
+    out = sv.json("rekey-volume", "--workspace-id", ws, "--volume-id", vols["user"]["VolumeId"], "--hotzone-mib", "4")
+    assert writer.wait(timeout=120) == 0
+    assert [v for v, r in out["Volumes"]] == [vols["user"]["VolumeId"]]
+    info = json.loads(sv.run("describe-volume", "--path", vols["user"]["Path"], "--output", "json").stdout)
+    assert info["KmsToken"]["ciphertext_blob"] != old_blob, "header now holds the new data key's blob"
+    assert "RekeyInProgress" not in info
+    assert (home / "during.txt").read_text().splitlines()[-1] == "line-200"
+    # Reboot unwraps the new key under the same grant and context.
+    assert sv.json("reboot-workspaces", "--workspace-ids", ws)["FailedRequests"] == []
+    assert (home / "before.bin").read_text() == "x" * 100000
+    assert len((home / "during.txt").read_text().splitlines()) == 200
+    # Stopped: offline rekey of every encrypted volume.
+    assert sv.json("stop-workspaces", "--workspace-ids", ws)["FailedRequests"] == []
+    out = sv.json("rekey-volume", "--workspace-id", ws)
+    assert len(out["Volumes"]) == 2
+    assert sv.json("start-workspaces", "--workspace-ids", ws)["FailedRequests"] == []
+    assert (home / "before.bin").read_text() == "x" * 100000
+    sv.run("terminate-workspaces", "--workspace-ids", ws)
