@@ -68,7 +68,7 @@ cs_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
 cs=$(mbps "$BYTES" "$cs_s")
 
 ratio=$(awk -v a="$sv" -v b="$cs" 'BEGIN { printf "%.2f", a / b }')
-echo "volume: ${SIZE_GIB} GiB, every sector written; sealvol hotzone: ${HOTZONE[*]:-default (8 MiB)}"
+echo "volume: ${SIZE_GIB} GiB, every sector written; sealvol hotzone: ${HOTZONE[*]:-default (offline: half the journal area, about 8 MiB, two journal slots)}"
 echo "sealvol rekey-volume --offline (journal):          ${sv} MB/s (${sv_s} s)"
 echo "cryptsetup reencrypt --force-offline-reencrypt (checksum): ${cs} MB/s (${cs_s} s)"
 echo "ratio sealvol/cryptsetup: ${ratio}x"
