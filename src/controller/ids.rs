@@ -61,6 +61,15 @@ pub fn domain_sid(directory_id: &str) -> String {
     format!("S-1-5-21-{}-{}-{}", part(0), part(4), part(8))
 }
 
+/// The SID of a user: the directory's domain SID plus a RID derived from the name, so the
+/// same user always gets the same SID (RIDs start at 1000, as for ordinary accounts).
+#[must_use]
+pub fn user_sid(directory_id: &str, user_name: &str) -> String {
+    let d = sha2::Sha256::digest(format!("{directory_id}/{user_name}").as_bytes());
+    let rid = 1000 + u32::from_be_bytes([d[0], d[1], d[2], d[3]]) % 1_000_000_000;
+    format!("{}-{rid}", domain_sid(directory_id))
+}
+
 /// Whether `sid` has the form `S-1-5-21-a-b-c-RID`.
 #[must_use]
 pub fn is_sid(sid: &str) -> bool {
@@ -82,6 +91,9 @@ mod tests {
         assert_eq!(domain_sid("d-906734f0a1"), domain_sid("d-906734f0a1"));
         assert_ne!(domain_sid("d-906734f0a1"), domain_sid("d-906734f0a2"));
         assert!(is_sid(&format!("{}-1001", domain_sid("d-906734f0a1"))));
+        assert_eq!(user_sid("d-906734f0a1", "alice"), user_sid("d-906734f0a1", "alice"));
+        assert_ne!(user_sid("d-906734f0a1", "alice"), user_sid("d-906734f0a1", "bob"));
+        assert!(is_sid(&user_sid("d-906734f0a1", "alice")));
         assert!(!is_sid("S-1-5-21-1-2-1001") && !is_sid("S-1-5-21-1-2-3-x"));
         assert!(is_user_name("alice.smith") && !is_user_name("a b") && !is_user_name(""));
     }

@@ -379,10 +379,7 @@ impl Controller {
         let sid = match sid {
             Some(s) if ids::is_sid(s) => s.to_string(),
             Some(s) => return Err(api("InvalidParameterValuesException", format!("{s:?} is not a SID of the form S-1-5-21-a-b-c-RID"))),
-            None => {
-                let n = 1000 + self.reg.workspaces()?.len() as u64 + rand::random::<u16>() as u64;
-                format!("{}-{n}", ids::domain_sid(directory_id))
-            }
+            None => ids::user_sid(directory_id, user_name),
         };
         Ok(self.reg.add_user(&User { directory_id: directory_id.into(), user_name: user_name.into(), sid })?)
     }
