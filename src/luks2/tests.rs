@@ -755,3 +755,58 @@ fn cryptsetup_reads_but_refuses_a_rekey_in_progress() {
         .verify_key(&key(7))
         .expect("new key");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Header update sequences: token replacements, plain rewrites, re-reads and damage
+    /// to one copy between updates, in any order. After every step the header read back
+    /// is the last one written (seqid, token, uuid), and a write heals a damaged copy.
+    #[test]
+    fn update_sequences_read_back_the_last_write(
+        ops in proptest::collection::vec((0u8..4, any::<u8>(), 0usize..300, 0usize..HDR - 4096), 1..16),
+    ) {
+        let (b, mut h) = formatted();
+        let uuid = h.uuid().to_owned();
+        let mut want_token = h.kms_token().cloned();
+        let mut want_seq = h.seqid();
+        let mut damaged: Option<u64> = None;
+        for (kind, seed, n, at) in ops {
+            match kind {
+                0 => {
+                    let t = token(&vec![seed; n]);
+                    h.set_kms_token(t.clone());
+                    h.write(&b).expect("token update");
+                    want_seq += 1;
+                    want_token = Some(t);
+                    damaged = None;
+                }
+                1 => {
+                    h.write(&b).expect("rewrite");
+                    want_seq += 1;
+                    damaged = None;
+                }
+                2 => {
+                    // Damage the JSON area of one copy (never both).
+                    let copy_base = if seed & 1 == 0 { 0 } else { HDR as u64 };
+                    if damaged.is_none_or(|d| d == copy_base) {
+                        flip(&b, copy_base + 4096 + at as u64);
+                        damaged = Some(copy_base);
+                    }
+                }
+                _ => h = Header::read(&b).expect("re-read"),
+            }
+            let r = Header::read(&b).expect("one valid copy always remains");
+            prop_assert_eq!(r.seqid(), want_seq);
+            prop_assert_eq!(r.uuid(), uuid.as_str());
+            prop_assert_eq!(r.kms_token().cloned(), want_token.clone());
+            if damaged.is_none() {
+                // Both copies valid and identical in content.
+                let p = read_copy(&b, 0, b.size().expect("size"), Copy::Primary).expect("primary valid");
+                let s = read_copy(&b, HDR as u64, b.size().expect("size"), Copy::Secondary).expect("secondary valid");
+                prop_assert_eq!(p.bin.seqid, s.bin.seqid);
+                prop_assert_eq!(p.meta, s.meta);
+            }
+        }
+    }
+}
