@@ -23,20 +23,42 @@ fn cipher(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(ONE_THREAD_BUF as u64));
         let mut buf = vec![0xA5u8; ONE_THREAD_BUF];
         g.bench_function(BenchmarkId::new("encrypt", "1-thread"), |b| {
-            b.iter(|| cipher.encrypt_sectors(black_box(&mut buf), 7).expect("whole sectors"));
+            b.iter(|| {
+                cipher
+                    .encrypt_sectors(black_box(&mut buf), 7)
+                    .expect("whole sectors")
+            });
         });
         g.bench_function(BenchmarkId::new("decrypt", "1-thread"), |b| {
-            b.iter(|| cipher.decrypt_sectors(black_box(&mut buf), 7).expect("whole sectors"));
+            b.iter(|| {
+                cipher
+                    .decrypt_sectors(black_box(&mut buf), 7)
+                    .expect("whole sectors")
+            });
         });
 
         g.throughput(Throughput::Bytes(PAR_BUF as u64));
         let mut big = vec![0xA5u8; PAR_BUF];
-        g.bench_function(BenchmarkId::new("encrypt", format!("{threads}-threads")), |b| {
-            b.iter(|| cipher.par_encrypt_sectors(black_box(&mut big), 7).expect("whole sectors"));
-        });
-        g.bench_function(BenchmarkId::new("decrypt", format!("{threads}-threads")), |b| {
-            b.iter(|| cipher.par_decrypt_sectors(black_box(&mut big), 7).expect("whole sectors"));
-        });
+        g.bench_function(
+            BenchmarkId::new("encrypt", format!("{threads}-threads")),
+            |b| {
+                b.iter(|| {
+                    cipher
+                        .par_encrypt_sectors(black_box(&mut big), 7)
+                        .expect("whole sectors")
+                });
+            },
+        );
+        g.bench_function(
+            BenchmarkId::new("decrypt", format!("{threads}-threads")),
+            |b| {
+                b.iter(|| {
+                    cipher
+                        .par_decrypt_sectors(black_box(&mut big), 7)
+                        .expect("whole sectors")
+                });
+            },
+        );
         g.finish();
     }
 }

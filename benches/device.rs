@@ -17,9 +17,21 @@ const SIZE: u64 = 64 << 20;
 
 fn device(encrypted: bool) -> Device {
     let ss = SectorSize::S4096;
-    let crypt = if encrypted { Crypt::Xts(SectorCipher::new(&VolumeKey::generate(), ss)) } else { Crypt::Plain };
+    let crypt = if encrypted {
+        Crypt::Xts(SectorCipher::new(&VolumeKey::generate(), ss))
+    } else {
+        Crypt::Plain
+    };
     let len = usize::try_from(SIZE).expect("64 MiB fits in usize");
-    let dev = Device::new(Arc::new(MemBacking::new(len)), Geometry { data_offset: 0, size: SIZE, sector_size: ss }, crypt);
+    let dev = Device::new(
+        Arc::new(MemBacking::new(len)),
+        Geometry {
+            data_offset: 0,
+            size: SIZE,
+            sector_size: ss,
+        },
+        crypt,
+    );
     let fill = vec![0x5Au8; 1 << 20];
     for off in (0..SIZE).step_by(fill.len()) {
         dev.write(off, &fill).expect("in range");
@@ -43,15 +55,24 @@ fn device_path(c: &mut Criterion) {
                 *at
             };
             g.bench_function(BenchmarkId::new("read", label), |b| {
-                b.iter(|| dev.read(black_box(step(&mut at)), black_box(&mut buf)).expect("in range"));
+                b.iter(|| {
+                    dev.read(black_box(step(&mut at)), black_box(&mut buf))
+                        .expect("in range")
+                });
             });
             g.bench_function(BenchmarkId::new("write", label), |b| {
-                b.iter(|| dev.write(black_box(step(&mut at)), black_box(&data)).expect("in range"));
+                b.iter(|| {
+                    dev.write(black_box(step(&mut at)), black_box(&data))
+                        .expect("in range")
+                });
             });
             if len == 4096 {
                 // Unaligned (read-modify-write of two sectors).
                 g.bench_function(BenchmarkId::new("write-unaligned", label), |b| {
-                    b.iter(|| dev.write(black_box(step(&mut at) + 512), black_box(&data)).expect("in range"));
+                    b.iter(|| {
+                        dev.write(black_box(step(&mut at) + 512), black_box(&data))
+                            .expect("in range")
+                    });
                 });
             }
         }

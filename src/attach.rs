@@ -8,8 +8,8 @@
 //! agent to flush, wipe its keys and exit.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -91,7 +91,8 @@ pub struct AgentRecord {
 /// Directory for agent records (`$SEALVOL_RUNTIME_DIR`, default `/run/sealvol`).
 #[must_use]
 pub fn runtime_dir() -> PathBuf {
-    std::env::var_os("SEALVOL_RUNTIME_DIR").map_or_else(|| PathBuf::from("/run/sealvol"), PathBuf::from)
+    std::env::var_os("SEALVOL_RUNTIME_DIR")
+        .map_or_else(|| PathBuf::from("/run/sealvol"), PathBuf::from)
 }
 
 fn record_path(mountpoint: &Path) -> PathBuf {
@@ -112,23 +113,36 @@ pub fn control_path(mountpoint: &Path) -> Result<PathBuf, AttachError> {
 #[must_use]
 pub fn attached_at(volume: &Path) -> Option<PathBuf> {
     let want = volume.canonicalize().ok()?;
-    std::fs::read_dir(runtime_dir()).ok()?.flatten().find_map(|entry| {
-        let name = entry.file_name();
-        let name = name.to_str()?;
-        if !(name.starts_with("agent-") && name.ends_with(".json")) {
-            return None;
-        }
-        let rec: AgentRecord = serde_json::from_slice(&std::fs::read(entry.path()).ok()?).ok()?;
-        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(rec.pid), None).is_ok();
-        let serves = rec.files.iter().any(|(_, f)| f.canonicalize().is_ok_and(|f| f == want));
-        (alive && serves).then_some(rec.mountpoint)
-    })
+    std::fs::read_dir(runtime_dir())
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let name = entry.file_name();
+            let name = name.to_str()?;
+            if !(name.starts_with("agent-") && name.ends_with(".json")) {
+                return None;
+            }
+            let rec: AgentRecord =
+                serde_json::from_slice(&std::fs::read(entry.path()).ok()?).ok()?;
+            let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(rec.pid), None).is_ok();
+            let serves = rec
+                .files
+                .iter()
+                .any(|(_, f)| f.canonicalize().is_ok_and(|f| f == want));
+            (alive && serves).then_some(rec.mountpoint)
+        })
 }
 
 fn canonical_mountpoint(path: &Path) -> Result<PathBuf, AttachError> {
-    let canon = path.canonicalize().map_err(|e| AttachError::Mountpoint { path: path.into(), why: e.to_string() })?;
+    let canon = path.canonicalize().map_err(|e| AttachError::Mountpoint {
+        path: path.into(),
+        why: e.to_string(),
+    })?;
     if !canon.is_dir() {
-        return Err(AttachError::Mountpoint { path: path.into(), why: "not a directory".into() });
+        return Err(AttachError::Mountpoint {
+            path: path.into(),
+            why: "not a directory".into(),
+        });
     }
     Ok(canon)
 }
@@ -148,7 +162,10 @@ struct MountEntry {
 }
 
 fn unescape_mount(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 fn mounts() -> Vec<MountEntry> {
@@ -160,7 +177,11 @@ fn mounts() -> Vec<MountEntry> {
             let mut r = right.split(' ');
             let fstype = r.next()?;
             let source = r.next()?;
-            Some(MountEntry { target: PathBuf::from(unescape_mount(target)), fstype: fstype.into(), source: unescape_mount(source) })
+            Some(MountEntry {
+                target: PathBuf::from(unescape_mount(target)),
+                fstype: fstype.into(),
+                source: unescape_mount(source),
+            })
         })
         .collect()
 }
@@ -197,7 +218,10 @@ pub fn serve_with(
 ) -> Result<(), AttachError> {
     let mountpoint = canonical_mountpoint(mountpoint)?;
     if is_mountpoint(&mountpoint) {
-        return Err(AttachError::Mountpoint { path: mountpoint, why: "something is already mounted there".into() });
+        return Err(AttachError::Mountpoint {
+            path: mountpoint,
+            why: "something is already mounted there".into(),
+        });
     }
     // Block the termination signals in every thread; one thread waits for them.
     let mut signals = SigSet::empty();
@@ -206,14 +230,30 @@ pub fn serve_with(
     signals.add(Signal::SIGHUP);
     let _ = signals.thread_block();
 
-    let files: Vec<(String, PathBuf)> = exports.iter().map(|e| (e.name.clone(), PathBuf::from(e.device.backing().name()))).collect();
-    let devices: Vec<Arc<crate::device::Device>> = exports.iter().map(|e| e.device.clone()).collect();
-    let exports_named: Vec<(String, Arc<crate::device::Device>)> = exports.iter().map(|e| (e.name.clone(), e.device.clone())).collect();
+    let files: Vec<(String, PathBuf)> = exports
+        .iter()
+        .map(|e| (e.name.clone(), PathBuf::from(e.device.backing().name())))
+        .collect();
+    let devices: Vec<Arc<crate::device::Device>> =
+        exports.iter().map(|e| e.device.clone()).collect();
+    let exports_named: Vec<(String, Arc<crate::device::Device>)> = exports
+        .iter()
+        .map(|e| (e.name.clone(), e.device.clone()))
+        .collect();
     let fs = VolumeFs::new(exports);
-    let mut session = fuser::Session::new(fs, &mountpoint, &mount_config(threads))
-        .map_err(|source| AttachError::Mount { path: mountpoint.clone(), source })?;
+    let mut session =
+        fuser::Session::new(fs, &mountpoint, &mount_config(threads)).map_err(|source| {
+            AttachError::Mount {
+                path: mountpoint.clone(),
+                source,
+            }
+        })?;
 
-    let record = AgentRecord { pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX), mountpoint: mountpoint.clone(), files };
+    let record = AgentRecord {
+        pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
+        mountpoint: mountpoint.clone(),
+        files,
+    };
     let rec_path = record_path(&mountpoint);
     write_record(&rec_path, &record)?;
 
@@ -235,15 +275,25 @@ pub fn serve_with(
                 }
                 match unmounter.unmount() {
                     Ok(()) => return,
-                    Err(e) => tracing::error!("cannot unmount {} on {sig:?}: {e} (still in use?)", mp.display()),
+                    Err(e) => tracing::error!(
+                        "cannot unmount {} on {sig:?}: {e} (still in use?)",
+                        mp.display()
+                    ),
                 }
             }
         })
-        .map_err(|e| AttachError::State { path: rec_path.clone(), source: e })?;
+        .map_err(|e| AttachError::State {
+            path: rec_path.clone(),
+            source: e,
+        })?;
 
     let ctl_path = rec_path.with_extension("sock");
-    let control = crate::rekey::ControlServer::spawn(&ctl_path, exports_named)
-        .map_err(|e| AttachError::State { path: ctl_path.clone(), source: std::io::Error::other(e.to_string()) })?;
+    let control = crate::rekey::ControlServer::spawn(&ctl_path, exports_named).map_err(|e| {
+        AttachError::State {
+            path: ctl_path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        }
+    })?;
     on_ready();
     for name in resume_rekeys {
         if let Err(e) = control.resume(name) {
@@ -259,11 +309,17 @@ pub fn serve_with(
         }
     }
     drop(devices);
-    result.map_err(|source| AttachError::Mount { path: mountpoint, source })
+    result.map_err(|source| AttachError::Mount {
+        path: mountpoint,
+        source,
+    })
 }
 
 fn write_record(path: &Path, record: &AgentRecord) -> Result<(), AttachError> {
-    let err = |source| AttachError::State { path: path.to_path_buf(), source };
+    let err = |source| AttachError::State {
+        path: path.to_path_buf(),
+        source,
+    };
     let dir = path.parent().expect("record path has a parent");
     std::fs::create_dir_all(dir).map_err(err)?;
     let json = serde_json::to_vec_pretty(record).expect("record serializes");
@@ -278,14 +334,20 @@ fn write_record(path: &Path, record: &AgentRecord) -> Result<(), AttachError> {
 /// # Errors
 /// The agent failed to start or reported an error (its message is returned).
 pub fn spawn_agent(args: &[std::ffi::OsString], log: Option<&Path>) -> Result<u32, AttachError> {
-    let exe = std::env::current_exe().map_err(|e| AttachError::Command { cmd: "current_exe".into(), why: e.to_string() })?;
+    let exe = std::env::current_exe().map_err(|e| AttachError::Command {
+        cmd: "current_exe".into(),
+        why: e.to_string(),
+    })?;
     let stderr = match log {
         Some(p) => Stdio::from(
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(p)
-                .map_err(|source| AttachError::State { path: p.to_path_buf(), source })?,
+                .map_err(|source| AttachError::State {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
         ),
         None => Stdio::null(),
     };
@@ -297,7 +359,10 @@ pub fn spawn_agent(args: &[std::ffi::OsString], log: Option<&Path>) -> Result<u3
         .stderr(stderr)
         .process_group(0)
         .spawn()
-        .map_err(|e| AttachError::Command { cmd: exe.display().to_string(), why: e.to_string() })?;
+        .map_err(|e| AttachError::Command {
+            cmd: exe.display().to_string(),
+            why: e.to_string(),
+        })?;
     let stdout = child.stdout.take().expect("stdout was piped");
     let mut line = String::new();
     let _ = BufReader::new(stdout).read_line(&mut line);
@@ -312,7 +377,8 @@ pub fn spawn_agent(args: &[std::ffi::OsString], log: Option<&Path>) -> Result<u3
     Err(AttachError::Agent(format!(
         "the attach agent exited ({}) before the mount was ready{}",
         status.map_or_else(|| "unknown status".into(), |s| s.to_string()),
-        log.map(|p| format!("; see {}", p.display())).unwrap_or_default()
+        log.map(|p| format!("; see {}", p.display()))
+            .unwrap_or_default()
     )))
 }
 
@@ -325,26 +391,39 @@ pub fn detach(mountpoint: &Path) -> Result<(), AttachError> {
     // The FUSE mount of an agent that died (kill -9) cannot even be stat'ed (ENOTCONN):
     // resolve its parent instead so that the dead mount can be cleaned up.
     let mountpoint = canonical_mountpoint(mountpoint).or_else(|e| {
-        let parent = mountpoint.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = mountpoint
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         match (parent.canonicalize(), mountpoint.file_name()) {
             (Ok(p), Some(name)) if is_mountpoint(&p.join(name)) => Ok(p.join(name)),
             _ => Err(e),
         }
     })?;
     let rec_path = record_path(&mountpoint);
-    let record: Option<AgentRecord> =
-        std::fs::read(&rec_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
-    let fuse_mounted = mounts().iter().any(|m| m.target == mountpoint && m.fstype.starts_with("fuse"));
+    let record: Option<AgentRecord> = std::fs::read(&rec_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let fuse_mounted = mounts()
+        .iter()
+        .any(|m| m.target == mountpoint && m.fstype.starts_with("fuse"));
     if record.is_none() && !fuse_mounted {
         return Err(AttachError::NotAttached(mountpoint));
     }
     if fuse_mounted {
-        for entry in std::fs::read_dir(&mountpoint).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(&mountpoint)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             release_loops(&entry.path())?;
         }
         nix::mount::umount(&mountpoint).map_err(|e| AttachError::Unmount {
             path: mountpoint.display().to_string(),
-            why: format!("{e} (close programs using it: `fuser -vm {}`)", mountpoint.display()),
+            why: format!(
+                "{e} (close programs using it: `fuser -vm {}`)",
+                mountpoint.display()
+            ),
         })?;
     }
     if let Some(rec) = record {
@@ -372,8 +451,15 @@ pub fn release_loops(file: &Path) -> Result<(), AttachError> {
 }
 
 fn loops_backed_by(file: &Path) -> Result<Vec<String>, AttachError> {
-    let out = run("losetup", &["-n", "-O", "NAME", "-j", &file.display().to_string()])?;
-    Ok(out.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect())
+    let out = run(
+        "losetup",
+        &["-n", "-O", "NAME", "-j", &file.display().to_string()],
+    )?;
+    Ok(out
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect())
 }
 
 /// Runs a system command, returning stdout or an error carrying stderr.
@@ -384,11 +470,20 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<String, AttachError> {
     let line = format!("{cmd} {}", args.join(" "));
     let out = Command::new(cmd)
         .args(args)
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .output()
-        .map_err(|e| AttachError::Command { cmd: line.clone(), why: e.to_string() })?;
+        .map_err(|e| AttachError::Command {
+            cmd: line.clone(),
+            why: e.to_string(),
+        })?;
     if !out.status.success() {
-        return Err(AttachError::Command { cmd: line, why: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        return Err(AttachError::Command {
+            cmd: line,
+            why: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

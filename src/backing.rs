@@ -28,7 +28,9 @@ pub enum BackingError {
         source: std::io::Error,
     },
     /// A read went past the end of the backing: the file is truncated.
-    #[error("{path} is truncated: wanted {len} bytes at offset {offset}, but it is only {size} bytes long")]
+    #[error(
+        "{path} is truncated: wanted {len} bytes at offset {offset}, but it is only {size} bytes long"
+    )]
     Truncated {
         /// The backing's name.
         path: String,
@@ -125,7 +127,10 @@ impl FileBacking {
             len: 0,
             source,
         })?;
-        Ok(Self { file, path: path.to_path_buf() })
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
     /// The path of the backing file.
@@ -134,8 +139,20 @@ impl FileBacking {
         &self.path
     }
 
-    fn io_err(&self, op: &'static str, offset: u64, len: u64, source: std::io::Error) -> BackingError {
-        BackingError::Io { op, path: self.path.display().to_string(), offset, len, source }
+    fn io_err(
+        &self,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        source: std::io::Error,
+    ) -> BackingError {
+        BackingError::Io {
+            op,
+            path: self.path.display().to_string(),
+            offset,
+            len,
+            source,
+        }
     }
 }
 
@@ -169,7 +186,12 @@ impl Backing for FileBacking {
     fn punch_hole(&self, offset: u64, len: u64) -> Result<(), BackingError> {
         use nix::fcntl::{FallocateFlags, fallocate};
         let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Err(self.io_err("punch-hole", offset, len, std::io::Error::from(std::io::ErrorKind::InvalidInput)));
+            return Err(self.io_err(
+                "punch-hole",
+                offset,
+                len,
+                std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            ));
         };
         fallocate(
             &self.file,
@@ -188,7 +210,9 @@ impl Backing for FileBacking {
     }
 
     fn set_size(&self, size: u64) -> Result<(), BackingError> {
-        self.file.set_len(size).map_err(|e| self.io_err("truncate", size, 0, e))
+        self.file
+            .set_len(size)
+            .map_err(|e| self.io_err("truncate", size, 0, e))
     }
 
     fn name(&self) -> String {
@@ -206,19 +230,26 @@ impl MemBacking {
     /// A zero-filled backing of `size` bytes.
     #[must_use]
     pub fn new(size: usize) -> Self {
-        Self { bytes: RwLock::new(vec![0; size]) }
+        Self {
+            bytes: RwLock::new(vec![0; size]),
+        }
     }
 
     /// A copy of the whole contents.
     #[must_use]
     pub fn snapshot(&self) -> Vec<u8> {
-        self.bytes.read().expect("lock poisoned only by a panicking test").clone()
+        self.bytes
+            .read()
+            .expect("lock poisoned only by a panicking test")
+            .clone()
     }
 
     /// A backing holding exactly `bytes`.
     #[must_use]
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
-        Self { bytes: RwLock::new(bytes) }
+        Self {
+            bytes: RwLock::new(bytes),
+        }
     }
 }
 
@@ -229,7 +260,10 @@ fn mem_range(offset: u64, len: usize) -> Option<std::ops::Range<usize>> {
 
 impl Backing for MemBacking {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BackingError> {
-        let bytes = self.bytes.read().expect("lock poisoned only by a panicking test");
+        let bytes = self
+            .bytes
+            .read()
+            .expect("lock poisoned only by a panicking test");
         match mem_range(offset, buf.len()).and_then(|r| bytes.get(r)) {
             Some(src) => {
                 buf.copy_from_slice(src);
@@ -245,7 +279,10 @@ impl Backing for MemBacking {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BackingError> {
-        let mut bytes = self.bytes.write().expect("lock poisoned only by a panicking test");
+        let mut bytes = self
+            .bytes
+            .write()
+            .expect("lock poisoned only by a panicking test");
         let range = mem_range(offset, buf.len()).ok_or_else(|| BackingError::Io {
             op: "write",
             path: "memory".into(),
@@ -265,7 +302,10 @@ impl Backing for MemBacking {
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> Result<(), BackingError> {
-        let mut bytes = self.bytes.write().expect("lock poisoned only by a panicking test");
+        let mut bytes = self
+            .bytes
+            .write()
+            .expect("lock poisoned only by a panicking test");
         let size = bytes.len() as u64;
         let start = offset.min(size);
         let end = offset.saturating_add(len).min(size);
@@ -276,7 +316,11 @@ impl Backing for MemBacking {
     }
 
     fn size(&self) -> Result<u64, BackingError> {
-        Ok(self.bytes.read().expect("lock poisoned only by a panicking test").len() as u64)
+        Ok(self
+            .bytes
+            .read()
+            .expect("lock poisoned only by a panicking test")
+            .len() as u64)
     }
 
     fn set_size(&self, size: u64) -> Result<(), BackingError> {
@@ -287,7 +331,10 @@ impl Backing for MemBacking {
             len: 0,
             source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
         })?;
-        self.bytes.write().expect("lock poisoned only by a panicking test").resize(size, 0);
+        self.bytes
+            .write()
+            .expect("lock poisoned only by a panicking test")
+            .resize(size, 0);
         Ok(())
     }
 
@@ -314,7 +361,10 @@ mod tests {
         b.flush().expect("flush");
         assert_eq!(b.size().expect("size"), 8192);
         let mut past = [0u8; 10];
-        assert!(matches!(b.read_at(&mut past, 8190), Err(BackingError::Truncated { .. })));
+        assert!(matches!(
+            b.read_at(&mut past, 8190),
+            Err(BackingError::Truncated { .. })
+        ));
     }
 
     #[test]
@@ -328,6 +378,9 @@ mod tests {
         let path = dir.path().join("vol");
         let b = FileBacking::create(&path, false).expect("create");
         exercise(&b);
-        assert!(FileBacking::create(&path, false).is_err(), "never overwrites without force");
+        assert!(
+            FileBacking::create(&path, false).is_err(),
+            "never overwrites without force"
+        );
     }
 }

@@ -38,7 +38,11 @@ fn run_one(cipher: &SectorCipher, encrypt: bool, duration: Duration) -> u64 {
     let mut sector = 0u64;
     while start.elapsed() < duration {
         for _ in 0..16 {
-            let r = if encrypt { cipher.encrypt_sectors(&mut buf, sector) } else { cipher.decrypt_sectors(&mut buf, sector) };
+            let r = if encrypt {
+                cipher.encrypt_sectors(&mut buf, sector)
+            } else {
+                cipher.decrypt_sectors(&mut buf, sector)
+            };
             r.expect("BUF is a whole number of sectors");
             sector += 1;
             bytes += BUF as u64;
@@ -51,8 +55,13 @@ fn run_one(cipher: &SectorCipher, encrypt: bool, duration: Duration) -> u64 {
 fn measure(cipher: &SectorCipher, encrypt: bool, threads: usize, duration: Duration) -> f64 {
     let start = Instant::now();
     let bytes: u64 = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads).map(|_| s.spawn(|| run_one(cipher, encrypt, duration))).collect();
-        workers.into_iter().map(|w| w.join().expect("bench worker")).sum()
+        let workers: Vec<_> = (0..threads)
+            .map(|_| s.spawn(|| run_one(cipher, encrypt, duration)))
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("bench worker"))
+            .sum()
     });
     #[allow(clippy::cast_precision_loss)]
     let mb = bytes as f64 / 1e6;
@@ -74,7 +83,14 @@ pub fn cipher_figures(duration: Duration) -> Vec<CipherFigure> {
         for &threads in &thread_counts {
             for (op, encrypt) in [("encrypt", true), ("decrypt", false)] {
                 let mb_per_s = measure(&cipher, encrypt, threads, duration);
-                out.push(CipherFigure { cipher: "aes-xts-plain64", key_bits: 512, sector_size: ss.bytes(), threads, op, mb_per_s });
+                out.push(CipherFigure {
+                    cipher: "aes-xts-plain64",
+                    key_bits: 512,
+                    sector_size: ss.bytes(),
+                    threads,
+                    op,
+                    mb_per_s,
+                });
             }
         }
     }

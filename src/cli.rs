@@ -49,7 +49,11 @@ pub enum Cmd {
         #[arg(long, default_value_t = 4096, value_parser = parse_sector_size)]
         sector_size: u32,
         /// File holding the 64-byte raw volume key (break-glass / test path).
-        #[arg(long, required_unless_present = "unencrypted", conflicts_with = "unencrypted")]
+        #[arg(
+            long,
+            required_unless_present = "unencrypted",
+            conflicts_with = "unencrypted"
+        )]
         volume_key_file: Option<PathBuf>,
         /// Create the plain (unencrypted) form: no header, same data layout.
         #[arg(long)]
@@ -70,7 +74,11 @@ pub enum Cmd {
         #[arg(long)]
         mountpoint: PathBuf,
         /// File holding the 64-byte raw volume key.
-        #[arg(long, required_unless_present = "unencrypted", conflicts_with = "unencrypted")]
+        #[arg(
+            long,
+            required_unless_present = "unencrypted",
+            conflicts_with = "unencrypted"
+        )]
         volume_key_file: Option<PathBuf>,
         /// Serve a plain (unencrypted) volume.
         #[arg(long)]
@@ -112,7 +120,11 @@ pub enum Cmd {
         #[arg(long, required_unless_present_any = ["mountpoint", "workspace_id"])]
         volume_key_file: Option<PathBuf>,
         /// The new 64-byte key file (not with --workspace-id: the KMS makes the new key).
-        #[arg(long, required_unless_present = "workspace_id", conflicts_with = "workspace_id")]
+        #[arg(
+            long,
+            required_unless_present = "workspace_id",
+            conflicts_with = "workspace_id"
+        )]
         new_volume_key_file: Option<PathBuf>,
         /// The volume is detached (implied by --path; refuses a mountpoint).
         #[arg(long, conflicts_with = "mountpoint")]
@@ -203,7 +215,10 @@ pub fn main() -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SEALVOL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
@@ -216,35 +231,111 @@ fn print_json<T: serde::Serialize>(v: &T) {
 /// Whatever the command fails with.
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Cmd::CreateVolume { path, size_gib, sector_size, volume_key_file, unencrypted: _, force, output } => {
-            let sector_size = SectorSize::try_from(sector_size).map_err(|e| CliError::Usage(e.to_string()))?;
-            let size = size_gib.checked_mul(GIB).filter(|&s| s > 0).ok_or_else(|| CliError::Usage(format!("--size-gib {size_gib} is not a usable size")))?;
-            let key = volume_key_file.as_deref().map(VolumeKey::from_file).transpose()?;
-            let encryption = key.as_ref().map(|key| Encryption { key, token: None, label: String::new() });
-            volume::create(&CreateParams { path: &path, size, sector_size, force, encryption })?;
+        Cmd::CreateVolume {
+            path,
+            size_gib,
+            sector_size,
+            volume_key_file,
+            unencrypted: _,
+            force,
+            output,
+        } => {
+            let sector_size =
+                SectorSize::try_from(sector_size).map_err(|e| CliError::Usage(e.to_string()))?;
+            let size = size_gib
+                .checked_mul(GIB)
+                .filter(|&s| s > 0)
+                .ok_or_else(|| {
+                    CliError::Usage(format!("--size-gib {size_gib} is not a usable size"))
+                })?;
+            let key = volume_key_file
+                .as_deref()
+                .map(VolumeKey::from_file)
+                .transpose()?;
+            let encryption = key.as_ref().map(|key| Encryption {
+                key,
+                token: None,
+                label: String::new(),
+            });
+            volume::create(&CreateParams {
+                path: &path,
+                size,
+                sector_size,
+                force,
+                encryption,
+            })?;
             describe(&path, output)
         }
-        Cmd::Attach { path, mountpoint, volume_key_file, unencrypted: _, foreground, threads, log_file, new_volume_key_file } => {
+        Cmd::Attach {
+            path,
+            mountpoint,
+            volume_key_file,
+            unencrypted: _,
+            foreground,
+            threads,
+            log_file,
+            new_volume_key_file,
+        } => {
             if foreground || std::env::var_os("SEALVOL_AGENT").is_some() {
-                attach_here(&path, &mountpoint, volume_key_file.as_deref(), new_volume_key_file.as_deref(), threads)
+                attach_here(
+                    &path,
+                    &mountpoint,
+                    volume_key_file.as_deref(),
+                    new_volume_key_file.as_deref(),
+                    threads,
+                )
             } else {
                 let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
                 args.push("--foreground".into());
                 attach::spawn_agent(&args, log_file.as_deref())?;
-                eprintln!("attached {} at {}", path.display(), mountpoint.join("disk").display());
+                eprintln!(
+                    "attached {} at {}",
+                    path.display(),
+                    mountpoint.join("disk").display()
+                );
                 Ok(())
             }
         }
         Cmd::Detach { mountpoint } => Ok(attach::detach(&mountpoint)?),
-        Cmd::RekeyVolume { path, workspace_id, volume_id, workspace, mountpoint, volume_key_file, new_volume_key_file, offline: _, hotzone_mib, file, output } => {
+        Cmd::RekeyVolume {
+            path,
+            workspace_id,
+            volume_id,
+            workspace,
+            mountpoint,
+            volume_key_file,
+            new_volume_key_file,
+            offline: _,
+            hotzone_mib,
+            file,
+            output,
+        } => {
             let hotzone_bytes = hotzone_mib
-                .map(|m| m.checked_mul(1024 * 1024).ok_or_else(|| CliError::Usage(format!("--hotzone-mib {m} is too large"))))
+                .map(|m| {
+                    m.checked_mul(1024 * 1024)
+                        .ok_or_else(|| CliError::Usage(format!("--hotzone-mib {m} is too large")))
+                })
                 .transpose()?;
             if let Some(ws) = workspace_id {
-                return workspaces::rekey(&workspace, &ws, volume_id.as_deref(), hotzone_bytes, output);
+                return workspaces::rekey(
+                    &workspace,
+                    &ws,
+                    volume_id.as_deref(),
+                    hotzone_bytes,
+                    output,
+                );
             }
-            let new_key_file = new_volume_key_file.ok_or_else(|| CliError::Usage("--new-volume-key-file is required".into()))?;
-            rekey_volume(path.as_deref(), mountpoint.as_deref(), volume_key_file.as_deref(), &new_key_file, hotzone_bytes, file, output)
+            let new_key_file = new_volume_key_file
+                .ok_or_else(|| CliError::Usage("--new-volume-key-file is required".into()))?;
+            rekey_volume(
+                path.as_deref(),
+                mountpoint.as_deref(),
+                volume_key_file.as_deref(),
+                &new_key_file,
+                hotzone_bytes,
+                file,
+                output,
+            )
         }
         Cmd::Workspace(cmd) => workspaces::run(cmd),
         Cmd::DescribeVolume { path, output } => describe(&path, output),
@@ -256,9 +347,15 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             if output == Output::Json {
                 print_json(&figures);
             } else {
-                println!("{:<18} {:>8} {:>8} {:>8} {:>8} {:>12}", "cipher", "key", "sector", "threads", "op", "MB/s");
+                println!(
+                    "{:<18} {:>8} {:>8} {:>8} {:>8} {:>12}",
+                    "cipher", "key", "sector", "threads", "op", "MB/s"
+                );
                 for f in &figures {
-                    println!("{:<18} {:>5}b {:>8} {:>8} {:>8} {:>12.1}", f.cipher, f.key_bits, f.sector_size, f.threads, f.op, f.mb_per_s);
+                    println!(
+                        "{:<18} {:>5}b {:>8} {:>8} {:>8} {:>12.1}",
+                        f.cipher, f.key_bits, f.sector_size, f.threads, f.op, f.mb_per_s
+                    );
                 }
             }
             Ok(())
@@ -270,11 +367,19 @@ fn parse_sector_size(s: &str) -> Result<u32, String> {
     match s {
         "512" => Ok(512),
         "4096" => Ok(4096),
-        _ => Err(format!("{s} is not a supported sector size (use 512 or 4096)")),
+        _ => Err(format!(
+            "{s} is not a supported sector size (use 512 or 4096)"
+        )),
     }
 }
 
-fn attach_here(path: &Path, mountpoint: &Path, key_file: Option<&Path>, new_key_file: Option<&Path>, threads: usize) -> Result<(), CliError> {
+fn attach_here(
+    path: &Path,
+    mountpoint: &Path,
+    key_file: Option<&Path>,
+    new_key_file: Option<&Path>,
+    threads: usize,
+) -> Result<(), CliError> {
     crate::secret::harden_process();
     let mut resume = Vec::new();
     let opened = match (key_file, new_key_file) {
@@ -286,7 +391,8 @@ fn attach_here(path: &Path, mountpoint: &Path, key_file: Option<&Path>, new_key_
                 crate::rekey::open_resuming(path, &key, &new)?
             } else {
                 // No rekey pending: serve whichever key the volume is under.
-                volume::open_encrypted(path, &new).or_else(|_| volume::open_encrypted(path, &key))?
+                volume::open_encrypted(path, &new)
+                    .or_else(|_| volume::open_encrypted(path, &key))?
             }
         }
         (Some(kf), None) => {
@@ -295,7 +401,10 @@ fn attach_here(path: &Path, mountpoint: &Path, key_file: Option<&Path>, new_key_
         }
         (None, _) => volume::open_plain(path)?,
     };
-    let exports = vec![Export { name: "disk".into(), device: opened.device }];
+    let exports = vec![Export {
+        name: "disk".into(),
+        device: opened.device,
+    }];
     let agent = std::env::var_os("SEALVOL_AGENT").is_some();
     attach::serve_with(mountpoint, exports, threads, &resume, || {
         if agent {
@@ -304,7 +413,11 @@ fn attach_here(path: &Path, mountpoint: &Path, key_file: Option<&Path>, new_key_
                 let _ = nix::unistd::dup2_stdout(null);
             }
         } else {
-            eprintln!("serving {} at {} (Ctrl-C or `sealvol detach` to stop)", path.display(), mountpoint.join("disk").display());
+            eprintln!(
+                "serving {} at {} (Ctrl-C or `sealvol detach` to stop)",
+                path.display(),
+                mountpoint.join("disk").display()
+            );
         }
     })?;
     Ok(())
@@ -318,12 +431,19 @@ fn describe(path: &Path, output: Output) -> Result<(), CliError> {
     }
     println!("Path:            {}", info.path);
     println!("Format:          {}", info.format);
-    println!("Encrypted:       {}", if info.encrypted { "yes" } else { "no" });
+    println!(
+        "Encrypted:       {}",
+        if info.encrypted { "yes" } else { "no" }
+    );
     if let Some(c) = &info.cipher {
         println!("Cipher:          {c} ({} bits)", info.key_bits.unwrap_or(0));
     }
     println!("Sector size:     {}", info.sector_size);
-    println!("Size:            {} bytes ({:.2} GiB)", info.size_bytes, info.size_bytes as f64 / GIB as f64);
+    println!(
+        "Size:            {} bytes ({:.2} GiB)",
+        info.size_bytes,
+        info.size_bytes as f64 / GIB as f64
+    );
     println!("Data offset:     {}", info.data_offset);
     println!("Allocated:       {} bytes", info.allocated_bytes);
     if let Some(p) = &info.rekey_in_progress {
@@ -336,11 +456,18 @@ fn describe(path: &Path, output: Output) -> Result<(), CliError> {
     }
     if let Some(u) = &info.uuid {
         println!("UUID:            {u}");
-        println!("Header seqid:    {} (read from {} copy)", info.seqid.unwrap_or(0), info.header_copy.as_deref().unwrap_or("?"));
+        println!(
+            "Header seqid:    {} (read from {} copy)",
+            info.seqid.unwrap_or(0),
+            info.header_copy.as_deref().unwrap_or("?")
+        );
     }
     if let Some(t) = &info.kms_token {
         println!("KMS key:         {}", t.key_arn);
-        println!("Volume:          {} ({}) of {}", t.volume_id, t.volume_kind, t.workspace_id);
+        println!(
+            "Volume:          {} ({}) of {}",
+            t.volume_id, t.volume_kind, t.workspace_id
+        );
         for (k, v) in &t.encryption_context {
             println!("Context:         {k} = {v}");
         }
@@ -359,8 +486,10 @@ fn rekey_volume(
 ) -> Result<(), CliError> {
     use crate::rekey::{self, ControlRequest, Progress, RekeyOptions};
     let bar = indicatif::ProgressBar::new(0).with_style(
-        indicatif::ProgressStyle::with_template("rekey {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .expect("static template"),
+        indicatif::ProgressStyle::with_template(
+            "rekey {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("static template"),
     );
     let update = |p: Progress| {
         bar.set_length(p.total);
@@ -369,18 +498,39 @@ fn rekey_volume(
     let (report, target) = match (path, mountpoint) {
         (Some(path), _) => {
             crate::secret::harden_process();
-            let old = VolumeKey::from_file(key_file.ok_or_else(|| CliError::Usage("--path needs --volume-key-file".into()))?)?;
+            let old = VolumeKey::from_file(
+                key_file.ok_or_else(|| CliError::Usage("--path needs --volume-key-file".into()))?,
+            )?;
             let new = VolumeKey::from_file(new_key_file)?;
-            let opts = RekeyOptions { hotzone_bytes, new_kms_token: None };
-            (rekey::rekey_detached(path, &old, &new, &opts, update)?, path.display().to_string())
+            let opts = RekeyOptions {
+                hotzone_bytes,
+                new_kms_token: None,
+            };
+            (
+                rekey::rekey_detached(path, &old, &new, &opts, update)?,
+                path.display().to_string(),
+            )
         }
         (None, Some(mp)) => {
             // The agent reads the key file itself: hand it an absolute path.
-            let key = std::path::absolute(new_key_file).map_err(|e| CliError::Usage(format!("{}: {e}", new_key_file.display())))?;
-            let req = ControlRequest::Rekey { export: file, new_volume_key_file: key, hotzone_bytes, new_kms_token: None };
-            (rekey::request_online(mp, &req, update)?, mp.display().to_string())
+            let key = std::path::absolute(new_key_file)
+                .map_err(|e| CliError::Usage(format!("{}: {e}", new_key_file.display())))?;
+            let req = ControlRequest::Rekey {
+                export: file,
+                new_volume_key_file: key,
+                hotzone_bytes,
+                new_kms_token: None,
+            };
+            (
+                rekey::request_online(mp, &req, update)?,
+                mp.display().to_string(),
+            )
         }
-        (None, None) => return Err(CliError::Usage("give --path FILE or --mountpoint DIR".into())),
+        (None, None) => {
+            return Err(CliError::Usage(
+                "give --path FILE or --mountpoint DIR".into(),
+            ));
+        }
     };
     bar.finish_and_clear();
     if output == Output::Json {

@@ -41,7 +41,8 @@ pub fn seed_from_env() -> u64 {
         .ok()
         .and_then(|s| {
             let s = s.trim();
-            s.strip_prefix("0x").map_or_else(|| s.parse().ok(), |h| u64::from_str_radix(h, 16).ok())
+            s.strip_prefix("0x")
+                .map_or_else(|| s.parse().ok(), |h| u64::from_str_radix(h, 16).ok())
         })
         .unwrap_or_else(rand::random)
 }
@@ -105,7 +106,10 @@ impl SparseImage {
     /// An empty image of `size` bytes (all zeros).
     #[must_use]
     pub fn new(size: u64) -> Self {
-        Self { size, pages: HashMap::new() }
+        Self {
+            size,
+            pages: HashMap::new(),
+        }
     }
 
     /// Size in bytes.
@@ -117,7 +121,12 @@ impl SparseImage {
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), BackingError> {
         let end = offset.checked_add(buf.len() as u64);
         if end.is_none_or(|e| e > self.size) {
-            return Err(BackingError::Truncated { path: "crash-sim".into(), offset, len: buf.len() as u64, size: self.size });
+            return Err(BackingError::Truncated {
+                path: "crash-sim".into(),
+                offset,
+                len: buf.len() as u64,
+                size: self.size,
+            });
         }
         let mut done = 0;
         while done < buf.len() {
@@ -160,7 +169,9 @@ impl SparseImage {
         while pos < end {
             let page = pos / PAGE as u64;
             let in_page = usize::try_from(pos % PAGE as u64).expect("below PAGE");
-            let n = usize::try_from((PAGE - in_page) as u64).expect("small").min(usize::try_from(end - pos).unwrap_or(PAGE));
+            let n = usize::try_from((PAGE - in_page) as u64)
+                .expect("small")
+                .min(usize::try_from(end - pos).unwrap_or(PAGE));
             if n == PAGE {
                 self.pages.remove(&page);
             } else if let Some(p) = self.pages.get_mut(&page) {
@@ -292,7 +303,13 @@ impl CrashSim {
     #[must_use]
     pub fn new(base: SparseImage) -> Self {
         let current = base.clone();
-        Self { state: Mutex::new(SimState { base, current, log: Vec::new() }) }
+        Self {
+            state: Mutex::new(SimState {
+                base,
+                current,
+                log: Vec::new(),
+            }),
+        }
     }
 
     /// A simulator starting as an empty disk of `size` bytes.
@@ -302,7 +319,9 @@ impl CrashSim {
     }
 
     fn lock(&self) -> MutexGuard<'_, SimState> {
-        self.state.lock().expect("crash simulator lock poisoned only by a panicking test")
+        self.state
+            .lock()
+            .expect("crash simulator lock poisoned only by a panicking test")
     }
 
     /// Forgets the log: the current contents become the durable base (as if flushed).
@@ -321,13 +340,21 @@ impl CrashSim {
     /// Number of mutations recorded so far (flushes not counted).
     #[must_use]
     pub fn op_count(&self) -> usize {
-        self.lock().log.iter().filter(|e| matches!(e, Entry::Op(_))).count()
+        self.lock()
+            .log
+            .iter()
+            .filter(|e| matches!(e, Entry::Op(_)))
+            .count()
     }
 
     /// Number of flushes recorded so far.
     #[must_use]
     pub fn flush_count(&self) -> usize {
-        self.lock().log.iter().filter(|e| matches!(e, Entry::Flush)).count()
+        self.lock()
+            .log
+            .iter()
+            .filter(|e| matches!(e, Entry::Flush))
+            .count()
     }
 
     /// Visits every crash point (see the module documentation) in log order. `check`
@@ -359,7 +386,14 @@ impl CrashSim {
         let mut checked = 0;
         for (epoch, ops) in epochs.iter().enumerate() {
             let mut visit = |kind: CrashKind, image: SparseImage| -> Result<(), String> {
-                let img = CrashImage { seed: cfg.seed, epoch, first_op, epoch_ops: ops.len(), kind, disk: SimDisk::new(image) };
+                let img = CrashImage {
+                    seed: cfg.seed,
+                    epoch,
+                    first_op,
+                    epoch_ops: ops.len(),
+                    kind,
+                    disk: SimDisk::new(image),
+                };
                 checked += 1;
                 check(&img).map_err(|e| format!("{}: {e}", img.describe()))
             };
@@ -376,15 +410,22 @@ impl CrashSim {
                 let tearable: Vec<usize> = ops
                     .iter()
                     .enumerate()
-                    .filter(|(_, op)| matches!(op, Op::Write { data, .. } if data.len() > TORN_UNIT))
+                    .filter(
+                        |(_, op)| matches!(op, Op::Write { data, .. } if data.len() > TORN_UNIT),
+                    )
                     .map(|(i, _)| i)
                     .collect();
                 if !tearable.is_empty() {
                     for t in 0..cfg.torn {
                         let mut rng = SimRng::derive(cfg.seed, epoch as u64, 1_000_000 + t as u64);
-                        let torn = tearable[usize::try_from(rng.below(tearable.len() as u64)).expect("index")];
-                        let Op::Write { offset, data } = &ops[torn] else { unreachable!("tearable ops are writes") };
-                        let landed: Vec<usize> = (0..ops.len()).filter(|&i| i != torn && rng.coin()).collect();
+                        let torn = tearable
+                            [usize::try_from(rng.below(tearable.len() as u64)).expect("index")];
+                        let Op::Write { offset, data } = &ops[torn] else {
+                            unreachable!("tearable ops are writes")
+                        };
+                        let landed: Vec<usize> = (0..ops.len())
+                            .filter(|&i| i != torn && rng.coin())
+                            .collect();
                         let n_pieces = data.len().div_ceil(TORN_UNIT);
                         let pieces: Vec<usize> = (0..n_pieces).filter(|_| rng.coin()).collect();
                         let mut img = durable.clone();
@@ -392,13 +433,23 @@ impl CrashSim {
                             if i == torn {
                                 for &p in &pieces {
                                     let end = ((p + 1) * TORN_UNIT).min(data.len());
-                                    img.write(&data[p * TORN_UNIT..end], offset + (p * TORN_UNIT) as u64);
+                                    img.write(
+                                        &data[p * TORN_UNIT..end],
+                                        offset + (p * TORN_UNIT) as u64,
+                                    );
                                 }
                             } else if landed.contains(&i) {
                                 img.apply(op);
                             }
                         }
-                        visit(CrashKind::Torn { landed, torn, pieces }, img)?;
+                        visit(
+                            CrashKind::Torn {
+                                landed,
+                                torn,
+                                pieces,
+                            },
+                            img,
+                        )?;
                     }
                 }
             }
@@ -417,7 +468,9 @@ fn subsets(cfg: CrashConfig, epoch: usize, n: usize) -> Vec<Vec<usize>> {
     }
     let proper = if n < 20 { (1u64 << n) - 2 } else { u64::MAX };
     if proper <= cfg.subsets as u64 {
-        return (1..=proper).map(|mask| (0..n).filter(|&i| mask >> i & 1 == 1).collect()).collect();
+        return (1..=proper)
+            .map(|mask| (0..n).filter(|&i| mask >> i & 1 == 1).collect())
+            .collect();
     }
     (0..cfg.subsets)
         .map(|k| {
@@ -435,7 +488,10 @@ impl Backing for CrashSim {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BackingError> {
         let mut s = self.lock();
         s.current.write(buf, offset);
-        s.log.push(Entry::Op(Op::Write { offset, data: buf.to_vec() }));
+        s.log.push(Entry::Op(Op::Write {
+            offset,
+            data: buf.to_vec(),
+        }));
         Ok(())
     }
 
@@ -477,7 +533,9 @@ impl SimDisk {
     /// A disk holding `image`.
     #[must_use]
     pub fn new(image: SparseImage) -> Self {
-        Self { image: Mutex::new(image) }
+        Self {
+            image: Mutex::new(image),
+        }
     }
 
     /// A copy of the contents.
@@ -493,7 +551,9 @@ impl SimDisk {
     }
 
     fn lock(&self) -> MutexGuard<'_, SparseImage> {
-        self.image.lock().expect("sim disk lock poisoned only by a panicking test")
+        self.image
+            .lock()
+            .expect("sim disk lock poisoned only by a panicking test")
     }
 }
 
@@ -557,7 +617,11 @@ mod tests {
         sim.flush().expect("flush");
         sim.write_at(&[2u8; 1024], 0).expect("write");
         sim.write_at(&[3u8; 10], 4096).expect("write");
-        let cfg = CrashConfig { seed: 42, subsets: 8, torn: 4 };
+        let cfg = CrashConfig {
+            seed: 42,
+            subsets: 8,
+            torn: 4,
+        };
         let mut kinds = Vec::new();
         let n = sim
             .for_each_crash(cfg, |img| {
@@ -577,7 +641,11 @@ mod tests {
             .expect("all good");
         // Epoch 0: prefix, whole, 4 torn. Epoch 1: prefix, whole, 2 proper subsets, 4 torn.
         assert_eq!(n, (2 + 4) + (2 + 2 + 4));
-        assert!(kinds.iter().any(|(e, k)| *e == 1 && matches!(k, CrashKind::Torn { .. })));
+        assert!(
+            kinds
+                .iter()
+                .any(|(e, k)| *e == 1 && matches!(k, CrashKind::Torn { .. }))
+        );
         // Deterministic by seed.
         let mut again = Vec::new();
         sim.for_each_crash(cfg, |img| {
@@ -587,7 +655,9 @@ mod tests {
         .expect("all good");
         assert_eq!(kinds, again);
         // A failure names the seed.
-        let err = sim.for_each_crash(cfg, |_| Err("boom".into())).expect_err("fails");
+        let err = sim
+            .for_each_crash(cfg, |_| Err("boom".into()))
+            .expect_err("fails");
         assert!(err.contains("SEALVOL_CRASH_SEED=0x2a"), "{err}");
     }
 }

@@ -24,7 +24,9 @@ const STRIPES: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     /// A request that reaches past the end of the volume.
-    #[error("request at offset {offset} of {len} bytes is beyond the end of the {size}-byte volume")]
+    #[error(
+        "request at offset {offset} of {len} bytes is beyond the end of the {size}-byte volume"
+    )]
     OutOfRange {
         /// Byte offset.
         offset: u64,
@@ -45,7 +47,9 @@ pub enum DeviceError {
 #[derive(Debug, thiserror::Error)]
 pub enum CryptStateError {
     /// A rekey operation on a device that is not in the matching state.
-    #[error("the device is not in the state this rekey step needs (plain volume, a rekey already running, or none in progress)")]
+    #[error(
+        "the device is not in the state this rekey step needs (plain volume, a rekey already running, or none in progress)"
+    )]
     WrongState,
     /// The cipher refused a buffer (a bug: callers pass whole sectors).
     #[error(transparent)]
@@ -54,7 +58,10 @@ pub enum CryptStateError {
 
 /// How sectors are transformed between the backing and the caller: a closed set.
 #[derive(Debug)]
-#[allow(clippy::large_enum_variant, reason = "one value per device; boxing would add an indirection per request")]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one value per device; boxing would add an indirection per request"
+)]
 pub enum Crypt {
     /// No cipher: the unencrypted volume, the benchmark baseline (same code path).
     Plain,
@@ -80,7 +87,11 @@ impl Crypt {
     fn apply(&self, buf: &mut [u8], at: u64, ss: usize, encrypt: bool) -> Result<(), XtsError> {
         let first = at / ss as u64;
         let run = |cipher: &SectorCipher, run: &mut [u8], sector: u64| {
-            if encrypt { cipher.par_encrypt_sectors(run, sector) } else { cipher.par_decrypt_sectors(run, sector) }
+            if encrypt {
+                cipher.par_encrypt_sectors(run, sector)
+            } else {
+                cipher.par_decrypt_sectors(run, sector)
+            }
         };
         match self {
             Self::Plain => Ok(()),
@@ -118,7 +129,10 @@ pub struct Device {
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Device").field("backing", &self.backing.name()).field("geometry", &self.geo).finish_non_exhaustive()
+        f.debug_struct("Device")
+            .field("backing", &self.backing.name())
+            .field("geometry", &self.geo)
+            .finish_non_exhaustive()
     }
 }
 
@@ -134,7 +148,12 @@ impl Device {
     /// A device over `backing` with the given geometry and transform.
     #[must_use]
     pub fn new(backing: Arc<dyn Backing>, geo: Geometry, crypt: Crypt) -> Self {
-        Self { backing, crypt: RwLock::new(crypt), geo, stripes: (0..STRIPES).map(|_| RwLock::new(())).collect() }
+        Self {
+            backing,
+            crypt: RwLock::new(crypt),
+            geo,
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+        }
     }
 
     /// Volume size in bytes.
@@ -152,7 +171,10 @@ impl Device {
     /// Whether sectors are encrypted.
     #[must_use]
     pub fn is_encrypted(&self) -> bool {
-        !matches!(*self.crypt.read().expect("crypt lock is never poisoned"), Crypt::Plain)
+        !matches!(
+            *self.crypt.read().expect("crypt lock is never poisoned"),
+            Crypt::Plain
+        )
     }
 
     /// The rekey boundary while a rekey is in progress (see [`Crypt::Rekeying`]).
@@ -173,7 +195,11 @@ impl Device {
         let mut crypt = self.crypt.write().expect("crypt lock is never poisoned");
         match std::mem::replace(&mut *crypt, Crypt::Plain) {
             Crypt::Xts(old) => {
-                *crypt = Crypt::Rekeying { old, new, boundary: 0 };
+                *crypt = Crypt::Rekeying {
+                    old,
+                    new,
+                    boundary: 0,
+                };
                 Ok(())
             }
             other => {
@@ -260,7 +286,9 @@ impl Device {
         } else {
             // Masked to STRIPES - 1, which fits any usize.
             #[allow(clippy::cast_possible_truncation)]
-            (first..=last).map(|s| (s as usize) & (STRIPES - 1)).collect()
+            (first..=last)
+                .map(|s| (s as usize) & (STRIPES - 1))
+                .collect()
         };
         ids.sort_unstable();
         ids.dedup();
@@ -290,7 +318,11 @@ impl Device {
     fn check_range(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.geo.size => Ok(()),
-            _ => Err(DeviceError::OutOfRange { offset, len, size: self.geo.size }),
+            _ => Err(DeviceError::OutOfRange {
+                offset,
+                len,
+                size: self.geo.size,
+            }),
         }
     }
 
@@ -317,7 +349,8 @@ impl Device {
         if span.start == offset && span.end == offset + len {
             self.read_sectors(span.start, &mut buf[..n])?;
         } else {
-            let mut tmp = vec![0u8; usize::try_from(span.end - span.start).expect("bounded by request")];
+            let mut tmp =
+                vec![0u8; usize::try_from(span.end - span.start).expect("bounded by request")];
             self.read_sectors(span.start, &mut tmp)?;
             let skip = usize::try_from(offset - span.start).expect("less than a sector");
             buf[..n].copy_from_slice(&tmp[skip..skip + n]);
@@ -337,7 +370,8 @@ impl Device {
         }
         let span = self.aligned(offset, len);
         let _guard = self.lock_write(&span);
-        let mut tmp = vec![0u8; usize::try_from(span.end - span.start).expect("bounded by request")];
+        let mut tmp =
+            vec![0u8; usize::try_from(span.end - span.start).expect("bounded by request")];
         let ss = self.geo.sector_size.bytes_u64();
         let head_partial = offset != span.start;
         let tail_partial = offset + len != span.end;
@@ -368,7 +402,8 @@ impl Device {
         self.write_zeros(offset, inner.start - offset)?;
         {
             let _guard = self.lock_write(&inner);
-            self.backing.punch_hole(self.geo.data_offset + inner.start, inner.end - inner.start)?;
+            self.backing
+                .punch_hole(self.geo.data_offset + inner.start, inner.end - inner.start)?;
         }
         self.write_zeros(inner.end, offset + len - inner.end)
     }
@@ -377,7 +412,10 @@ impl Device {
         if len == 0 {
             return Ok(());
         }
-        self.write(offset, &vec![0u8; usize::try_from(len).expect("less than a sector")])
+        self.write(
+            offset,
+            &vec![0u8; usize::try_from(len).expect("less than a sector")],
+        )
     }
 
     /// Makes every completed write durable.
@@ -401,7 +439,10 @@ impl Device {
     /// offset `at`. All-zero plaintext sectors are stored as holes. The caller holds the
     /// range lock.
     pub fn write_sectors(&self, at: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
-        self.crypt.read().expect("crypt lock is never poisoned").apply(buf, at, self.geo.sector_size.bytes(), true)?;
+        self.crypt
+            .read()
+            .expect("crypt lock is never poisoned")
+            .apply(buf, at, self.geo.sector_size.bytes(), true)?;
         self.backing.write_at(buf, self.geo.data_offset + at)?;
         Ok(())
     }
@@ -450,9 +491,19 @@ mod tests {
     const SIZE: u64 = 256 * 1024;
 
     fn device(encrypted: bool, ss: SectorSize) -> (Device, Arc<MemBacking>) {
-        let backing = Arc::new(MemBacking::new(usize::try_from(SIZE + 8192).expect("small")));
-        let crypt = if encrypted { Crypt::Xts(SectorCipher::new(&VolumeKey::generate(), ss)) } else { Crypt::Plain };
-        let geo = Geometry { data_offset: 8192, size: SIZE, sector_size: ss };
+        let backing = Arc::new(MemBacking::new(
+            usize::try_from(SIZE + 8192).expect("small"),
+        ));
+        let crypt = if encrypted {
+            Crypt::Xts(SectorCipher::new(&VolumeKey::generate(), ss))
+        } else {
+            Crypt::Plain
+        };
+        let geo = Geometry {
+            data_offset: 8192,
+            size: SIZE,
+            sector_size: ss,
+        };
         (Device::new(backing.clone(), geo, crypt), backing)
     }
 
@@ -464,9 +515,17 @@ mod tests {
         assert!(buf.iter().all(|&x| x == 0));
         d.write(4096, &[7u8; 4096]).expect("write");
         let raw = b.snapshot();
-        assert!(raw[8192 + 4096..8192 + 8192].iter().any(|&x| x != 7), "stored encrypted");
+        assert!(
+            raw[8192 + 4096..8192 + 8192].iter().any(|&x| x != 7),
+            "stored encrypted"
+        );
         d.write(4096, &[0u8; 4096]).expect("write zeros");
-        assert!(b.snapshot()[8192 + 4096..8192 + 8192].iter().all(|&x| x == 0), "hole");
+        assert!(
+            b.snapshot()[8192 + 4096..8192 + 8192]
+                .iter()
+                .all(|&x| x == 0),
+            "hole"
+        );
     }
 
     #[test]
@@ -484,7 +543,10 @@ mod tests {
     #[test]
     fn out_of_range_and_eof() {
         let (d, _) = device(false, SectorSize::S4096);
-        assert!(matches!(d.write(SIZE - 10, &[1u8; 11]), Err(DeviceError::OutOfRange { .. })));
+        assert!(matches!(
+            d.write(SIZE - 10, &[1u8; 11]),
+            Err(DeviceError::OutOfRange { .. })
+        ));
         let mut buf = [0u8; 100];
         assert_eq!(d.read(SIZE - 10, &mut buf).expect("read"), 10);
         assert_eq!(d.read(SIZE, &mut buf).expect("read"), 0);

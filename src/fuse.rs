@@ -83,7 +83,12 @@ impl VolumeFs {
         let (kind, perm, size, nlink) = if ino == ROOT {
             (FileType::Directory, 0o700, 0, 2)
         } else {
-            (FileType::RegularFile, 0o600, self.export(INodeNo(ino))?.device.size(), 1)
+            (
+                FileType::RegularFile,
+                0o600,
+                self.export(INodeNo(ino))?.device.size(),
+                1,
+            )
         };
         Some(FileAttr {
             ino: INodeNo(ino),
@@ -123,7 +128,10 @@ impl Filesystem for VolumeFs {
         if parent.0 != ROOT {
             return reply.error(Errno::ENOENT);
         }
-        let found = self.exports.iter().position(|e| OsStr::new(&e.name) == name);
+        let found = self
+            .exports
+            .iter()
+            .position(|e| OsStr::new(&e.name) == name);
         match found.and_then(|i| self.attr(ROOT + 1 + i as u64)) {
             Some(attr) => reply.entry(&TTL, &attr, fuser::Generation(0)),
             None => reply.error(Errno::ENOENT),
@@ -155,9 +163,12 @@ impl Filesystem for VolumeFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let Some(attr) = self.attr(ino.0) else { return reply.error(Errno::ENOENT) };
+        let Some(attr) = self.attr(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
         // A volume has a fixed size and owner; timestamps are accepted and ignored.
-        if size.is_some_and(|s| s != attr.size) || mode.is_some() || uid.is_some() || gid.is_some() {
+        if size.is_some_and(|s| s != attr.size) || mode.is_some() || uid.is_some() || gid.is_some()
+        {
             return reply.error(Errno::EPERM);
         }
         reply.attr(&TTL, &attr);
@@ -167,7 +178,10 @@ impl Filesystem for VolumeFs {
         if self.export(ino).is_none() {
             return reply.error(Errno::EISDIR);
         }
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES);
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+        );
     }
 
     fn read(
@@ -181,7 +195,9 @@ impl Filesystem for VolumeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(e) = self.export(ino) else { return reply.error(Errno::ENOENT) };
+        let Some(e) = self.export(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
         let want = size.min(MAX_WRITE) as usize;
         let mut buf = vec![0u8; want];
         match e.device.read(offset, &mut buf) {
@@ -205,7 +221,9 @@ impl Filesystem for VolumeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let Some(e) = self.export(ino) else { return reply.error(Errno::ENOENT) };
+        let Some(e) = self.export(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
         match e.device.write(offset, data) {
             // `data` is at most MAX_WRITE bytes, so its length fits u32.
             Ok(()) => reply.written(u32::try_from(data.len()).expect("bounded by max_write")),
@@ -216,12 +234,28 @@ impl Filesystem for VolumeFs {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lo: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let Some(e) = self.export(ino) else { return reply.error(Errno::ENOENT) };
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let Some(e) = self.export(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
         match e.device.flush() {
             Ok(()) => reply.ok(),
             Err(err) => {
@@ -241,13 +275,21 @@ impl Filesystem for VolumeFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let Some(e) = self.export(ino) else { return reply.error(Errno::ENOENT) };
+        let Some(e) = self.export(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        let result = if mode == punch || mode == libc::FALLOC_FL_ZERO_RANGE || mode == libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE {
+        let result = if mode == punch
+            || mode == libc::FALLOC_FL_ZERO_RANGE
+            || mode == libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        {
             e.device.discard(offset, length)
         } else if mode == 0 || mode == libc::FALLOC_FL_KEEP_SIZE {
             // Preallocation inside the fixed size is a no-op; growing is not allowed.
-            if offset.checked_add(length).is_some_and(|end| end <= e.device.size()) {
+            if offset
+                .checked_add(length)
+                .is_some_and(|end| end <= e.device.size())
+            {
                 Ok(())
             } else {
                 return reply.error(Errno::ENOSPC);
@@ -261,15 +303,29 @@ impl Filesystem for VolumeFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         if ino.0 != ROOT {
             return reply.error(Errno::ENOTDIR);
         }
-        let mut entries = vec![(ROOT, FileType::Directory, ".".to_string()), (ROOT, FileType::Directory, "..".to_string())];
+        let mut entries = vec![
+            (ROOT, FileType::Directory, ".".to_string()),
+            (ROOT, FileType::Directory, "..".to_string()),
+        ];
         for (i, e) in self.exports.iter().enumerate() {
             entries.push((ROOT + 1 + i as u64, FileType::RegularFile, e.name.clone()));
         }
-        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(usize::try_from(offset).unwrap_or(usize::MAX)) {
+        for (i, (ino, kind, name)) in entries
+            .into_iter()
+            .enumerate()
+            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+        {
             if reply.add(INodeNo(ino), i as u64 + 1, kind, name) {
                 break;
             }

@@ -14,7 +14,7 @@ use aws_sdk_kms::config::interceptors::BeforeTransmitInterceptorContextMut;
 use aws_sdk_kms::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
-use aws_sdk_kms::types::{GrantConstraints, GrantOperation, KeySpec, KeyState, KeyManagerType};
+use aws_sdk_kms::types::{GrantConstraints, GrantOperation, KeyManagerType, KeySpec, KeyState};
 
 use crate::secret::{SecretError, VolumeKey};
 
@@ -38,7 +38,9 @@ pub enum KmsError {
         message: String,
     },
     /// The request did not reach the service or the answer was unreadable.
-    #[error("KMS {op} failed: {detail} (is kms-daemon running and AWS_CONFIG_FILE/AWS_SHARED_CREDENTIALS_FILE set?)")]
+    #[error(
+        "KMS {op} failed: {detail} (is kms-daemon running and AWS_CONFIG_FILE/AWS_SHARED_CREDENTIALS_FILE set?)"
+    )]
     Transport {
         /// The operation.
         op: &'static str,
@@ -80,7 +82,10 @@ where
             code: se.code().unwrap_or("Unknown").to_string(),
             message: se.message().unwrap_or_default().to_string(),
         },
-        None => KmsError::Transport { op, detail: DisplayErrorContext(&e).to_string() },
+        None => KmsError::Transport {
+            op,
+            detail: DisplayErrorContext(&e).to_string(),
+        },
     }
 }
 
@@ -98,7 +103,10 @@ impl Intercept for OnBehalfOf {
         _rc: &RuntimeComponents,
         _cfg: &mut ConfigBag,
     ) -> Result<(), aws_sdk_kms::error::BoxError> {
-        context.request_mut().headers_mut().insert(ON_BEHALF_OF_HEADER, self.0.clone());
+        context
+            .request_mut()
+            .headers_mut()
+            .insert(ON_BEHALF_OF_HEADER, self.0.clone());
         Ok(())
     }
 }
@@ -173,14 +181,20 @@ impl KmsClient {
             .build()
             .map_err(|e| KmsError::Setup(e.to_string()))?;
         let sdk = rt.block_on(
-            aws_config::defaults(aws_config::BehaviorVersion::latest()).profile_name(profile).load(),
+            aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .profile_name(profile)
+                .load(),
         );
         let mut conf = aws_sdk_kms::config::Builder::from(&sdk);
         if let Some(user) = on_behalf_of {
             conf = conf.interceptor(OnBehalfOf(user.to_string()));
         }
         let client = aws_sdk_kms::Client::from_conf(conf.build());
-        Ok(Self { rt, client, profile: profile.to_string() })
+        Ok(Self {
+            rt,
+            client,
+            profile: profile.to_string(),
+        })
     }
 
     /// The profile this client signs as.
@@ -198,13 +212,27 @@ impl KmsClient {
             .rt
             .block_on(self.client.describe_key().key_id(key_id).send())
             .map_err(|e| sdk_err("DescribeKey", e))?;
-        let md = out.key_metadata.ok_or_else(|| KmsError::BadAnswer { op: "DescribeKey", detail: "no KeyMetadata".into() })?;
+        let md = out.key_metadata.ok_or_else(|| KmsError::BadAnswer {
+            op: "DescribeKey",
+            detail: "no KeyMetadata".into(),
+        })?;
         Ok(KeyInfo {
             arn: md.arn.clone().unwrap_or_default(),
             key_id: md.key_id.clone(),
-            state: md.key_state.as_ref().map(|s| s.as_str().to_string()).unwrap_or_default(),
-            spec: md.key_spec.as_ref().map(|s| s.as_str().to_string()).unwrap_or_default(),
-            manager: md.key_manager.as_ref().map_or_else(|| KeyManagerType::Customer.as_str().to_string(), |m| m.as_str().to_string()),
+            state: md
+                .key_state
+                .as_ref()
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_default(),
+            spec: md
+                .key_spec
+                .as_ref()
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_default(),
+            manager: md.key_manager.as_ref().map_or_else(
+                || KeyManagerType::Customer.as_str().to_string(),
+                |m| m.as_str().to_string(),
+            ),
         })
     }
 
@@ -213,7 +241,11 @@ impl KmsClient {
     /// # Errors
     /// The service's refusal or transport failure.
     pub fn create_grant(&self, spec: &GrantSpec) -> Result<Grant, KmsError> {
-        let mut req = self.client.create_grant().key_id(&spec.key_id).grantee_principal(&spec.grantee);
+        let mut req = self
+            .client
+            .create_grant()
+            .key_id(&spec.key_id)
+            .grantee_principal(&spec.grantee);
         if let Some(r) = &spec.retiring {
             req = req.retiring_principal(r);
         }
@@ -222,15 +254,22 @@ impl KmsClient {
         }
         if spec.context_equals.is_some() || spec.context_subset.is_some() {
             let c = GrantConstraints::builder()
-                .set_encryption_context_equals(spec.context_equals.clone().map(|m| m.into_iter().collect()))
-                .set_encryption_context_subset(spec.context_subset.clone().map(|m| m.into_iter().collect()))
+                .set_encryption_context_equals(
+                    spec.context_equals.clone().map(|m| m.into_iter().collect()),
+                )
+                .set_encryption_context_subset(
+                    spec.context_subset.clone().map(|m| m.into_iter().collect()),
+                )
                 .build();
             req = req.constraints(c);
         }
         if let Some(n) = &spec.name {
             req = req.name(n);
         }
-        let out = self.rt.block_on(req.send()).map_err(|e| sdk_err("CreateGrant", e))?;
+        let out = self
+            .rt
+            .block_on(req.send())
+            .map_err(|e| sdk_err("CreateGrant", e))?;
         Ok(Grant {
             grant_id: out.grant_id.unwrap_or_default(),
             grant_token: out.grant_token.unwrap_or_default(),
@@ -243,7 +282,13 @@ impl KmsClient {
     /// The service's refusal or transport failure.
     pub fn retire_grant(&self, key_id: &str, grant_id: &str) -> Result<(), KmsError> {
         self.rt
-            .block_on(self.client.retire_grant().key_id(key_id).grant_id(grant_id).send())
+            .block_on(
+                self.client
+                    .retire_grant()
+                    .key_id(key_id)
+                    .grant_id(grant_id)
+                    .send(),
+            )
             .map(|_| ())
             .map_err(|e| sdk_err("RetireGrant", e))
     }
@@ -254,7 +299,13 @@ impl KmsClient {
     /// The service's refusal or transport failure.
     pub fn revoke_grant(&self, key_id: &str, grant_id: &str) -> Result<(), KmsError> {
         self.rt
-            .block_on(self.client.revoke_grant().key_id(key_id).grant_id(grant_id).send())
+            .block_on(
+                self.client
+                    .revoke_grant()
+                    .key_id(key_id)
+                    .grant_id(grant_id)
+                    .send(),
+            )
             .map(|_| ())
             .map_err(|e| sdk_err("RevokeGrant", e))
     }
@@ -268,7 +319,12 @@ impl KmsClient {
             .rt
             .block_on(self.client.list_grants().key_id(key_id).send())
             .map_err(|e| sdk_err("ListGrants", e))?;
-        Ok(out.grants.unwrap_or_default().into_iter().filter_map(|g| g.grant_id).collect())
+        Ok(out
+            .grants
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|g| g.grant_id)
+            .collect())
     }
 
     /// GenerateDataKeyWithoutPlaintext, 64 bytes (XTS-AES-256). Returns (blob, key ARN).
@@ -293,7 +349,10 @@ impl KmsClient {
                     .send(),
             )
             .map_err(|e| sdk_err("GenerateDataKeyWithoutPlaintext", e))?;
-        let blob = out.ciphertext_blob.ok_or_else(|| KmsError::BadAnswer { op: "GenerateDataKeyWithoutPlaintext", detail: "no CiphertextBlob".into() })?;
+        let blob = out.ciphertext_blob.ok_or_else(|| KmsError::BadAnswer {
+            op: "GenerateDataKeyWithoutPlaintext",
+            detail: "no CiphertextBlob".into(),
+        })?;
         Ok((blob.into_inner(), out.key_id.unwrap_or_default()))
     }
 
@@ -320,8 +379,17 @@ impl KmsClient {
                     .send(),
             )
             .map_err(|e| sdk_err("Decrypt", e))?;
-        let mut plain = out.plaintext.ok_or_else(|| KmsError::BadAnswer { op: "Decrypt", detail: "no Plaintext".into() })?.into_inner();
-        VolumeKey::from_slice(&mut plain).map_err(|e: SecretError| KmsError::BadAnswer { op: "Decrypt", detail: e.to_string() })
+        let mut plain = out
+            .plaintext
+            .ok_or_else(|| KmsError::BadAnswer {
+                op: "Decrypt",
+                detail: "no Plaintext".into(),
+            })?
+            .into_inner();
+        VolumeKey::from_slice(&mut plain).map_err(|e: SecretError| KmsError::BadAnswer {
+            op: "Decrypt",
+            detail: e.to_string(),
+        })
     }
 
     /// ReEncrypt a blob to another key and/or context. Returns (blob, destination key ARN).
@@ -342,14 +410,21 @@ impl KmsClient {
                 self.client
                     .re_encrypt()
                     .ciphertext_blob(Blob::new(blob.to_vec()))
-                    .set_source_encryption_context(Some(source_context.clone().into_iter().collect()))
+                    .set_source_encryption_context(Some(
+                        source_context.clone().into_iter().collect(),
+                    ))
                     .destination_key_id(destination_key)
-                    .set_destination_encryption_context(Some(destination_context.clone().into_iter().collect()))
+                    .set_destination_encryption_context(Some(
+                        destination_context.clone().into_iter().collect(),
+                    ))
                     .set_grant_tokens(Some(grant_tokens.to_vec()).filter(|t| !t.is_empty()))
                     .send(),
             )
             .map_err(|e| sdk_err("ReEncrypt", e))?;
-        let blob = out.ciphertext_blob.ok_or_else(|| KmsError::BadAnswer { op: "ReEncrypt", detail: "no CiphertextBlob".into() })?;
+        let blob = out.ciphertext_blob.ok_or_else(|| KmsError::BadAnswer {
+            op: "ReEncrypt",
+            detail: "no CiphertextBlob".into(),
+        })?;
         Ok((blob.into_inner(), out.key_id.unwrap_or_default()))
     }
 }

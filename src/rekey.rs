@@ -102,13 +102,19 @@ pub enum RekeyError {
     #[error("the {TOKEN_TYPE} token in the header is malformed: {0}")]
     BadToken(String),
     /// The old key is not the one the rekey started from.
-    #[error("the old volume key does not match the volume (digest mismatch); pass the key the volume was encrypted with as --volume-key-file")]
+    #[error(
+        "the old volume key does not match the volume (digest mismatch); pass the key the volume was encrypted with as --volume-key-file"
+    )]
     WrongOldKey,
     /// The new key is not the one the interrupted rekey started with.
-    #[error("the new volume key does not match the interrupted rekey's new key (digest mismatch); resume with the same --new-volume-key-file it was started with")]
+    #[error(
+        "the new volume key does not match the interrupted rekey's new key (digest mismatch); resume with the same --new-volume-key-file it was started with"
+    )]
     WrongNewKey,
     /// New key == old key.
-    #[error("the new volume key is the volume's current key; generate a fresh one (`head -c 64 /dev/urandom > NEW`)")]
+    #[error(
+        "the new volume key is the volume's current key; generate a fresh one (`head -c 64 /dev/urandom > NEW`)"
+    )]
     SameKey,
     /// A rekey is already in progress (start refused).
     #[error("a rekey is already in progress on this volume; resume it instead")]
@@ -117,13 +123,19 @@ pub enum RekeyError {
     #[error("no rekey is in progress on this volume")]
     NotInProgress,
     /// The volume has a KMS token but no new wrapped key was supplied.
-    #[error("this volume's data key is wrapped by KMS; a rekey must store the new key's KMS blob too (rekey it through the KMS path, not with key files only)")]
+    #[error(
+        "this volume's data key is wrapped by KMS; a rekey must store the new key's KMS blob too (rekey it through the KMS path, not with key files only)"
+    )]
     KmsTokenNeeded,
     /// Passphrase keyslots (added with cryptsetup) would keep unlocking the old key.
-    #[error("the volume has {0} passphrase keyslot(s) added with cryptsetup; they hold the old key, so remove them first (`cryptsetup luksKillSlot`) and add them again after the rekey")]
+    #[error(
+        "the volume has {0} passphrase keyslot(s) added with cryptsetup; they hold the old key, so remove them first (`cryptsetup luksKillSlot`) and add them again after the rekey"
+    )]
     HasKeyslots(usize),
     /// The hotzone size is unusable.
-    #[error("hotzone of {requested} bytes is not usable: it must be a positive multiple of {HOTZONE_ALIGN} bytes and at most the {max}-byte journal area")]
+    #[error(
+        "hotzone of {requested} bytes is not usable: it must be a positive multiple of {HOTZONE_ALIGN} bytes and at most the {max}-byte journal area"
+    )]
     BadHotzone {
         /// Requested size.
         requested: u64,
@@ -131,16 +143,22 @@ pub enum RekeyError {
         max: u64,
     },
     /// The journal copy does not match its checksum in the header.
-    #[error("the rekey journal for the hotzone at byte {zone_start} does not match its checksum in the header; the volume cannot be recovered automatically (restore from a snapshot)")]
+    #[error(
+        "the rekey journal for the hotzone at byte {zone_start} does not match its checksum in the header; the volume cannot be recovered automatically (restore from a snapshot)"
+    )]
     JournalCorrupt {
         /// Data offset of the zone.
         zone_start: u64,
     },
     /// Stopped between two hotzones (detach); the checkpoint is consistent.
-    #[error("rekey paused at byte {0} (the volume was detached); it resumes on the next attach with both keys or with `sealvol rekey-volume`")]
+    #[error(
+        "rekey paused at byte {0} (the volume was detached); it resumes on the next attach with both keys or with `sealvol rekey-volume`"
+    )]
     Cancelled(u64),
     /// The volume is attached: use the online path.
-    #[error("{0} is attached at {1}; rekey it online with `sealvol rekey-volume --mountpoint {1} --new-volume-key-file NEW`")]
+    #[error(
+        "{0} is attached at {1}; rekey it online with `sealvol rekey-volume --mountpoint {1} --new-volume-key-file NEW`"
+    )]
     Attached(PathBuf, PathBuf),
     /// Talking to the attach agent failed.
     #[error("attach agent control socket {path}: {why}")]
@@ -237,12 +255,19 @@ pub fn state(header: &Header) -> Result<Option<RekeyState>, RekeyError> {
     let Some(v) = header.token(TOKEN_TYPE) else {
         return Ok(None);
     };
-    let mut obj = v.as_object().cloned().ok_or_else(|| RekeyError::BadToken("not an object".into()))?;
+    let mut obj = v
+        .as_object()
+        .cloned()
+        .ok_or_else(|| RekeyError::BadToken("not an object".into()))?;
     obj.remove("type");
     obj.remove("keyslots");
-    let st: RekeyState = serde_json::from_value(Value::Object(obj)).map_err(|e| RekeyError::BadToken(e.to_string()))?;
+    let st: RekeyState = serde_json::from_value(Value::Object(obj))
+        .map_err(|e| RekeyError::BadToken(e.to_string()))?;
     if st.version != STATE_VERSION {
-        return Err(RekeyError::BadToken(format!("version {} (this sealvol knows {STATE_VERSION})", st.version)));
+        return Err(RekeyError::BadToken(format!(
+            "version {} (this sealvol knows {STATE_VERSION})",
+            st.version
+        )));
     }
     Ok(Some(st))
 }
@@ -250,11 +275,21 @@ pub fn state(header: &Header) -> Result<Option<RekeyState>, RekeyError> {
 /// Whether a header has a rekey in progress (token or requirement).
 #[must_use]
 pub fn in_progress(header: &Header) -> bool {
-    header.token(TOKEN_TYPE).is_some() || header.mandatory_requirements().iter().any(|r| r == luks2::REKEY_REQUIREMENT)
+    header.token(TOKEN_TYPE).is_some()
+        || header
+            .mandatory_requirements()
+            .iter()
+            .any(|r| r == luks2::REKEY_REQUIREMENT)
 }
 
-fn store_state(header: &mut Header, st: &RekeyState, backing: &dyn Backing) -> Result<(), RekeyError> {
-    let Value::Object(fields) = serde_json::to_value(st).map_err(|e| RekeyError::BadToken(e.to_string()))? else {
+fn store_state(
+    header: &mut Header,
+    st: &RekeyState,
+    backing: &dyn Backing,
+) -> Result<(), RekeyError> {
+    let Value::Object(fields) =
+        serde_json::to_value(st).map_err(|e| RekeyError::BadToken(e.to_string()))?
+    else {
         return Err(RekeyError::BadToken("state is not an object".into()));
     };
     header.set_token(TOKEN_TYPE, fields);
@@ -267,7 +302,10 @@ fn store_state(header: &mut Header, st: &RekeyState, backing: &dyn Backing) -> R
 fn journal_checksum(buf: &[u8]) -> String {
     use rayon::prelude::*;
     use sha2::Digest;
-    let parts: Vec<Vec<u8>> = buf.par_chunks(1 << 20).map(|c| sha2::Sha256::digest(c).to_vec()).collect();
+    let parts: Vec<Vec<u8>> = buf
+        .par_chunks(1 << 20)
+        .map(|c| sha2::Sha256::digest(c).to_vec())
+        .collect();
     let mut h = sha2::Sha256::new();
     for p in &parts {
         h.update(p);
@@ -277,7 +315,13 @@ fn journal_checksum(buf: &[u8]) -> String {
 
 /// Writes the non-hole sector runs of `buf` at absolute offset `at` (holes are never
 /// written, so sparse files stay sparse); with `punch`, hole runs are punched.
-fn write_runs(backing: &dyn Backing, at: u64, buf: &[u8], ss: usize, punch: bool) -> Result<(), BackingError> {
+fn write_runs(
+    backing: &dyn Backing,
+    at: u64,
+    buf: &[u8],
+    ss: usize,
+    punch: bool,
+) -> Result<(), BackingError> {
     let sectors = buf.len() / ss;
     let mut i = 0;
     while i < sectors {
@@ -303,13 +347,22 @@ pub fn max_hotzone(header: &Header) -> u64 {
     (area.end - area.start) / HOTZONE_ALIGN * HOTZONE_ALIGN
 }
 
-fn check_keys(header: &Header, st: &RekeyState, old: &VolumeKey, new: &VolumeKey) -> Result<(), RekeyError> {
+fn check_keys(
+    header: &Header,
+    st: &RekeyState,
+    old: &VolumeKey,
+    new: &VolumeKey,
+) -> Result<(), RekeyError> {
     let map = |e: Luks2Error, wrong: RekeyError| match e {
         Luks2Error::DigestMismatch => wrong,
         other => RekeyError::Header(other),
     };
-    header.verify_key_against(st.old_digest, old).map_err(|e| map(e, RekeyError::WrongOldKey))?;
-    header.verify_key_against(st.new_digest, new).map_err(|e| map(e, RekeyError::WrongNewKey))
+    header
+        .verify_key_against(st.old_digest, old)
+        .map_err(|e| map(e, RekeyError::WrongOldKey))?;
+    header
+        .verify_key_against(st.new_digest, new)
+        .map_err(|e| map(e, RekeyError::WrongNewKey))
 }
 
 /// Crash recovery, before a volume with a rekey in progress is served: checks both keys
@@ -318,24 +371,41 @@ fn check_keys(header: &Header, st: &RekeyState, old: &VolumeKey, new: &VolumeKey
 ///
 /// # Errors
 /// Wrong keys, a corrupt journal, I/O failure.
-pub fn recover(backing: &dyn Backing, header: &Header, old: &VolumeKey, new: &VolumeKey) -> Result<RekeyState, RekeyError> {
+pub fn recover(
+    backing: &dyn Backing,
+    header: &Header,
+    old: &VolumeKey,
+    new: &VolumeKey,
+) -> Result<RekeyState, RekeyError> {
     let st = state(header)?.ok_or(RekeyError::NotInProgress)?;
     check_keys(header, &st, old, new)?;
     if let Some(j) = &st.journal {
-        let len = usize::try_from(j.len).map_err(|_| RekeyError::BadToken("journal length".into()))?;
+        let len =
+            usize::try_from(j.len).map_err(|_| RekeyError::BadToken("journal length".into()))?;
         let area = luks2::journal_area(header);
-        if j.zone_start != st.boundary || j.offset < area.start || j.offset.saturating_add(j.len) > area.end {
-            return Err(RekeyError::BadToken("the journal record does not match the boundary or the journal area".into()));
+        if j.zone_start != st.boundary
+            || j.offset < area.start
+            || j.offset.saturating_add(j.len) > area.end
+        {
+            return Err(RekeyError::BadToken(
+                "the journal record does not match the boundary or the journal area".into(),
+            ));
         }
         let mut buf = vec![0u8; len];
         backing.read_at(&mut buf, j.offset)?;
         if journal_checksum(&buf) != j.sha256 {
-            return Err(RekeyError::JournalCorrupt { zone_start: j.zone_start });
+            return Err(RekeyError::JournalCorrupt {
+                zone_start: j.zone_start,
+            });
         }
         let ss = usize::try_from(header.sector_size()).unwrap_or(4096);
         write_runs(backing, header.data_offset() + j.zone_start, &buf, ss, true)?;
         backing.flush()?;
-        tracing::info!("rekey recovery: restored the hotzone at {} ({} bytes) from the journal", j.zone_start, j.len);
+        tracing::info!(
+            "rekey recovery: restored the hotzone at {} ({} bytes) from the journal",
+            j.zone_start,
+            j.len
+        );
     }
     Ok(st)
 }
@@ -354,7 +424,10 @@ pub struct Rekeyer {
 
 impl std::fmt::Debug for Rekeyer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Rekeyer").field("device", &self.device).field("checkpoint", &self.st).finish_non_exhaustive()
+        f.debug_struct("Rekeyer")
+            .field("device", &self.device)
+            .field("checkpoint", &self.st)
+            .finish_non_exhaustive()
     }
 }
 
@@ -366,7 +439,11 @@ impl Rekeyer {
     /// # Errors
     /// A rekey already in progress, `new` equal to the current key, a KMS-backed volume
     /// without a new KMS token, passphrase keyslots, a bad hotzone, I/O failure.
-    pub fn start(device: Arc<Device>, new: &VolumeKey, opts: &RekeyOptions) -> Result<Self, RekeyError> {
+    pub fn start(
+        device: Arc<Device>,
+        new: &VolumeKey,
+        opts: &RekeyOptions,
+    ) -> Result<Self, RekeyError> {
         let backing = device.backing().clone();
         let mut header = Header::read(&*backing)?;
         if in_progress(&header) {
@@ -387,7 +464,10 @@ impl Rekeyer {
         let hotzone = opts.hotzone_bytes.unwrap_or(DEFAULT_HOTZONE.min(max));
         let ss = u64::from(header.sector_size());
         if hotzone == 0 || hotzone % HOTZONE_ALIGN != 0 || hotzone % ss != 0 || hotzone > max {
-            return Err(RekeyError::BadHotzone { requested: hotzone, max });
+            return Err(RekeyError::BadHotzone {
+                requested: hotzone,
+                max,
+            });
         }
         let old_digest = header
             .digests()
@@ -407,10 +487,18 @@ impl Rekeyer {
             new_kms_token: opts.new_kms_token.clone(),
         };
         store_state(&mut header, &st, &*backing)?;
-        let sector_size = SectorSize::try_from(header.sector_size()).map_err(|e| RekeyError::BadToken(e.to_string()))?;
+        let sector_size = SectorSize::try_from(header.sector_size())
+            .map_err(|e| RekeyError::BadToken(e.to_string()))?;
         device.begin_rekey(SectorCipher::new(new, sector_size))?;
         let journal_area = luks2::journal_area(&header);
-        Ok(Self { device, header, st, journal_area, exclusive: false, scratch: (Vec::new(), Vec::new()) })
+        Ok(Self {
+            device,
+            header,
+            st,
+            journal_area,
+            exclusive: false,
+            scratch: (Vec::new(), Vec::new()),
+        })
     }
 
     /// Resumes the rekey of a device opened in rekey mode (after [`recover`], e.g. by
@@ -429,7 +517,14 @@ impl Rekeyer {
             )));
         }
         let journal_area = luks2::journal_area(&header);
-        Ok(Self { device, header, st, journal_area, exclusive: false, scratch: (Vec::new(), Vec::new()) })
+        Ok(Self {
+            device,
+            header,
+            st,
+            journal_area,
+            exclusive: false,
+            scratch: (Vec::new(), Vec::new()),
+        })
     }
 
     /// Declares that nothing else does I/O on the device (an offline rekey). Each hotzone
@@ -458,7 +553,10 @@ impl Rekeyer {
     /// Progress so far.
     #[must_use]
     pub fn progress(&self) -> Progress {
-        Progress { done: self.st.boundary, total: self.device.size() }
+        Progress {
+            done: self.st.boundary,
+            total: self.device.size(),
+        }
     }
 
     /// The checkpoint as last written.
@@ -481,7 +579,10 @@ impl Rekeyer {
     ///
     /// # Errors
     /// As [`Rekeyer::step`].
-    pub fn step_with(&mut self, observe: &mut dyn FnMut(StepPhase, Range<u64>)) -> Result<bool, RekeyError> {
+    pub fn step_with(
+        &mut self,
+        observe: &mut dyn FnMut(StepPhase, Range<u64>),
+    ) -> Result<bool, RekeyError> {
         let size = self.device.size();
         let b = self.st.boundary;
         if b >= size {
@@ -507,13 +608,22 @@ impl Rekeyer {
             let device = &self.device;
             let journal_offset = self.next_slot();
             let (journaled, (sum, crypted)) = rayon::join(
-                || backing.write_at(&old, journal_offset).and_then(|()| backing.flush()),
+                || {
+                    backing
+                        .write_at(&old, journal_offset)
+                        .and_then(|()| backing.flush())
+                },
                 || (journal_checksum(&old), device.rekey_sectors(b, &mut new)),
             );
             journaled?;
             crypted?;
             observe(StepPhase::Journaled, zone.clone());
-            self.st.journal = Some(JournalRecord { zone_start: b, len: e - b, offset: journal_offset, sha256: sum });
+            self.st.journal = Some(JournalRecord {
+                zone_start: b,
+                len: e - b,
+                offset: journal_offset,
+                sha256: sum,
+            });
             store_state(&mut self.header, &self.st, &*backing)?;
             observe(StepPhase::Checkpointed, zone.clone());
             write_runs(&*backing, geo.data_offset + b, &new, ss, false)?;
@@ -538,14 +648,20 @@ impl Rekeyer {
     fn finish(&mut self) -> Result<(), RekeyError> {
         let backing = self.device.backing().clone();
         let digests = self.header.digests_mut();
-        let segments = digests.get(&self.st.old_digest).map(|d| d.segments.clone()).unwrap_or_default();
+        let segments = digests
+            .get(&self.st.old_digest)
+            .map(|d| d.segments.clone())
+            .unwrap_or_default();
         let new = digests
             .get_mut(&self.st.new_digest)
-            .ok_or(RekeyError::Header(Luks2Error::NoSuchDigest(self.st.new_digest)))?;
+            .ok_or(RekeyError::Header(Luks2Error::NoSuchDigest(
+                self.st.new_digest,
+            )))?;
         new.segments = segments;
         digests.remove(&self.st.old_digest);
         self.header.remove_token(TOKEN_TYPE);
-        self.header.clear_mandatory_requirement(luks2::REKEY_REQUIREMENT);
+        self.header
+            .clear_mandatory_requirement(luks2::REKEY_REQUIREMENT);
         if let Some(t) = self.st.new_kms_token.clone() {
             self.header.set_kms_token(t);
         }
@@ -555,7 +671,11 @@ impl Rekeyer {
         }
         // The journal holds old-key ciphertext: wipe it.
         let area = &self.journal_area;
-        let len = self.st.hotzone_bytes.saturating_mul(2).min(area.end - area.start);
+        let len = self
+            .st
+            .hotzone_bytes
+            .saturating_mul(2)
+            .min(area.end - area.start);
         backing.punch_hole(area.start, len)?;
         backing.flush()?;
         self.st.boundary = self.device.size();
@@ -567,7 +687,11 @@ impl Rekeyer {
     ///
     /// # Errors
     /// I/O failure or cancellation.
-    pub fn run(&mut self, cancel: &AtomicBool, mut progress: impl FnMut(Progress)) -> Result<(), RekeyError> {
+    pub fn run(
+        &mut self,
+        cancel: &AtomicBool,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<(), RekeyError> {
         progress(self.progress());
         loop {
             if cancel.load(Ordering::Relaxed) {
@@ -588,7 +712,11 @@ impl Rekeyer {
 ///
 /// # Errors
 /// Wrong keys, no rekey in progress, corrupt journal, I/O failure.
-pub fn open_resuming(path: &Path, old: &VolumeKey, new: &VolumeKey) -> Result<volume::OpenVolume, RekeyError> {
+pub fn open_resuming(
+    path: &Path,
+    old: &VolumeKey,
+    new: &VolumeKey,
+) -> Result<volume::OpenVolume, RekeyError> {
     let backing: Arc<dyn Backing> = Arc::new(crate::backing::FileBacking::open(path)?);
     open_resuming_backing(backing, path, old, new)
 }
@@ -597,11 +725,21 @@ pub fn open_resuming(path: &Path, old: &VolumeKey, new: &VolumeKey) -> Result<vo
 ///
 /// # Errors
 /// As [`open_resuming`].
-pub fn open_resuming_backing(backing: Arc<dyn Backing>, path: &Path, old: &VolumeKey, new: &VolumeKey) -> Result<volume::OpenVolume, RekeyError> {
+pub fn open_resuming_backing(
+    backing: Arc<dyn Backing>,
+    path: &Path,
+    old: &VolumeKey,
+    new: &VolumeKey,
+) -> Result<volume::OpenVolume, RekeyError> {
     let header = Header::read(&*backing)?;
     let st = recover(&*backing, &header, old, new)?;
-    let ss = SectorSize::try_from(header.sector_size()).map_err(|e| RekeyError::BadToken(e.to_string()))?;
-    let crypt = crate::device::Crypt::Rekeying { old: SectorCipher::new(old, ss), new: SectorCipher::new(new, ss), boundary: st.boundary };
+    let ss = SectorSize::try_from(header.sector_size())
+        .map_err(|e| RekeyError::BadToken(e.to_string()))?;
+    let crypt = crate::device::Crypt::Rekeying {
+        old: SectorCipher::new(old, ss),
+        new: SectorCipher::new(new, ss),
+        boundary: st.boundary,
+    };
     Ok(volume::device_for(backing, header, path, crypt)?)
 }
 
@@ -632,7 +770,11 @@ fn report(start: Instant, from: u64, total: u64, resumed: bool) -> RekeyReport {
         resumed,
         already_done: false,
         seconds,
-        mb_per_s: if seconds > 0.0 { bytes as f64 / seconds / 1e6 } else { 0.0 },
+        mb_per_s: if seconds > 0.0 {
+            bytes as f64 / seconds / 1e6
+        } else {
+            0.0
+        },
     }
 }
 
@@ -640,7 +782,13 @@ fn report(start: Instant, from: u64, total: u64, resumed: bool) -> RekeyReport {
 ///
 /// # Errors
 /// The volume is attached, wrong keys, I/O failure.
-pub fn rekey_detached(path: &Path, old: &VolumeKey, new: &VolumeKey, opts: &RekeyOptions, progress: impl FnMut(Progress)) -> Result<RekeyReport, RekeyError> {
+pub fn rekey_detached(
+    path: &Path,
+    old: &VolumeKey,
+    new: &VolumeKey,
+    opts: &RekeyOptions,
+    progress: impl FnMut(Progress),
+) -> Result<RekeyReport, RekeyError> {
     if let Some(mountpoint) = crate::attach::attached_at(path) {
         return Err(RekeyError::Attached(path.to_path_buf(), mountpoint));
     }
@@ -652,7 +800,14 @@ pub fn rekey_detached(path: &Path, old: &VolumeKey, new: &VolumeKey, opts: &Reke
     } else {
         if header.verify_key(new).is_ok() {
             let total = header.data_size(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0));
-            return Ok(RekeyReport { total_bytes: total, bytes_this_run: 0, resumed: false, already_done: true, seconds: 0.0, mb_per_s: 0.0 });
+            return Ok(RekeyReport {
+                total_bytes: total,
+                bytes_this_run: 0,
+                resumed: false,
+                already_done: true,
+                seconds: 0.0,
+                mb_per_s: 0.0,
+            });
         }
         let vol = volume::open_encrypted(path, old).map_err(|e| match e {
             VolumeError::WrongKey { .. } => RekeyError::WrongOldKey,
@@ -660,7 +815,9 @@ pub fn rekey_detached(path: &Path, old: &VolumeKey, new: &VolumeKey, opts: &Reke
         })?;
         // Offline: two journal slots, so a hotzone is at most half the journal area.
         let mut opts = opts.clone();
-        opts.hotzone_bytes = opts.hotzone_bytes.or(Some((max_hotzone(&header) / 2 / HOTZONE_ALIGN * HOTZONE_ALIGN).min(DEFAULT_HOTZONE)));
+        opts.hotzone_bytes = opts.hotzone_bytes.or(Some(
+            (max_hotzone(&header) / 2 / HOTZONE_ALIGN * HOTZONE_ALIGN).min(DEFAULT_HOTZONE),
+        ));
         (Rekeyer::start(vol.device, new, &opts)?.exclusive(), false)
     };
     let from = rekeyer.progress().done;
@@ -748,11 +905,19 @@ impl ControlServer {
     /// # Errors
     /// The socket cannot be bound.
     pub fn spawn(path: &Path, devices: Vec<(String, Arc<Device>)>) -> Result<Self, RekeyError> {
-        let err = |why: String| RekeyError::Control { path: path.to_path_buf(), why };
+        let err = |why: String| RekeyError::Control {
+            path: path.to_path_buf(),
+            why,
+        };
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
-        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(|e| err(e.to_string()))?;
-        let inner = Arc::new(ServerInner { devices, jobs: Mutex::new(HashMap::new()), stopping: AtomicBool::new(false) });
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| err(e.to_string()))?;
+        let inner = Arc::new(ServerInner {
+            devices,
+            jobs: Mutex::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
+        });
         let srv = inner.clone();
         std::thread::Builder::new()
             .name("control".into())
@@ -763,11 +928,16 @@ impl ControlServer {
                     }
                     let Ok(conn) = conn else { continue };
                     let srv = srv.clone();
-                    let _ = std::thread::Builder::new().name("control-conn".into()).spawn(move || srv.handle(conn));
+                    let _ = std::thread::Builder::new()
+                        .name("control-conn".into())
+                        .spawn(move || srv.handle(conn));
                 }
             })
             .map_err(|e| err(e.to_string()))?;
-        Ok(Self { path: path.to_path_buf(), inner })
+        Ok(Self {
+            path: path.to_path_buf(),
+            inner,
+        })
     }
 
     /// Resumes the rekey of a served device opened in rekey mode (attach with both keys).
@@ -775,16 +945,30 @@ impl ControlServer {
     /// # Errors
     /// No such export, or the device has no rekey in progress.
     pub fn resume(&self, export: &str) -> Result<(), RekeyError> {
-        let device = self.inner.device(Some(export)).map_err(RekeyError::Agent)?.1;
+        let device = self
+            .inner
+            .device(Some(export))
+            .map_err(RekeyError::Agent)?
+            .1;
         let rekeyer = Rekeyer::resume(device)?;
-        self.inner.start_job(export, rekeyer, true).map(|_| ()).map_err(RekeyError::Agent)
+        self.inner
+            .start_job(export, rekeyer, true)
+            .map(|_| ())
+            .map_err(RekeyError::Agent)
     }
 
     /// Stops every job at its next hotzone boundary and waits for it; removes the socket.
     pub fn shutdown(&self) {
         self.inner.stopping.store(true, Ordering::Relaxed);
         let _ = std::fs::remove_file(&self.path);
-        let jobs: Vec<Arc<Job>> = self.inner.jobs.lock().expect("jobs lock").values().cloned().collect();
+        let jobs: Vec<Arc<Job>> = self
+            .inner
+            .jobs
+            .lock()
+            .expect("jobs lock")
+            .values()
+            .cloned()
+            .collect();
         for job in jobs {
             job.cancel.store(true, Ordering::Relaxed);
             if let Some(h) = job.handle.lock().expect("job handle lock").take() {
@@ -807,12 +991,21 @@ impl ServerInner {
             None => Err(format!(
                 "this agent serves {} files; name one ({})",
                 self.devices.len(),
-                self.devices.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                self.devices
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
         }
     }
 
-    fn start_job(&self, name: &str, mut rekeyer: Rekeyer, resumed: bool) -> Result<Arc<Job>, String> {
+    fn start_job(
+        &self,
+        name: &str,
+        mut rekeyer: Rekeyer,
+        resumed: bool,
+    ) -> Result<Arc<Job>, String> {
         let mut jobs = self.jobs.lock().expect("jobs lock");
         if let Some(j) = jobs.get(name) {
             if j.state.lock().expect("job lock").result.is_none() {
@@ -831,7 +1024,9 @@ impl ServerInner {
                 if let Err(e) = &r {
                     tracing::error!("rekey: {e}");
                 }
-                let r = r.map(|()| report(start, from, total, resumed)).map_err(|e| e.to_string());
+                let r = r
+                    .map(|()| report(start, from, total, resumed))
+                    .map_err(|e| e.to_string());
                 j.update(|s| s.result = Some(r));
             })
             .map_err(|e| e.to_string())?;
@@ -841,20 +1036,29 @@ impl ServerInner {
     }
 
     fn handle(&self, conn: UnixStream) {
-        let allowed = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
-            .is_ok_and(|c| c.uid() == 0 || c.uid() == nix::unistd::geteuid().as_raw());
-        let Ok(mut out) = conn.try_clone() else { return };
+        let allowed =
+            nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+                .is_ok_and(|c| c.uid() == 0 || c.uid() == nix::unistd::geteuid().as_raw());
+        let Ok(mut out) = conn.try_clone() else {
+            return;
+        };
         let mut send = |r: &ControlReply| -> bool {
             let mut line = serde_json::to_vec(r).expect("replies serialize");
             line.push(b'\n');
             out.write_all(&line).is_ok()
         };
         if !allowed {
-            send(&ControlReply::Error("permission denied: only root or the agent's user may control it".into()));
+            send(&ControlReply::Error(
+                "permission denied: only root or the agent's user may control it".into(),
+            ));
             return;
         }
         let mut line = String::new();
-        if BufReader::new(&conn).take(64 * 1024).read_line(&mut line).is_err() {
+        if BufReader::new(&conn)
+            .take(64 * 1024)
+            .read_line(&mut line)
+            .is_err()
+        {
             return;
         }
         let req: ControlRequest = match serde_json::from_str(&line) {
@@ -866,11 +1070,33 @@ impl ServerInner {
         };
         match req {
             ControlRequest::Status => {
-                let st = self.devices.iter().map(|(n, d)| (n.clone(), d.rekey_boundary().map(|b| Progress { done: b, total: d.size() }))).collect();
+                let st = self
+                    .devices
+                    .iter()
+                    .map(|(n, d)| {
+                        (
+                            n.clone(),
+                            d.rekey_boundary().map(|b| Progress {
+                                done: b,
+                                total: d.size(),
+                            }),
+                        )
+                    })
+                    .collect();
                 send(&ControlReply::Status(st));
             }
-            ControlRequest::Rekey { export, new_volume_key_file, hotzone_bytes, new_kms_token } => {
-                let job = match self.begin(export.as_deref(), &new_volume_key_file, hotzone_bytes, new_kms_token) {
+            ControlRequest::Rekey {
+                export,
+                new_volume_key_file,
+                hotzone_bytes,
+                new_kms_token,
+            } => {
+                let job = match self.begin(
+                    export.as_deref(),
+                    &new_volume_key_file,
+                    hotzone_bytes,
+                    new_kms_token,
+                ) {
                     Ok(j) => j,
                     Err(e) => {
                         send(&ControlReply::Error(e));
@@ -908,14 +1134,22 @@ impl ServerInner {
         }
     }
 
-    fn begin(&self, export: Option<&str>, key_file: &Path, hotzone: Option<u64>, new_kms_token: Option<KmsToken>) -> Result<Arc<Job>, String> {
+    fn begin(
+        &self,
+        export: Option<&str>,
+        key_file: &Path,
+        hotzone: Option<u64>,
+        new_kms_token: Option<KmsToken>,
+    ) -> Result<Arc<Job>, String> {
         let (name, device) = self.device(export)?;
         let new = VolumeKey::from_file(key_file).map_err(|e| e.to_string())?;
         if let Some(job) = self.jobs.lock().expect("jobs lock").get(&name).cloned() {
             if job.state.lock().expect("job lock").result.is_none() {
                 // A rekey is running: follow it if it is to the same key.
                 let header = Header::read(&**device.backing()).map_err(|e| e.to_string())?;
-                let st = state(&header).map_err(|e| e.to_string())?.ok_or("no rekey in the header")?;
+                let st = state(&header)
+                    .map_err(|e| e.to_string())?
+                    .ok_or("no rekey in the header")?;
                 header.verify_key_against(st.new_digest, &new).map_err(|_| {
                     "a rekey to a different new key is already running on this volume; wait for it to finish".to_string()
                 })?;
@@ -925,8 +1159,12 @@ impl ServerInner {
         let rekeyer = if device.rekey_boundary().is_some() {
             // Resumed at attach, finished or failed job: continue with the same new key.
             let header = Header::read(&**device.backing()).map_err(|e| e.to_string())?;
-            let st = state(&header).map_err(|e| e.to_string())?.ok_or("no rekey in the header")?;
-            header.verify_key_against(st.new_digest, &new).map_err(|_| RekeyError::WrongNewKey.to_string())?;
+            let st = state(&header)
+                .map_err(|e| e.to_string())?
+                .ok_or("no rekey in the header")?;
+            header
+                .verify_key_against(st.new_digest, &new)
+                .map_err(|_| RekeyError::WrongNewKey.to_string())?;
             Rekeyer::resume(device).map_err(|e| e.to_string())?
         } else {
             let header = Header::read(&**device.backing()).map_err(|e| e.to_string())?;
@@ -935,11 +1173,21 @@ impl ServerInner {
                 let job = Job::default();
                 let total = device.size();
                 job.update(|s| {
-                    s.result = Some(Ok(RekeyReport { total_bytes: total, bytes_this_run: 0, resumed: false, already_done: true, seconds: 0.0, mb_per_s: 0.0 }));
+                    s.result = Some(Ok(RekeyReport {
+                        total_bytes: total,
+                        bytes_this_run: 0,
+                        resumed: false,
+                        already_done: true,
+                        seconds: 0.0,
+                        mb_per_s: 0.0,
+                    }));
                 });
                 return Ok(Arc::new(job));
             }
-            let opts = RekeyOptions { hotzone_bytes: hotzone, new_kms_token };
+            let opts = RekeyOptions {
+                hotzone_bytes: hotzone,
+                new_kms_token,
+            };
             Rekeyer::start(device, &new, &opts).map_err(|e| e.to_string())?
         };
         self.start_job(&name, rekeyer, false)
@@ -951,16 +1199,33 @@ impl ServerInner {
 ///
 /// # Errors
 /// No agent there, the agent refused or the rekey failed.
-pub fn request_online(mountpoint: &Path, req: &ControlRequest, mut progress: impl FnMut(Progress)) -> Result<RekeyReport, RekeyError> {
-    let path = crate::attach::control_path(mountpoint).map_err(|e| RekeyError::Control { path: mountpoint.to_path_buf(), why: e.to_string() })?;
-    let err = |why: String| RekeyError::Control { path: path.clone(), why };
-    let mut conn = UnixStream::connect(&path).map_err(|e| err(format!("{e} (is a sealvol agent serving {}?)", mountpoint.display())))?;
+pub fn request_online(
+    mountpoint: &Path,
+    req: &ControlRequest,
+    mut progress: impl FnMut(Progress),
+) -> Result<RekeyReport, RekeyError> {
+    let path = crate::attach::control_path(mountpoint).map_err(|e| RekeyError::Control {
+        path: mountpoint.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    let err = |why: String| RekeyError::Control {
+        path: path.clone(),
+        why,
+    };
+    let mut conn = UnixStream::connect(&path).map_err(|e| {
+        err(format!(
+            "{e} (is a sealvol agent serving {}?)",
+            mountpoint.display()
+        ))
+    })?;
     let mut line = serde_json::to_vec(req).expect("requests serialize");
     line.push(b'\n');
     conn.write_all(&line).map_err(|e| err(e.to_string()))?;
     for line in BufReader::new(&conn).lines() {
         let line = line.map_err(|e| err(e.to_string()))?;
-        match serde_json::from_str::<ControlReply>(&line).map_err(|e| err(format!("bad reply: {e}")))? {
+        match serde_json::from_str::<ControlReply>(&line)
+            .map_err(|e| err(format!("bad reply: {e}")))?
+        {
             ControlReply::Progress(p) => progress(p),
             ControlReply::Done(r) => return Ok(r),
             ControlReply::Error(e) => return Err(RekeyError::Agent(e)),
@@ -979,12 +1244,22 @@ mod tests {
 
     fn volume(size: u64, ss: u32, key: &VolumeKey) -> Arc<Device> {
         let backing: Arc<dyn Backing> = Arc::new(MemBacking::new(0));
-        let params = FormatParams { data_size: size, sector_size: ss, label: String::new(), token: None };
+        let params = FormatParams {
+            data_size: size,
+            sector_size: ss,
+            label: String::new(),
+            token: None,
+        };
         let header = Header::format(&*backing, key, &params).expect("format");
         let sector = SectorSize::try_from(ss).expect("valid");
-        volume::device_for(backing, header, Path::new("mem"), Crypt::Xts(SectorCipher::new(key, sector)))
-            .expect("device")
-            .device
+        volume::device_for(
+            backing,
+            header,
+            Path::new("mem"),
+            Crypt::Xts(SectorCipher::new(key, sector)),
+        )
+        .expect("device")
+        .device
     }
 
     /// Writers and readers hammer the device from several threads while the rekey moves
@@ -996,8 +1271,15 @@ mod tests {
         let new = VolumeKey::generate();
         let size = 4 << 20;
         let dev = volume(size, 4096, &old);
-        let mut r = Rekeyer::start(dev.clone(), &new, &RekeyOptions { hotzone_bytes: Some(128 * 1024), new_kms_token: None })
-            .expect("start");
+        let mut r = Rekeyer::start(
+            dev.clone(),
+            &new,
+            &RekeyOptions {
+                hotzone_bytes: Some(128 * 1024),
+                new_kms_token: None,
+            },
+        )
+        .expect("start");
         let stop = Arc::new(AtomicBool::new(false));
         let threads: Vec<_> = (0..4u64)
             .map(|t| {
@@ -1017,7 +1299,10 @@ mod tests {
                         let mut buf = [0u8; 2000];
                         dev.read(probe * 4096 + 1000, &mut buf).expect("read");
                         let want = mine.get(&probe).copied().unwrap_or(0);
-                        assert!(buf.iter().all(|&x| x == want), "block {probe}: read back wrong data mid-rekey");
+                        assert!(
+                            buf.iter().all(|&x| x == want),
+                            "block {probe}: read back wrong data mid-rekey"
+                        );
                         i += 1;
                     }
                     mine
@@ -1026,15 +1311,23 @@ mod tests {
             .collect();
         while !r.step().expect("step") {}
         stop.store(true, Ordering::Relaxed);
-        let owned: Vec<HashMap<u64, u8>> = threads.into_iter().map(|t| t.join().expect("io thread")).collect();
+        let owned: Vec<HashMap<u64, u8>> = threads
+            .into_iter()
+            .map(|t| t.join().expect("io thread"))
+            .collect();
         assert_eq!(dev.rekey_boundary(), None, "finished");
         // Reopen from the backing with the new key only.
         let header = Header::read(&**dev.backing()).expect("header");
         header.verify_key(&new).expect("new key");
         assert!(header.verify_key(&old).is_err());
-        let fresh = volume::device_for(dev.backing().clone(), header, Path::new("mem"), Crypt::Xts(SectorCipher::new(&new, SectorSize::S4096)))
-            .expect("device")
-            .device;
+        let fresh = volume::device_for(
+            dev.backing().clone(),
+            header,
+            Path::new("mem"),
+            Crypt::Xts(SectorCipher::new(&new, SectorSize::S4096)),
+        )
+        .expect("device")
+        .device;
         for mine in owned {
             for (b, v) in mine {
                 let mut buf = [0u8; 2000];
@@ -1048,11 +1341,26 @@ mod tests {
     fn refuses_bad_hotzones_same_key_and_kms_volumes_without_a_new_token() {
         let old = VolumeKey::generate();
         let dev = volume(1 << 20, 4096, &old);
-        let bad = RekeyOptions { hotzone_bytes: Some(1000), new_kms_token: None };
-        assert!(matches!(Rekeyer::start(dev.clone(), &VolumeKey::generate(), &bad), Err(RekeyError::BadHotzone { .. })));
-        let huge = RekeyOptions { hotzone_bytes: Some(64 << 20), new_kms_token: None };
-        assert!(matches!(Rekeyer::start(dev.clone(), &VolumeKey::generate(), &huge), Err(RekeyError::BadHotzone { .. })));
-        assert!(matches!(Rekeyer::start(dev.clone(), &old, &RekeyOptions::default()), Err(RekeyError::SameKey)));
+        let bad = RekeyOptions {
+            hotzone_bytes: Some(1000),
+            new_kms_token: None,
+        };
+        assert!(matches!(
+            Rekeyer::start(dev.clone(), &VolumeKey::generate(), &bad),
+            Err(RekeyError::BadHotzone { .. })
+        ));
+        let huge = RekeyOptions {
+            hotzone_bytes: Some(64 << 20),
+            new_kms_token: None,
+        };
+        assert!(matches!(
+            Rekeyer::start(dev.clone(), &VolumeKey::generate(), &huge),
+            Err(RekeyError::BadHotzone { .. })
+        ));
+        assert!(matches!(
+            Rekeyer::start(dev.clone(), &old, &RekeyOptions::default()),
+            Err(RekeyError::SameKey)
+        ));
         assert_eq!(dev.rekey_boundary(), None, "nothing changed");
         // The checkpoint token round-trips and names both digests.
         let new = VolumeKey::generate();
@@ -1060,7 +1368,13 @@ mod tests {
         let h = Header::read(&**dev.backing()).expect("header");
         let st = state(&h).expect("parses").expect("present");
         assert_eq!(&st, r.checkpoint());
-        assert_eq!(h.mandatory_requirements(), [luks2::REKEY_REQUIREMENT.to_string()]);
-        assert!(matches!(Rekeyer::start(dev, &VolumeKey::generate(), &RekeyOptions::default()), Err(RekeyError::AlreadyInProgress)));
+        assert_eq!(
+            h.mandatory_requirements(),
+            [luks2::REKEY_REQUIREMENT.to_string()]
+        );
+        assert!(matches!(
+            Rekeyer::start(dev, &VolumeKey::generate(), &RekeyOptions::default()),
+            Err(RekeyError::AlreadyInProgress)
+        ));
     }
 }

@@ -26,7 +26,9 @@ pub enum SecretError {
         source: std::io::Error,
     },
     /// The key has the wrong length.
-    #[error("volume key must be exactly {VOLUME_KEY_LEN} raw bytes, got {got} (make one with `head -c 64 /dev/urandom > KEY`)")]
+    #[error(
+        "volume key must be exactly {VOLUME_KEY_LEN} raw bytes, got {got} (make one with `head -c 64 /dev/urandom > KEY`)"
+    )]
     Length {
         /// Bytes found.
         got: usize,

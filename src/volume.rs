@@ -31,7 +31,9 @@ pub enum VolumeError {
     #[error("{0} does not exist")]
     Missing(PathBuf),
     /// A size that is zero or not a multiple of the sector size.
-    #[error("invalid volume size {size} bytes: must be a positive multiple of the {sector_size}-byte sector size")]
+    #[error(
+        "invalid volume size {size} bytes: must be a positive multiple of the {sector_size}-byte sector size"
+    )]
     BadSize {
         /// Requested size.
         size: u64,
@@ -39,19 +41,25 @@ pub enum VolumeError {
         sector_size: usize,
     },
     /// The key does not match the volume's digest.
-    #[error("the volume key does not match {path} (LUKS2 digest mismatch): wrong key file, or the volume belongs to another key")]
+    #[error(
+        "the volume key does not match {path} (LUKS2 digest mismatch): wrong key file, or the volume belongs to another key"
+    )]
     WrongKey {
         /// Volume path.
         path: PathBuf,
     },
     /// An encrypted volume was opened as plain, or the other way round.
-    #[error("{path} is a LUKS2 volume; it needs its volume key (or its KMS token), not --unencrypted")]
+    #[error(
+        "{path} is a LUKS2 volume; it needs its volume key (or its KMS token), not --unencrypted"
+    )]
     IsEncrypted {
         /// Volume path.
         path: PathBuf,
     },
     /// Not a LUKS2 file.
-    #[error("{path} is not a LUKS2 volume ({reason}); if it is an unencrypted sealvol volume, pass --unencrypted")]
+    #[error(
+        "{path} is not a LUKS2 volume ({reason}); if it is an unencrypted sealvol volume, pass --unencrypted"
+    )]
     NotEncrypted {
         /// Volume path.
         path: PathBuf,
@@ -73,7 +81,9 @@ pub enum VolumeError {
     #[error(transparent)]
     Cipher(#[from] XtsError),
     /// A rekey of the volume is in progress (interrupted) and only one key was given.
-    #[error("a rekey of {path} is in progress (it was interrupted); resume it with `sealvol rekey-volume --path {path} --volume-key-file OLD --new-volume-key-file NEW`, or attach with both `--volume-key-file OLD --new-volume-key-file NEW` to resume it online")]
+    #[error(
+        "a rekey of {path} is in progress (it was interrupted); resume it with `sealvol rekey-volume --path {path} --volume-key-file OLD --new-volume-key-file NEW`, or attach with both `--volume-key-file OLD --new-volume-key-file NEW` to resume it online"
+    )]
     RekeyInProgress {
         /// Volume path.
         path: PathBuf,
@@ -113,7 +123,10 @@ pub struct Encryption<'a> {
 pub fn create(p: &CreateParams<'_>) -> Result<(), VolumeError> {
     let ss = p.sector_size.bytes_u64();
     if p.size == 0 || p.size % ss != 0 {
-        return Err(VolumeError::BadSize { size: p.size, sector_size: p.sector_size.bytes() });
+        return Err(VolumeError::BadSize {
+            size: p.size,
+            sector_size: p.sector_size.bytes(),
+        });
     }
     if p.path.exists() && !p.force {
         return Err(VolumeError::Exists(p.path.to_path_buf()));
@@ -129,8 +142,10 @@ pub fn create(p: &CreateParams<'_>) -> Result<(), VolumeError> {
                 label: enc.label.clone(),
                 token: enc.token.clone(),
             };
-            Header::format(&backing, enc.key, &params)
-                .map_err(|source| VolumeError::Header { path: p.path.to_path_buf(), source })?;
+            Header::format(&backing, enc.key, &params).map_err(|source| VolumeError::Header {
+                path: p.path.to_path_buf(),
+                source,
+            })?;
         }
     }
     backing.flush()?;
@@ -166,8 +181,14 @@ pub fn read_header(path: &Path) -> Result<Header, VolumeError> {
 
 fn read_header_from(backing: &dyn Backing, path: &Path) -> Result<Header, VolumeError> {
     Header::read(backing).map_err(|source| match source {
-        Luks2Error::NotLuks => VolumeError::NotEncrypted { path: path.to_path_buf(), reason: source.to_string() },
-        source => VolumeError::Header { path: path.to_path_buf(), source },
+        Luks2Error::NotLuks => VolumeError::NotEncrypted {
+            path: path.to_path_buf(),
+            reason: source.to_string(),
+        },
+        source => VolumeError::Header {
+            path: path.to_path_buf(),
+            source,
+        },
     })
 }
 
@@ -180,14 +201,26 @@ pub fn open_encrypted(path: &Path, key: &VolumeKey) -> Result<OpenVolume, Volume
     let backing = open_backing(path)?;
     let header = read_header_from(&backing, path)?;
     if crate::rekey::in_progress(&header) {
-        return Err(VolumeError::RekeyInProgress { path: path.to_path_buf() });
+        return Err(VolumeError::RekeyInProgress {
+            path: path.to_path_buf(),
+        });
     }
     header.verify_key(key).map_err(|e| match e {
-        Luks2Error::DigestMismatch => VolumeError::WrongKey { path: path.to_path_buf() },
-        source => VolumeError::Header { path: path.to_path_buf(), source },
+        Luks2Error::DigestMismatch => VolumeError::WrongKey {
+            path: path.to_path_buf(),
+        },
+        source => VolumeError::Header {
+            path: path.to_path_buf(),
+            source,
+        },
     })?;
     let sector_size = SectorSize::try_from(header.sector_size())?;
-    device_for(Arc::new(backing), header, path, Crypt::Xts(SectorCipher::new(key, sector_size)))
+    device_for(
+        Arc::new(backing),
+        header,
+        path,
+        Crypt::Xts(SectorCipher::new(key, sector_size)),
+    )
 }
 
 /// Builds the open volume for a validated header over `backing` with the given transform
@@ -195,12 +228,25 @@ pub fn open_encrypted(path: &Path, key: &VolumeKey) -> Result<OpenVolume, Volume
 ///
 /// # Errors
 /// Unsupported sector size, backing failure.
-pub fn device_for(backing: Arc<dyn Backing>, header: Header, path: &Path, crypt: Crypt) -> Result<OpenVolume, VolumeError> {
+pub fn device_for(
+    backing: Arc<dyn Backing>,
+    header: Header,
+    path: &Path,
+    crypt: Crypt,
+) -> Result<OpenVolume, VolumeError> {
     let sector_size = SectorSize::try_from(header.sector_size())?;
     let size = header.data_size(backing.size()?);
-    let geo = Geometry { data_offset: header.data_offset(), size, sector_size };
+    let geo = Geometry {
+        data_offset: header.data_offset(),
+        size,
+        sector_size,
+    };
     let device = Device::new(backing, geo, crypt);
-    Ok(OpenVolume { device: Arc::new(device), header: Some(header), path: path.to_path_buf() })
+    Ok(OpenVolume {
+        device: Arc::new(device),
+        header: Some(header),
+        path: path.to_path_buf(),
+    })
 }
 
 /// Opens a plain (unencrypted) volume. Refuses a LUKS2 file so that ciphertext is never
@@ -211,16 +257,29 @@ pub fn device_for(backing: Arc<dyn Backing>, header: Header, path: &Path, crypt:
 pub fn open_plain(path: &Path) -> Result<OpenVolume, VolumeError> {
     let backing = open_backing(path)?;
     if luks2::is_luks(&backing) {
-        return Err(VolumeError::IsEncrypted { path: path.to_path_buf() });
+        return Err(VolumeError::IsEncrypted {
+            path: path.to_path_buf(),
+        });
     }
     let size = backing.size()?;
     let sector_size = SectorSize::S4096;
     if size == 0 || size % sector_size.bytes_u64() != 0 {
-        return Err(VolumeError::BadSize { size, sector_size: sector_size.bytes() });
+        return Err(VolumeError::BadSize {
+            size,
+            sector_size: sector_size.bytes(),
+        });
     }
-    let geo = Geometry { data_offset: 0, size, sector_size };
+    let geo = Geometry {
+        data_offset: 0,
+        size,
+        sector_size,
+    };
     let device = Device::new(Arc::new(backing), geo, Crypt::Plain);
-    Ok(OpenVolume { device: Arc::new(device), header: None, path: path.to_path_buf() })
+    Ok(OpenVolume {
+        device: Arc::new(device),
+        header: None,
+        path: path.to_path_buf(),
+    })
 }
 
 /// Public facts about a volume file (no secrets), for `describe-volume`.
@@ -267,7 +326,9 @@ pub struct VolumeInfo {
 pub fn describe(path: &Path) -> Result<VolumeInfo, VolumeError> {
     use std::os::unix::fs::MetadataExt;
     let backing = open_backing(path)?;
-    let allocated_bytes = std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0);
+    let allocated_bytes = std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0);
     let file_size = backing.size()?;
     if !luks2::is_luks(&backing) {
         return Ok(VolumeInfo {
@@ -304,9 +365,11 @@ pub fn describe(path: &Path) -> Result<VolumeInfo, VolumeError> {
         header_copy: Some(format!("{:?}", h.which_copy_used()).to_lowercase()),
         kms_token: h.kms_token().cloned(),
         allocated_bytes,
-        rekey_in_progress: crate::rekey::state(&h)
-            .ok()
-            .flatten()
-            .map(|st| crate::rekey::Progress { done: st.boundary, total: h.data_size(file_size) }),
+        rekey_in_progress: crate::rekey::state(&h).ok().flatten().map(|st| {
+            crate::rekey::Progress {
+                done: st.boundary,
+                total: h.data_size(file_size),
+            }
+        }),
     })
 }

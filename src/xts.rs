@@ -169,7 +169,11 @@ fn whiten_first(t0: u128, data: &mut [u64], out: &mut [u64]) {
         }
     }
     let (dr, or) = (d.into_remainder(), o.into_remainder());
-    for (i, (dp, op)) in dr.chunks_exact_mut(2).zip(or.chunks_exact_mut(2)).enumerate() {
+    for (i, (dp, op)) in dr
+        .chunks_exact_mut(2)
+        .zip(or.chunks_exact_mut(2))
+        .enumerate()
+    {
         dp[0] ^= lo[i].to_le();
         dp[1] ^= hi[i].to_le();
         op[0] = lo[i].to_le();
@@ -265,7 +269,9 @@ pub struct SectorCipher {
 
 impl std::fmt::Debug for SectorCipher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SectorCipher").field("sector_size", &self.sector_size).finish_non_exhaustive()
+        f.debug_struct("SectorCipher")
+            .field("sector_size", &self.sector_size)
+            .finish_non_exhaustive()
     }
 }
 
@@ -277,7 +283,11 @@ impl SectorCipher {
         let k = key.expose();
         let k1 = Array::<u8, aes::cipher::consts::U32>::from_fn(|i| k[i]);
         let k2 = Array::<u8, aes::cipher::consts::U32>::from_fn(|i| k[32 + i]);
-        let cipher = Self { data: Aes256::new(&k1), tweak: Aes256Enc::new(&k2), sector_size };
+        let cipher = Self {
+            data: Aes256::new(&k1),
+            tweak: Aes256Enc::new(&k2),
+            sector_size,
+        };
         // Arrays are Copy and do not wipe themselves.
         let mut k1 = k1;
         let mut k2 = k2;
@@ -336,7 +346,10 @@ impl SectorCipher {
         if buf.len() % self.sector_size.bytes() == 0 {
             Ok(())
         } else {
-            Err(XtsError::Misaligned { len: buf.len(), sector_size: self.sector_size.bytes() as u32 })
+            Err(XtsError::Misaligned {
+                len: buf.len(),
+                sector_size: self.sector_size.bytes() as u32,
+            })
         }
     }
 
@@ -346,9 +359,11 @@ impl SectorCipher {
             return;
         }
         let per_chunk = (PARALLEL_CHUNK / self.sector_size.bytes()) as u64;
-        buf.par_chunks_mut(PARALLEL_CHUNK).enumerate().for_each(|(i, chunk)| {
-            self.crypt(chunk, first_sector + i as u64 * per_chunk, dir);
-        });
+        buf.par_chunks_mut(PARALLEL_CHUNK)
+            .enumerate()
+            .for_each(|(i, chunk)| {
+                self.crypt(chunk, first_sector + i as u64 * per_chunk, dir);
+            });
     }
 
     /// The core: `buf` holds whole sectors (checked by the caller).
@@ -392,7 +407,11 @@ impl SectorCipher {
                 *t = Array::from(unit.to_le_bytes());
             }
             self.tweak.encrypt_blocks(&mut t0[..n]);
-            for (i, (t, chunk)) in t0.iter().zip(group.chunks_mut(words_per_sector)).enumerate() {
+            for (i, (t, chunk)) in t0
+                .iter()
+                .zip(group.chunks_mut(words_per_sector))
+                .enumerate()
+            {
                 let mut b = [0u8; BLOCK];
                 b.copy_from_slice(t.as_slice());
                 let span = i * words_per_sector..(i + 1) * words_per_sector;
@@ -409,7 +428,9 @@ impl SectorCipher {
             {
                 // SAFETY: the byte view covers exactly the memory of `group` (u64 words),
                 // every bit pattern is valid for both, and `group` is not used meanwhile.
-                let bytes = unsafe { std::slice::from_raw_parts_mut(group.as_mut_ptr().cast::<u8>(), group.len() * 8) };
+                let bytes = unsafe {
+                    std::slice::from_raw_parts_mut(group.as_mut_ptr().cast::<u8>(), group.len() * 8)
+                };
                 let (blocks, rest) = Array::<u8, U16>::slice_as_chunks_mut(bytes);
                 debug_assert!(rest.is_empty(), "sectors are whole blocks");
                 match dir {
@@ -504,7 +525,10 @@ mod tests {
         let c = SectorCipher::new(&VolumeKey::generate(), SectorSize::S4096);
         assert_eq!(
             c.encrypt_sectors(&mut [0u8; 1000], 0),
-            Err(XtsError::Misaligned { len: 1000, sector_size: 4096 })
+            Err(XtsError::Misaligned {
+                len: 1000,
+                sector_size: 4096
+            })
         );
         assert_eq!(SectorSize::try_from(1024), Err(XtsError::SectorSize(1024)));
     }

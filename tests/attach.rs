@@ -9,7 +9,13 @@ use std::time::Duration;
 use common::*;
 
 fn attach(vol: &Path, mnt: &Path, key: Option<&Path>) -> std::process::Output {
-    let mut args = vec!["attach", "--path", vol.to_str().expect("utf8"), "--mountpoint", mnt.to_str().expect("utf8")];
+    let mut args = vec![
+        "attach",
+        "--path",
+        vol.to_str().expect("utf8"),
+        "--mountpoint",
+        mnt.to_str().expect("utf8"),
+    ];
     match key {
         Some(k) => args.extend(["--volume-key-file", k.to_str().expect("utf8")]),
         None => args.push("--unencrypted"),
@@ -18,7 +24,13 @@ fn attach(vol: &Path, mnt: &Path, key: Option<&Path>) -> std::process::Output {
 }
 
 fn create(vol: &Path, key: Option<&Path>, gib: &str) {
-    let mut args = vec!["create-volume", "--path", vol.to_str().expect("utf8"), "--size-gib", gib];
+    let mut args = vec![
+        "create-volume",
+        "--path",
+        vol.to_str().expect("utf8"),
+        "--size-gib",
+        gib,
+    ];
     match key {
         Some(k) => args.extend(["--volume-key-file", k.to_str().expect("utf8")]),
         None => args.push("--unencrypted"),
@@ -39,37 +51,77 @@ fn ext4_on_loop_survives_detach_and_reattach() {
     std::fs::create_dir(&mnt).expect("mkdir");
     create(&vol, Some(&key), "1");
     // Never overwrites without --force.
-    let again = run("sealvol", &["create-volume", "--path", vol.to_str().expect("utf8"), "--size-gib", "1", "--volume-key-file", key.to_str().expect("utf8")]);
+    let again = run(
+        "sealvol",
+        &[
+            "create-volume",
+            "--path",
+            vol.to_str().expect("utf8"),
+            "--size-gib",
+            "1",
+            "--volume-key-file",
+            key.to_str().expect("utf8"),
+        ],
+    );
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
 
     let out = attach(&vol, &mnt, Some(&key));
-    assert!(out.status.success(), "attach: {}", String::from_utf8_lossy(&out.stderr));
-    let _guard = AttachGuard { mountpoint: mnt.clone() };
+    assert!(
+        out.status.success(),
+        "attach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _guard = AttachGuard {
+        mountpoint: mnt.clone(),
+    };
     let disk = mnt.join("disk");
     assert_eq!(std::fs::metadata(&disk).expect("disk").len(), 1 << 30);
 
     let lm = LoopMount::new(&disk, &fsdir, true);
-    let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let payload: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     std::fs::write(fsdir.join("payload.bin"), &payload).expect("write payload");
     std::fs::create_dir(fsdir.join("docs")).expect("mkdir");
     std::fs::write(fsdir.join("docs/hello.txt"), "hello, sealvol\n").expect("write");
     lm.unmount();
-    run_ok("sealvol", &["detach", "--mountpoint", mnt.to_str().expect("utf8")]);
+    run_ok(
+        "sealvol",
+        &["detach", "--mountpoint", mnt.to_str().expect("utf8")],
+    );
     assert!(!is_mounted(&mnt), "detach unmounted FUSE");
 
     // The plaintext is nowhere in the backing file.
     let raw = std::fs::read(&vol).expect("read volume");
-    assert!(!raw.windows(14).any(|w| w == b"hello, sealvol"), "plaintext leaked to disk");
+    assert!(
+        !raw.windows(14).any(|w| w == b"hello, sealvol"),
+        "plaintext leaked to disk"
+    );
 
     let out = attach(&vol, &mnt, Some(&key));
-    assert!(out.status.success(), "re-attach: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "re-attach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lm = LoopMount::new(&disk, &fsdir, false);
-    assert_eq!(std::fs::read(fsdir.join("payload.bin")).expect("read payload"), payload);
-    assert_eq!(std::fs::read_to_string(fsdir.join("docs/hello.txt")).expect("read"), "hello, sealvol\n");
+    assert_eq!(
+        std::fs::read(fsdir.join("payload.bin")).expect("read payload"),
+        payload
+    );
+    assert_eq!(
+        std::fs::read_to_string(fsdir.join("docs/hello.txt")).expect("read"),
+        "hello, sealvol\n"
+    );
     lm.unmount();
-    run_ok("sealvol", &["detach", "--mountpoint", mnt.to_str().expect("utf8")]);
-    wait_until("FUSE unmounted", Duration::from_secs(10), || !is_mounted(&mnt));
+    run_ok(
+        "sealvol",
+        &["detach", "--mountpoint", mnt.to_str().expect("utf8")],
+    );
+    wait_until("FUSE unmounted", Duration::from_secs(10), || {
+        !is_mounted(&mnt)
+    });
 }
 
 #[test]
@@ -84,17 +136,29 @@ fn detach_releases_loop_and_filesystem_first() {
     std::fs::create_dir(&mnt).expect("mkdir");
     create(&vol, None, "1");
     let out = attach(&vol, &mnt, None);
-    assert!(out.status.success(), "attach: {}", String::from_utf8_lossy(&out.stderr));
-    let _guard = AttachGuard { mountpoint: mnt.clone() };
+    assert!(
+        out.status.success(),
+        "attach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _guard = AttachGuard {
+        mountpoint: mnt.clone(),
+    };
     let lm = LoopMount::new(&mnt.join("disk"), &fsdir, true);
     std::fs::write(fsdir.join("f"), "data").expect("write");
     let dev = lm.dev.clone();
     std::mem::forget(lm);
     // detach does the whole order itself: filesystem, loop, FUSE.
-    run_ok("sealvol", &["detach", "--mountpoint", mnt.to_str().expect("utf8")]);
+    run_ok(
+        "sealvol",
+        &["detach", "--mountpoint", mnt.to_str().expect("utf8")],
+    );
     assert!(!is_mounted(&fsdir) && !is_mounted(&mnt));
     let loops = run_ok("losetup", &["-l", "-n", "-O", "NAME"]);
-    assert!(!loops.lines().any(|l| l.trim() == dev), "loop {dev} still attached");
+    assert!(
+        !loops.lines().any(|l| l.trim() == dev),
+        "loop {dev} still attached"
+    );
 }
 
 #[test]
@@ -115,7 +179,11 @@ fn wrong_key_is_refused_and_nothing_is_mounted() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("digest mismatch"), "clear error: {err}");
     assert!(!is_mounted(&mnt));
-    assert_eq!(std::fs::read(&vol).expect("read"), before, "nothing changed");
+    assert_eq!(
+        std::fs::read(&vol).expect("read"),
+        before,
+        "nothing changed"
+    );
     // A LUKS volume is never served as plaintext.
     let out = attach(&vol, &mnt, None);
     assert!(!out.status.success());
@@ -141,12 +209,23 @@ fn fio_verify(file: &Path, name: &str, rw: &str, bs: &str, iodepth: &str) {
             "--output-format=json",
         ],
     );
-    assert!(out.status.success(), "fio {name}: {}\n{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "fio {name}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio json");
     let job = &json["jobs"][0];
     assert_eq!(job["error"], 0, "fio {name} error");
-    assert!(job["write"]["io_bytes"].as_u64().unwrap_or(0) >= 64 << 20, "fio {name} wrote everything");
-    assert!(job["read"]["io_bytes"].as_u64().unwrap_or(0) >= 64 << 20, "fio {name} verified everything");
+    assert!(
+        job["write"]["io_bytes"].as_u64().unwrap_or(0) >= 64 << 20,
+        "fio {name} wrote everything"
+    );
+    assert!(
+        job["read"]["io_bytes"].as_u64().unwrap_or(0) >= 64 << 20,
+        "fio {name} verified everything"
+    );
 }
 
 #[test]
@@ -154,7 +233,10 @@ fn fio_crc32c_verify_through_fuse() {
     if !privileged_env("fio_crc32c_verify_through_fuse") {
         return;
     }
-    assert!(which("fio").is_some() || std::env::var("CI").as_deref() != Ok("true"), "fio missing in CI");
+    assert!(
+        which("fio").is_some() || std::env::var("CI").as_deref() != Ok("true"),
+        "fio missing in CI"
+    );
     if which("fio").is_none() {
         eprintln!("SKIPPED fio_crc32c_verify_through_fuse: fio not installed");
         return;
@@ -166,10 +248,19 @@ fn fio_crc32c_verify_through_fuse() {
     std::fs::create_dir(&mnt).expect("mkdir");
     create(&vol, Some(&key), "1");
     let out = attach(&vol, &mnt, Some(&key));
-    assert!(out.status.success(), "attach: {}", String::from_utf8_lossy(&out.stderr));
-    let _guard = AttachGuard { mountpoint: mnt.clone() };
+    assert!(
+        out.status.success(),
+        "attach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _guard = AttachGuard {
+        mountpoint: mnt.clone(),
+    };
     let disk = mnt.join("disk");
     fio_verify(&disk, "rand4k", "randwrite", "4k", "16");
     fio_verify(&disk, "seq1m", "write", "1M", "4");
-    run_ok("sealvol", &["detach", "--mountpoint", mnt.to_str().expect("utf8")]);
+    run_ok(
+        "sealvol",
+        &["detach", "--mountpoint", mnt.to_str().expect("utf8")],
+    );
 }

@@ -26,7 +26,12 @@ fn key(rng: &mut SimRng) -> VolumeKey {
 }
 
 fn format(sim: &CrashSim, key: &VolumeKey, data_size: u64, ss: u32) -> Header {
-    let params = FormatParams { data_size, sector_size: ss, label: "crash".into(), token: None };
+    let params = FormatParams {
+        data_size,
+        sector_size: ss,
+        label: "crash".into(),
+        token: None,
+    };
     let h = Header::format(sim, key, &params).expect("format");
     sim.checkpoint();
     h
@@ -36,8 +41,13 @@ fn open_device(backing: Arc<dyn Backing>, key: &VolumeKey) -> Result<Arc<Device>
     let header = Header::read(&*backing).map_err(|e| format!("no valid header: {e}"))?;
     header.verify_key(key).map_err(|e| format!("key: {e}"))?;
     let ss = SectorSize::try_from(header.sector_size()).map_err(|e| e.to_string())?;
-    let vol = volume::device_for(backing, header, Path::new("crash-image"), Crypt::Xts(SectorCipher::new(key, ss)))
-        .map_err(|e| e.to_string())?;
+    let vol = volume::device_for(
+        backing,
+        header,
+        Path::new("crash-image"),
+        Crypt::Xts(SectorCipher::new(key, ss)),
+    )
+    .map_err(|e| e.to_string())?;
     Ok(vol.device)
 }
 
@@ -67,7 +77,11 @@ fn header_updates_always_leave_a_valid_header() {
         h.write(&sim).expect("header write");
         acked_at.push(sim.flush_count() - 1);
     }
-    let cfg = CrashConfig { seed, subsets: 8, torn: 24 };
+    let cfg = CrashConfig {
+        seed,
+        subsets: 8,
+        torn: 24,
+    };
     let mut rewrites = 0;
     let checked = sim
         .for_each_crash(cfg, |img| {
@@ -75,9 +89,16 @@ fn header_updates_always_leave_a_valid_header() {
             got.verify_key(&k).map_err(|e| e.to_string())?;
             // Versions 1..=40; 0 = the formatted header without a token.
             let acked = acked_at.iter().filter(|&&f| f < img.epoch).count();
-            let version = got.kms_token().map_or(0, |t| t.volume_id.trim_start_matches("vol-").parse::<usize>().unwrap_or(usize::MAX));
+            let version = got.kms_token().map_or(0, |t| {
+                t.volume_id
+                    .trim_start_matches("vol-")
+                    .parse::<usize>()
+                    .unwrap_or(usize::MAX)
+            });
             if version != acked && version != acked + 1 {
-                return Err(format!("header version {version}, but {acked} was acknowledged"));
+                return Err(format!(
+                    "header version {version}, but {acked} was acknowledged"
+                ));
             }
             if let Some(t) = got.kms_token() {
                 if *t != token(version) {
@@ -88,7 +109,9 @@ fn header_updates_always_leave_a_valid_header() {
             if img.epoch % 7 == 0 {
                 let mut again = got;
                 again.set_kms_token(token(99));
-                again.write(&img.disk).map_err(|e| format!("rewrite after crash: {e}"))?;
+                again
+                    .write(&img.disk)
+                    .map_err(|e| format!("rewrite after crash: {e}"))?;
                 let back = Header::read(&img.disk).map_err(|e| e.to_string())?;
                 if back.kms_token() != Some(&token(99)) {
                     return Err("rewrite after crash did not stick".into());
@@ -98,7 +121,9 @@ fn header_updates_always_leave_a_valid_header() {
             Ok(())
         })
         .unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("header updates: {checked} crash points checked ({rewrites} rewritten after the crash)");
+    eprintln!(
+        "header updates: {checked} crash points checked ({rewrites} rewritten after the crash)"
+    );
     assert!(checked > 1000, "{checked}");
 }
 
@@ -116,15 +141,27 @@ struct Model {
 
 impl Model {
     fn new(size: usize, ss: usize) -> Self {
-        Self { ss, data: vec![0; size], acks: vec![(None, 0, vec![0; size])], writes: Vec::new() }
+        Self {
+            ss,
+            data: vec![0; size],
+            acks: vec![(None, 0, vec![0; size])],
+            writes: Vec::new(),
+        }
     }
 
-    fn write(&mut self, dev: &Device, sim: &CrashSim, rng: &mut SimRng, avoid: Option<&std::ops::Range<u64>>) {
+    fn write(
+        &mut self,
+        dev: &Device,
+        sim: &CrashSim,
+        rng: &mut SimRng,
+        avoid: Option<&std::ops::Range<u64>>,
+    ) {
         let size = self.data.len() as u64;
         for _ in 0..8 {
             let len = 1 + rng.below(3 * self.ss as u64);
             let off = rng.below(size - len);
-            let span = off / self.ss as u64 * self.ss as u64..(off + len).div_ceil(self.ss as u64) * self.ss as u64;
+            let span = off / self.ss as u64 * self.ss as u64
+                ..(off + len).div_ceil(self.ss as u64) * self.ss as u64;
             if avoid.is_some_and(|z| span.start < z.end && z.start < span.end) {
                 continue;
             }
@@ -143,19 +180,29 @@ impl Model {
             self.data[o..o + buf.len()].copy_from_slice(&buf);
             let s = usize::try_from(span.start).expect("small");
             let e = usize::try_from(span.end).expect("small");
-            self.writes.push((before, sim.op_count(), s..e, self.data[s..e].to_vec()));
+            self.writes
+                .push((before, sim.op_count(), s..e, self.data[s..e].to_vec()));
             return;
         }
     }
 
     fn flush(&mut self, dev: &Device, sim: &CrashSim) {
         dev.flush().expect("flush");
-        self.acks.push((Some(sim.flush_count() - 1), sim.op_count(), self.data.clone()));
+        self.acks.push((
+            Some(sim.flush_count() - 1),
+            sim.op_count(),
+            self.data.clone(),
+        ));
     }
 
     /// Checks `got` against what a crash at `img` may leave.
     fn check(&self, img: &CrashImage, got: &[u8]) -> Result<(), String> {
-        let (_, ack_op, acked) = self.acks.iter().rev().find(|(f, _, _)| f.is_none_or(|f| f < img.epoch)).expect("the initial state is acknowledged");
+        let (_, ack_op, acked) = self
+            .acks
+            .iter()
+            .rev()
+            .find(|(f, _, _)| f.is_none_or(|f| f < img.epoch))
+            .expect("the initial state is acknowledged");
         let end_op = img.first_op + img.epoch_ops;
         for (i, (want, have)) in acked.chunks(self.ss).zip(got.chunks(self.ss)).enumerate() {
             if want == have {
@@ -164,7 +211,11 @@ impl Model {
             let range = i * self.ss..(i + 1) * self.ss;
             let mut ok = false;
             for (first, end, r, after) in &self.writes {
-                if *first < *ack_op || *first >= end_op || r.end <= range.start || range.end <= r.start {
+                if *first < *ack_op
+                    || *first >= end_op
+                    || r.end <= range.start
+                    || range.end <= r.start
+                {
                     continue;
                 }
                 if img.torn_op().is_some_and(|t| (*first..*end).contains(&t)) {
@@ -177,7 +228,9 @@ impl Model {
                 }
             }
             if !ok {
-                return Err(format!("sector {i} lost an acknowledged write (or holds data never written)"));
+                return Err(format!(
+                    "sector {i} lost an acknowledged write (or holds data never written)"
+                ));
             }
         }
         Ok(())
@@ -207,7 +260,11 @@ fn device_writes_with_flush(ss: u32) -> usize {
         }
         model.flush(&dev, &sim);
     }
-    let cfg = CrashConfig { seed: base, subsets: 12, torn: 6 };
+    let cfg = CrashConfig {
+        seed: base,
+        subsets: 12,
+        torn: 6,
+    };
     sim.for_each_crash(cfg, |img| {
         let dev = open_device(Arc::new(img.disk.fork()), &k)?;
         model.check(img, &read_all(&dev)?)
@@ -223,18 +280,25 @@ fn flushed_device_writes_survive_every_crash() {
 }
 
 /// Finishes whatever rekey state a crash image holds and checks the plaintext.
-fn recover_and_check(disk: Arc<dyn Backing>, old: &VolumeKey, new: &VolumeKey, check: &dyn Fn(&[u8]) -> Result<(), String>) -> Result<(), String> {
+fn recover_and_check(
+    disk: Arc<dyn Backing>,
+    old: &VolumeKey,
+    new: &VolumeKey,
+    check: &dyn Fn(&[u8]) -> Result<(), String>,
+) -> Result<(), String> {
     let header = Header::read(&*disk).map_err(|e| format!("no valid header: {e}"))?;
     let dev = if rekey::in_progress(&header) {
         // Refused with one key, with a clear error.
-        let vol = rekey::open_resuming_backing(disk.clone(), Path::new("img"), old, new).map_err(|e| format!("resume: {e}"))?;
+        let vol = rekey::open_resuming_backing(disk.clone(), Path::new("img"), old, new)
+            .map_err(|e| format!("resume: {e}"))?;
         let before = read_all(&vol.device)?;
         check(&before).map_err(|e| format!("mid-rekey after recovery: {e}"))?;
         let mut r = Rekeyer::resume(vol.device.clone()).map_err(|e| e.to_string())?;
         if before.len() % 3 == 0 || before.first().is_some_and(|b| b % 2 == 0) {
             r = r.exclusive(); // the offline protocol may finish what the online one began
         }
-        r.run(&AtomicBool::new(false), |_| {}).map_err(|e| format!("resumed rekey: {e}"))?;
+        r.run(&AtomicBool::new(false), |_| {})
+            .map_err(|e| format!("resumed rekey: {e}"))?;
         vol.device
     } else if header.verify_key(new).is_ok() {
         open_device(disk.clone(), new)?
@@ -242,9 +306,17 @@ fn recover_and_check(disk: Arc<dyn Backing>, old: &VolumeKey, new: &VolumeKey, c
         // Crashed before the rekey began: start it again.
         let dev = open_device(disk.clone(), old)?;
         check(&read_all(&dev)?).map_err(|e| format!("before rekey: {e}"))?;
-        let mut r = Rekeyer::start(dev.clone(), new, &RekeyOptions { hotzone_bytes: Some(64 * 1024), new_kms_token: None })
+        let mut r = Rekeyer::start(
+            dev.clone(),
+            new,
+            &RekeyOptions {
+                hotzone_bytes: Some(64 * 1024),
+                new_kms_token: None,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        r.run(&AtomicBool::new(false), |_| {})
             .map_err(|e| e.to_string())?;
-        r.run(&AtomicBool::new(false), |_| {}).map_err(|e| e.to_string())?;
         dev
     };
     check(&read_all(&dev)?).map_err(|e| format!("after the rekey: {e}"))?;
@@ -253,7 +325,8 @@ fn recover_and_check(disk: Arc<dyn Backing>, old: &VolumeKey, new: &VolumeKey, c
     if rekey::in_progress(&h) || !h.mandatory_requirements().is_empty() {
         return Err("rekey state left in the header".into());
     }
-    h.verify_key(new).map_err(|e| format!("new key refused after the rekey: {e}"))?;
+    h.verify_key(new)
+        .map_err(|e| format!("new key refused after the rekey: {e}"))?;
     if h.verify_key(old).is_ok() {
         return Err("old key still accepted".into());
     }
@@ -291,7 +364,10 @@ fn rekey_crash_run(ss: u32, salt: u64, hotzone: u64, exclusive: bool) -> usize {
     model.acks = vec![(None, 0, model.data.clone())];
     sim.checkpoint();
 
-    let opts = RekeyOptions { hotzone_bytes: Some(hotzone), new_kms_token: None };
+    let opts = RekeyOptions {
+        hotzone_bytes: Some(hotzone),
+        new_kms_token: None,
+    };
     let mut r = Rekeyer::start(dev.clone(), &new, &opts).expect("start");
     if exclusive {
         r = r.exclusive();
@@ -319,7 +395,11 @@ fn rekey_crash_run(ss: u32, salt: u64, hotzone: u64, exclusive: bool) -> usize {
     }
     // The live device serves the final content.
     model.check_live(&read_all(&dev).expect("read"));
-    let cfg = CrashConfig { seed: base, subsets: 16, torn: 12 };
+    let cfg = CrashConfig {
+        seed: base,
+        subsets: 16,
+        torn: 12,
+    };
     let mut nested = 0;
     let checked = sim
         .for_each_crash(cfg, |img| {
@@ -330,7 +410,11 @@ fn rekey_crash_run(ss: u32, salt: u64, hotzone: u64, exclusive: bool) -> usize {
             if img.epoch % 9 == 4 && img.kind == sealvol::crashsim::CrashKind::WholeEpoch {
                 let sim2 = Arc::new(CrashSim::new(img.disk.image()));
                 let _ = recover_and_check(sim2.clone(), &old, &new, &check);
-                let cfg2 = CrashConfig { seed: base, subsets: 3, torn: 2 };
+                let cfg2 = CrashConfig {
+                    seed: base,
+                    subsets: 3,
+                    torn: 2,
+                };
                 nested += sim2
                     .for_each_crash(cfg2, |img2| {
                         recover_and_check(Arc::new(img2.disk.fork()), &old, &new, &check)
@@ -341,13 +425,18 @@ fn rekey_crash_run(ss: u32, salt: u64, hotzone: u64, exclusive: bool) -> usize {
             Ok(())
         })
         .unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("rekey({ss}, hotzone {hotzone}, exclusive {exclusive}): {checked} crash points + {nested} crash points inside recovery; {wrote} foreground writes interleaved");
+    eprintln!(
+        "rekey({ss}, hotzone {hotzone}, exclusive {exclusive}): {checked} crash points + {nested} crash points inside recovery; {wrote} foreground writes interleaved"
+    );
     checked + nested
 }
 
 impl Model {
     fn check_live(&self, got: &[u8]) {
-        assert!(got == self.data.as_slice(), "live device content differs from the model");
+        assert!(
+            got == self.data.as_slice(),
+            "live device content differs from the model"
+        );
     }
 }
 
@@ -374,28 +463,55 @@ fn one_key_is_refused_mid_rekey_with_the_resume_command() {
         size: 1 << 20,
         sector_size: SectorSize::S4096,
         force: false,
-        encryption: Some(volume::Encryption { key: &old, token: None, label: String::new() }),
+        encryption: Some(volume::Encryption {
+            key: &old,
+            token: None,
+            label: String::new(),
+        }),
     })
     .expect("create");
     let vol = volume::open_encrypted(&path, &old).expect("open");
     vol.device.write(4096, &[5u8; 300_000]).expect("write");
-    let mut r = Rekeyer::start(vol.device.clone(), &new, &RekeyOptions { hotzone_bytes: Some(256 * 1024), new_kms_token: None }).expect("start");
+    let mut r = Rekeyer::start(
+        vol.device.clone(),
+        &new,
+        &RekeyOptions {
+            hotzone_bytes: Some(256 * 1024),
+            new_kms_token: None,
+        },
+    )
+    .expect("start");
     r.step().expect("one zone");
     drop(r);
     drop(vol);
     for k in [&old, &new] {
-        let err = volume::open_encrypted(&path, k).expect_err("refused mid-rekey").to_string();
-        assert!(err.contains("sealvol rekey-volume --path") && err.contains("--new-volume-key-file"), "{err}");
+        let err = volume::open_encrypted(&path, k)
+            .expect_err("refused mid-rekey")
+            .to_string();
+        assert!(
+            err.contains("sealvol rekey-volume --path") && err.contains("--new-volume-key-file"),
+            "{err}"
+        );
     }
-    let err = rekey::open_resuming(&path, &new, &old).expect_err("swapped keys").to_string();
+    let err = rekey::open_resuming(&path, &new, &old)
+        .expect_err("swapped keys")
+        .to_string();
     assert!(err.contains("old volume key does not match"), "{err}");
-    let report = rekey::rekey_detached(&path, &old, &new, &RekeyOptions::default(), |_| {}).expect("resume");
-    assert!(report.resumed && report.bytes_this_run == 768 * 1024, "{report:?}");
-    let again = rekey::rekey_detached(&path, &old, &new, &RekeyOptions::default(), |_| {}).expect("idempotent");
+    let report =
+        rekey::rekey_detached(&path, &old, &new, &RekeyOptions::default(), |_| {}).expect("resume");
+    assert!(
+        report.resumed && report.bytes_this_run == 768 * 1024,
+        "{report:?}"
+    );
+    let again = rekey::rekey_detached(&path, &old, &new, &RekeyOptions::default(), |_| {})
+        .expect("idempotent");
     assert!(again.already_done);
     let vol = volume::open_encrypted(&path, &new).expect("new key");
     let mut buf = vec![0u8; 300_000];
     vol.device.read(4096, &mut buf).expect("read");
     assert!(buf.iter().all(|&b| b == 5));
-    assert!(matches!(volume::open_encrypted(&path, &old), Err(volume::VolumeError::WrongKey { .. })));
+    assert!(matches!(
+        volume::open_encrypted(&path, &old),
+        Err(volume::VolumeError::WrongKey { .. })
+    ));
 }

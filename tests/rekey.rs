@@ -16,7 +16,15 @@ fn s(p: &Path) -> &str {
 }
 
 fn attach(vol: &Path, mnt: &Path, key: &Path, new: Option<&Path>) -> std::process::Output {
-    let mut args = vec!["attach", "--path", s(vol), "--mountpoint", s(mnt), "--volume-key-file", s(key)];
+    let mut args = vec![
+        "attach",
+        "--path",
+        s(vol),
+        "--mountpoint",
+        s(mnt),
+        "--volume-key-file",
+        s(key),
+    ];
     if let Some(n) = new {
         args.extend(["--new-volume-key-file", s(n)]);
     }
@@ -27,17 +35,30 @@ fn prerequisites(test: &str) -> bool {
     if !privileged_env(test) {
         return false;
     }
-    let missing: Vec<&str> = ["fio", "cryptsetup"].into_iter().filter(|t| which(t).is_none()).collect();
+    let missing: Vec<&str> = ["fio", "cryptsetup"]
+        .into_iter()
+        .filter(|t| which(t).is_none())
+        .collect();
     if missing.is_empty() {
         return true;
     }
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "{test}: {missing:?} missing in CI");
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test}: {missing:?} missing in CI"
+    );
     eprintln!("SKIPPED {test}: needs {missing:?} (not in CI, so skipping)");
     false
 }
 
 /// fio arguments for a deterministic region: `write` fills it, `verify` checks it.
-fn fio_region(disk: &Path, name: &str, offset: &str, size: &str, bs: &str, verify_only: bool) -> Vec<String> {
+fn fio_region(
+    disk: &Path,
+    name: &str,
+    offset: &str,
+    size: &str,
+    bs: &str,
+    verify_only: bool,
+) -> Vec<String> {
     let mut a: Vec<String> = [
         format!("--name={name}"),
         format!("--filename={}", disk.display()),
@@ -66,22 +87,43 @@ fn fio_region(disk: &Path, name: &str, offset: &str, size: &str, bs: &str, verif
 fn fio_ok(args: &[String], what: &str) {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run("fio", &refs);
-    assert!(out.status.success(), "fio {what}: {}\n{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "fio {what}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio json");
     assert_eq!(json["jobs"][0]["error"], 0, "fio {what}");
 }
 
 fn describe(vol: &Path) -> serde_json::Value {
-    serde_json::from_str(&run_ok("sealvol", &["describe-volume", "--path", s(vol), "--output", "json"])).expect("describe json")
+    serde_json::from_str(&run_ok(
+        "sealvol",
+        &["describe-volume", "--path", s(vol), "--output", "json"],
+    ))
+    .expect("describe json")
 }
 
 fn rekey_done_bytes(vol: &Path) -> Option<u64> {
-    describe(vol).get("RekeyInProgress").and_then(|p| p["Done"].as_u64())
+    describe(vol)
+        .get("RekeyInProgress")
+        .and_then(|p| p["Done"].as_u64())
 }
 
 fn rekey_online(mnt: &Path, new: &Path, hotzone_mib: &str) -> Child {
     Command::new(sealvol_bin())
-        .args(["rekey-volume", "--mountpoint", s(mnt), "--new-volume-key-file", s(new), "--hotzone-mib", hotzone_mib, "--output", "json"])
+        .args([
+            "rekey-volume",
+            "--mountpoint",
+            s(mnt),
+            "--new-volume-key-file",
+            s(new),
+            "--hotzone-mib",
+            hotzone_mib,
+            "--output",
+            "json",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -91,10 +133,15 @@ fn rekey_online(mnt: &Path, new: &Path, hotzone_mib: &str) -> Child {
 /// The agent's pid, from its record in the runtime directory.
 fn agent_pid(mnt: &Path) -> i32 {
     let canon = mnt.canonicalize().expect("mountpoint");
-    let dir = std::env::var_os("SEALVOL_RUNTIME_DIR").map_or_else(|| PathBuf::from("/run/sealvol"), PathBuf::from);
+    let dir = std::env::var_os("SEALVOL_RUNTIME_DIR")
+        .map_or_else(|| PathBuf::from("/run/sealvol"), PathBuf::from);
     for entry in std::fs::read_dir(&dir).expect("runtime dir").flatten() {
-        let Ok(bytes) = std::fs::read(entry.path()) else { continue };
-        let Ok(rec) = serde_json::from_slice::<serde_json::Value>(&bytes) else { continue };
+        let Ok(bytes) = std::fs::read(entry.path()) else {
+            continue;
+        };
+        let Ok(rec) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            continue;
+        };
         if rec["mountpoint"].as_str() == canon.to_str() {
             return i32::try_from(rec["pid"].as_i64().expect("pid")).expect("pid fits");
         }
@@ -105,9 +152,19 @@ fn agent_pid(mnt: &Path) -> i32 {
 fn check_plain_header(vol: &Path) {
     let dump = run_ok("cryptsetup", &["luksDump", "--dump-json-metadata", s(vol)]);
     let meta: serde_json::Value = serde_json::from_str(&dump).expect("luksDump json");
-    assert_eq!(meta["digests"].as_object().map(serde_json::Map::len), Some(1), "one digest: {dump}");
-    assert!(meta["config"].get("requirements").is_none(), "no requirement left: {dump}");
-    assert!(!dump.contains("sealvol-rekey"), "no rekey token left: {dump}");
+    assert_eq!(
+        meta["digests"].as_object().map(serde_json::Map::len),
+        Some(1),
+        "one digest: {dump}"
+    );
+    assert!(
+        meta["config"].get("requirements").is_none(),
+        "no requirement left: {dump}"
+    );
+    assert!(
+        !dump.contains("sealvol-rekey"),
+        "no rekey token left: {dump}"
+    );
     run_ok("cryptsetup", &["isLuks", s(vol)]);
 }
 
@@ -122,12 +179,32 @@ fn online_rekey_while_fio_verifies_in_the_foreground() {
     let new = key_file(dir.path(), "new.key");
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).expect("mkdir");
-    run_ok("sealvol", &["create-volume", "--path", s(&vol), "--size-gib", "1", "--volume-key-file", s(&old)]);
+    run_ok(
+        "sealvol",
+        &[
+            "create-volume",
+            "--path",
+            s(&vol),
+            "--size-gib",
+            "1",
+            "--volume-key-file",
+            s(&old),
+        ],
+    );
     let out = attach(&vol, &mnt, &old, None);
-    assert!(out.status.success(), "attach: {}", String::from_utf8_lossy(&out.stderr));
-    let _guard = AttachGuard { mountpoint: mnt.clone() };
+    assert!(
+        out.status.success(),
+        "attach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _guard = AttachGuard {
+        mountpoint: mnt.clone(),
+    };
     let disk = mnt.join("disk");
-    fio_ok(&fio_region(&disk, "base", "0", "256M", "1M", false), "base write");
+    fio_ok(
+        &fio_region(&disk, "base", "0", "256M", "1M", false),
+        "base write",
+    );
 
     // Foreground: random writes then a full verify of their region, while the agent
     // rekeys the whole volume underneath.
@@ -152,26 +229,56 @@ fn online_rekey_while_fio_verifies_in_the_foreground() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn fio");
-    let rekey = rekey_online(&mnt, &new, "2").wait_with_output().expect("rekey-volume");
-    assert!(rekey.status.success(), "online rekey: {}", String::from_utf8_lossy(&rekey.stderr));
+    let rekey = rekey_online(&mnt, &new, "2")
+        .wait_with_output()
+        .expect("rekey-volume");
+    assert!(
+        rekey.status.success(),
+        "online rekey: {}",
+        String::from_utf8_lossy(&rekey.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&rekey.stdout).expect("rekey json");
     assert_eq!(report["TotalBytes"], 1u64 << 30);
     let fg = fg.wait_with_output().expect("fio");
-    assert!(fg.status.success(), "foreground fio during the rekey: {}\n{}", String::from_utf8_lossy(&fg.stderr), String::from_utf8_lossy(&fg.stdout));
-    assert!(rekey_done_bytes(&vol).is_none(), "no rekey left in the header");
+    assert!(
+        fg.status.success(),
+        "foreground fio during the rekey: {}\n{}",
+        String::from_utf8_lossy(&fg.stderr),
+        String::from_utf8_lossy(&fg.stdout)
+    );
+    assert!(
+        rekey_done_bytes(&vol).is_none(),
+        "no rekey left in the header"
+    );
 
-    fio_ok(&fio_region(&disk, "base", "0", "256M", "1M", true), "verify under the new key, still attached");
+    fio_ok(
+        &fio_region(&disk, "base", "0", "256M", "1M", true),
+        "verify under the new key, still attached",
+    );
     run_ok("sealvol", &["detach", "--mountpoint", s(&mnt)]);
     check_plain_header(&vol);
 
     let refused = attach(&vol, &mnt, &old, None);
     assert!(!refused.status.success(), "the old key must be refused");
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("digest mismatch"), "{}", String::from_utf8_lossy(&refused.stderr));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("digest mismatch"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
     let out = attach(&vol, &mnt, &new, None);
-    assert!(out.status.success(), "attach with the new key: {}", String::from_utf8_lossy(&out.stderr));
-    fio_ok(&fio_region(&disk, "base", "0", "256M", "1M", true), "verify after re-attach");
+    assert!(
+        out.status.success(),
+        "attach with the new key: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fio_ok(
+        &fio_region(&disk, "base", "0", "256M", "1M", true),
+        "verify after re-attach",
+    );
     run_ok("sealvol", &["detach", "--mountpoint", s(&mnt)]);
-    wait_until("FUSE unmounted", Duration::from_secs(10), || !is_mounted(&mnt));
+    wait_until("FUSE unmounted", Duration::from_secs(10), || {
+        !is_mounted(&mnt)
+    });
 }
 
 #[test]
@@ -185,50 +292,112 @@ fn kill_9_mid_rekey_then_reattach_resumes_and_finishes() {
     let new = key_file(dir.path(), "new.key");
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).expect("mkdir");
-    run_ok("sealvol", &["create-volume", "--path", s(&vol), "--size-gib", "1", "--volume-key-file", s(&old)]);
+    run_ok(
+        "sealvol",
+        &[
+            "create-volume",
+            "--path",
+            s(&vol),
+            "--size-gib",
+            "1",
+            "--volume-key-file",
+            s(&old),
+        ],
+    );
     let out = attach(&vol, &mnt, &old, None);
-    assert!(out.status.success(), "attach: {}", String::from_utf8_lossy(&out.stderr));
-    let _guard = AttachGuard { mountpoint: mnt.clone() };
+    assert!(
+        out.status.success(),
+        "attach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _guard = AttachGuard {
+        mountpoint: mnt.clone(),
+    };
     let disk = mnt.join("disk");
-    fio_ok(&fio_region(&disk, "base", "0", "768M", "1M", false), "base write");
+    fio_ok(
+        &fio_region(&disk, "base", "0", "768M", "1M", false),
+        "base write",
+    );
 
     // Small hotzones so the rekey is still running when the agent dies.
     let client = rekey_online(&mnt, &new, "1");
-    wait_until("the rekey to pass 64 MiB", Duration::from_secs(120), || rekey_done_bytes(&vol).is_some_and(|d| d >= 64 << 20));
+    wait_until("the rekey to pass 64 MiB", Duration::from_secs(120), || {
+        rekey_done_bytes(&vol).is_some_and(|d| d >= 64 << 20)
+    });
     let pid = agent_pid(&mnt);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill -9 the agent");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9 the agent");
     let client = client.wait_with_output().expect("rekey client");
-    assert!(!client.status.success(), "the client notices the agent died");
+    assert!(
+        !client.status.success(),
+        "the client notices the agent died"
+    );
     let done = rekey_done_bytes(&vol).expect("the rekey is recorded as unfinished");
     assert!(done < 1 << 30, "{done}");
     run_ok("sealvol", &["detach", "--mountpoint", s(&mnt)]);
-    wait_until("dead FUSE mount gone", Duration::from_secs(10), || !is_mounted(&mnt));
+    wait_until("dead FUSE mount gone", Duration::from_secs(10), || {
+        !is_mounted(&mnt)
+    });
 
     // cryptsetup refuses to activate the half-converted volume.
     let dump = run_ok("cryptsetup", &["luksDump", "--dump-json-metadata", s(&vol)]);
-    assert!(dump.contains("sealvol-rekey-v1"), "mandatory requirement present: {dump}");
+    assert!(
+        dump.contains("sealvol-rekey-v1"),
+        "mandatory requirement present: {dump}"
+    );
 
     // One key is not enough, and the error says how to resume.
     let one = attach(&vol, &mnt, &old, None);
     assert!(!one.status.success());
     let err = String::from_utf8_lossy(&one.stderr);
-    assert!(err.contains("rekey-volume") && err.contains("--new-volume-key-file"), "{err}");
+    assert!(
+        err.contains("rekey-volume") && err.contains("--new-volume-key-file"),
+        "{err}"
+    );
     assert!(!is_mounted(&mnt));
 
     // Both keys: attach resumes in the background; the same command follows it to the end.
     let out = attach(&vol, &mnt, &old, Some(&new));
-    assert!(out.status.success(), "resume attach: {}", String::from_utf8_lossy(&out.stderr));
-    fio_ok(&fio_region(&disk, "base", "0", "768M", "1M", true), "verify mid-resume");
-    let again = rekey_online(&mnt, &new, "1").wait_with_output().expect("rekey-volume again");
-    assert!(again.status.success(), "follow the resumed rekey: {}", String::from_utf8_lossy(&again.stderr));
+    assert!(
+        out.status.success(),
+        "resume attach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fio_ok(
+        &fio_region(&disk, "base", "0", "768M", "1M", true),
+        "verify mid-resume",
+    );
+    let again = rekey_online(&mnt, &new, "1")
+        .wait_with_output()
+        .expect("rekey-volume again");
+    assert!(
+        again.status.success(),
+        "follow the resumed rekey: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     assert!(rekey_done_bytes(&vol).is_none(), "finished");
-    fio_ok(&fio_region(&disk, "base", "0", "768M", "1M", true), "verify after the resumed rekey");
+    fio_ok(
+        &fio_region(&disk, "base", "0", "768M", "1M", true),
+        "verify after the resumed rekey",
+    );
     run_ok("sealvol", &["detach", "--mountpoint", s(&mnt)]);
     check_plain_header(&vol);
 
     let out = attach(&vol, &mnt, &new, None);
-    assert!(out.status.success(), "new key only: {}", String::from_utf8_lossy(&out.stderr));
-    fio_ok(&fio_region(&disk, "base", "0", "768M", "1M", true), "verify under the new key");
+    assert!(
+        out.status.success(),
+        "new key only: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fio_ok(
+        &fio_region(&disk, "base", "0", "768M", "1M", true),
+        "verify under the new key",
+    );
     run_ok("sealvol", &["detach", "--mountpoint", s(&mnt)]);
-    wait_until("FUSE unmounted", Duration::from_secs(10), || !is_mounted(&mnt));
+    wait_until("FUSE unmounted", Duration::from_secs(10), || {
+        !is_mounted(&mnt)
+    });
 }

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::{CliError, Output, print_json};
-use crate::controller::workspaces::{BatchResult, CreateResult, WorkspaceProperties, WorkspaceRequest, WorkspaceView};
+use crate::controller::workspaces::{
+    BatchResult, CreateResult, WorkspaceProperties, WorkspaceRequest, WorkspaceView,
+};
 use crate::controller::{Controller, ControllerConfig};
 
 /// Where the controller keeps state and which AWS profiles sign.
@@ -58,21 +60,39 @@ impl Common {
 ///
 /// # Errors
 /// Controller or rekey failure.
-pub fn rekey(profiles: &Profiles, workspace_id: &str, volume_id: Option<&str>, hotzone_bytes: Option<u64>, output: Output) -> Result<(), CliError> {
+pub fn rekey(
+    profiles: &Profiles,
+    workspace_id: &str,
+    volume_id: Option<&str>,
+    hotzone_bytes: Option<u64>,
+    output: Output,
+) -> Result<(), CliError> {
     let bar = indicatif::ProgressBar::new(0).with_style(
-        indicatif::ProgressStyle::with_template("rekey {msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}").expect("static template"),
+        indicatif::ProgressStyle::with_template(
+            "rekey {msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("static template"),
     );
-    let reports = profiles.controller()?.rekey(workspace_id, volume_id, hotzone_bytes, |vol, p| {
-        bar.set_message(vol.to_string());
-        bar.set_length(p.total);
-        bar.set_position(p.done);
-    })?;
+    let reports =
+        profiles
+            .controller()?
+            .rekey(workspace_id, volume_id, hotzone_bytes, |vol, p| {
+                bar.set_message(vol.to_string());
+                bar.set_length(p.total);
+                bar.set_position(p.done);
+            })?;
     bar.finish_and_clear();
     if output == Output::Json {
         print_json(&serde_json::json!({ "Volumes": reports }));
     } else {
         for (vol, r) in &reports {
-            println!("{vol}: rekeyed {} bytes{} in {:.1} s ({:.1} MB/s)", r.bytes_this_run, if r.resumed { " (resumed)" } else { "" }, r.seconds, r.mb_per_s);
+            println!(
+                "{vol}: rekeyed {} bytes{} in {:.1} s ({:.1} MB/s)",
+                r.bytes_this_run,
+                if r.resumed { " (resumed)" } else { "" },
+                r.seconds,
+                r.mb_per_s
+            );
         }
     }
     Ok(())
@@ -265,8 +285,23 @@ pub enum WorkspaceCmd {
 }
 
 fn encryption_label(root: bool, user: bool) -> (&'static str, String) {
-    let list: Vec<&str> = [("Root", root), ("User", user)].into_iter().filter(|(_, on)| *on).map(|(n, _)| n).collect();
-    (if list.is_empty() { "Disabled" } else { "Enabled" }, if list.is_empty() { "None".into() } else { list.join(", ") })
+    let list: Vec<&str> = [("Root", root), ("User", user)]
+        .into_iter()
+        .filter(|(_, on)| *on)
+        .map(|(n, _)| n)
+        .collect();
+    (
+        if list.is_empty() {
+            "Disabled"
+        } else {
+            "Enabled"
+        },
+        if list.is_empty() {
+            "None".into()
+        } else {
+            list.join(", ")
+        },
+    )
 }
 
 fn print_workspaces(views: &[WorkspaceView]) {
@@ -275,12 +310,30 @@ fn print_workspaces(views: &[WorkspaceView]) {
         "WorkspaceId", "DirectoryId", "UserName", "BundleId", "State", "Volume Encryption", "Key"
     );
     for v in views {
-        let (enc, _) = encryption_label(v.root_volume_encryption_enabled, v.user_volume_encryption_enabled);
-        let key = v.volume_encryption_key.as_deref().map_or("-", |k| k.rsplit('/').next().unwrap_or(k));
-        println!("{:<13} {:<14} {:<14} {:<16} {:<12} {:<18} {}", v.workspace_id, v.directory_id, v.user_name, v.bundle_id, v.state.as_str(), enc, key);
+        let (enc, _) = encryption_label(
+            v.root_volume_encryption_enabled,
+            v.user_volume_encryption_enabled,
+        );
+        let key = v
+            .volume_encryption_key
+            .as_deref()
+            .map_or("-", |k| k.rsplit('/').next().unwrap_or(k));
+        println!(
+            "{:<13} {:<14} {:<14} {:<16} {:<12} {:<18} {}",
+            v.workspace_id,
+            v.directory_id,
+            v.user_name,
+            v.bundle_id,
+            v.state.as_str(),
+            enc,
+            key
+        );
     }
     for v in views {
-        let (_, list) = encryption_label(v.root_volume_encryption_enabled, v.user_volume_encryption_enabled);
+        let (_, list) = encryption_label(
+            v.root_volume_encryption_enabled,
+            v.user_volume_encryption_enabled,
+        );
         println!();
         println!("{}:", v.workspace_id);
         println!("  Encrypted Volumes:   {list}");
@@ -306,10 +359,19 @@ fn print_batch(verb: &str, r: &BatchResult, output: Output) -> Result<(), CliErr
         println!("{verb}: all requests accepted");
     } else {
         for f in &r.failed_requests {
-            println!("FAILED {} {}: {}", f.workspace_id.as_deref().unwrap_or("-"), f.error_code, f.error_message);
+            println!(
+                "FAILED {} {}: {}",
+                f.workspace_id.as_deref().unwrap_or("-"),
+                f.error_code,
+                f.error_message
+            );
         }
     }
-    if r.failed_requests.is_empty() { Ok(()) } else { Err(CliError::Failed(r.failed_requests.len())) }
+    if r.failed_requests.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Failed(r.failed_requests.len()))
+    }
 }
 
 /// Runs a lifecycle verb.
@@ -318,28 +380,61 @@ fn print_batch(verb: &str, r: &BatchResult, output: Output) -> Result<(), CliErr
 /// Controller errors; batch verbs with failed items exit non-zero after printing them.
 pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
     match cmd {
-        WorkspaceCmd::RegisterDirectory { directory_id, common } => {
+        WorkspaceCmd::RegisterDirectory {
+            directory_id,
+            common,
+        } => {
             let new = common.controller()?.register_directory(&directory_id)?;
             if common.output == Output::Json {
                 print_json(&serde_json::json!({"DirectoryId": directory_id, "Created": new}));
             } else {
-                println!("directory {directory_id} {}", if new { "registered" } else { "was already registered" });
+                println!(
+                    "directory {directory_id} {}",
+                    if new {
+                        "registered"
+                    } else {
+                        "was already registered"
+                    }
+                );
             }
         }
-        WorkspaceCmd::CreateUser { directory_id, user_name, sid, common } => {
-            let u = common.controller()?.create_user(&directory_id, &user_name, sid.as_deref())?;
+        WorkspaceCmd::CreateUser {
+            directory_id,
+            user_name,
+            sid,
+            common,
+        } => {
+            let u = common
+                .controller()?
+                .create_user(&directory_id, &user_name, sid.as_deref())?;
             if common.output == Output::Json {
-                print_json(&serde_json::json!({"DirectoryId": u.directory_id, "UserName": u.user_name, "Sid": u.sid}));
+                print_json(
+                    &serde_json::json!({"DirectoryId": u.directory_id, "UserName": u.user_name, "Sid": u.sid}),
+                );
             } else {
                 println!("user {} in {}: SID {}", u.user_name, u.directory_id, u.sid);
             }
         }
-        WorkspaceCmd::CreateBundle { bundle_id, from_dir, size_gib, common } => {
-            let b = common.controller()?.create_bundle(&bundle_id, &from_dir, size_gib)?;
+        WorkspaceCmd::CreateBundle {
+            bundle_id,
+            from_dir,
+            size_gib,
+            common,
+        } => {
+            let b = common
+                .controller()?
+                .create_bundle(&bundle_id, &from_dir, size_gib)?;
             if common.output == Output::Json {
-                print_json(&serde_json::json!({"BundleId": b.bundle_id, "ImagePath": b.image_path, "SizeGib": b.size_gib}));
+                print_json(
+                    &serde_json::json!({"BundleId": b.bundle_id, "ImagePath": b.image_path, "SizeGib": b.size_gib}),
+                );
             } else {
-                println!("bundle {} ({} GiB ext4 image at {})", b.bundle_id, b.size_gib, b.image_path.display());
+                println!(
+                    "bundle {} ({} GiB ext4 image at {})",
+                    b.bundle_id,
+                    b.size_gib,
+                    b.image_path.display()
+                );
             }
         }
         WorkspaceCmd::CreateWorkspaces {
@@ -356,7 +451,12 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
             let c = common.controller()?;
             let root_size = match root_volume_size_gib {
                 Some(s) => s,
-                None => c.registry().bundle(&bundle_id).ok().flatten().map_or(1, |b| b.size_gib),
+                None => c
+                    .registry()
+                    .bundle(&bundle_id)
+                    .ok()
+                    .flatten()
+                    .map_or(1, |b| b.size_gib),
             };
             let req = WorkspaceRequest {
                 directory_id,
@@ -365,7 +465,10 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
                 volume_encryption_key,
                 user_volume_encryption_enabled,
                 root_volume_encryption_enabled,
-                workspace_properties: Some(WorkspaceProperties { root_volume_size_gib: root_size, user_volume_size_gib }),
+                workspace_properties: Some(WorkspaceProperties {
+                    root_volume_size_gib: root_size,
+                    user_volume_size_gib,
+                }),
             };
             let r: CreateResult = c.create_workspaces(vec![req])?;
             if common.output == Output::Json {
@@ -380,20 +483,33 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
                 return Err(CliError::Failed(r.failed_requests.len()));
             }
         }
-        WorkspaceCmd::DescribeWorkspaces { workspace_ids, common } => {
-            let views = common.controller()?.describe_workspaces(&workspace_ids, true)?;
+        WorkspaceCmd::DescribeWorkspaces {
+            workspace_ids,
+            common,
+        } => {
+            let views = common
+                .controller()?
+                .describe_workspaces(&workspace_ids, true)?;
             if common.output == Output::Json {
                 print_json(&serde_json::json!({ "Workspaces": views }));
             } else {
                 print_workspaces(&views);
             }
         }
-        WorkspaceCmd::DescribeVolumes { workspace_id, common } => {
-            let vols = common.controller()?.describe_volumes(workspace_id.as_deref())?;
+        WorkspaceCmd::DescribeVolumes {
+            workspace_id,
+            common,
+        } => {
+            let vols = common
+                .controller()?
+                .describe_volumes(workspace_id.as_deref())?;
             if common.output == Output::Json {
                 print_json(&serde_json::json!({ "Volumes": vols }));
             } else {
-                println!("{:<22} {:<13} {:<5} {:<10} {:>8}  Key", "VolumeId", "WorkspaceId", "Kind", "Encrypted", "SizeGiB");
+                println!(
+                    "{:<22} {:<13} {:<5} {:<10} {:>8}  Key",
+                    "VolumeId", "WorkspaceId", "Kind", "Encrypted", "SizeGiB"
+                );
                 for v in vols {
                     println!(
                         "{:<22} {:<13} {:<5} {:<10} {:>8}  {}",
@@ -427,39 +543,86 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
             let r = ids.common.controller()?.terminate(&ids.workspace_ids)?;
             print_batch("terminate-workspaces", &r, ids.common.output)?;
         }
-        WorkspaceCmd::RestoreWorkspace { workspace_id, common } => {
+        WorkspaceCmd::RestoreWorkspace {
+            workspace_id,
+            common,
+        } => {
             let r = common.controller()?.restore(&workspace_id)?;
             print_batch("restore-workspace", &r, common.output)?;
         }
-        WorkspaceCmd::CreateSnapshot { workspace_id, common } => {
+        WorkspaceCmd::CreateSnapshot {
+            workspace_id,
+            common,
+        } => {
             let snaps = common.controller()?.create_snapshot(&workspace_id)?;
             if common.output == Output::Json {
                 print_json(&serde_json::json!({ "Snapshots": snaps }));
             } else {
                 for s in snaps {
-                    println!("{} of {} ({} volume, {})", s.snapshot_id, s.volume_id, s.kind, if s.encrypted { "encrypted" } else { "unencrypted" });
+                    println!(
+                        "{} of {} ({} volume, {})",
+                        s.snapshot_id,
+                        s.volume_id,
+                        s.kind,
+                        if s.encrypted {
+                            "encrypted"
+                        } else {
+                            "unencrypted"
+                        }
+                    );
                 }
             }
         }
-        WorkspaceCmd::CreateWorkspaceImage { workspace_id, name, description, common } => {
-            let img = common.controller()?.create_image(&workspace_id, &name, &description)?;
+        WorkspaceCmd::CreateWorkspaceImage {
+            workspace_id,
+            name,
+            description,
+            common,
+        } => {
+            let img = common
+                .controller()?
+                .create_image(&workspace_id, &name, &description)?;
             print_json(&img);
         }
-        WorkspaceCmd::ModifyWorkspaceProperties { workspace_id, root_volume_encryption_enabled, user_volume_encryption_enabled, common } => {
-            common.controller()?.modify_encryption(&workspace_id, root_volume_encryption_enabled, user_volume_encryption_enabled)?;
+        WorkspaceCmd::ModifyWorkspaceProperties {
+            workspace_id,
+            root_volume_encryption_enabled,
+            user_volume_encryption_enabled,
+            common,
+        } => {
+            common.controller()?.modify_encryption(
+                &workspace_id,
+                root_volume_encryption_enabled,
+                user_volume_encryption_enabled,
+            )?;
             println!("nothing to change");
         }
-        WorkspaceCmd::RewrapVolume { workspace_id, volume_encryption_key, common } => {
-            let vols = common.controller()?.rewrap(&workspace_id, &volume_encryption_key)?;
+        WorkspaceCmd::RewrapVolume {
+            workspace_id,
+            volume_encryption_key,
+            common,
+        } => {
+            let vols = common
+                .controller()?
+                .rewrap(&workspace_id, &volume_encryption_key)?;
             if common.output == Output::Json {
                 print_json(&serde_json::json!({ "Volumes": vols }));
             } else {
                 for v in vols.iter().filter(|v| v.encrypted) {
-                    println!("{} ({}) now wrapped under {}", v.volume_id, v.kind, v.kms_key_id.as_deref().unwrap_or("-"));
+                    println!(
+                        "{} ({}) now wrapped under {}",
+                        v.volume_id,
+                        v.kind,
+                        v.kms_key_id.as_deref().unwrap_or("-")
+                    );
                 }
             }
         }
-        WorkspaceCmd::Agent { state_dir, workspace_id, ebs_profile } => {
+        WorkspaceCmd::Agent {
+            state_dir,
+            workspace_id,
+            ebs_profile,
+        } => {
             Controller::run_agent(&state_dir, &workspace_id, &ebs_profile, |r| match r {
                 Ok(()) => {
                     println!("{}", crate::attach::READY_LINE);

@@ -78,7 +78,10 @@ impl AgentPaths {
 #[must_use]
 pub fn volume_context(sid: &str, directory_id: &str, volume_id: &str) -> EncryptionContext {
     let mut c = EncryptionContext::new();
-    c.insert("aws:workspaces:sid-directoryid".into(), format!("{sid}@{directory_id}"));
+    c.insert(
+        "aws:workspaces:sid-directoryid".into(),
+        format!("{sid}@{directory_id}"),
+    );
     c.insert("aws:ebs:id".into(), volume_id.into());
     c
 }
@@ -89,20 +92,38 @@ struct Opened {
     resume_rekey: bool,
 }
 
-fn unwrap(ebs: &KmsClient, v: &Volume, token: &crate::luks2::KmsToken, context: &EncryptionContext) -> Result<crate::secret::VolumeKey, AgentError> {
+fn unwrap(
+    ebs: &KmsClient,
+    v: &Volume,
+    token: &crate::luks2::KmsToken,
+    context: &EncryptionContext,
+) -> Result<crate::secret::VolumeKey, AgentError> {
     // The context is the one this volume must have (from the registry), never the one the
     // header claims: KMS authenticates it against the blob, so a volume file copied from
     // another WorkSpace or edited to another user's context cannot be unwrapped here.
     ebs.decrypt_volume_key(&token.ciphertext_blob, context, Some(&token.key_arn), &[])
-        .map_err(|source| AgentError::Unwrap { volume_id: v.volume_id.clone(), kind: v.kind.clone(), source })
+        .map_err(|source| AgentError::Unwrap {
+            volume_id: v.volume_id.clone(),
+            kind: v.kind.clone(),
+            source,
+        })
 }
 
-fn open_volume(v: &Volume, context: &EncryptionContext, ebs: Option<&KmsClient>) -> Result<Opened, AgentError> {
+fn open_volume(
+    v: &Volume,
+    context: &EncryptionContext,
+    ebs: Option<&KmsClient>,
+) -> Result<Opened, AgentError> {
     if !v.encrypted {
-        return Ok(Opened { volume: volume::open_plain(&v.path)?, resume_rekey: false });
+        return Ok(Opened {
+            volume: volume::open_plain(&v.path)?,
+            resume_rekey: false,
+        });
     }
     let header = volume::read_header(&v.path)?;
-    let token = header.kms_token().ok_or_else(|| AgentError::NoToken(v.volume_id.clone()))?;
+    let token = header
+        .kms_token()
+        .ok_or_else(|| AgentError::NoToken(v.volume_id.clone()))?;
     let ebs = ebs.ok_or_else(|| AgentError::Other("no KMS client".into()))?;
     let key = unwrap(ebs, v, token, context)?;
     if crate::rekey::in_progress(&header) {
@@ -110,15 +131,27 @@ fn open_volume(v: &Volume, context: &EncryptionContext, ebs: Option<&KmsClient>)
         // resume in the background once the volume is served.
         let state = crate::rekey::state(&header)
             .map_err(|e| AgentError::Other(e.to_string()))?
-            .ok_or_else(|| AgentError::Other(format!("volume {}: unreadable rekey state", v.volume_id)))?;
-        let new_token = state
-            .new_kms_token
-            .ok_or_else(|| AgentError::Other(format!("volume {}: interrupted rekey without the new key's KMS token", v.volume_id)))?;
+            .ok_or_else(|| {
+                AgentError::Other(format!("volume {}: unreadable rekey state", v.volume_id))
+            })?;
+        let new_token = state.new_kms_token.ok_or_else(|| {
+            AgentError::Other(format!(
+                "volume {}: interrupted rekey without the new key's KMS token",
+                v.volume_id
+            ))
+        })?;
         let new_key = unwrap(ebs, v, &new_token, context)?;
-        let volume = crate::rekey::open_resuming(&v.path, &key, &new_key).map_err(|e| AgentError::Other(e.to_string()))?;
-        return Ok(Opened { volume, resume_rekey: true });
+        let volume = crate::rekey::open_resuming(&v.path, &key, &new_key)
+            .map_err(|e| AgentError::Other(e.to_string()))?;
+        return Ok(Opened {
+            volume,
+            resume_rekey: true,
+        });
     }
-    Ok(Opened { volume: volume::open_encrypted(&v.path, &key)?, resume_rekey: false })
+    Ok(Opened {
+        volume: volume::open_encrypted(&v.path, &key)?,
+        resume_rekey: false,
+    })
 }
 
 /// Runs the agent for `workspace_id` in this process until stopped.
@@ -136,13 +169,22 @@ pub fn run(
 ) -> Result<(), AgentError> {
     crate::secret::harden_process();
     let reg = Registry::open(state_dir)?;
-    let ws = reg.workspace(workspace_id)?.ok_or_else(|| AgentError::Other(format!("no WorkSpace {workspace_id}")))?;
-    let user = reg
-        .user(&ws.directory_id, &ws.user_name)?
-        .ok_or_else(|| AgentError::Other(format!("user {} is not in {}", ws.user_name, ws.directory_id)))?;
+    let ws = reg
+        .workspace(workspace_id)?
+        .ok_or_else(|| AgentError::Other(format!("no WorkSpace {workspace_id}")))?;
+    let user = reg.user(&ws.directory_id, &ws.user_name)?.ok_or_else(|| {
+        AgentError::Other(format!(
+            "user {} is not in {}",
+            ws.user_name, ws.directory_id
+        ))
+    })?;
     let vols = reg.volumes(Some(workspace_id))?;
     let paths = AgentPaths::new(state_dir, workspace_id);
-    let ebs = if vols.iter().any(|v| v.encrypted) { Some(KmsClient::connect(ebs_profile, None)?) } else { None };
+    let ebs = if vols.iter().any(|v| v.encrypted) {
+        Some(KmsClient::connect(ebs_profile, None)?)
+    } else {
+        None
+    };
     let mut exports = Vec::new();
     let mut resume = Vec::new();
     let mut needs_mkfs = Vec::new();
@@ -155,11 +197,16 @@ pub fn run(
         if opened.resume_rekey {
             resume.push(v.kind.clone());
         }
-        exports.push(Export { name: v.kind.clone(), device: opened.volume.device });
+        exports.push(Export {
+            name: v.kind.clone(),
+            device: opened.volume.device,
+        });
     }
     drop(ebs);
-    std::fs::create_dir_all(&paths.fuse_dir).map_err(|e| AgentError::Other(format!("{}: {e}", paths.fuse_dir.display())))?;
-    std::fs::create_dir_all(&paths.mnt_dir).map_err(|e| AgentError::Other(format!("{}: {e}", paths.mnt_dir.display())))?;
+    std::fs::create_dir_all(&paths.fuse_dir)
+        .map_err(|e| AgentError::Other(format!("{}: {e}", paths.fuse_dir.display())))?;
+    std::fs::create_dir_all(&paths.mnt_dir)
+        .map_err(|e| AgentError::Other(format!("{}: {e}", paths.mnt_dir.display())))?;
     write_pid(&paths.pid_file)?;
     let fuse_dir = paths.fuse_dir.clone();
     let mnt_dir = paths.mnt_dir.clone();
@@ -169,7 +216,10 @@ pub fn run(
             let r = mount_filesystems(&state_dir, &fuse_dir, &mnt_dir, &needs_mkfs);
             if let Err(e) = &r {
                 // Tear down through the normal signal path (releases loops, unmounts FUSE).
-                let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGTERM);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::getpid(),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
                 tracing::error!("{e}");
             }
             on_ready(r);
@@ -181,41 +231,77 @@ pub fn run(
 
 fn write_pid(path: &Path) -> Result<(), AgentError> {
     if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d).map_err(|e| AgentError::Other(format!("{}: {e}", d.display())))?;
+        std::fs::create_dir_all(d)
+            .map_err(|e| AgentError::Other(format!("{}: {e}", d.display())))?;
     }
-    std::fs::write(path, std::process::id().to_string()).map_err(|e| AgentError::Other(format!("{}: {e}", path.display())))
+    std::fs::write(path, std::process::id().to_string())
+        .map_err(|e| AgentError::Other(format!("{}: {e}", path.display())))
 }
 
 fn loop_attach(file: &Path) -> Result<String, String> {
-    attach::run("losetup", &["-f", "--show", &file.display().to_string()]).map(|s| s.trim().to_string()).map_err(|e| e.to_string())
+    attach::run("losetup", &["-f", "--show", &file.display().to_string()])
+        .map(|s| s.trim().to_string())
+        .map_err(|e| e.to_string())
 }
 
-fn mount_filesystems(state_dir: &Path, fuse_dir: &Path, mnt_dir: &Path, needs_mkfs: &[String]) -> Result<(), String> {
+fn mount_filesystems(
+    state_dir: &Path,
+    fuse_dir: &Path,
+    mnt_dir: &Path,
+    needs_mkfs: &[String],
+) -> Result<(), String> {
     let root_dev = loop_attach(&fuse_dir.join("root"))?;
-    attach::run("mount", &["-t", "ext4", &root_dev, &mnt_dir.display().to_string()]).map_err(|e| e.to_string())?;
+    attach::run(
+        "mount",
+        &["-t", "ext4", &root_dev, &mnt_dir.display().to_string()],
+    )
+    .map_err(|e| e.to_string())?;
     // Grow the filesystem if the volume is larger than the bundle (no-op otherwise).
     let _ = attach::run("resize2fs", &[&root_dev]);
     let home = mnt_dir.join("home");
     std::fs::create_dir_all(&home).map_err(|e| format!("{}: {e}", home.display()))?;
     let user_dev = loop_attach(&fuse_dir.join("user"))?;
     if !needs_mkfs.is_empty() {
-        attach::run("mkfs.ext4", &["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", "-L", "home", &user_dev])
-            .map_err(|e| e.to_string())?;
+        attach::run(
+            "mkfs.ext4",
+            &[
+                "-q",
+                "-F",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1",
+                "-L",
+                "home",
+                &user_dev,
+            ],
+        )
+        .map_err(|e| e.to_string())?;
         let reg = Registry::open(state_dir).map_err(|e| e.to_string())?;
         for v in reg.volumes(None).map_err(|e| e.to_string())? {
             if needs_mkfs.contains(&v.volume_id) {
-                reg.put_volume(&Volume { formatted: true, ..v }).map_err(|e| e.to_string())?;
+                reg.put_volume(&Volume {
+                    formatted: true,
+                    ..v
+                })
+                .map_err(|e| e.to_string())?;
             }
         }
     }
-    attach::run("mount", &["-t", "ext4", &user_dev, &home.display().to_string()]).map_err(|e| e.to_string())?;
+    attach::run(
+        "mount",
+        &["-t", "ext4", &user_dev, &home.display().to_string()],
+    )
+    .map_err(|e| e.to_string())?;
     Ok(())
 }
 
 /// The pid of a live agent for this WorkSpace, if any.
 #[must_use]
 pub fn live_pid(paths: &AgentPaths) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(&paths.pid_file).ok()?.trim().parse().ok()?;
+    let pid: i32 = std::fs::read_to_string(&paths.pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let is_agent = cmdline.split(|&b| b == 0).any(|a| a == b"agent");
     is_agent.then_some(pid)

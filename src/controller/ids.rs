@@ -37,19 +37,24 @@ pub fn image_id() -> String {
 /// Whether `id` looks like a directory id (`d-` + 10 hex digits).
 #[must_use]
 pub fn is_directory_id(id: &str) -> bool {
-    id.strip_prefix("d-").is_some_and(|h| h.len() == 10 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+    id.strip_prefix("d-")
+        .is_some_and(|h| h.len() == 10 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Whether `id` looks like a bundle id (`wsb-` + alphanumerics).
 #[must_use]
 pub fn is_bundle_id(id: &str) -> bool {
-    id.strip_prefix("wsb-").is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric()))
+    id.strip_prefix("wsb-")
+        .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
 /// Whether a user name is acceptable (like AD sAMAccountName: 1–63 of `[A-Za-z0-9._-]`).
 #[must_use]
 pub fn is_user_name(name: &str) -> bool {
-    (1..=63).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 /// The domain SID of a directory: `S-1-5-21-a-b-c`, derived from its id so that it is
@@ -73,9 +78,14 @@ pub fn user_sid(directory_id: &str, user_name: &str) -> String {
 /// Whether `sid` has the form `S-1-5-21-a-b-c-RID`.
 #[must_use]
 pub fn is_sid(sid: &str) -> bool {
-    let Some(rest) = sid.strip_prefix("S-1-5-21-") else { return false };
+    let Some(rest) = sid.strip_prefix("S-1-5-21-") else {
+        return false;
+    };
     let parts: Vec<&str> = rest.split('-').collect();
-    parts.len() == 4 && parts.iter().all(|p| !p.is_empty() && p.len() <= 10 && p.bytes().all(|b| b.is_ascii_digit()))
+    parts.len() == 4
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 10 && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 #[cfg(test)]
@@ -86,13 +96,23 @@ mod tests {
     fn formats() {
         assert!(workspace_id().starts_with("ws-") && workspace_id().len() == 12);
         assert_eq!(volume_id().len(), 21);
-        assert!(is_directory_id("d-906734f0a1") && !is_directory_id("d-xyz") && !is_directory_id("906734f0a1"));
+        assert!(
+            is_directory_id("d-906734f0a1")
+                && !is_directory_id("d-xyz")
+                && !is_directory_id("906734f0a1")
+        );
         assert!(is_bundle_id("wsb-clj85qzj1") && !is_bundle_id("wsb-") && !is_bundle_id("bundle"));
         assert_eq!(domain_sid("d-906734f0a1"), domain_sid("d-906734f0a1"));
         assert_ne!(domain_sid("d-906734f0a1"), domain_sid("d-906734f0a2"));
         assert!(is_sid(&format!("{}-1001", domain_sid("d-906734f0a1"))));
-        assert_eq!(user_sid("d-906734f0a1", "alice"), user_sid("d-906734f0a1", "alice"));
-        assert_ne!(user_sid("d-906734f0a1", "alice"), user_sid("d-906734f0a1", "bob"));
+        assert_eq!(
+            user_sid("d-906734f0a1", "alice"),
+            user_sid("d-906734f0a1", "alice")
+        );
+        assert_ne!(
+            user_sid("d-906734f0a1", "alice"),
+            user_sid("d-906734f0a1", "bob")
+        );
         assert!(is_sid(&user_sid("d-906734f0a1", "alice")));
         assert!(!is_sid("S-1-5-21-1-2-1001") && !is_sid("S-1-5-21-1-2-3-x"));
         assert!(is_user_name("alice.smith") && !is_user_name("a b") && !is_user_name(""));

@@ -161,21 +161,30 @@ impl Registry {
     /// SQLite failure.
     pub fn open(state_dir: &Path) -> Result<Self, RegistryError> {
         let path = state_dir.join("controller.db");
-        let err = |source| RegistryError::Sqlite { path: path.clone(), source };
+        let err = |source| RegistryError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let conn = Connection::open(&path).map_err(err)?;
         {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
         }
-        conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
         Ok(Self { conn, path })
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> RegistryError + '_ {
-        move |source| RegistryError::Sqlite { path: self.path.clone(), source }
+        move |source| RegistryError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// Registers a directory (idempotent). Returns false if it already existed.
@@ -185,7 +194,10 @@ impl Registry {
     pub fn add_directory(&self, id: &str) -> Result<bool, RegistryError> {
         let n = self
             .conn
-            .execute("INSERT OR IGNORE INTO directories (directory_id, created) VALUES (?1, ?2)", params![id, now()])
+            .execute(
+                "INSERT OR IGNORE INTO directories (directory_id, created) VALUES (?1, ?2)",
+                params![id, now()],
+            )
             .map_err(self.err())?;
         Ok(n == 1)
     }
@@ -196,7 +208,11 @@ impl Registry {
     /// SQLite failure.
     pub fn has_directory(&self, id: &str) -> Result<bool, RegistryError> {
         self.conn
-            .query_row("SELECT 1 FROM directories WHERE directory_id = ?1", [id], |_| Ok(()))
+            .query_row(
+                "SELECT 1 FROM directories WHERE directory_id = ?1",
+                [id],
+                |_| Ok(()),
+            )
             .optional()
             .map(|o| o.is_some())
             .map_err(self.err())
@@ -228,7 +244,13 @@ impl Registry {
             .query_row(
                 "SELECT sid FROM users WHERE directory_id = ?1 AND user_name = ?2",
                 params![directory_id, user_name],
-                |r| Ok(User { directory_id: directory_id.into(), user_name: user_name.into(), sid: r.get(0)? }),
+                |r| {
+                    Ok(User {
+                        directory_id: directory_id.into(),
+                        user_name: user_name.into(),
+                        sid: r.get(0)?,
+                    })
+                },
             )
             .optional()
             .map_err(self.err())
@@ -254,9 +276,17 @@ impl Registry {
     /// SQLite failure.
     pub fn bundle(&self, id: &str) -> Result<Option<Bundle>, RegistryError> {
         self.conn
-            .query_row("SELECT image_path, size_gib FROM bundles WHERE bundle_id = ?1", [id], |r| {
-                Ok(Bundle { bundle_id: id.into(), image_path: PathBuf::from(r.get::<_, String>(0)?), size_gib: to_u64(r.get(1)?) })
-            })
+            .query_row(
+                "SELECT image_path, size_gib FROM bundles WHERE bundle_id = ?1",
+                [id],
+                |r| {
+                    Ok(Bundle {
+                        bundle_id: id.into(),
+                        image_path: PathBuf::from(r.get::<_, String>(0)?),
+                        size_gib: to_u64(r.get(1)?),
+                    })
+                },
+            )
             .optional()
             .map_err(self.err())
     }
@@ -309,9 +339,17 @@ impl Registry {
     ///
     /// # Errors
     /// SQLite failure.
-    pub fn set_state(&self, id: &str, state: WorkspaceState, error: &str) -> Result<(), RegistryError> {
+    pub fn set_state(
+        &self,
+        id: &str,
+        state: WorkspaceState,
+        error: &str,
+    ) -> Result<(), RegistryError> {
         self.conn
-            .execute("UPDATE workspaces SET state = ?2, error = ?3 WHERE workspace_id = ?1", params![id, state.as_str(), error])
+            .execute(
+                "UPDATE workspaces SET state = ?2, error = ?3 WHERE workspace_id = ?1",
+                params![id, state.as_str(), error],
+            )
             .map(|_| ())
             .map_err(self.err())
     }
@@ -349,7 +387,9 @@ impl Registry {
                  user_encrypted, root_size_gib, user_size_gib, ws_grant_id, error FROM workspaces ORDER BY created, workspace_id",
             )
             .map_err(self.err())?;
-        let rows = stmt.query_map([], Self::row_to_workspace).map_err(self.err())?;
+        let rows = stmt
+            .query_map([], Self::row_to_workspace)
+            .map_err(self.err())?;
         let mut out = Vec::new();
         for row in rows {
             let (mut w, state) = row.map_err(self.err())?;
@@ -364,7 +404,10 @@ impl Registry {
     /// # Errors
     /// SQLite failure.
     pub fn workspace(&self, id: &str) -> Result<Option<Workspace>, RegistryError> {
-        Ok(self.workspaces()?.into_iter().find(|w| w.workspace_id == id))
+        Ok(self
+            .workspaces()?
+            .into_iter()
+            .find(|w| w.workspace_id == id))
     }
 
     /// Inserts or replaces a volume.
@@ -397,7 +440,10 @@ impl Registry {
     /// # Errors
     /// SQLite failure.
     pub fn delete_volume(&self, id: &str) -> Result<(), RegistryError> {
-        self.conn.execute("DELETE FROM volumes WHERE volume_id = ?1", [id]).map(|_| ()).map_err(self.err())
+        self.conn
+            .execute("DELETE FROM volumes WHERE volume_id = ?1", [id])
+            .map(|_| ())
+            .map_err(self.err())
     }
 
     /// Volumes of a workspace (root first), or all volumes if `workspace_id` is `None`.
@@ -476,14 +522,27 @@ impl Registry {
     /// # Errors
     /// SQLite failure.
     pub fn delete_snapshots(&self, workspace_id: &str) -> Result<(), RegistryError> {
-        self.conn.execute("DELETE FROM snapshots WHERE workspace_id = ?1", [workspace_id]).map(|_| ()).map_err(self.err())
+        self.conn
+            .execute(
+                "DELETE FROM snapshots WHERE workspace_id = ?1",
+                [workspace_id],
+            )
+            .map(|_| ())
+            .map_err(self.err())
     }
 
     /// Records an image.
     ///
     /// # Errors
     /// SQLite failure.
-    pub fn add_image(&self, image_id: &str, name: &str, description: &str, workspace_id: &str, path: &Path) -> Result<(), RegistryError> {
+    pub fn add_image(
+        &self,
+        image_id: &str,
+        name: &str,
+        description: &str,
+        workspace_id: &str,
+        path: &Path,
+    ) -> Result<(), RegistryError> {
         self.conn
             .execute(
                 "INSERT INTO images (image_id, name, description, workspace_id, path, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -511,9 +570,18 @@ mod tests {
         assert!(r.add_directory("d-1234567890").expect("add"));
         assert!(!r.add_directory("d-1234567890").expect("add again"));
         assert!(r.has_directory("d-1234567890").expect("has"));
-        let u = User { directory_id: "d-1234567890".into(), user_name: "bob".into(), sid: "S-1-5-21-1-2-3-1001".into() };
+        let u = User {
+            directory_id: "d-1234567890".into(),
+            user_name: "bob".into(),
+            sid: "S-1-5-21-1-2-3-1001".into(),
+        };
         r.add_user(&u).expect("user");
-        let again = r.add_user(&User { sid: "other".into(), ..u.clone() }).expect("user again");
+        let again = r
+            .add_user(&User {
+                sid: "other".into(),
+                ..u.clone()
+            })
+            .expect("user again");
         assert_eq!(again.sid, u.sid, "existing user keeps its SID");
         let w = Workspace {
             workspace_id: "ws-abc".into(),
@@ -530,7 +598,8 @@ mod tests {
             error: String::new(),
         };
         r.insert_workspace(&w).expect("insert");
-        r.set_state("ws-abc", WorkspaceState::Available, "").expect("state");
+        r.set_state("ws-abc", WorkspaceState::Available, "")
+            .expect("state");
         let got = r.workspace("ws-abc").expect("get").expect("present");
         assert_eq!(got.state, WorkspaceState::Available);
         assert!(got.root_encrypted && !got.user_encrypted);

@@ -109,12 +109,18 @@ impl WorkspaceState {
         let next = match (self, event) {
             (S::Pending, E::Launched) => S::Available,
             (S::Available | S::Impaired | S::Unhealthy, E::Reboot) => S::Rebooting,
-            (S::Available | S::Impaired | S::Unhealthy | S::Error | S::Stopped, E::Rebuild) => S::Rebuilding,
-            (S::Available | S::Impaired | S::Unhealthy | S::Error | S::Stopped, E::Restore) => S::Restoring,
+            (S::Available | S::Impaired | S::Unhealthy | S::Error | S::Stopped, E::Rebuild) => {
+                S::Rebuilding
+            }
+            (S::Available | S::Impaired | S::Unhealthy | S::Error | S::Stopped, E::Restore) => {
+                S::Restoring
+            }
             (S::Available | S::Impaired | S::Unhealthy | S::Error, E::Stop) => S::Stopping,
             (S::Stopped, E::Start) => S::Starting,
             (s, E::Terminate) if !matches!(s, S::Terminating | S::Terminated) => S::Terminating,
-            (S::Rebooting | S::Starting | S::Rebuilding | S::Restoring, E::Attached) => S::Available,
+            (S::Rebooting | S::Starting | S::Rebuilding | S::Restoring, E::Attached) => {
+                S::Available
+            }
             (S::Stopping, E::Detached) => S::Stopped,
             (S::Terminating, E::Deleted) => S::Terminated,
             (S::Available | S::Impaired, E::AgentLost) => S::Unhealthy,
@@ -175,7 +181,9 @@ impl FromStr for WorkspaceState {
             WorkspaceState::Terminated,
             WorkspaceState::Error,
         ];
-        ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| format!("unknown WorkSpace state {s:?}"))
+        ALL.into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown WorkSpace state {s:?}"))
     }
 }
 
@@ -189,27 +197,54 @@ mod tests {
     fn happy_paths() {
         let s = S::Pending.on(E::Launched).expect("launch");
         assert_eq!(s, S::Available);
-        assert_eq!(s.on(E::Reboot).and_then(|s| s.on(E::Attached)), Ok(S::Available));
+        assert_eq!(
+            s.on(E::Reboot).and_then(|s| s.on(E::Attached)),
+            Ok(S::Available)
+        );
         let stopped = s.on(E::Stop).and_then(|s| s.on(E::Detached)).expect("stop");
         assert_eq!(stopped, S::Stopped);
-        assert_eq!(stopped.on(E::Start).and_then(|s| s.on(E::Attached)), Ok(S::Available));
-        assert_eq!(s.on(E::Terminate).and_then(|s| s.on(E::Deleted)), Ok(S::Terminated));
-        assert_eq!(s.on(E::AgentLost).and_then(|s| s.on(E::Reboot)), Ok(S::Rebooting));
+        assert_eq!(
+            stopped.on(E::Start).and_then(|s| s.on(E::Attached)),
+            Ok(S::Available)
+        );
+        assert_eq!(
+            s.on(E::Terminate).and_then(|s| s.on(E::Deleted)),
+            Ok(S::Terminated)
+        );
+        assert_eq!(
+            s.on(E::AgentLost).and_then(|s| s.on(E::Reboot)),
+            Ok(S::Rebooting)
+        );
     }
 
     #[test]
     fn illegal_transitions_are_errors() {
-        assert_eq!(S::Stopped.on(E::Reboot), Err(IllegalTransition { state: S::Stopped, event: E::Reboot }));
+        assert_eq!(
+            S::Stopped.on(E::Reboot),
+            Err(IllegalTransition {
+                state: S::Stopped,
+                event: E::Reboot
+            })
+        );
         assert!(S::Available.on(E::Start).is_err());
         assert!(S::Terminated.on(E::Terminate).is_err());
         assert!(S::Terminated.on(E::Start).is_err());
         assert!(S::Pending.on(E::Reboot).is_err());
-        assert_eq!(S::Stopped.on(E::Reboot).expect_err("illegal").to_string(), "cannot reboot a WorkSpace that is STOPPED");
+        assert_eq!(
+            S::Stopped.on(E::Reboot).expect_err("illegal").to_string(),
+            "cannot reboot a WorkSpace that is STOPPED"
+        );
     }
 
     #[test]
     fn names_round_trip() {
-        for s in [S::Pending, S::Available, S::Unhealthy, S::Terminated, S::Error] {
+        for s in [
+            S::Pending,
+            S::Available,
+            S::Unhealthy,
+            S::Terminated,
+            S::Error,
+        ] {
             assert_eq!(s.as_str().parse::<WorkspaceState>(), Ok(s));
         }
         assert!("BOGUS".parse::<WorkspaceState>().is_err());

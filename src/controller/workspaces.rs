@@ -50,7 +50,10 @@ pub enum ControllerError {
 }
 
 fn api(code: &str, message: impl Into<String>) -> ControllerError {
-    ControllerError::Api { code: code.into(), message: message.into() }
+    ControllerError::Api {
+        code: code.into(),
+        message: message.into(),
+    }
 }
 
 /// Where state lives and which profiles sign.
@@ -216,17 +219,30 @@ pub struct Controller {
 /// Reads `principal_arn` of `profile` from the AWS config/credentials files (kms-daemon
 /// writes it), so the service can name the user it acts for.
 fn profile_principal_arn(profile: &str) -> Option<String> {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     let files = [
-        (std::env::var_os("AWS_CONFIG_FILE").map_or_else(|| home.join(".aws/config"), PathBuf::from), format!("profile {profile}")),
-        (std::env::var_os("AWS_SHARED_CREDENTIALS_FILE").map_or_else(|| home.join(".aws/credentials"), PathBuf::from), profile.to_string()),
+        (
+            std::env::var_os("AWS_CONFIG_FILE")
+                .map_or_else(|| home.join(".aws/config"), PathBuf::from),
+            format!("profile {profile}"),
+        ),
+        (
+            std::env::var_os("AWS_SHARED_CREDENTIALS_FILE")
+                .map_or_else(|| home.join(".aws/credentials"), PathBuf::from),
+            profile.to_string(),
+        ),
     ];
     for (file, section) in files {
-        let Ok(text) = std::fs::read_to_string(&file) else { continue };
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
         let mut inside = false;
         for line in text.lines().map(str::trim) {
             if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-                inside = name.trim() == section || (profile == "default" && name.trim() == "default");
+                inside =
+                    name.trim() == section || (profile == "default" && name.trim() == "default");
             } else if inside {
                 if let Some((k, v)) = line.split_once('=') {
                     if k.trim() == "principal_arn" {
@@ -241,7 +257,10 @@ fn profile_principal_arn(profile: &str) -> Option<String> {
 
 fn ctx_subset(sid: &str, directory_id: &str) -> crate::kms::EncryptionContext {
     let mut c = crate::kms::EncryptionContext::new();
-    c.insert("aws:workspaces:sid-directoryid".into(), format!("{sid}@{directory_id}"));
+    c.insert(
+        "aws:workspaces:sid-directoryid".into(),
+        format!("{sid}@{directory_id}"),
+    );
     c
 }
 
@@ -252,7 +271,13 @@ fn workspaces_grant(key: &str, sid: &str, directory_id: &str, workspace_id: &str
         key_id: key.into(),
         grantee: WORKSPACES_SERVICE.into(),
         retiring: Some(WORKSPACES_SERVICE.into()),
-        operations: vec!["Decrypt", "GenerateDataKeyWithoutPlaintext", "ReEncryptFrom", "ReEncryptTo", "CreateGrant"],
+        operations: vec![
+            "Decrypt",
+            "GenerateDataKeyWithoutPlaintext",
+            "ReEncryptFrom",
+            "ReEncryptTo",
+            "CreateGrant",
+        ],
         context_equals: None,
         context_subset: Some(ctx_subset(sid, directory_id)),
         name: Some(format!("workspaces-{workspace_id}")),
@@ -265,7 +290,12 @@ fn ebs_grant(key: &str, context: &crate::kms::EncryptionContext, volume_id: &str
         key_id: key.into(),
         grantee: EBS_SERVICE.into(),
         retiring: Some(WORKSPACES_SERVICE.into()),
-        operations: vec!["Decrypt", "GenerateDataKeyWithoutPlaintext", "ReEncryptFrom", "ReEncryptTo"],
+        operations: vec![
+            "Decrypt",
+            "GenerateDataKeyWithoutPlaintext",
+            "ReEncryptFrom",
+            "ReEncryptTo",
+        ],
         context_equals: Some(context.clone()),
         context_subset: None,
         name: Some(format!("ebs-{volume_id}")),
@@ -283,7 +313,11 @@ fn key_state_refusal(key: &KeyInfo, verb: &str) -> Option<(String, String)> {
     if key.state == "Enabled" {
         return None;
     }
-    let code = if key.state == "Disabled" { "KMS.DisabledException" } else { "KMS.KMSInvalidStateException" };
+    let code = if key.state == "Disabled" {
+        "KMS.DisabledException"
+    } else {
+        "KMS.KMSInvalidStateException"
+    };
     Some((
         code.into(),
         format!(
@@ -294,9 +328,17 @@ fn key_state_refusal(key: &KeyInfo, verb: &str) -> Option<(String, String)> {
 }
 
 fn copy_sparse(from: &Path, to: &Path) -> Result<(), ControllerError> {
-    crate::attach::run("cp", &["--sparse=always", "--reflink=auto", &from.display().to_string(), &to.display().to_string()])
-        .map(|_| ())
-        .map_err(|e| ControllerError::Local(e.to_string()))
+    crate::attach::run(
+        "cp",
+        &[
+            "--sparse=always",
+            "--reflink=auto",
+            &from.display().to_string(),
+            &to.display().to_string(),
+        ],
+    )
+    .map(|_| ())
+    .map_err(|e| ControllerError::Local(e.to_string()))
 }
 
 impl Controller {
@@ -306,10 +348,23 @@ impl Controller {
     /// State directory or database failure.
     pub fn open(cfg: ControllerConfig) -> Result<Self, ControllerError> {
         use std::os::unix::fs::DirBuilderExt;
-        for sub in ["", "volumes", "bundles", "snapshots", "images", "agents", "fuse", "mnt"] {
+        for sub in [
+            "",
+            "volumes",
+            "bundles",
+            "snapshots",
+            "images",
+            "agents",
+            "fuse",
+            "mnt",
+        ] {
             let d = cfg.state_dir.join(sub);
             if !d.exists() {
-                std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&d).map_err(|e| ControllerError::Local(format!("{}: {e}", d.display())))?;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&d)
+                    .map_err(|e| ControllerError::Local(format!("{}: {e}", d.display())))?;
             }
         }
         let reg = Registry::open(&cfg.state_dir)?;
@@ -357,7 +412,10 @@ impl Controller {
     /// Bad id or database failure.
     pub fn register_directory(&self, id: &str) -> Result<bool, ControllerError> {
         if !ids::is_directory_id(id) {
-            return Err(api("InvalidParameterValuesException", format!("{id:?} is not a directory id (d- followed by 10 hex digits)")));
+            return Err(api(
+                "InvalidParameterValuesException",
+                format!("{id:?} is not a directory id (d- followed by 10 hex digits)"),
+            ));
         }
         Ok(self.reg.add_directory(id)?)
     }
@@ -366,48 +424,101 @@ impl Controller {
     ///
     /// # Errors
     /// Unknown directory, bad name or SID.
-    pub fn create_user(&self, directory_id: &str, user_name: &str, sid: Option<&str>) -> Result<User, ControllerError> {
+    pub fn create_user(
+        &self,
+        directory_id: &str,
+        user_name: &str,
+        sid: Option<&str>,
+    ) -> Result<User, ControllerError> {
         if !self.reg.has_directory(directory_id)? {
-            return Err(api("ResourceNotFoundException", format!("directory {directory_id} is not registered (sealvol register-directory --directory-id {directory_id})")));
+            return Err(api(
+                "ResourceNotFoundException",
+                format!(
+                    "directory {directory_id} is not registered (sealvol register-directory --directory-id {directory_id})"
+                ),
+            ));
         }
         if !ids::is_user_name(user_name) {
-            return Err(api("InvalidParameterValuesException", format!("{user_name:?} is not a valid user name")));
+            return Err(api(
+                "InvalidParameterValuesException",
+                format!("{user_name:?} is not a valid user name"),
+            ));
         }
         if let Some(existing) = self.reg.user(directory_id, user_name)? {
             return Ok(existing);
         }
         let sid = match sid {
             Some(s) if ids::is_sid(s) => s.to_string(),
-            Some(s) => return Err(api("InvalidParameterValuesException", format!("{s:?} is not a SID of the form S-1-5-21-a-b-c-RID"))),
+            Some(s) => {
+                return Err(api(
+                    "InvalidParameterValuesException",
+                    format!("{s:?} is not a SID of the form S-1-5-21-a-b-c-RID"),
+                ));
+            }
             None => ids::user_sid(directory_id, user_name),
         };
-        Ok(self.reg.add_user(&User { directory_id: directory_id.into(), user_name: user_name.into(), sid })?)
+        Ok(self.reg.add_user(&User {
+            directory_id: directory_id.into(),
+            user_name: user_name.into(),
+            sid,
+        })?)
     }
 
     /// `create-bundle`: an ext4 root image made with `mkfs.ext4 -d DIR`.
     ///
     /// # Errors
     /// Bad id, missing directory, mkfs failure.
-    pub fn create_bundle(&self, bundle_id: &str, from_dir: &Path, size_gib: u64) -> Result<Bundle, ControllerError> {
+    pub fn create_bundle(
+        &self,
+        bundle_id: &str,
+        from_dir: &Path,
+        size_gib: u64,
+    ) -> Result<Bundle, ControllerError> {
         if !ids::is_bundle_id(bundle_id) {
-            return Err(api("InvalidParameterValuesException", format!("{bundle_id:?} is not a bundle id (wsb- followed by letters and digits)")));
+            return Err(api(
+                "InvalidParameterValuesException",
+                format!("{bundle_id:?} is not a bundle id (wsb- followed by letters and digits)"),
+            ));
         }
         if !from_dir.is_dir() {
-            return Err(api("InvalidParameterValuesException", format!("{} is not a directory", from_dir.display())));
+            return Err(api(
+                "InvalidParameterValuesException",
+                format!("{} is not a directory", from_dir.display()),
+            ));
         }
         if size_gib == 0 || size_gib > 2000 {
-            return Err(api("InvalidParameterValuesException", "--size-gib must be between 1 and 2000"));
+            return Err(api(
+                "InvalidParameterValuesException",
+                "--size-gib must be between 1 and 2000",
+            ));
         }
-        let image = self.cfg.state_dir.join("bundles").join(format!("{bundle_id}.img"));
+        let image = self
+            .cfg
+            .state_dir
+            .join("bundles")
+            .join(format!("{bundle_id}.img"));
         let tmp = image.with_extension("tmp");
         let _ = std::fs::remove_file(&tmp);
         crate::attach::run(
             "mkfs.ext4",
-            &["-q", "-F", "-d", &from_dir.display().to_string(), "-L", "root", &tmp.display().to_string(), &format!("{size_gib}G")],
+            &[
+                "-q",
+                "-F",
+                "-d",
+                &from_dir.display().to_string(),
+                "-L",
+                "root",
+                &tmp.display().to_string(),
+                &format!("{size_gib}G"),
+            ],
         )
         .map_err(|e| ControllerError::Local(e.to_string()))?;
         std::fs::rename(&tmp, &image).map_err(|e| ControllerError::Local(e.to_string()))?;
-        let b = Bundle { bundle_id: bundle_id.into(), image_path: image, size_gib };
+        let b = Bundle {
+            bundle_id: bundle_id.into(),
+            image_path: image,
+            size_gib,
+        };
         self.reg.put_bundle(&b)?;
         Ok(b)
     }
@@ -423,10 +534,23 @@ impl Controller {
             volume_encryption_key: (!w.key_arn.is_empty()).then(|| w.key_arn.clone()),
             root_volume_encryption_enabled: w.root_encrypted,
             user_volume_encryption_enabled: w.user_encrypted,
-            workspace_properties: WorkspaceProperties { root_volume_size_gib: w.root_size_gib, user_volume_size_gib: w.user_size_gib },
+            workspace_properties: WorkspaceProperties {
+                root_volume_size_gib: w.root_size_gib,
+                user_volume_size_gib: w.user_size_gib,
+            },
             error_message: (!w.error.is_empty()).then(|| w.error.clone()),
-            mount_point: w.state.is_running().then(|| paths.mnt_dir.display().to_string()),
-            key_warning: key.and_then(|k| (k.state != "Enabled").then(|| format!("KMS key {} is {}: reboot, rebuild, start and restore will be refused", k.arn, k.state))),
+            mount_point: w
+                .state
+                .is_running()
+                .then(|| paths.mnt_dir.display().to_string()),
+            key_warning: key.and_then(|k| {
+                (k.state != "Enabled").then(|| {
+                    format!(
+                        "KMS key {} is {}: reboot, rebuild, start and restore will be refused",
+                        k.arn, k.state
+                    )
+                })
+            }),
         }
     }
 
@@ -434,10 +558,16 @@ impl Controller {
     ///
     /// # Errors
     /// Only set-up failures; per-request problems land in `FailedRequests`.
-    pub fn create_workspaces(&self, requests: Vec<WorkspaceRequest>) -> Result<CreateResult, ControllerError> {
+    pub fn create_workspaces(
+        &self,
+        requests: Vec<WorkspaceRequest>,
+    ) -> Result<CreateResult, ControllerError> {
         let mut result = CreateResult::default();
         if requests.len() > MAX_BATCH {
-            return Err(api("InvalidParameterValuesException", format!("at most {MAX_BATCH} WorkSpaces per request")));
+            return Err(api(
+                "InvalidParameterValuesException",
+                format!("at most {MAX_BATCH} WorkSpaces per request"),
+            ));
         }
         for req in requests {
             match self.launch(&req) {
@@ -457,36 +587,72 @@ impl Controller {
         let fail = |code: &str, msg: String| (code.to_string(), msg);
         let reg_err = |e: RegistryError| ("InternalError".to_string(), e.to_string());
         if !self.reg.has_directory(&req.directory_id).map_err(reg_err)? {
-            return Err(fail("ResourceNotFound.Directory", format!("directory {} is not registered", req.directory_id)));
+            return Err(fail(
+                "ResourceNotFound.Directory",
+                format!("directory {} is not registered", req.directory_id),
+            ));
         }
         let user = self
             .reg
             .user(&req.directory_id, &req.user_name)
             .map_err(reg_err)?
-            .ok_or_else(|| fail("ResourceNotFound.User", format!("user {} is not in directory {}", req.user_name, req.directory_id)))?;
+            .ok_or_else(|| {
+                fail(
+                    "ResourceNotFound.User",
+                    format!(
+                        "user {} is not in directory {}",
+                        req.user_name, req.directory_id
+                    ),
+                )
+            })?;
         let bundle = self
             .reg
             .bundle(&req.bundle_id)
             .map_err(reg_err)?
-            .ok_or_else(|| fail("ResourceNotFound.Bundle", format!("bundle {} does not exist", req.bundle_id)))?;
+            .ok_or_else(|| {
+                fail(
+                    "ResourceNotFound.Bundle",
+                    format!("bundle {} does not exist", req.bundle_id),
+                )
+            })?;
         let existing = self.reg.workspaces().map_err(reg_err)?;
         if let Some(w) = existing.iter().find(|w| {
-            w.directory_id == req.directory_id && w.user_name == req.user_name && w.state != WorkspaceState::Terminated
+            w.directory_id == req.directory_id
+                && w.user_name == req.user_name
+                && w.state != WorkspaceState::Terminated
         }) {
             return Err(fail(
                 "ResourceExists.Workspace",
-                format!("user {} already has WorkSpace {} in {} (one per user and directory)", req.user_name, w.workspace_id, req.directory_id),
+                format!(
+                    "user {} already has WorkSpace {} in {} (one per user and directory)",
+                    req.user_name, w.workspace_id, req.directory_id
+                ),
             ));
         }
-        let props = req.workspace_properties.clone().unwrap_or(WorkspaceProperties { root_volume_size_gib: bundle.size_gib, user_volume_size_gib: 10 });
+        let props = req
+            .workspace_properties
+            .clone()
+            .unwrap_or(WorkspaceProperties {
+                root_volume_size_gib: bundle.size_gib,
+                user_volume_size_gib: 10,
+            });
         if props.root_volume_size_gib < bundle.size_gib {
             return Err(fail(
                 "InvalidParameterValuesException",
-                format!("root volume ({} GiB) is smaller than bundle {} ({} GiB)", props.root_volume_size_gib, bundle.bundle_id, bundle.size_gib),
+                format!(
+                    "root volume ({} GiB) is smaller than bundle {} ({} GiB)",
+                    props.root_volume_size_gib, bundle.bundle_id, bundle.size_gib
+                ),
             ));
         }
-        if props.user_volume_size_gib == 0 || props.user_volume_size_gib > 2000 || props.root_volume_size_gib > 2000 {
-            return Err(fail("InvalidParameterValuesException", "volume sizes must be between 1 and 2000 GiB".into()));
+        if props.user_volume_size_gib == 0
+            || props.user_volume_size_gib > 2000
+            || props.root_volume_size_gib > 2000
+        {
+            return Err(fail(
+                "InvalidParameterValuesException",
+                "volume sizes must be between 1 and 2000 GiB".into(),
+            ));
         }
         let encrypt_any = req.root_volume_encryption_enabled || req.user_volume_encryption_enabled;
         if req.volume_encryption_key.is_some() && !encrypt_any {
@@ -501,11 +667,22 @@ impl Controller {
         let mut key: Option<KeyInfo> = None;
         let mut ws_client = None;
         if encrypt_any {
-            let client = self.service_for_admin().map_err(|e| fail("KMS.Unavailable", e.to_string()))?;
-            let key_id = req.volume_encryption_key.clone().unwrap_or_else(|| DEFAULT_KEY_ALIAS.to_string());
+            let client = self
+                .service_for_admin()
+                .map_err(|e| fail("KMS.Unavailable", e.to_string()))?;
+            let key_id = req
+                .volume_encryption_key
+                .clone()
+                .unwrap_or_else(|| DEFAULT_KEY_ALIAS.to_string());
             let info = client.describe_key(&key_id).map_err(|e| kms_failure(&e))?;
             if info.spec != "SYMMETRIC_DEFAULT" {
-                return Err(fail("KMS.InvalidKeyUsageException", format!("key {} is {}, not a symmetric encryption key", info.arn, info.spec)));
+                return Err(fail(
+                    "KMS.InvalidKeyUsageException",
+                    format!(
+                        "key {} is {}, not a symmetric encryption key",
+                        info.arn, info.spec
+                    ),
+                ));
             }
             if let Some(refusal) = key_state_refusal(&info, "launch") {
                 return Err(refusal);
@@ -530,7 +707,8 @@ impl Controller {
             error: String::new(),
         };
         self.reg.insert_workspace(&ws).map_err(reg_err)?;
-        let outcome = self.launch_volumes(&mut ws, &user, &bundle, key.as_ref(), ws_client.as_ref());
+        let outcome =
+            self.launch_volumes(&mut ws, &user, &bundle, key.as_ref(), ws_client.as_ref());
         if let Err((code, message)) = outcome {
             // Undo: grants retired, files removed, the row marked ERROR with the reason.
             self.teardown(&ws);
@@ -541,7 +719,10 @@ impl Controller {
         }
         match self.start_agent(&ws.workspace_id) {
             Ok(()) => {
-                ws.state = ws.state.on(Event::Launched).map_err(|e| fail("InternalError", e.to_string()))?;
+                ws.state = ws
+                    .state
+                    .on(Event::Launched)
+                    .map_err(|e| fail("InternalError", e.to_string()))?;
                 self.reg.update_workspace(&ws).map_err(reg_err)?;
                 Ok(self.view(&ws, None))
             }
@@ -568,17 +749,39 @@ impl Controller {
         if let (Some(key), Some(client)) = (key, ws_client) {
             // Step 2: a grant for the WorkSpaces service, constrained to this user.
             let grant = client
-                .create_grant(&workspaces_grant(&key.arn, &user.sid, &ws.directory_id, &ws.workspace_id))
+                .create_grant(&workspaces_grant(
+                    &key.arn,
+                    &user.sid,
+                    &ws.directory_id,
+                    &ws.workspace_id,
+                ))
                 .map_err(|e| kms_failure(&e))?;
             ws.ws_grant_id = grant.grant_id;
             ws_grant_token.push(grant.grant_token);
-            self.reg.update_workspace(ws).map_err(|e| local(e.to_string()))?;
+            self.reg
+                .update_workspace(ws)
+                .map_err(|e| local(e.to_string()))?;
         }
-        let service = if key.is_some() { Some(self.service().map_err(|e| local(e.to_string()))?) } else { None };
-        let ebs = if key.is_some() { Some(self.ebs().map_err(|e| local(e.to_string()))?) } else { None };
-        for (kind, encrypted, size_gib) in [("root", ws.root_encrypted, ws.root_size_gib), ("user", ws.user_encrypted, ws.user_size_gib)] {
+        let service = if key.is_some() {
+            Some(self.service().map_err(|e| local(e.to_string()))?)
+        } else {
+            None
+        };
+        let ebs = if key.is_some() {
+            Some(self.ebs().map_err(|e| local(e.to_string()))?)
+        } else {
+            None
+        };
+        for (kind, encrypted, size_gib) in [
+            ("root", ws.root_encrypted, ws.root_size_gib),
+            ("user", ws.user_encrypted, ws.user_size_gib),
+        ] {
             let volume_id = ids::volume_id();
-            let path = self.cfg.state_dir.join("volumes").join(format!("{volume_id}.img"));
+            let path = self
+                .cfg
+                .state_dir
+                .join("volumes")
+                .join(format!("{volume_id}.img"));
             let mut row = Volume {
                 volume_id: volume_id.clone(),
                 workspace_id: ws.workspace_id.clone(),
@@ -599,14 +802,24 @@ impl Controller {
                         .map_err(|e| kms_failure(&e))?;
                     row.key_arn = key.arn.clone();
                     row.grant_id = grant.grant_id.clone();
-                    self.reg.put_volume(&row).map_err(|e| local(e.to_string()))?;
+                    self.reg
+                        .put_volume(&row)
+                        .map_err(|e| local(e.to_string()))?;
                     // Steps 4–5: EBS generates the data key without plaintext, then
                     // unwraps it (as it does at attach) to write the header digest.
                     let tokens = vec![grant.grant_token];
-                    let (blob, key_arn) = ebs.generate_data_key_without_plaintext(&key.arn, &context, &tokens).map_err(|e| kms_failure(&e))?;
-                    let data_key = ebs.decrypt_volume_key(&blob, &context, Some(&key.arn), &tokens).map_err(|e| kms_failure(&e))?;
+                    let (blob, key_arn) = ebs
+                        .generate_data_key_without_plaintext(&key.arn, &context, &tokens)
+                        .map_err(|e| kms_failure(&e))?;
+                    let data_key = ebs
+                        .decrypt_volume_key(&blob, &context, Some(&key.arn), &tokens)
+                        .map_err(|e| kms_failure(&e))?;
                     let token = KmsToken {
-                        key_arn: if key_arn.is_empty() { key.arn.clone() } else { key_arn },
+                        key_arn: if key_arn.is_empty() {
+                            key.arn.clone()
+                        } else {
+                            key_arn
+                        },
                         ciphertext_blob: blob,
                         encryption_context: context,
                         volume_kind: kind.into(),
@@ -617,20 +830,41 @@ impl Controller {
                 }
                 _ => None,
             };
-            self.reg.put_volume(&row).map_err(|e| local(e.to_string()))?;
-            self.make_volume(&row, data_key.as_ref().map(|(k, t)| (k, t.clone())), (kind == "root").then_some(bundle))
+            self.reg
+                .put_volume(&row)
                 .map_err(|e| local(e.to_string()))?;
+            self.make_volume(
+                &row,
+                data_key.as_ref().map(|(k, t)| (k, t.clone())),
+                (kind == "root").then_some(bundle),
+            )
+            .map_err(|e| local(e.to_string()))?;
         }
         Ok(())
     }
 
     /// Creates a volume file (encrypted with `key` + token, or plain) and, for a root
     /// volume, fills it from the bundle image.
-    fn make_volume(&self, v: &Volume, key: Option<(&VolumeKey, KmsToken)>, bundle: Option<&Bundle>) -> Result<(), ControllerError> {
+    fn make_volume(
+        &self,
+        v: &Volume,
+        key: Option<(&VolumeKey, KmsToken)>,
+        bundle: Option<&Bundle>,
+    ) -> Result<(), ControllerError> {
         let size = v.size_gib * GIB;
-        let encryption = key.as_ref().map(|(k, t)| Encryption { key: k, token: Some(t.clone()), label: format!("{}-{}", v.kind, v.volume_id) });
-        volume::create(&CreateParams { path: &v.path, size, sector_size: SectorSize::S4096, force: true, encryption })
-            .map_err(|e| ControllerError::Local(e.to_string()))?;
+        let encryption = key.as_ref().map(|(k, t)| Encryption {
+            key: k,
+            token: Some(t.clone()),
+            label: format!("{}-{}", v.kind, v.volume_id),
+        });
+        volume::create(&CreateParams {
+            path: &v.path,
+            size,
+            sector_size: SectorSize::S4096,
+            force: true,
+            encryption,
+        })
+        .map_err(|e| ControllerError::Local(e.to_string()))?;
         if let Some(bundle) = bundle {
             let opened = match &key {
                 Some((k, _)) => volume::open_encrypted(&v.path, k),
@@ -654,7 +888,9 @@ impl Controller {
             "--ebs-profile".into(),
             self.cfg.ebs_profile.clone().into(),
         ];
-        crate::attach::spawn_agent(&args, Some(&paths.log)).map(|_| ()).map_err(|e| e.to_string())
+        crate::attach::spawn_agent(&args, Some(&paths.log))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     fn teardown(&self, ws: &Workspace) {
@@ -689,12 +925,15 @@ impl Controller {
 
     /// Marks running WorkSpaces whose agent died as UNHEALTHY.
     fn refresh(&self, w: &mut Workspace) {
-        if matches!(w.state, WorkspaceState::Available | WorkspaceState::Impaired)
-            && agent::live_pid(&AgentPaths::new(&self.cfg.state_dir, &w.workspace_id)).is_none()
+        if matches!(
+            w.state,
+            WorkspaceState::Available | WorkspaceState::Impaired
+        ) && agent::live_pid(&AgentPaths::new(&self.cfg.state_dir, &w.workspace_id)).is_none()
         {
             if let Ok(next) = w.state.on(Event::AgentLost) {
                 w.state = next;
-                w.error = "the WorkSpace's agent is not running; reboot-workspaces recovers it".into();
+                w.error =
+                    "the WorkSpace's agent is not running; reboot-workspaces recovers it".into();
                 let _ = self.reg.update_workspace(w);
             }
         }
@@ -704,8 +943,16 @@ impl Controller {
     ///
     /// # Errors
     /// Database failure.
-    pub fn describe_workspaces(&self, ids: &[String], check_keys: bool) -> Result<Vec<WorkspaceView>, ControllerError> {
-        let client = if check_keys { self.service_for_admin().ok() } else { None };
+    pub fn describe_workspaces(
+        &self,
+        ids: &[String],
+        check_keys: bool,
+    ) -> Result<Vec<WorkspaceView>, ControllerError> {
+        let client = if check_keys {
+            self.service_for_admin().ok()
+        } else {
+            None
+        };
         let mut out = Vec::new();
         for mut w in self.reg.workspaces()? {
             if !ids.is_empty() && !ids.contains(&w.workspace_id) {
@@ -716,7 +963,9 @@ impl Controller {
             }
             self.refresh(&mut w);
             let key = match (&client, w.key_arn.is_empty(), w.state) {
-                (Some(c), false, s) if s != WorkspaceState::Terminated => c.describe_key(&w.key_arn).ok(),
+                (Some(c), false, s) if s != WorkspaceState::Terminated => {
+                    c.describe_key(&w.key_arn).ok()
+                }
                 _ => None,
             };
             out.push(self.view(&w, key.as_ref()));
@@ -728,13 +977,18 @@ impl Controller {
     ///
     /// # Errors
     /// Database failure.
-    pub fn describe_volumes(&self, workspace_id: Option<&str>) -> Result<Vec<VolumeView>, ControllerError> {
+    pub fn describe_volumes(
+        &self,
+        workspace_id: Option<&str>,
+    ) -> Result<Vec<VolumeView>, ControllerError> {
         Ok(self
             .reg
             .volumes(workspace_id)?
             .into_iter()
             .map(|v| {
-                let ctx = volume::read_header(&v.path).ok().and_then(|h| h.kms_token().map(|t| t.encryption_context.clone()));
+                let ctx = volume::read_header(&v.path)
+                    .ok()
+                    .and_then(|h| h.kms_token().map(|t| t.encryption_context.clone()));
                 VolumeView {
                     volume_id: v.volume_id,
                     workspace_id: v.workspace_id,
@@ -756,26 +1010,42 @@ impl Controller {
         mut op: impl FnMut(&Self, &mut Workspace) -> Result<(), (String, String)>,
     ) -> Result<BatchResult, ControllerError> {
         if ids.is_empty() || ids.len() > MAX_BATCH {
-            return Err(api("InvalidParameterValuesException", format!("give between 1 and {MAX_BATCH} --workspace-ids")));
+            return Err(api(
+                "InvalidParameterValuesException",
+                format!("give between 1 and {MAX_BATCH} --workspace-ids"),
+            ));
         }
         let mut result = BatchResult::default();
         for id in ids {
             let outcome = match self.reg.workspace(id)? {
-                None => Err(("ResourceNotFoundException".to_string(), format!("WorkSpace {id} does not exist"))),
+                None => Err((
+                    "ResourceNotFoundException".to_string(),
+                    format!("WorkSpace {id} does not exist"),
+                )),
                 Some(mut w) => {
                     self.refresh(&mut w);
                     op(self, &mut w)
                 }
             };
             if let Err((code, message)) = outcome {
-                result.failed_requests.push(FailedRequest { workspace_id: Some(id.clone()), workspace_request: None, error_code: code, error_message: message });
+                result.failed_requests.push(FailedRequest {
+                    workspace_id: Some(id.clone()),
+                    workspace_request: None,
+                    error_code: code,
+                    error_message: message,
+                });
             }
         }
         Ok(result)
     }
 
     fn transition(w: &Workspace, event: Event) -> Result<WorkspaceState, (String, String)> {
-        w.state.on(event).map_err(|e: IllegalTransition| ("InvalidResourceStateException".to_string(), format!("{}: {e}", w.workspace_id)))
+        w.state.on(event).map_err(|e: IllegalTransition| {
+            (
+                "InvalidResourceStateException".to_string(),
+                format!("{}: {e}", w.workspace_id),
+            )
+        })
     }
 
     /// Refuses when an encrypted WorkSpace's key is not Enabled.
@@ -783,15 +1053,21 @@ impl Controller {
         if w.key_arn.is_empty() {
             return Ok(());
         }
-        let client = self.service_for_admin().map_err(|e| ("KMS.Unavailable".to_string(), e.to_string()))?;
-        let info = client.describe_key(&w.key_arn).map_err(|e| kms_failure(&e))?;
+        let client = self
+            .service_for_admin()
+            .map_err(|e| ("KMS.Unavailable".to_string(), e.to_string()))?;
+        let info = client
+            .describe_key(&w.key_arn)
+            .map_err(|e| kms_failure(&e))?;
         key_state_refusal(&info, verb).map_or(Ok(()), Err)
     }
 
     fn restart(&self, w: &mut Workspace, pending: WorkspaceState) -> Result<(), (String, String)> {
         w.state = pending;
         w.error.clear();
-        self.reg.update_workspace(w).map_err(|e| ("InternalError".to_string(), e.to_string()))?;
+        self.reg
+            .update_workspace(w)
+            .map_err(|e| ("InternalError".to_string(), e.to_string()))?;
         agent::stop(&AgentPaths::new(&self.cfg.state_dir, &w.workspace_id));
         self.bring_up(w)
     }
@@ -799,8 +1075,13 @@ impl Controller {
     fn bring_up(&self, w: &mut Workspace) -> Result<(), (String, String)> {
         match self.start_agent(&w.workspace_id) {
             Ok(()) => {
-                w.state = w.state.on(Event::Attached).map_err(|e| ("InternalError".to_string(), e.to_string()))?;
-                self.reg.update_workspace(w).map_err(|e| ("InternalError".to_string(), e.to_string()))
+                w.state = w
+                    .state
+                    .on(Event::Attached)
+                    .map_err(|e| ("InternalError".to_string(), e.to_string()))?;
+                self.reg
+                    .update_workspace(w)
+                    .map_err(|e| ("InternalError".to_string(), e.to_string()))
             }
             Err(e) => {
                 w.state = WorkspaceState::Unhealthy;
@@ -830,11 +1111,18 @@ impl Controller {
     pub fn stop(&self, ids: &[String]) -> Result<BatchResult, ControllerError> {
         self.batch(ids, |c, w| {
             w.state = Self::transition(w, Event::Stop)?;
-            c.reg.update_workspace(w).map_err(|e| ("InternalError".to_string(), e.to_string()))?;
+            c.reg
+                .update_workspace(w)
+                .map_err(|e| ("InternalError".to_string(), e.to_string()))?;
             agent::stop(&AgentPaths::new(&c.cfg.state_dir, &w.workspace_id));
-            w.state = w.state.on(Event::Detached).map_err(|e| ("InternalError".to_string(), e.to_string()))?;
+            w.state = w
+                .state
+                .on(Event::Detached)
+                .map_err(|e| ("InternalError".to_string(), e.to_string()))?;
             w.error.clear();
-            c.reg.update_workspace(w).map_err(|e| ("InternalError".to_string(), e.to_string()))
+            c.reg
+                .update_workspace(w)
+                .map_err(|e| ("InternalError".to_string(), e.to_string()))
         })
     }
 
@@ -858,11 +1146,18 @@ impl Controller {
     pub fn terminate(&self, ids: &[String]) -> Result<BatchResult, ControllerError> {
         self.batch(ids, |c, w| {
             w.state = Self::transition(w, Event::Terminate)?;
-            c.reg.update_workspace(w).map_err(|e| ("InternalError".to_string(), e.to_string()))?;
+            c.reg
+                .update_workspace(w)
+                .map_err(|e| ("InternalError".to_string(), e.to_string()))?;
             c.teardown(w);
-            w.state = w.state.on(Event::Deleted).map_err(|e| ("InternalError".to_string(), e.to_string()))?;
+            w.state = w
+                .state
+                .on(Event::Deleted)
+                .map_err(|e| ("InternalError".to_string(), e.to_string()))?;
             w.error.clear();
-            c.reg.update_workspace(w).map_err(|e| ("InternalError".to_string(), e.to_string()))
+            c.reg
+                .update_workspace(w)
+                .map_err(|e| ("InternalError".to_string(), e.to_string()))
         })
     }
 
@@ -872,17 +1167,39 @@ impl Controller {
     ///
     /// # Errors
     /// Unknown WorkSpace, bad state, copy failure.
-    pub fn create_snapshot(&self, workspace_id: &str) -> Result<Vec<SnapshotView>, ControllerError> {
-        let mut w = self.reg.workspace(workspace_id)?.ok_or_else(|| api("ResourceNotFoundException", format!("WorkSpace {workspace_id} does not exist")))?;
+    pub fn create_snapshot(
+        &self,
+        workspace_id: &str,
+    ) -> Result<Vec<SnapshotView>, ControllerError> {
+        let mut w = self.reg.workspace(workspace_id)?.ok_or_else(|| {
+            api(
+                "ResourceNotFoundException",
+                format!("WorkSpace {workspace_id} does not exist"),
+            )
+        })?;
         self.refresh(&mut w);
-        if !matches!(w.state, WorkspaceState::Available | WorkspaceState::Stopped | WorkspaceState::Impaired) {
-            return Err(api("InvalidResourceStateException", format!("cannot snapshot WorkSpace {workspace_id} while it is {}", w.state)));
+        if !matches!(
+            w.state,
+            WorkspaceState::Available | WorkspaceState::Stopped | WorkspaceState::Impaired
+        ) {
+            return Err(api(
+                "InvalidResourceStateException",
+                format!(
+                    "cannot snapshot WorkSpace {workspace_id} while it is {}",
+                    w.state
+                ),
+            ));
         }
         let paths = AgentPaths::new(&self.cfg.state_dir, workspace_id);
         let running = w.state != WorkspaceState::Stopped;
-        let frozen: Vec<PathBuf> = if running { vec![paths.mnt_dir.join("home"), paths.mnt_dir.clone()] } else { Vec::new() };
+        let frozen: Vec<PathBuf> = if running {
+            vec![paths.mnt_dir.join("home"), paths.mnt_dir.clone()]
+        } else {
+            Vec::new()
+        };
         for m in &frozen {
-            crate::attach::run("fsfreeze", &["-f", &m.display().to_string()]).map_err(|e| ControllerError::Local(e.to_string()))?;
+            crate::attach::run("fsfreeze", &["-f", &m.display().to_string()])
+                .map_err(|e| ControllerError::Local(e.to_string()))?;
         }
         let copies: Result<Vec<SnapshotView>, ControllerError> = self
             .reg
@@ -890,7 +1207,11 @@ impl Controller {
             .into_iter()
             .map(|v| {
                 let snapshot_id = ids::snapshot_id();
-                let path = self.cfg.state_dir.join("snapshots").join(format!("{snapshot_id}.img"));
+                let path = self
+                    .cfg
+                    .state_dir
+                    .join("snapshots")
+                    .join(format!("{snapshot_id}.img"));
                 copy_sparse(&v.path, &path)?;
                 self.reg.add_snapshot(&Snapshot {
                     snapshot_id: snapshot_id.clone(),
@@ -900,7 +1221,12 @@ impl Controller {
                     path,
                     created: Registry::now(),
                 })?;
-                Ok(SnapshotView { snapshot_id, volume_id: v.volume_id, kind: v.kind, encrypted: v.encrypted })
+                Ok(SnapshotView {
+                    snapshot_id,
+                    volume_id: v.volume_id,
+                    kind: v.kind,
+                    encrypted: v.encrypted,
+                })
             })
             .collect();
         for m in frozen.iter().rev() {
@@ -909,8 +1235,16 @@ impl Controller {
         copies
     }
 
-    fn latest_snapshot(&self, workspace_id: &str, kind: &str) -> Result<Option<Snapshot>, ControllerError> {
-        Ok(self.reg.snapshots(workspace_id)?.into_iter().find(|s| s.kind == kind))
+    fn latest_snapshot(
+        &self,
+        workspace_id: &str,
+        kind: &str,
+    ) -> Result<Option<Snapshot>, ControllerError> {
+        Ok(self
+            .reg
+            .snapshots(workspace_id)?
+            .into_iter()
+            .find(|s| s.kind == kind))
     }
 
     /// `rebuild-workspaces`: root from the bundle (with a fresh data key under the same
@@ -927,17 +1261,36 @@ impl Controller {
                 .reg
                 .bundle(&w.bundle_id)
                 .map_err(|e| local(e.into()))?
-                .ok_or_else(|| ("ResourceNotFound.Bundle".to_string(), format!("bundle {} no longer exists", w.bundle_id)))?;
-            let user = c.reg.user(&w.directory_id, &w.user_name).map_err(|e| local(e.into()))?.ok_or_else(|| ("ResourceNotFound.User".to_string(), w.user_name.clone()))?;
+                .ok_or_else(|| {
+                    (
+                        "ResourceNotFound.Bundle".to_string(),
+                        format!("bundle {} no longer exists", w.bundle_id),
+                    )
+                })?;
+            let user = c
+                .reg
+                .user(&w.directory_id, &w.user_name)
+                .map_err(|e| local(e.into()))?
+                .ok_or_else(|| ("ResourceNotFound.User".to_string(), w.user_name.clone()))?;
             w.state = next;
             c.reg.update_workspace(w).map_err(|e| local(e.into()))?;
             agent::stop(&AgentPaths::new(&c.cfg.state_dir, &w.workspace_id));
-            let vols = c.reg.volumes(Some(&w.workspace_id)).map_err(|e| local(e.into()))?;
+            let vols = c
+                .reg
+                .volumes(Some(&w.workspace_id))
+                .map_err(|e| local(e.into()))?;
             for v in vols {
                 if v.kind == "root" {
-                    let key = if v.encrypted { Some(c.new_data_key(w, &user, &v).map_err(|e| kms_failure(&e))?) } else { None };
-                    c.make_volume(&v, key.as_ref().map(|(k, t)| (k, t.clone())), Some(&bundle)).map_err(local)?;
-                } else if let Some(snap) = c.latest_snapshot(&w.workspace_id, "user").map_err(local)? {
+                    let key = if v.encrypted {
+                        Some(c.new_data_key(w, &user, &v).map_err(|e| kms_failure(&e))?)
+                    } else {
+                        None
+                    };
+                    c.make_volume(&v, key.as_ref().map(|(k, t)| (k, t.clone())), Some(&bundle))
+                        .map_err(local)?;
+                } else if let Some(snap) =
+                    c.latest_snapshot(&w.workspace_id, "user").map_err(local)?
+                {
                     if snap.volume_id == v.volume_id {
                         copy_sparse(&snap.path, &v.path).map_err(local)?;
                     }
@@ -948,13 +1301,22 @@ impl Controller {
     }
 
     /// A fresh data key for an existing volume id (same context, same EBS grant).
-    fn new_data_key(&self, w: &Workspace, user: &User, v: &Volume) -> Result<(VolumeKey, KmsToken), KmsError> {
+    fn new_data_key(
+        &self,
+        w: &Workspace,
+        user: &User,
+        v: &Volume,
+    ) -> Result<(VolumeKey, KmsToken), KmsError> {
         let ebs = KmsClient::connect(&self.cfg.ebs_profile, None)?;
         let context = volume_context(&user.sid, &w.directory_id, &v.volume_id);
         let (blob, arn) = ebs.generate_data_key_without_plaintext(&v.key_arn, &context, &[])?;
         let key = ebs.decrypt_volume_key(&blob, &context, Some(&v.key_arn), &[])?;
         let token = KmsToken {
-            key_arn: if arn.is_empty() { v.key_arn.clone() } else { arn },
+            key_arn: if arn.is_empty() {
+                v.key_arn.clone()
+            } else {
+                arn
+            },
             ciphertext_blob: blob,
             encryption_context: context,
             volume_kind: v.kind.clone(),
@@ -995,12 +1357,27 @@ impl Controller {
         })
     }
 
-    fn restore_volume(&self, w: &Workspace, user: &User, old: &Volume, snap: &Snapshot) -> Result<(), (String, String)> {
+    fn restore_volume(
+        &self,
+        w: &Workspace,
+        user: &User,
+        old: &Volume,
+        snap: &Snapshot,
+    ) -> Result<(), (String, String)> {
         let local = |e: String| ("InternalError".to_string(), e);
         let volume_id = ids::volume_id();
-        let path = self.cfg.state_dir.join("volumes").join(format!("{volume_id}.img"));
+        let path = self
+            .cfg
+            .state_dir
+            .join("volumes")
+            .join(format!("{volume_id}.img"));
         copy_sparse(&snap.path, &path).map_err(|e| local(e.to_string()))?;
-        let mut row = Volume { volume_id: volume_id.clone(), path: path.clone(), grant_id: String::new(), ..old.clone() };
+        let mut row = Volume {
+            volume_id: volume_id.clone(),
+            path: path.clone(),
+            grant_id: String::new(),
+            ..old.clone()
+        };
         if old.encrypted {
             let service = self.service().map_err(|e| local(e.to_string()))?;
             let ebs = self.ebs().map_err(|e| local(e.to_string()))?;
@@ -1011,25 +1388,43 @@ impl Controller {
                 .map_err(|e| kms_failure(&e))?;
             row.grant_id = grant.grant_id.clone();
             let mut header = volume::read_header(&path).map_err(|e| local(e.to_string()))?;
-            let token = header.kms_token().cloned().ok_or_else(|| local(format!("snapshot {} has no KMS token", snap.snapshot_id)))?;
+            let token = header
+                .kms_token()
+                .cloned()
+                .ok_or_else(|| local(format!("snapshot {} has no KMS token", snap.snapshot_id)))?;
             let (blob, arn) = ebs
-                .re_encrypt(&token.ciphertext_blob, &old_ctx, &old.key_arn, &new_ctx, &[grant.grant_token])
+                .re_encrypt(
+                    &token.ciphertext_blob,
+                    &old_ctx,
+                    &old.key_arn,
+                    &new_ctx,
+                    &[grant.grant_token],
+                )
                 .map_err(|e| kms_failure(&e))?;
             header.set_kms_token(KmsToken {
-                key_arn: if arn.is_empty() { old.key_arn.clone() } else { arn },
+                key_arn: if arn.is_empty() {
+                    old.key_arn.clone()
+                } else {
+                    arn
+                },
                 ciphertext_blob: blob,
                 encryption_context: new_ctx,
                 volume_id: volume_id.clone(),
                 ..token
             });
-            let backing = crate::backing::FileBacking::open(&path).map_err(|e| local(e.to_string()))?;
+            let backing =
+                crate::backing::FileBacking::open(&path).map_err(|e| local(e.to_string()))?;
             header.write(&backing).map_err(|e| local(e.to_string()))?;
             if !old.grant_id.is_empty() {
                 let _ = service.retire_grant(&old.key_arn, &old.grant_id);
             }
         }
-        self.reg.put_volume(&row).map_err(|e| local(e.to_string()))?;
-        self.reg.delete_volume(&old.volume_id).map_err(|e| local(e.to_string()))?;
+        self.reg
+            .put_volume(&row)
+            .map_err(|e| local(e.to_string()))?;
+        self.reg
+            .delete_volume(&old.volume_id)
+            .map_err(|e| local(e.to_string()))?;
         let _ = std::fs::remove_file(&old.path);
         Ok(())
     }
@@ -1042,50 +1437,120 @@ impl Controller {
     /// # Errors
     /// Unknown or unencrypted WorkSpace, unusable key, KMS refusals (nothing is changed
     /// for a volume whose rewrap failed; volumes already rewrapped stay valid).
-    pub fn rewrap(&self, workspace_id: &str, new_key: &str) -> Result<Vec<VolumeView>, ControllerError> {
-        let mut w = self.reg.workspace(workspace_id)?.ok_or_else(|| api("ResourceNotFoundException", format!("WorkSpace {workspace_id} does not exist")))?;
+    pub fn rewrap(
+        &self,
+        workspace_id: &str,
+        new_key: &str,
+    ) -> Result<Vec<VolumeView>, ControllerError> {
+        let mut w = self.reg.workspace(workspace_id)?.ok_or_else(|| {
+            api(
+                "ResourceNotFoundException",
+                format!("WorkSpace {workspace_id} does not exist"),
+            )
+        })?;
         if w.key_arn.is_empty() {
-            return Err(api("InvalidResourceStateException", format!("WorkSpace {workspace_id} has no encrypted volume to rewrap")));
+            return Err(api(
+                "InvalidResourceStateException",
+                format!("WorkSpace {workspace_id} has no encrypted volume to rewrap"),
+            ));
         }
-        if matches!(w.state, WorkspaceState::Terminating | WorkspaceState::Terminated | WorkspaceState::Pending) {
-            return Err(api("InvalidResourceStateException", format!("WorkSpace {workspace_id} is {}", w.state)));
+        if matches!(
+            w.state,
+            WorkspaceState::Terminating | WorkspaceState::Terminated | WorkspaceState::Pending
+        ) {
+            return Err(api(
+                "InvalidResourceStateException",
+                format!("WorkSpace {workspace_id} is {}", w.state),
+            ));
         }
-        let user = self.reg.user(&w.directory_id, &w.user_name)?.ok_or_else(|| ControllerError::Local(format!("user {} vanished", w.user_name)))?;
+        let user = self
+            .reg
+            .user(&w.directory_id, &w.user_name)?
+            .ok_or_else(|| ControllerError::Local(format!("user {} vanished", w.user_name)))?;
         let admin = self.service_for_admin()?;
         let info = admin.describe_key(new_key)?;
         if info.spec != "SYMMETRIC_DEFAULT" {
-            return Err(api("KMS.InvalidKeyUsageException", format!("key {} is {}, not a symmetric encryption key", info.arn, info.spec)));
+            return Err(api(
+                "KMS.InvalidKeyUsageException",
+                format!(
+                    "key {} is {}, not a symmetric encryption key",
+                    info.arn, info.spec
+                ),
+            ));
         }
         if let Some((code, message)) = key_state_refusal(&info, "rewrap") {
             return Err(api(&code, message));
         }
         if info.arn == w.key_arn {
-            return Err(api("InvalidParameterValuesException", format!("WorkSpace {workspace_id} is already under {}", info.arn)));
+            return Err(api(
+                "InvalidParameterValuesException",
+                format!("WorkSpace {workspace_id} is already under {}", info.arn),
+            ));
         }
         for v in self.reg.volumes(Some(workspace_id))? {
             if let Ok(h) = volume::read_header(&v.path) {
                 if crate::rekey::in_progress(&h) {
-                    return Err(api("InvalidResourceStateException", format!("volume {} is being rekeyed; rewrap after the rekey finishes", v.volume_id)));
+                    return Err(api(
+                        "InvalidResourceStateException",
+                        format!(
+                            "volume {} is being rekeyed; rewrap after the rekey finishes",
+                            v.volume_id
+                        ),
+                    ));
                 }
             }
         }
         let old_key = w.key_arn.clone();
         let old_ws_grant = w.ws_grant_id.clone();
         // A WorkSpaces grant on the new key, for this user.
-        let ws_grant = admin.create_grant(&workspaces_grant(&info.arn, &user.sid, &w.directory_id, &workspace_id))?;
+        let ws_grant = admin.create_grant(&workspaces_grant(
+            &info.arn,
+            &user.sid,
+            &w.directory_id,
+            &workspace_id,
+        ))?;
         let service = self.service()?;
         let ebs = self.ebs()?;
-        for v in self.reg.volumes(Some(workspace_id))?.into_iter().filter(|v| v.encrypted) {
+        for v in self
+            .reg
+            .volumes(Some(workspace_id))?
+            .into_iter()
+            .filter(|v| v.encrypted)
+        {
             let context = volume_context(&user.sid, &w.directory_id, &v.volume_id);
             let grant = service.create_grant(&ebs_grant(&info.arn, &context, &v.volume_id))?;
-            let mut header = volume::read_header(&v.path).map_err(|e| ControllerError::Local(e.to_string()))?;
-            let token = header.kms_token().cloned().ok_or_else(|| ControllerError::Local(format!("volume {} has no KMS token", v.volume_id)))?;
-            let (blob, arn) = ebs.re_encrypt(&token.ciphertext_blob, &context, &info.arn, &context, &[grant.grant_token.clone()])?;
-            header.set_kms_token(KmsToken { key_arn: if arn.is_empty() { info.arn.clone() } else { arn }, ciphertext_blob: blob, ..token });
-            let backing = crate::backing::FileBacking::open(&v.path).map_err(|e| ControllerError::Local(e.to_string()))?;
-            header.write(&backing).map_err(|e| ControllerError::Local(e.to_string()))?;
+            let mut header =
+                volume::read_header(&v.path).map_err(|e| ControllerError::Local(e.to_string()))?;
+            let token = header.kms_token().cloned().ok_or_else(|| {
+                ControllerError::Local(format!("volume {} has no KMS token", v.volume_id))
+            })?;
+            let (blob, arn) = ebs.re_encrypt(
+                &token.ciphertext_blob,
+                &context,
+                &info.arn,
+                &context,
+                &[grant.grant_token.clone()],
+            )?;
+            header.set_kms_token(KmsToken {
+                key_arn: if arn.is_empty() {
+                    info.arn.clone()
+                } else {
+                    arn
+                },
+                ciphertext_blob: blob,
+                ..token
+            });
+            let backing = crate::backing::FileBacking::open(&v.path)
+                .map_err(|e| ControllerError::Local(e.to_string()))?;
+            header
+                .write(&backing)
+                .map_err(|e| ControllerError::Local(e.to_string()))?;
             let old_grant = v.grant_id.clone();
-            self.reg.put_volume(&Volume { key_arn: info.arn.clone(), grant_id: grant.grant_id, ..v })?;
+            self.reg.put_volume(&Volume {
+                key_arn: info.arn.clone(),
+                grant_id: grant.grant_id,
+                ..v
+            })?;
             if !old_grant.is_empty() {
                 if let Err(e) = service.retire_grant(&old_key, &old_grant) {
                     tracing::warn!("retiring the old EBS grant {old_grant}: {e}");
@@ -1119,13 +1584,28 @@ impl Controller {
         hotzone_bytes: Option<u64>,
         mut progress: impl FnMut(&str, crate::rekey::Progress),
     ) -> Result<Vec<(String, crate::rekey::RekeyReport)>, ControllerError> {
-        let mut w = self.reg.workspace(workspace_id)?.ok_or_else(|| api("ResourceNotFoundException", format!("WorkSpace {workspace_id} does not exist")))?;
+        let mut w = self.reg.workspace(workspace_id)?.ok_or_else(|| {
+            api(
+                "ResourceNotFoundException",
+                format!("WorkSpace {workspace_id} does not exist"),
+            )
+        })?;
         self.refresh(&mut w);
         if !matches!(w.state, WorkspaceState::Available | WorkspaceState::Stopped) {
-            return Err(api("InvalidResourceStateException", format!("cannot rekey WorkSpace {workspace_id} while it is {}", w.state)));
+            return Err(api(
+                "InvalidResourceStateException",
+                format!(
+                    "cannot rekey WorkSpace {workspace_id} while it is {}",
+                    w.state
+                ),
+            ));
         }
-        self.require_usable_key(&w, "rekey").map_err(|(code, message)| api(&code, message))?;
-        let user = self.reg.user(&w.directory_id, &w.user_name)?.ok_or_else(|| ControllerError::Local(format!("user {} vanished", w.user_name)))?;
+        self.require_usable_key(&w, "rekey")
+            .map_err(|(code, message)| api(&code, message))?;
+        let user = self
+            .reg
+            .user(&w.directory_id, &w.user_name)?
+            .ok_or_else(|| ControllerError::Local(format!("user {} vanished", w.user_name)))?;
         let vols: Vec<Volume> = self
             .reg
             .volumes(Some(workspace_id))?
@@ -1133,7 +1613,13 @@ impl Controller {
             .filter(|v| v.encrypted && volume_id.is_none_or(|id| id == v.volume_id))
             .collect();
         if vols.is_empty() {
-            return Err(api("ResourceNotFoundException", format!("no encrypted volume {} in WorkSpace {workspace_id}", volume_id.unwrap_or(""))));
+            return Err(api(
+                "ResourceNotFoundException",
+                format!(
+                    "no encrypted volume {} in WorkSpace {workspace_id}",
+                    volume_id.unwrap_or("")
+                ),
+            ));
         }
         let paths = AgentPaths::new(&self.cfg.state_dir, workspace_id);
         let running = w.state == WorkspaceState::Available;
@@ -1141,28 +1627,42 @@ impl Controller {
         for v in vols {
             // An interrupted rekey continues to the key in its checkpoint; otherwise EBS
             // makes a fresh one.
-            let header = volume::read_header(&v.path).map_err(|e| ControllerError::Local(e.to_string()))?;
-            let pending = crate::rekey::state(&header).map_err(|e| ControllerError::Local(e.to_string()))?.and_then(|st| st.new_kms_token);
+            let header =
+                volume::read_header(&v.path).map_err(|e| ControllerError::Local(e.to_string()))?;
+            let pending = crate::rekey::state(&header)
+                .map_err(|e| ControllerError::Local(e.to_string()))?
+                .and_then(|st| st.new_kms_token);
             let (new_key, token) = match pending {
                 Some(token) => {
                     let context = volume_context(&user.sid, &w.directory_id, &v.volume_id);
-                    let key = self.ebs()?.decrypt_volume_key(&token.ciphertext_blob, &context, Some(&token.key_arn), &[])?;
+                    let key = self.ebs()?.decrypt_volume_key(
+                        &token.ciphertext_blob,
+                        &context,
+                        Some(&token.key_arn),
+                        &[],
+                    )?;
                     (key, token)
                 }
                 None => self.new_data_key(&w, &user, &v)?,
             };
             let report = if running {
                 let dir = crate::attach::runtime_dir();
-                std::fs::create_dir_all(&dir).map_err(|e| ControllerError::Local(format!("{}: {e}", dir.display())))?;
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| ControllerError::Local(format!("{}: {e}", dir.display())))?;
                 let key_path = dir.join(format!("rekey-{}.key", v.volume_id));
                 let write = || -> std::io::Result<()> {
                     use std::io::Write;
                     use std::os::unix::fs::OpenOptionsExt;
-                    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key_path)?;
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&key_path)?;
                     f.write_all(new_key.expose())
                 };
                 let _ = std::fs::remove_file(&key_path);
-                write().map_err(|e| ControllerError::Local(format!("{}: {e}", key_path.display())))?;
+                write()
+                    .map_err(|e| ControllerError::Local(format!("{}: {e}", key_path.display())))?;
                 let req = crate::rekey::ControlRequest::Rekey {
                     export: Some(v.kind.clone()),
                     new_volume_key_file: key_path.clone(),
@@ -1177,12 +1677,24 @@ impl Controller {
                 result.map_err(|e| ControllerError::Local(e.to_string()))?
             } else {
                 let ebs = self.ebs()?;
-                let old_token = header.kms_token().cloned().ok_or_else(|| ControllerError::Local(format!("volume {} has no KMS token", v.volume_id)))?;
+                let old_token = header.kms_token().cloned().ok_or_else(|| {
+                    ControllerError::Local(format!("volume {} has no KMS token", v.volume_id))
+                })?;
                 let context = volume_context(&user.sid, &w.directory_id, &v.volume_id);
-                let old_key = ebs.decrypt_volume_key(&old_token.ciphertext_blob, &context, Some(&old_token.key_arn), &[])?;
-                let opts = crate::rekey::RekeyOptions { hotzone_bytes, new_kms_token: Some(token) };
-                crate::rekey::rekey_detached(&v.path, &old_key, &new_key, &opts, |p| progress(&v.volume_id, p))
-                    .map_err(|e| ControllerError::Local(e.to_string()))?
+                let old_key = ebs.decrypt_volume_key(
+                    &old_token.ciphertext_blob,
+                    &context,
+                    Some(&old_token.key_arn),
+                    &[],
+                )?;
+                let opts = crate::rekey::RekeyOptions {
+                    hotzone_bytes,
+                    new_kms_token: Some(token),
+                };
+                crate::rekey::rekey_detached(&v.path, &old_key, &new_key, &opts, |p| {
+                    progress(&v.volume_id, p)
+                })
+                .map_err(|e| ControllerError::Local(e.to_string()))?
             };
             out.push((v.volume_id.clone(), report));
         }
@@ -1193,38 +1705,87 @@ impl Controller {
     ///
     /// # Errors
     /// Encrypted or unknown WorkSpace, copy failure.
-    pub fn create_image(&self, workspace_id: &str, name: &str, description: &str) -> Result<serde_json::Value, ControllerError> {
-        let w = self.reg.workspace(workspace_id)?.ok_or_else(|| api("ResourceNotFoundException", format!("WorkSpace {workspace_id} does not exist")))?;
+    pub fn create_image(
+        &self,
+        workspace_id: &str,
+        name: &str,
+        description: &str,
+    ) -> Result<serde_json::Value, ControllerError> {
+        let w = self.reg.workspace(workspace_id)?.ok_or_else(|| {
+            api(
+                "ResourceNotFoundException",
+                format!("WorkSpace {workspace_id} does not exist"),
+            )
+        })?;
         if w.root_encrypted || w.user_encrypted {
             return Err(api(
                 "OperationNotSupportedException",
-                format!("WorkSpace {workspace_id} has encrypted volumes; images cannot be created from encrypted WorkSpaces"),
+                format!(
+                    "WorkSpace {workspace_id} has encrypted volumes; images cannot be created from encrypted WorkSpaces"
+                ),
             ));
         }
         if !matches!(w.state, WorkspaceState::Available | WorkspaceState::Stopped) {
-            return Err(api("InvalidResourceStateException", format!("WorkSpace {workspace_id} is {}", w.state)));
+            return Err(api(
+                "InvalidResourceStateException",
+                format!("WorkSpace {workspace_id} is {}", w.state),
+            ));
         }
-        let root = self.reg.volumes(Some(workspace_id))?.into_iter().find(|v| v.kind == "root").ok_or_else(|| ControllerError::Local("no root volume".into()))?;
+        let root = self
+            .reg
+            .volumes(Some(workspace_id))?
+            .into_iter()
+            .find(|v| v.kind == "root")
+            .ok_or_else(|| ControllerError::Local("no root volume".into()))?;
         let image_id = ids::image_id();
-        let path = self.cfg.state_dir.join("images").join(format!("{image_id}.img"));
+        let path = self
+            .cfg
+            .state_dir
+            .join("images")
+            .join(format!("{image_id}.img"));
         copy_sparse(&root.path, &path)?;
-        self.reg.add_image(&image_id, name, description, workspace_id, &path)?;
-        Ok(serde_json::json!({"ImageId": image_id, "Name": name, "Description": description, "State": "AVAILABLE", "OperatingSystem": {"Type": "LINUX"}}))
+        self.reg
+            .add_image(&image_id, name, description, workspace_id, &path)?;
+        Ok(
+            serde_json::json!({"ImageId": image_id, "Name": name, "Description": description, "State": "AVAILABLE", "OperatingSystem": {"Type": "LINUX"}}),
+        )
     }
 
     /// `modify-workspace-properties` for encryption: refused (encryption is chosen at launch).
     ///
     /// # Errors
     /// Always, with the reason.
-    pub fn modify_encryption(&self, workspace_id: &str, root: Option<bool>, user: Option<bool>) -> Result<(), ControllerError> {
-        let w = self.reg.workspace(workspace_id)?.ok_or_else(|| api("ResourceNotFoundException", format!("WorkSpace {workspace_id} does not exist")))?;
-        let enabling = root == Some(true) && !w.root_encrypted || user == Some(true) && !w.user_encrypted;
-        let disabling = root == Some(false) && w.root_encrypted || user == Some(false) && w.user_encrypted;
+    pub fn modify_encryption(
+        &self,
+        workspace_id: &str,
+        root: Option<bool>,
+        user: Option<bool>,
+    ) -> Result<(), ControllerError> {
+        let w = self.reg.workspace(workspace_id)?.ok_or_else(|| {
+            api(
+                "ResourceNotFoundException",
+                format!("WorkSpace {workspace_id} does not exist"),
+            )
+        })?;
+        let enabling =
+            root == Some(true) && !w.root_encrypted || user == Some(true) && !w.user_encrypted;
+        let disabling =
+            root == Some(false) && w.root_encrypted || user == Some(false) && w.user_encrypted;
         if enabling {
-            return Err(api("UnsupportedWorkspaceConfigurationException", format!("cannot encrypt existing WorkSpace {workspace_id}: encryption is chosen at launch; create a new encrypted WorkSpace and move the data")));
+            return Err(api(
+                "UnsupportedWorkspaceConfigurationException",
+                format!(
+                    "cannot encrypt existing WorkSpace {workspace_id}: encryption is chosen at launch; create a new encrypted WorkSpace and move the data"
+                ),
+            ));
         }
         if disabling {
-            return Err(api("UnsupportedWorkspaceConfigurationException", format!("cannot disable encryption of WorkSpace {workspace_id}: an encrypted WorkSpace stays encrypted")));
+            return Err(api(
+                "UnsupportedWorkspaceConfigurationException",
+                format!(
+                    "cannot disable encryption of WorkSpace {workspace_id}: an encrypted WorkSpace stays encrypted"
+                ),
+            ));
         }
         Ok(())
     }
@@ -1233,8 +1794,14 @@ impl Controller {
     ///
     /// # Errors
     /// Whatever stops the agent from serving.
-    pub fn run_agent(state_dir: &Path, workspace_id: &str, ebs_profile: &str, on_ready: impl FnOnce(Result<(), String>) + Send + 'static) -> Result<(), ControllerError> {
-        agent::run(state_dir, workspace_id, ebs_profile, on_ready).map_err(|e| ControllerError::Local(e.to_string()))
+    pub fn run_agent(
+        state_dir: &Path,
+        workspace_id: &str,
+        ebs_profile: &str,
+        on_ready: impl FnOnce(Result<(), String>) + Send + 'static,
+    ) -> Result<(), ControllerError> {
+        agent::run(state_dir, workspace_id, ebs_profile, on_ready)
+            .map_err(|e| ControllerError::Local(e.to_string()))
     }
 }
 
@@ -1242,15 +1809,27 @@ impl Controller {
 /// progress bar on a terminal.
 fn fill_from_image(device: &crate::device::Device, image: &Path) -> Result<(), ControllerError> {
     use std::os::unix::fs::FileExt;
-    let file = std::fs::File::open(image).map_err(|e| ControllerError::Local(format!("{}: {e}", image.display())))?;
-    let len = file.metadata().map_err(|e| ControllerError::Local(e.to_string()))?.len();
+    let file = std::fs::File::open(image)
+        .map_err(|e| ControllerError::Local(format!("{}: {e}", image.display())))?;
+    let len = file
+        .metadata()
+        .map_err(|e| ControllerError::Local(e.to_string()))?
+        .len();
     if len > device.size() {
-        return Err(ControllerError::Local(format!("image {} ({len} bytes) is larger than the volume", image.display())));
+        return Err(ControllerError::Local(format!(
+            "image {} ({len} bytes) is larger than the volume",
+            image.display()
+        )));
     }
-    let bar = indicatif::ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(len),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_message("filling root volume from bundle");
     let started = Instant::now();
@@ -1258,14 +1837,19 @@ fn fill_from_image(device: &crate::device::Device, image: &Path) -> Result<(), C
     let mut off = 0u64;
     while off < len {
         let n = usize::try_from((len - off).min(buf.len() as u64)).expect("at most 1 MiB");
-        file.read_exact_at(&mut buf[..n], off).map_err(|e| ControllerError::Local(format!("{}: {e}", image.display())))?;
+        file.read_exact_at(&mut buf[..n], off)
+            .map_err(|e| ControllerError::Local(format!("{}: {e}", image.display())))?;
         if buf[..n].iter().any(|&b| b != 0) {
-            device.write(off, &buf[..n]).map_err(|e| ControllerError::Local(e.to_string()))?;
+            device
+                .write(off, &buf[..n])
+                .map_err(|e| ControllerError::Local(e.to_string()))?;
         }
         off += n as u64;
         bar.set_position(off);
     }
-    device.flush().map_err(|e| ControllerError::Local(e.to_string()))?;
+    device
+        .flush()
+        .map_err(|e| ControllerError::Local(e.to_string()))?;
     bar.finish_and_clear();
     tracing::info!("filled {} bytes in {:?}", len, started.elapsed());
     Ok(())

@@ -48,14 +48,26 @@ pub fn which(tool: &str) -> Option<PathBuf> {
 /// Runs a command; panics with its output if it fails.
 pub fn run_ok(cmd: &str, args: &[&str]) -> String {
     let out = run(cmd, args);
-    assert!(out.status.success(), "{cmd} {args:?} failed: {}\n{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Runs a command and returns its output.
 pub fn run(cmd: &str, args: &[&str]) -> Output {
-    let exe = if cmd == "sealvol" { sealvol_bin() } else { which(cmd).unwrap_or_else(|| PathBuf::from(cmd)) };
-    Command::new(&exe).args(args).output().unwrap_or_else(|e| panic!("spawn {cmd}: {e}"))
+    let exe = if cmd == "sealvol" {
+        sealvol_bin()
+    } else {
+        which(cmd).unwrap_or_else(|| PathBuf::from(cmd))
+    };
+    Command::new(&exe)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd}: {e}"))
 }
 
 /// Polls `cond` until true or the deadline passes.
@@ -98,7 +110,14 @@ pub struct AttachGuard {
 impl Drop for AttachGuard {
     fn drop(&mut self) {
         if is_mounted(&self.mountpoint) {
-            let _ = run("sealvol", &["detach", "--mountpoint", self.mountpoint.to_str().unwrap_or("")]);
+            let _ = run(
+                "sealvol",
+                &[
+                    "detach",
+                    "--mountpoint",
+                    self.mountpoint.to_str().unwrap_or(""),
+                ],
+            );
         }
     }
 }
@@ -111,8 +130,13 @@ pub struct LoopMount {
 
 impl LoopMount {
     pub fn new(file: &Path, dir: &Path, mkfs: bool) -> Self {
-        let dev = run_ok("losetup", &["-f", "--show", file.to_str().expect("utf8")]).trim().to_string();
-        let lm = Self { dev, dir: dir.to_path_buf() };
+        let dev = run_ok("losetup", &["-f", "--show", file.to_str().expect("utf8")])
+            .trim()
+            .to_string();
+        let lm = Self {
+            dev,
+            dir: dir.to_path_buf(),
+        };
         if mkfs {
             run_ok("mkfs.ext4", &["-q", "-F", &lm.dev]);
         }
