@@ -143,6 +143,55 @@ impl fmt::Debug for VolumeKey {
     }
 }
 
+/// Other key-derived material (expanded AES round keys): a heap value locked into RAM
+/// (best effort, like [`VolumeKey`]) and wiped on drop.
+pub struct Locked<T: Zeroize> {
+    inner: Box<T>,
+    locked: bool,
+}
+
+impl<T: Zeroize> Locked<T> {
+    /// Moves `value` to the heap and locks its pages.
+    pub fn new(value: T) -> Self {
+        let inner = Box::new(value);
+        let ptr = std::ptr::NonNull::from(&*inner).cast::<std::ffi::c_void>();
+        // SAFETY: `ptr` points to a live heap allocation of `size_of::<T>()` bytes that
+        // this value owns until drop, where it is unlocked before being freed.
+        let locked = unsafe { nix::sys::mman::mlock(ptr, std::mem::size_of::<T>()) }.is_ok();
+        Self { inner, locked }
+    }
+}
+
+impl<T: Zeroize> std::ops::Deref for Locked<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: Zeroize> std::ops::DerefMut for Locked<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+}
+
+impl<T: Zeroize> Drop for Locked<T> {
+    fn drop(&mut self) {
+        self.inner.zeroize();
+        if self.locked {
+            let ptr = std::ptr::NonNull::from(&*self.inner).cast::<std::ffi::c_void>();
+            // SAFETY: the same region that `new` locked; still allocated here.
+            let _ = unsafe { nix::sys::mman::munlock(ptr, std::mem::size_of::<T>()) };
+        }
+    }
+}
+
+impl<T: Zeroize> fmt::Debug for Locked<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Locked { .. }")
+    }
+}
+
 /// Makes the process undumpable (no core dumps, no ptrace by other users) so that key
 /// material in memory cannot end up in a core file.
 pub fn harden_process() {

@@ -18,6 +18,9 @@ use rayon::prelude::*;
 
 use crate::secret::VolumeKey;
 
+#[cfg(target_arch = "x86_64")]
+mod vaes;
+
 /// AES block size.
 const BLOCK: usize = 16;
 /// Bytes per crypto group: one `encrypt_blocks` call covers this much data.
@@ -265,12 +268,16 @@ pub struct SectorCipher {
     data: Aes256,
     tweak: Aes256Enc,
     sector_size: SectorSize,
+    /// Round keys for the fused VAES-512 path, when the CPU has it.
+    #[cfg(target_arch = "x86_64")]
+    fused: Option<std::sync::Arc<crate::secret::Locked<vaes::RoundKeys>>>,
 }
 
 impl std::fmt::Debug for SectorCipher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SectorCipher")
             .field("sector_size", &self.sector_size)
+            .field("backend", &self.backend())
             .finish_non_exhaustive()
     }
 }
@@ -280,6 +287,20 @@ impl SectorCipher {
     /// already guarantees Key1 != Key2.
     #[must_use]
     pub fn new(key: &VolumeKey, sector_size: SectorSize) -> Self {
+        #[allow(unused_mut)]
+        let mut cipher = Self::portable(key, sector_size);
+        #[cfg(target_arch = "x86_64")]
+        if vaes::available() {
+            cipher.fused = Some(std::sync::Arc::new(vaes::expand(key.expose())));
+        }
+        cipher
+    }
+
+    /// The cipher without the fused VAES path (`aes` crate rounds, separate whitening):
+    /// what runs on CPUs without VAES; tests and benchmarks compare the two.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn portable(key: &VolumeKey, sector_size: SectorSize) -> Self {
         let k = key.expose();
         let k1 = Array::<u8, aes::cipher::consts::U32>::from_fn(|i| k[i]);
         let k2 = Array::<u8, aes::cipher::consts::U32>::from_fn(|i| k[32 + i]);
@@ -287,6 +308,8 @@ impl SectorCipher {
             data: Aes256::new(&k1),
             tweak: Aes256Enc::new(&k2),
             sector_size,
+            #[cfg(target_arch = "x86_64")]
+            fused: None,
         };
         // Arrays are Copy and do not wipe themselves.
         let mut k1 = k1;
@@ -300,6 +323,22 @@ impl SectorCipher {
     #[must_use]
     pub fn sector_size(&self) -> SectorSize {
         self.sector_size
+    }
+
+    /// Which implementation runs: `"vaes-512 fused"` or `"aes crate + avx-512 whitening"` /
+    /// `"aes crate"` (for benchmark reports and logs).
+    #[must_use]
+    pub fn backend(&self) -> &'static str {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if self.fused.is_some() {
+                return "vaes-512 fused";
+            }
+            if avx512_available() {
+                return "aes crate + avx-512 whitening";
+            }
+        }
+        "aes crate"
     }
 
     /// Encrypts whole sectors in place; `first_sector` counts in this cipher's sector size.
@@ -368,6 +407,12 @@ impl SectorCipher {
 
     /// The core: `buf` holds whole sectors (checked by the caller).
     fn crypt(&self, buf: &mut [u8], first_sector: u64, dir: Direction) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(keys) = &self.fused {
+            let first_unit = first_sector * self.sector_size.units_512();
+            vaes::crypt(keys, buf, first_unit, self.sector_size.bytes(), dir);
+            return;
+        }
         // SAFETY: every bit pattern is a valid u128; `align_to_mut` only hands out the
         // correctly aligned middle part.
         let (head, words, _) = unsafe { buf.align_to_mut::<u64>() };
@@ -491,12 +536,16 @@ mod tests {
         let sector = u64::from_str_radix(&field("sector"), 16).expect("hex sector");
         let pt = hex::decode(field("pt")).expect("hex pt");
         let ct = hex::decode(field("ct")).expect("hex ct");
-        let cipher = SectorCipher::new(&key, SectorSize::S512);
-        let mut buf = pt.clone();
-        cipher.encrypt_sectors(&mut buf, sector).expect("aligned");
-        assert_eq!(hex::encode(&buf), hex::encode(&ct));
-        cipher.decrypt_sectors(&mut buf, sector).expect("aligned");
-        assert_eq!(buf, pt);
+        for cipher in [
+            SectorCipher::new(&key, SectorSize::S512),
+            SectorCipher::portable(&key, SectorSize::S512),
+        ] {
+            let mut buf = pt.clone();
+            cipher.encrypt_sectors(&mut buf, sector).expect("aligned");
+            assert_eq!(hex::encode(&buf), hex::encode(&ct), "{}", cipher.backend());
+            cipher.decrypt_sectors(&mut buf, sector).expect("aligned");
+            assert_eq!(buf, pt, "{}", cipher.backend());
+        }
     }
 
     #[test]
@@ -586,6 +635,13 @@ mod tests {
             let mut serial = pt.clone();
             c.encrypt_sectors(&mut serial, first).expect("aligned");
             prop_assert_eq!(&serial, &refd);
+            // The portable path (what CPUs without VAES run) agrees too, both ways.
+            let portable = SectorCipher::portable(&key, ss);
+            let mut p = pt.clone();
+            portable.par_encrypt_sectors(&mut p, first).expect("aligned");
+            prop_assert_eq!(&p, &refd);
+            portable.decrypt_sectors(&mut p, first).expect("aligned");
+            prop_assert_eq!(&p, &pt);
             c.par_decrypt_sectors(&mut ours, first).expect("aligned");
             prop_assert_eq!(&ours, &pt);
             reference(&key, ss, &mut refd, first, false);
