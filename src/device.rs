@@ -597,7 +597,7 @@ mod tests {
                 let o = usize::try_from(off).expect("small");
                 match kind {
                     0 | 1 => {
-                        let data: Vec<u8> = (0..len).map(|i| val.wrapping_add(i as u8)).collect();
+                        let data: Vec<u8> = (0..len).map(|i| val.wrapping_add(i.to_le_bytes()[0])).collect();
                         d.write(off, &data).expect("write");
                         model[o..o + len].copy_from_slice(&data);
                     }

@@ -463,7 +463,11 @@ impl Rekeyer {
         let max = max_hotzone(&header);
         let hotzone = opts.hotzone_bytes.unwrap_or(DEFAULT_HOTZONE.min(max));
         let ss = u64::from(header.sector_size());
-        if hotzone == 0 || hotzone % HOTZONE_ALIGN != 0 || hotzone % ss != 0 || hotzone > max {
+        if hotzone == 0
+            || !hotzone.is_multiple_of(HOTZONE_ALIGN)
+            || !hotzone.is_multiple_of(ss)
+            || hotzone > max
+        {
             return Err(RekeyError::BadHotzone {
                 requested: hotzone,
                 max,
@@ -831,6 +835,10 @@ pub fn rekey_detached(
 /// A request to the attach agent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one short-lived request per connection"
+)]
 pub enum ControlRequest {
     /// Start (or follow) a rekey of one served file.
     Rekey {
@@ -1007,10 +1015,10 @@ impl ServerInner {
         resumed: bool,
     ) -> Result<Arc<Job>, String> {
         let mut jobs = self.jobs.lock().expect("jobs lock");
-        if let Some(j) = jobs.get(name) {
-            if j.state.lock().expect("job lock").result.is_none() {
-                return Ok(j.clone());
-            }
+        if let Some(j) = jobs.get(name)
+            && j.state.lock().expect("job lock").result.is_none()
+        {
+            return Ok(j.clone());
         }
         let job = Arc::new(Job::default());
         let j = job.clone();
@@ -1120,10 +1128,10 @@ impl ServerInner {
                         last = st.progress;
                         let p = st.progress;
                         drop(st);
-                        if let Some(p) = p {
-                            if !send(&ControlReply::Progress(p)) {
-                                return;
-                            }
+                        if let Some(p) = p
+                            && !send(&ControlReply::Progress(p))
+                        {
+                            return;
                         }
                         st = job.state.lock().expect("job lock");
                         continue;
@@ -1143,18 +1151,18 @@ impl ServerInner {
     ) -> Result<Arc<Job>, String> {
         let (name, device) = self.device(export)?;
         let new = VolumeKey::from_file(key_file).map_err(|e| e.to_string())?;
-        if let Some(job) = self.jobs.lock().expect("jobs lock").get(&name).cloned() {
-            if job.state.lock().expect("job lock").result.is_none() {
-                // A rekey is running: follow it if it is to the same key.
-                let header = Header::read(&**device.backing()).map_err(|e| e.to_string())?;
-                let st = state(&header)
-                    .map_err(|e| e.to_string())?
-                    .ok_or("no rekey in the header")?;
-                header.verify_key_against(st.new_digest, &new).map_err(|_| {
+        if let Some(job) = self.jobs.lock().expect("jobs lock").get(&name).cloned()
+            && job.state.lock().expect("job lock").result.is_none()
+        {
+            // A rekey is running: follow it if it is to the same key.
+            let header = Header::read(&**device.backing()).map_err(|e| e.to_string())?;
+            let st = state(&header)
+                .map_err(|e| e.to_string())?
+                .ok_or("no rekey in the header")?;
+            header.verify_key_against(st.new_digest, &new).map_err(|_| {
                     "a rekey to a different new key is already running on this volume; wait for it to finish".to_string()
                 })?;
-                return Ok(job);
-            }
+            return Ok(job);
         }
         let rekeyer = if device.rekey_boundary().is_some() {
             // Resumed at attach, finished or failed job: continue with the same new key.

@@ -122,7 +122,7 @@ pub struct Encryption<'a> {
 /// Existing file, bad size, I/O failure.
 pub fn create(p: &CreateParams<'_>) -> Result<(), VolumeError> {
     let ss = p.sector_size.bytes_u64();
-    if p.size == 0 || p.size % ss != 0 {
+    if p.size == 0 || !p.size.is_multiple_of(ss) {
         return Err(VolumeError::BadSize {
             size: p.size,
             sector_size: p.sector_size.bytes(),

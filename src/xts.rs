@@ -65,6 +65,15 @@ impl SectorSize {
         }
     }
 
+    /// Size in bytes as `u32`.
+    #[must_use]
+    pub const fn bytes_u32(self) -> u32 {
+        match self {
+            Self::S512 => 512,
+            Self::S4096 => 4096,
+        }
+    }
+
     /// Size in bytes as `u64`.
     #[must_use]
     pub const fn bytes_u64(self) -> u64 {
@@ -205,7 +214,7 @@ unsafe fn whiten_first_avx512(t0: u128, data: &mut [u64], out: &mut [u64]) {
         __m512i, _mm512_bslli_epi128, _mm512_bsrli_epi128, _mm512_loadu_si512, _mm512_slli_epi64,
         _mm512_srli_epi64, _mm512_storeu_si512, _mm512_ternarylogic_epi64, _mm512_xor_si512,
     };
-    debug_assert!(data.len() % 8 == 0 && out.len() == data.len());
+    debug_assert!(data.len().is_multiple_of(8) && out.len() == data.len());
     let t1 = mul_x(t0);
     let t2 = mul_x(t1);
     let t3 = mul_x(t2);
@@ -382,12 +391,12 @@ impl SectorCipher {
     }
 
     fn check(&self, buf: &[u8]) -> Result<(), XtsError> {
-        if buf.len() % self.sector_size.bytes() == 0 {
+        if buf.len().is_multiple_of(self.sector_size.bytes()) {
             Ok(())
         } else {
             Err(XtsError::Misaligned {
                 len: buf.len(),
-                sector_size: self.sector_size.bytes() as u32,
+                sector_size: self.sector_size.bytes_u32(),
             })
         }
     }
@@ -592,7 +601,10 @@ mod tests {
     #[test]
     fn fold8_matches_table() {
         for b in 0..256u64 {
-            assert_eq!(fold8(b), u64::from(REDUCE8[b as usize]));
+            assert_eq!(
+                fold8(b),
+                u64::from(REDUCE8[usize::try_from(b).expect("byte")])
+            );
         }
     }
 
@@ -626,7 +638,7 @@ mod tests {
             let key = VolumeKey::from_slice(&mut raw).expect("valid");
             let ss = if s4096 { SectorSize::S4096 } else { SectorSize::S512 };
             let c = SectorCipher::new(&key, ss);
-            let pt: Vec<u8> = (0..sectors * ss.bytes()).map(|i| (i as u8).wrapping_mul(31) ^ fill).collect();
+            let pt: Vec<u8> = (0..sectors * ss.bytes()).map(|i| i.to_le_bytes()[0].wrapping_mul(31) ^ fill).collect();
             let mut ours = pt.clone();
             c.par_encrypt_sectors(&mut ours, first).expect("aligned");
             let mut refd = pt.clone();

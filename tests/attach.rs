@@ -80,7 +80,7 @@ fn ext4_on_loop_survives_detach_and_reattach() {
 
     let lm = LoopMount::new(&disk, &fsdir, true);
     let payload: Vec<u8> = (0..3_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0])
         .collect();
     std::fs::write(fsdir.join("payload.bin"), &payload).expect("write payload");
     std::fs::create_dir(fsdir.join("docs")).expect("mkdir");

@@ -100,10 +100,10 @@ fn header_updates_always_leave_a_valid_header() {
                     "header version {version}, but {acked} was acknowledged"
                 ));
             }
-            if let Some(t) = got.kms_token() {
-                if *t != token(version) {
-                    return Err(format!("token {version} is damaged"));
-                }
+            if let Some(t) = got.kms_token()
+                && *t != token(version)
+            {
+                return Err(format!("token {version} is damaged"));
             }
             // The survivor can be updated again (a sample, to keep the test fast).
             if img.epoch % 7 == 0 {

@@ -209,10 +209,10 @@ pub fn record(e: &Event<'_>) -> Value {
             if let Some(svc) = c.via_service() {
                 id["invokedBy"] = json!(svc);
             }
-            if let crate::principal::Principal::Service(s) = &c.signer {
-                if c.on_behalf_of.is_none() {
-                    id["invokedBy"] = json!(s);
-                }
+            if let crate::principal::Principal::Service(s) = &c.signer
+                && c.on_behalf_of.is_none()
+            {
+                id["invokedBy"] = json!(s);
             }
             id
         }

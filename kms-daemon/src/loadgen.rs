@@ -82,10 +82,8 @@ fn ini_section(text: &str, section: &str) -> Vec<(String, String)> {
     for line in text.lines().map(str::trim) {
         if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
             inside = name.trim() == section;
-        } else if inside {
-            if let Some((k, v)) = line.split_once('=') {
-                out.push((k.trim().to_owned(), v.trim().to_owned()));
-            }
+        } else if inside && let Some((k, v)) = line.split_once('=') {
+            out.push((k.trim().to_owned(), v.trim().to_owned()));
         }
     }
     out

@@ -359,16 +359,16 @@ impl Kms {
             self.store.delete_key(&key.id)?;
             return Ok(None);
         }
-        if key.spec == KeySpec::SymmetricDefault && key.state == KeyState::Enabled {
-            if let (Some(period), Some(next)) = (key.rotation_period_days, key.next_rotation) {
-                if next <= now {
-                    let version = key.current_version + 1;
-                    let m = self.new_material(&key.id, version);
-                    key.current_version = version;
-                    key.next_rotation = Some(now + period * DAY);
-                    self.store.rotate(&key, &m)?;
-                }
-            }
+        if key.spec == KeySpec::SymmetricDefault
+            && key.state == KeyState::Enabled
+            && let (Some(period), Some(next)) = (key.rotation_period_days, key.next_rotation)
+            && next <= now
+        {
+            let version = key.current_version + 1;
+            let m = self.new_material(&key.id, version);
+            key.current_version = version;
+            key.next_rotation = Some(now + period * DAY);
+            self.store.rotate(&key, &m)?;
         }
         Ok(Some(key))
     }
@@ -379,10 +379,10 @@ impl Kms {
     pub fn sweep(&self) -> Result<usize, OpError> {
         let mut deleted = 0;
         for (id, _) in self.store.list_keys()? {
-            if let Some(k) = self.store.key(&id)? {
-                if self.refresh(k)?.is_none() {
-                    deleted += 1;
-                }
+            if let Some(k) = self.store.key(&id)?
+                && self.refresh(k)?.is_none()
+            {
+                deleted += 1;
             }
         }
         Ok(deleted)
@@ -663,11 +663,11 @@ impl Kms {
         let now = self.clock.now();
         let mut items = Vec::new();
         for (id, arn) in self.store.list_keys()? {
-            if let Some(k) = self.store.key(&id)? {
-                if k.state == KeyState::PendingDeletion && k.deletion_date.is_some_and(|d| d <= now)
-                {
-                    continue;
-                }
+            if let Some(k) = self.store.key(&id)?
+                && k.state == KeyState::PendingDeletion
+                && k.deletion_date.is_some_and(|d| d <= now)
+            {
+                continue;
             }
             items.push(json!({"KeyId": id, "KeyArn": arn}));
         }
@@ -1340,15 +1340,14 @@ impl Kms {
                     .into(),
             ));
         }
-        if let Some(n) = &r.name {
-            if n.is_empty()
+        if let Some(n) = &r.name
+            && (n.is_empty()
                 || n.len() > 256
                 || !n
                     .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || ":/_-".contains(c))
-            {
-                return Err(OpError::Validation("Grant name is not valid".into()));
-            }
+                    .all(|c| c.is_ascii_alphanumeric() || ":/_-".contains(c)))
+        {
+            return Err(OpError::Validation("Grant name is not valid".into()));
         }
         let key = self.resolve(caller, &r.key_id, touched)?;
         let tokens = r.grant_tokens.unwrap_or_default();

@@ -338,10 +338,10 @@ pub fn force_cleanup(paths: &AgentPaths) {
         let prefix = paths.fuse_dir.display().to_string();
         for line in list.lines() {
             let mut cols = line.split_whitespace();
-            if let (Some(dev), Some(back)) = (cols.next(), cols.next()) {
-                if back.starts_with(&prefix) {
-                    let _ = attach::run("losetup", &["-d", dev]);
-                }
+            if let (Some(dev), Some(back)) = (cols.next(), cols.next())
+                && back.starts_with(&prefix)
+            {
+                let _ = attach::run("losetup", &["-d", dev]);
             }
         }
     }

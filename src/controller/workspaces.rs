@@ -243,12 +243,11 @@ fn profile_principal_arn(profile: &str) -> Option<String> {
             if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
                 inside =
                     name.trim() == section || (profile == "default" && name.trim() == "default");
-            } else if inside {
-                if let Some((k, v)) = line.split_once('=') {
-                    if k.trim() == "principal_arn" {
-                        return Some(v.trim().to_string());
-                    }
-                }
+            } else if inside
+                && let Some((k, v)) = line.split_once('=')
+                && k.trim() == "principal_arn"
+            {
+                return Some(v.trim().to_string());
             }
         }
     }
@@ -899,16 +898,16 @@ impl Controller {
         let vols = self.reg.volumes(Some(&ws.workspace_id)).unwrap_or_default();
         if let Ok(service) = self.service() {
             for v in &vols {
-                if !v.grant_id.is_empty() {
-                    if let Err(e) = service.retire_grant(&v.key_arn, &v.grant_id) {
-                        tracing::warn!("retiring EBS grant {} of {}: {e}", v.grant_id, v.volume_id);
-                    }
+                if !v.grant_id.is_empty()
+                    && let Err(e) = service.retire_grant(&v.key_arn, &v.grant_id)
+                {
+                    tracing::warn!("retiring EBS grant {} of {}: {e}", v.grant_id, v.volume_id);
                 }
             }
-            if !ws.ws_grant_id.is_empty() {
-                if let Err(e) = service.retire_grant(&ws.key_arn, &ws.ws_grant_id) {
-                    tracing::warn!("retiring WorkSpaces grant {}: {e}", ws.ws_grant_id);
-                }
+            if !ws.ws_grant_id.is_empty()
+                && let Err(e) = service.retire_grant(&ws.key_arn, &ws.ws_grant_id)
+            {
+                tracing::warn!("retiring WorkSpaces grant {}: {e}", ws.ws_grant_id);
             }
         }
         for v in &vols {
@@ -929,13 +928,11 @@ impl Controller {
             w.state,
             WorkspaceState::Available | WorkspaceState::Impaired
         ) && agent::live_pid(&AgentPaths::new(&self.cfg.state_dir, &w.workspace_id)).is_none()
+            && let Ok(next) = w.state.on(Event::AgentLost)
         {
-            if let Ok(next) = w.state.on(Event::AgentLost) {
-                w.state = next;
-                w.error =
-                    "the WorkSpace's agent is not running; reboot-workspaces recovers it".into();
-                let _ = self.reg.update_workspace(w);
-            }
+            w.state = next;
+            w.error = "the WorkSpace's agent is not running; reboot-workspaces recovers it".into();
+            let _ = self.reg.update_workspace(w);
         }
     }
 
@@ -1290,10 +1287,9 @@ impl Controller {
                         .map_err(local)?;
                 } else if let Some(snap) =
                     c.latest_snapshot(&w.workspace_id, "user").map_err(local)?
+                    && snap.volume_id == v.volume_id
                 {
-                    if snap.volume_id == v.volume_id {
-                        copy_sparse(&snap.path, &v.path).map_err(local)?;
-                    }
+                    copy_sparse(&snap.path, &v.path).map_err(local)?;
                 }
             }
             c.bring_up(w)
@@ -1488,16 +1484,16 @@ impl Controller {
             ));
         }
         for v in self.reg.volumes(Some(workspace_id))? {
-            if let Ok(h) = volume::read_header(&v.path) {
-                if crate::rekey::in_progress(&h) {
-                    return Err(api(
-                        "InvalidResourceStateException",
-                        format!(
-                            "volume {} is being rekeyed; rewrap after the rekey finishes",
-                            v.volume_id
-                        ),
-                    ));
-                }
+            if let Ok(h) = volume::read_header(&v.path)
+                && crate::rekey::in_progress(&h)
+            {
+                return Err(api(
+                    "InvalidResourceStateException",
+                    format!(
+                        "volume {} is being rekeyed; rewrap after the rekey finishes",
+                        v.volume_id
+                    ),
+                ));
             }
         }
         let old_key = w.key_arn.clone();
@@ -1507,7 +1503,7 @@ impl Controller {
             &info.arn,
             &user.sid,
             &w.directory_id,
-            &workspace_id,
+            workspace_id,
         ))?;
         let service = self.service()?;
         let ebs = self.ebs()?;
@@ -1529,7 +1525,7 @@ impl Controller {
                 &context,
                 &info.arn,
                 &context,
-                &[grant.grant_token.clone()],
+                std::slice::from_ref(&grant.grant_token),
             )?;
             header.set_kms_token(KmsToken {
                 key_arn: if arn.is_empty() {
@@ -1551,19 +1547,19 @@ impl Controller {
                 grant_id: grant.grant_id,
                 ..v
             })?;
-            if !old_grant.is_empty() {
-                if let Err(e) = service.retire_grant(&old_key, &old_grant) {
-                    tracing::warn!("retiring the old EBS grant {old_grant}: {e}");
-                }
+            if !old_grant.is_empty()
+                && let Err(e) = service.retire_grant(&old_key, &old_grant)
+            {
+                tracing::warn!("retiring the old EBS grant {old_grant}: {e}");
             }
         }
         w.key_arn = info.arn.clone();
         w.ws_grant_id = ws_grant.grant_id;
         self.reg.update_workspace(&w)?;
-        if !old_ws_grant.is_empty() {
-            if let Err(e) = service.retire_grant(&old_key, &old_ws_grant) {
-                tracing::warn!("retiring the old WorkSpaces grant {old_ws_grant}: {e}");
-            }
+        if !old_ws_grant.is_empty()
+            && let Err(e) = service.retire_grant(&old_key, &old_ws_grant)
+        {
+            tracing::warn!("retiring the old WorkSpaces grant {old_ws_grant}: {e}");
         }
         self.describe_volumes(Some(workspace_id))
     }

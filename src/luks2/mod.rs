@@ -330,7 +330,7 @@ fn validate_structure(meta: &Metadata, hdr_size: u64) -> Result<(), Luks2Error> 
             cfg.json_size
         )));
     }
-    if cfg.keyslots_size % KEYSLOTS_ALIGN != 0 {
+    if !cfg.keyslots_size.is_multiple_of(KEYSLOTS_ALIGN) {
         return Err(bad_json(format!(
             "config.keyslots_size {} is not 4096-aligned",
             cfg.keyslots_size
@@ -490,7 +490,7 @@ fn validate_params(p: &FormatParams) -> Result<u64, Luks2Error> {
     if !SECTOR_SIZES.contains(&p.sector_size) {
         return invalid(format!("sector size {} (use 512 or 4096)", p.sector_size));
     }
-    if p.data_size == 0 || p.data_size % u64::from(p.sector_size) != 0 {
+    if p.data_size == 0 || !p.data_size.is_multiple_of(u64::from(p.sector_size)) {
         return invalid(format!(
             "data size {} must be a positive multiple of the sector size {}",
             p.data_size, p.sector_size

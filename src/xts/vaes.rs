@@ -194,7 +194,7 @@ pub(super) fn crypt(
     dir: Direction,
 ) {
     assert!(available(), "VAES path used on a CPU without VAES/AVX-512");
-    assert!(sector_bytes % STEP == 0 && buf.len() % sector_bytes == 0);
+    assert!(sector_bytes.is_multiple_of(STEP) && buf.len().is_multiple_of(sector_bytes));
     let units = (sector_bytes / 512) as u64;
     let mut unit = first_unit;
     for sector in buf.chunks_exact_mut(sector_bytes) {
