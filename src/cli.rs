@@ -129,7 +129,7 @@ pub enum Cmd {
         /// The volume is detached (implied by --path; refuses a mountpoint).
         #[arg(long, conflicts_with = "mountpoint")]
         offline: bool,
-        /// Hotzone size in MiB (default 8, at most the keyslots area).
+        /// Hotzone size in MiB (default 2 online, 8 offline; at most the keyslots area).
         #[arg(long)]
         hotzone_mib: Option<u64>,
         /// Served file to rekey with --mountpoint (default: the only one).

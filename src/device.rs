@@ -10,7 +10,7 @@
 //! with discards enabled; see the threat model.
 
 use std::ops::Range;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::backing::{Backing, BackingError};
 use crate::xts::{SectorCipher, SectorSize, XtsError};
@@ -125,6 +125,11 @@ pub struct Device {
     crypt: RwLock<Crypt>,
     geo: Geometry,
     stripes: Vec<RwLock<()>>,
+    /// The rekey's hotzone, while one is being rewritten: I/O overlapping it waits.
+    /// Unlike the stripe locks, which alias every `STRIPES × STRIPE_BYTES`, the fence
+    /// stops only I/O that really touches the zone.
+    fence: Mutex<Option<Range<u64>>>,
+    fence_lifted: Condvar,
 }
 
 impl std::fmt::Debug for Device {
@@ -133,6 +138,22 @@ impl std::fmt::Debug for Device {
             .field("backing", &self.backing.name())
             .field("geometry", &self.geo)
             .finish_non_exhaustive()
+    }
+}
+
+/// A raised hotzone fence (see [`Device::fence`]); lifted on drop.
+pub struct FenceGuard<'a> {
+    device: &'a Device,
+}
+
+impl Drop for FenceGuard<'_> {
+    fn drop(&mut self) {
+        *self
+            .device
+            .fence
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        self.device.fence_lifted.notify_all();
     }
 }
 
@@ -153,6 +174,8 @@ impl Device {
             crypt: RwLock::new(crypt),
             geo,
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            fence: Mutex::new(None),
+            fence_lifted: Condvar::new(),
         }
     }
 
@@ -295,24 +318,83 @@ impl Device {
         ids
     }
 
-    /// Locks a byte range shared (concurrent readers) — sorted order, so no deadlock.
+    /// Locks a byte range shared (concurrent readers) — sorted order, so no deadlock —
+    /// waiting while it overlaps a raised fence.
     pub fn lock_read(&self, range: &Range<u64>) -> RangeGuard<'_> {
-        RangeGuard::Read(
-            self.stripe_ids(range)
-                .into_iter()
-                .map(|i| self.stripes[i].read().expect("stripe locks guard no data"))
-                .collect(),
-        )
+        loop {
+            let guard = RangeGuard::Read(
+                self.stripe_ids(range)
+                    .into_iter()
+                    .map(|i| self.stripes[i].read().expect("stripe locks guard no data"))
+                    .collect(),
+            );
+            if !self.fenced(range) {
+                return guard;
+            }
+            drop(guard);
+            self.wait_for_fence(range);
+        }
     }
 
-    /// Locks a byte range exclusively.
+    /// Locks a byte range exclusively, waiting while it overlaps a raised fence.
     pub fn lock_write(&self, range: &Range<u64>) -> RangeGuard<'_> {
-        RangeGuard::Write(
-            self.stripe_ids(range)
-                .into_iter()
-                .map(|i| self.stripes[i].write().expect("stripe locks guard no data"))
-                .collect(),
-        )
+        loop {
+            let guard = RangeGuard::Write(
+                self.stripe_ids(range)
+                    .into_iter()
+                    .map(|i| self.stripes[i].write().expect("stripe locks guard no data"))
+                    .collect(),
+            );
+            if !self.fenced(range) {
+                return guard;
+            }
+            drop(guard);
+            self.wait_for_fence(range);
+        }
+    }
+
+    /// Raises a fence over `zone` for the rekey: returns once no I/O touches the zone,
+    /// and until the guard drops, I/O overlapping it waits while everything else runs.
+    /// One fence at a time (the rekey is one job per device).
+    ///
+    /// Why it is exclusive: I/O checks the fence *after* taking its stripe locks, and the
+    /// fence is raised *before* the zone's stripes are drained (each taken for writing
+    /// and released), so an I/O either finished before the drain or sees the fence.
+    pub fn fence(&self, zone: &Range<u64>) -> FenceGuard<'_> {
+        {
+            let mut f = self
+                .fence
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            debug_assert!(f.is_none(), "one fence at a time");
+            *f = Some(zone.clone());
+        }
+        for i in self.stripe_ids(zone) {
+            drop(self.stripes[i].write().expect("stripe locks guard no data"));
+        }
+        FenceGuard { device: self }
+    }
+
+    fn fenced(&self, range: &Range<u64>) -> bool {
+        self.fence
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|z| z.start < range.end && range.start < z.end)
+    }
+
+    fn wait_for_fence(&self, range: &Range<u64>) {
+        let f = self
+            .fence
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _f = self
+            .fence_lifted
+            .wait_while(f, |z| {
+                z.as_ref()
+                    .is_some_and(|z| z.start < range.end && range.start < z.end)
+            })
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
