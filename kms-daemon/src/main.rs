@@ -86,6 +86,15 @@ enum Command {
     },
 }
 
+/// The daemon holds the root key and unwrapped key material: no core dumps (RLIMIT_CORE
+/// 0) and not dumpable (no core file, no ptrace attach by other users, /proc/PID/mem
+/// closed), as the sealvol agent does.
+fn harden_process() {
+    // Best effort, like the agent: a failure leaves the process as it was.
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+    let _ = nix::sys::prctl::set_dumpable(false);
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -119,6 +128,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         None => {
+            harden_process();
             let a = cli.serve;
             let state_dir = a
                 .state_dir

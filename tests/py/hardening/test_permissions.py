@@ -52,6 +52,10 @@ def test_kms_daemon_state_is_private(tmp_path):
         assert private_tree(state) == []
         ready = tmp_path / "state.ready"
         assert mode(ready) & 0o077 == 0, f"ready file {oct(mode(ready))}"
+        # Key material never reaches a core file.
+        limits = Path(f"/proc/{d.proc.pid}/limits").read_text()
+        core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+        assert core.split()[4:6] == ["0", "0"], core
     finally:
         assert d.stop() == 0
 
