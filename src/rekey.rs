@@ -738,6 +738,30 @@ impl Rekeyer {
     }
 }
 
+/// Runs `f` (an online rekey) on a one-thread rayon pool at nice 10: its crypto and
+/// hashing (`par_*` calls inside run on the current pool) then take one core at most and
+/// yield it to the foreground I/O of the volume being rekeyed.
+fn in_background<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .thread_name(|_| "sealvol-rekey".into())
+        .start_handler(|_| {
+            // SAFETY: setpriority takes integers only; on Linux, PRIO_PROCESS with 0 sets
+            // the nice value of the calling thread alone. A failure keeps the default.
+            let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+        })
+        .build();
+    match pool {
+        Ok(pool) => pool.install(f),
+        Err(e) => {
+            tracing::warn!(
+                "no background pool for the rekey ({e}); running in the foreground pool"
+            );
+            f()
+        }
+    }
+}
+
 /// Opens a volume whose header has a rekey in progress, with both keys: checks them,
 /// recovers the hotzone from the journal, and returns the volume with its device in rekey
 /// mode at the checkpoint's boundary (ready for [`Rekeyer::resume`]).
@@ -1056,7 +1080,9 @@ impl ServerInner {
                 let start = Instant::now();
                 let from = rekeyer.progress().done;
                 let total = rekeyer.progress().total;
-                let r = rekeyer.run(&j.cancel, |p| j.update(|s| s.progress = Some(p)));
+                let r = in_background(|| {
+                    rekeyer.run(&j.cancel, |p| j.update(|s| s.progress = Some(p)))
+                });
                 if let Err(e) = &r {
                     tracing::error!("rekey: {e}");
                 }

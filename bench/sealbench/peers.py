@@ -178,4 +178,20 @@ def rekey(sealvol, workdir, reps, size_gib, log):
     res["size_gib"] = size_gib
     log(f"rekey {size_gib} GiB: sealvol {res['sealvol_mb_per_s']['median']:.0f} MB/s, "
         f"cryptsetup reencrypt {res['cryptsetup_mb_per_s']['median']:.0f} MB/s")
+    res["online"] = rekey_online(sealvol, workdir, reps, size_gib, log)
     return res
+
+
+def rekey_online(sealvol, workdir, reps, size_gib, log):
+    """bench/rekey-online.sh: foreground fio 4 KiB randrw QD16 IOPS during an online rekey
+    vs alone, and the longest single I/O; `reps` runs, each field summarized."""
+    script = os.path.join(os.path.dirname(__file__), "..", "rekey-online.sh")
+    env = dict(os.environ, SEALVOL_BIN=str(sealvol), BENCH_DIR=workdir)
+    runs = [json.loads(sh(script, "--size-gib", size_gib, "--output", "json", env=env, timeout=300))
+            for _ in range(reps)]
+    out = {k: summary([r[k] for r in runs]) for k in runs[0] if k not in ("size_gib", "hotzone_mib")}
+    out["size_gib"], out["hotzone_mib"] = runs[0]["size_gib"], runs[0]["hotzone_mib"]
+    log(f"online rekey {size_gib} GiB: {out['rekey_mb_per_s']['median']:.0f} MB/s, foreground IOPS "
+        f"{out['during_iops_median']['median']:.0f} vs {out['base_iops_median']['median']:.0f} alone "
+        f"({out['ratio']['median']:.2f}x), longest I/O {out['during_max_latency_ms']['median']:.1f} ms")
+    return out

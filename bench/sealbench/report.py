@@ -59,6 +59,13 @@ def targets_table(res):
         for cl in (16, 1):
             rows.append((f"KMS Decrypt req/s, {cl} client(s): kms-daemon / moto_server",
                          _ratio(k.get(f"kms-daemon|{cl}|requests_per_second"), k.get(f"moto_server|{cl}|requests_per_second")), 20.0))
+    r = res.get("rekey")
+    if r:
+        rows.append(("rekey 1 GiB offline: sealvol / cryptsetup reencrypt (checksum)",
+                     _ratio(r.get("sealvol_mb_per_s"), r.get("cryptsetup_mb_per_s")), 2.0))
+        o = r.get("online")
+        if o:
+            rows.append(("online rekey: foreground 4 KiB IOPS during / alone", _ratio(o["during_iops_median"], o["base_iops_median"]), 0.9))
     return rows
 
 
@@ -180,6 +187,22 @@ def markdown(res, png_name="report.png"):
         w(f"| cryptsetup reencrypt | {_cell(r.get('cryptsetup_mb_per_s'))} |")
         if rr:
             w(f"\nRatio sealvol / cryptsetup: {rr['median']:.2f}× (range {rr['lo']:.2f}–{rr['hi']:.2f}).\n")
+        o = r.get("online")
+        if o:
+            w(f"### Online rekey: foreground I/O ({o['ratio']['n']} run(s), `bench/rekey-online.sh`)\n")
+            w(f"fio 4 KiB random 70/30 read/write at QD16 on the attached encrypted volume's FUSE file, "
+              f"alone and while `sealvol rekey-volume --mountpoint` re-encrypts all {o['size_gib']} GiB "
+              f"underneath it in {o['hotzone_mib']} MiB hotzones (I/O touching the hotzone waits for it).\n")
+            w("| figure | value |\n|---|---|")
+            w(f"| online rekey MB/s | {_cell(o['rekey_mb_per_s'])} |")
+            w(f"| time per hotzone, ms | {_cell(o['hotzone_ms'], 1)} |")
+            w(f"| foreground IOPS alone (median of 100 ms windows) | {_cell(o['base_iops_median'])} |")
+            w(f"| foreground IOPS during rekey (median of 100 ms windows) | {_cell(o['during_iops_median'])} |")
+            w(f"| ratio during / alone | {_cell(o['ratio'], 2)} |")
+            w(f"| worst 100 ms window during rekey, IOPS | {_cell(o['during_iops_min_100ms'])} |")
+            w(f"| longest single I/O alone, ms | {_cell(o['base_max_latency_ms'], 1)} |")
+            w(f"| longest single I/O during rekey, ms | {_cell(o['during_max_latency_ms'], 1)} |")
+            w("")
 
     s = res.get("scaling", {})
     if s:
