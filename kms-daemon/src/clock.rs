@@ -109,7 +109,18 @@ pub fn parse_amz_date(s: &str) -> Option<i64> {
     };
     let (y, mo, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
     let (h, mi, se) = (num(9..11)?, num(11..13)?, num(13..15)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+    // Only real calendar times: the signature covers the header text, while the verifier
+    // signs the parsed instant, so a date that does not round-trip (second 60, 30 Feb)
+    // must be refused as malformed rather than fail as a bad signature (found by the
+    // sigv4 fuzz target; seeds/sigv4/regress-leap-second).
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let month_days = match mo {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    if !(1..=12).contains(&mo) || !(1..=month_days).contains(&d) || h > 23 || mi > 59 || se > 59 {
         return None;
     }
     let days = days_from_civil(y, u32::try_from(mo).ok()?, u32::try_from(d).ok()?);
@@ -127,6 +138,13 @@ mod tests {
         assert_eq!(parse_amz_date("19700101T000000Z"), Some(0));
         assert_eq!(parse_amz_date("2026112XT105346Z"), None);
         assert_eq!(parse_amz_date("20261328T105346Z"), None);
+        assert_eq!(parse_amz_date("20261128T120060Z"), None, "no leap seconds");
+        assert_eq!(parse_amz_date("20260230T000000Z"), None, "no 30 February");
+        assert!(
+            parse_amz_date("20240229T000000Z").is_some(),
+            "2024 is a leap year"
+        );
+        assert_eq!(parse_amz_date("21000229T000000Z"), None, "2100 is not");
     }
 
     #[test]
