@@ -24,7 +24,7 @@ def parse(argv):
     ap.add_argument("--quick", action="store_true", help="smoke test under 3 minutes: short runs, small sizes, scaling once, no rekey unless --only names it")
     ap.add_argument("--size-gib", type=int, default=None, help="volume size for the fio targets (default 2, quick 1)")
     ap.add_argument("--runtime", type=float, default=None, help="seconds per fio run (default 3, quick 0.2)")
-    ap.add_argument("--reps", type=int, default=3, help="repetitions per figure (>= 3 for a report to quote)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 3, quick 1; >= 3 for a report to quote)")
     ap.add_argument("--only", default=",".join(suite.SECTIONS), help="comma-separated sections: " + ",".join(suite.SECTIONS))
     ap.add_argument("--out-dir", default="bench")
     ap.add_argument("--report-only", action="store_true", help="redraw report.md/.png from OUT_DIR/results.json")
@@ -41,6 +41,7 @@ def parse(argv):
             shown.append(x)
     a.argv = shown
     q = a.quick
+    a.reps = a.reps or (1 if q else 3)
     a.size_gib = a.size_gib or (1 if q else 2)
     a.runtime = a.runtime if a.runtime is not None else (0.2 if q else 3.0)
     a.ramp = 0.0 if q else 1.0

@@ -321,30 +321,37 @@ impl Device {
     /// Locks a byte range shared (concurrent readers) — sorted order, so no deadlock —
     /// waiting while it overlaps a raised fence.
     pub fn lock_read(&self, range: &Range<u64>) -> RangeGuard<'_> {
-        loop {
-            let guard = RangeGuard::Read(
+        self.outside_fence(range, || {
+            RangeGuard::Read(
                 self.stripe_ids(range)
                     .into_iter()
                     .map(|i| self.stripes[i].read().expect("stripe locks guard no data"))
                     .collect(),
-            );
-            if !self.fenced(range) {
-                return guard;
-            }
-            drop(guard);
-            self.wait_for_fence(range);
-        }
+            )
+        })
     }
 
     /// Locks a byte range exclusively, waiting while it overlaps a raised fence.
     pub fn lock_write(&self, range: &Range<u64>) -> RangeGuard<'_> {
-        loop {
-            let guard = RangeGuard::Write(
+        self.outside_fence(range, || {
+            RangeGuard::Write(
                 self.stripe_ids(range)
                     .into_iter()
                     .map(|i| self.stripes[i].write().expect("stripe locks guard no data"))
                     .collect(),
-            );
+            )
+        })
+    }
+
+    /// Takes the stripe locks with `lock`, then checks the fence: if `range` overlaps
+    /// it, lets the locks go, waits for the fence to lift and tries again.
+    fn outside_fence<'a>(
+        &self,
+        range: &Range<u64>,
+        lock: impl Fn() -> RangeGuard<'a>,
+    ) -> RangeGuard<'a> {
+        loop {
+            let guard = lock();
             if !self.fenced(range) {
                 return guard;
             }

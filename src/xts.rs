@@ -5,11 +5,12 @@
 //! `8·n`, exactly as `aes-xts-plain64` in dm-crypt with `sector_size: 4096`. Anything
 //! written here decrypts with OpenSSL's or the kernel's XTS given the 64-byte key.
 //!
-//! Fast path: the data blocks of a group of sectors (≥ 256 blocks for 4096-byte sectors,
-//! 8 sectors at a time for 512-byte ones) go through AES in one `encrypt_blocks` call, so
-//! the `aes` crate's VAES-512 backend sees full 64-block batches. The per-block tweaks
-//! `T·αⁱ` are computed as 8 independent `×x⁸` chains instead of one serial `×x` chain.
-//! The reference implementation (`xts-mode`) cross-checks this in the tests.
+//! Fast path (`vaes`, CPUs with VAES + AVX-512): whitening and AES rounds fused in
+//! registers, 32 blocks in flight (see that module). Portable path (everything else): the
+//! data blocks of a group of sectors (≥ 256 blocks for 4096-byte sectors, 8 sectors at a
+//! time for 512-byte ones) go through the `aes` crate in one `encrypt_blocks` call, with
+//! the per-block tweaks `T·αⁱ` computed in independent chains (AVX-512 when present).
+//! The reference implementation (`xts-mode`) cross-checks both in the tests.
 
 use aes::cipher::consts::U16;
 use aes::cipher::{Array, BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
@@ -17,6 +18,29 @@ use aes::{Aes256, Aes256Enc};
 use rayon::prelude::*;
 
 use crate::secret::VolumeKey;
+
+/// Multiplies each of the four 128-bit tweaks in the AVX-512 register `t` by `x^K`
+/// in GF(2¹²⁸) (K ≤ 56): a shift of both 64-bit halves, the bits carried from the low
+/// half into the high half, and the bits shifted out of the top folded back as a
+/// carry-less product with 0x87 (`b ^ b<<1 ^ b<<2 ^ b<<7`). The caller imports the
+/// `_mm512_*` intrinsics it names.
+#[cfg(target_arch = "x86_64")]
+macro_rules! mul_xk {
+    ($t:expr, $k:literal) => {{
+        let t = $t;
+        let carry = _mm512_srli_epi64::<{ 64 - $k }>(t);
+        let shifted = _mm512_slli_epi64::<$k>(t);
+        let into_high = _mm512_bslli_epi128::<8>(carry);
+        let top = _mm512_bsrli_epi128::<8>(carry);
+        let fold = _mm512_ternarylogic_epi64::<0x96>(
+            top,
+            _mm512_slli_epi64::<1>(top),
+            _mm512_slli_epi64::<2>(top),
+        );
+        let fold = _mm512_xor_si512(fold, _mm512_slli_epi64::<7>(top));
+        _mm512_ternarylogic_epi64::<0x96>(shifted, into_high, fold)
+    }};
+}
 
 #[cfg(target_arch = "x86_64")]
 mod vaes;
@@ -228,17 +252,7 @@ unsafe fn whiten_first_avx512(t0: u128, data: &mut [u64], out: &mut [u64]) {
             _mm512_storeu_si512(d.as_mut_ptr().cast::<__m512i>(), _mm512_xor_si512(v, t));
             _mm512_storeu_si512(o.as_mut_ptr().cast::<__m512i>(), t);
         }
-        let carry = _mm512_srli_epi64::<60>(t);
-        let shifted = _mm512_slli_epi64::<4>(t);
-        let into_high = _mm512_bslli_epi128::<8>(carry);
-        let out_top = _mm512_bsrli_epi128::<8>(carry);
-        let fold = _mm512_ternarylogic_epi64::<0x96>(
-            out_top,
-            _mm512_slli_epi64::<1>(out_top),
-            _mm512_slli_epi64::<2>(out_top),
-        );
-        let fold = _mm512_xor_si512(fold, _mm512_slli_epi64::<7>(out_top));
-        t = _mm512_ternarylogic_epi64::<0x96>(shifted, into_high, fold);
+        t = mul_xk!(t, 4);
     }
 }
 

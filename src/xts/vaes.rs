@@ -159,27 +159,6 @@ fn encrypt_tweak(keys: &RoundKeys, unit: u128) -> u128 {
     u128::from_le_bytes(out)
 }
 
-/// Multiplies each of the four 128-bit tweaks in `t` by `x^K` in GF(2¹²⁸) (K ≤ 56): a
-/// shift of both 64-bit halves, the bits carried from the low half into the high half,
-/// and the bits shifted out of the top folded back as a carry-less product with 0x87
-/// (`b ^ b<<1 ^ b<<2 ^ b<<7`).
-macro_rules! mul_xk {
-    ($t:expr, $k:literal) => {{
-        let t = $t;
-        let carry = _mm512_srli_epi64::<{ 64 - $k }>(t);
-        let shifted = _mm512_slli_epi64::<$k>(t);
-        let into_high = _mm512_bslli_epi128::<8>(carry);
-        let top = _mm512_bsrli_epi128::<8>(carry);
-        let fold = _mm512_ternarylogic_epi64::<0x96>(
-            top,
-            _mm512_slli_epi64::<1>(top),
-            _mm512_slli_epi64::<2>(top),
-        );
-        let fold = _mm512_xor_si512(fold, _mm512_slli_epi64::<7>(top));
-        _mm512_ternarylogic_epi64::<0x96>(shifted, into_high, fold)
-    }};
-}
-
 /// Encrypts or decrypts whole sectors of `sector_bytes` (512 or 4096) in place; the
 /// first sector's `plain64` tweak is `first_unit`, and each sector advances it by
 /// `sector_bytes / 512`.
