@@ -493,16 +493,7 @@ impl Rekeyer {
         let sector_size = SectorSize::try_from(header.sector_size())
             .map_err(|e| RekeyError::BadToken(e.to_string()))?;
         device.begin_rekey(SectorCipher::new(new, sector_size))?;
-        let journal_area = luks2::journal_area(&header);
-        Ok(Self {
-            device,
-            header,
-            st,
-            journal_area,
-            exclusive: false,
-            unflushed: false,
-            scratch: (Vec::new(), Vec::new()),
-        })
+        Ok(Self::at_checkpoint(device, header, st))
     }
 
     /// Resumes the rekey of a device opened in rekey mode (after [`recover`], e.g. by
@@ -520,8 +511,13 @@ impl Rekeyer {
                 st.boundary
             )));
         }
+        Ok(Self::at_checkpoint(device, header, st))
+    }
+
+    /// A rekeyer (online, nothing unflushed) at the checkpoint `st` of `header`.
+    fn at_checkpoint(device: Arc<Device>, header: Header, st: RekeyState) -> Self {
         let journal_area = luks2::journal_area(&header);
-        Ok(Self {
+        Self {
             device,
             header,
             st,
@@ -529,7 +525,7 @@ impl Rekeyer {
             exclusive: false,
             unflushed: false,
             scratch: (Vec::new(), Vec::new()),
-        })
+        }
     }
 
     /// Declares that nothing else does I/O on the device (an offline rekey). Each hotzone
