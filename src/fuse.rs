@@ -7,15 +7,17 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
-    LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, SessionACL, WriteFlags,
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
+    KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, SessionACL, WriteFlags,
 };
 
 use crate::device::{Device, DeviceError};
 
 /// Largest write the kernel may send in one request.
 pub const MAX_WRITE: u32 = 1024 * 1024;
+/// Asynchronous requests the kernel keeps in flight to us (its default is 12).
+const MAX_BACKGROUND: u16 = 128;
 const ROOT: u64 = 1;
 const TTL: Duration = Duration::from_secs(1);
 
@@ -113,6 +115,15 @@ impl VolumeFs {
 impl Filesystem for VolumeFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE);
+        // Without FUSE_ASYNC_DIO the kernel turns every asynchronous direct request
+        // (libaio, io_uring: what fio, qemu and databases use) into a synchronous one, so
+        // a queue depth of 16 reaches us as 1 and the other FUSE threads sit idle. libfuse
+        // asks for it by default; fuser does not. Async requests count against
+        // max_background, which must then cover the deepest queue we expect.
+        if config.add_capabilities(InitFlags::FUSE_ASYNC_DIO).is_err() {
+            tracing::warn!("kernel lacks FUSE_ASYNC_DIO: asynchronous direct I/O is serialized");
+        }
+        let _ = config.set_max_background(MAX_BACKGROUND);
         Ok(())
     }
 
