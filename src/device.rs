@@ -280,8 +280,7 @@ impl Device {
         let ss = self.geo.sector_size.bytes();
         let first = at / ss as u64;
         for_each_run(buf, ss, |i, run| {
-            old.par_decrypt_sectors(run, first + i as u64)?;
-            new.par_encrypt_sectors(run, first + i as u64)
+            old.par_recrypt_sectors(new, run, first + i as u64)
         })?;
         Ok(())
     }

@@ -63,7 +63,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::backing::{Backing, BackingError};
-use crate::device::{CryptStateError, Device, DeviceError, is_zero};
+use crate::device::{CryptStateError, Device, DeviceError, Geometry, is_zero};
 use crate::luks2::{self, Header, KmsToken, Luks2Error};
 use crate::secret::{SecretError, VolumeKey};
 use crate::volume::{self, VolumeError};
@@ -417,8 +417,28 @@ pub struct Rekeyer {
     exclusive: bool,
     /// The last zone's new ciphertext is written but not yet flushed (merged mode).
     unflushed: bool,
+    /// Merged mode: the last zone's new ciphertext, not yet written. The next step writes
+    /// it while it reads its own zone (two cores busy instead of one), and its journal
+    /// flush makes it durable as before.
+    pending: Option<Rewrite>,
     /// Zone buffers (old and new ciphertext), reused from zone to zone.
     scratch: (Vec<u8>, Vec<u8>),
+}
+
+/// A zone's new ciphertext waiting to be written in place.
+struct Rewrite {
+    zone: Range<u64>,
+    buf: Vec<u8>,
+}
+
+impl Rewrite {
+    /// Writes the zone's non-hole runs and starts their writeback.
+    fn write(&self, backing: &dyn Backing, geo: Geometry) -> Result<(), BackingError> {
+        let at = geo.data_offset + self.zone.start;
+        write_runs(backing, at, &self.buf, geo.sector_size.bytes(), false)?;
+        backing.start_writeback(at, self.zone.end - self.zone.start);
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Rekeyer {
@@ -524,6 +544,7 @@ impl Rekeyer {
             journal_area,
             exclusive: false,
             unflushed: false,
+            pending: None,
             scratch: (Vec::new(), Vec::new()),
         }
     }
@@ -611,7 +632,21 @@ impl Rekeyer {
         let len = usize::try_from(e - b).expect("a hotzone fits in memory");
         let (mut old, mut new) = std::mem::take(&mut self.scratch);
         old.resize(len, 0);
-        backing.read_at(&mut old, geo.data_offset + b)?;
+        // Merged mode: the previous zone's rewrite runs beside this zone's read.
+        let pending = self.pending.take();
+        let (rewritten, read) = rayon::join(
+            || {
+                pending
+                    .map(|p| p.write(&*backing, geo).map(|()| p))
+                    .transpose()
+            },
+            || backing.read_at(&mut old, geo.data_offset + b),
+        );
+        if let Some(p) = rewritten? {
+            observe(StepPhase::Rewritten, p.zone);
+            new = p.buf;
+        }
+        read?;
         let all_holes = old.par_chunks(ss).all(is_zero);
         if !all_holes {
             // The journal write and its flush overlap with the checksum and the crypto,
@@ -641,18 +676,25 @@ impl Rekeyer {
             });
             store_state(&mut self.header, &self.st, &*backing)?;
             observe(StepPhase::Checkpointed, zone.clone());
-            write_runs(&*backing, geo.data_offset + b, &new, ss, false)?;
-            backing.start_writeback(geo.data_offset + b, e - b);
+            let rewrite = Rewrite {
+                zone: zone.clone(),
+                buf: new,
+            };
             if self.merged() {
                 // Nothing reads this zone before the next checkpoint, and until then the
                 // header names this zone's journal (in the slot the next journal does not
-                // use), so a crash restores and redoes it: the next journal's flush makes
-                // the zone durable in the same fdatasync, and `finish` flushes the last.
+                // use), so a crash restores and redoes it: the next step writes the zone
+                // while it reads its own, its journal's flush makes the zone durable in
+                // the same fdatasync, and `settle` writes and flushes the last.
+                self.pending = Some(rewrite);
                 self.unflushed = true;
+                new = Vec::new();
             } else {
+                rewrite.write(&*backing, geo)?;
                 backing.flush()?;
+                observe(StepPhase::Rewritten, zone.clone());
+                new = rewrite.buf;
             }
-            observe(StepPhase::Rewritten, zone.clone());
         }
         self.scratch = (old, new);
         self.st.boundary = e;
@@ -671,10 +713,8 @@ impl Rekeyer {
     /// serve the new key only.
     fn finish(&mut self) -> Result<(), RekeyError> {
         let backing = self.device.backing().clone();
-        if std::mem::take(&mut self.unflushed) {
-            // The last zone's new ciphertext, before the header stops naming its journal.
-            backing.flush()?;
-        }
+        // The last zone's new ciphertext, before the header stops naming its journal.
+        self.settle()?;
         let digests = self.header.digests_mut();
         let segments = digests
             .get(&self.st.old_digest)
@@ -710,6 +750,19 @@ impl Rekeyer {
         Ok(())
     }
 
+    /// Merged mode: writes the last zone's new ciphertext if the next step has not, and
+    /// makes it durable. The device then holds on disk what it serves.
+    fn settle(&mut self) -> Result<(), RekeyError> {
+        let backing = self.device.backing().clone();
+        if let Some(p) = self.pending.take() {
+            p.write(&*backing, self.device.geometry())?;
+        }
+        if std::mem::take(&mut self.unflushed) {
+            backing.flush()?;
+        }
+        Ok(())
+    }
+
     /// Runs to the end, reporting progress after each hotzone; stops early (with
     /// [`RekeyError::Cancelled`], checkpoint consistent) when `cancel` is set.
     ///
@@ -723,6 +776,7 @@ impl Rekeyer {
         progress(self.progress());
         loop {
             if cancel.load(Ordering::Relaxed) {
+                self.settle()?;
                 return Err(RekeyError::Cancelled(self.st.boundary));
             }
             let done = self.step()?;
