@@ -25,6 +25,17 @@ pub enum Output {
     Json,
 }
 
+/// What a rekey journals per hotzone (as `cryptsetup reencrypt --resilience`).
+#[derive(Debug, Clone, Copy, Default, ValueEnum, PartialEq, Eq)]
+pub enum ResilienceArg {
+    /// A full copy of the old ciphertext: repairs any torn write; writes every byte twice.
+    #[default]
+    Journal,
+    /// 16 bytes per 512 and the zone's BLAKE3: about half the writes; relies on 512-byte
+    /// writes being atomic, and detects (does not repair) a tear below that.
+    Checksum,
+}
+
 /// sealvol: encrypted virtual disks (LUKS2, aes-xts-plain64) served through FUSE.
 #[derive(Debug, Parser)]
 #[command(name = "sealvol", version, about, long_about = None)]
@@ -132,6 +143,10 @@ pub enum Cmd {
         /// Hotzone size in MiB (default 2 online, 8 offline; at most the keyslots area).
         #[arg(long)]
         hotzone_mib: Option<u64>,
+        /// What each hotzone's journal holds (with --path; a resumed rekey keeps the mode
+        /// it started with).
+        #[arg(long, value_enum, default_value_t, conflicts_with_all = ["mountpoint", "workspace_id"])]
+        resilience: ResilienceArg,
         /// Served file to rekey with --mountpoint (default: the only one).
         #[arg(long, requires = "mountpoint")]
         file: Option<String>,
@@ -307,6 +322,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             new_volume_key_file,
             offline: _,
             hotzone_mib,
+            resilience,
             file,
             output,
         } => {
@@ -332,7 +348,14 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 mountpoint.as_deref(),
                 volume_key_file.as_deref(),
                 &new_key_file,
-                hotzone_bytes,
+                crate::rekey::RekeyOptions {
+                    hotzone_bytes,
+                    new_kms_token: None,
+                    resilience: match resilience {
+                        ResilienceArg::Journal => crate::rekey::Resilience::Journal,
+                        ResilienceArg::Checksum => crate::rekey::Resilience::Checksum,
+                    },
+                },
                 file,
                 output,
             )
@@ -480,11 +503,11 @@ fn rekey_volume(
     mountpoint: Option<&Path>,
     key_file: Option<&Path>,
     new_key_file: &Path,
-    hotzone_bytes: Option<u64>,
+    opts: crate::rekey::RekeyOptions,
     file: Option<String>,
     output: Output,
 ) -> Result<(), CliError> {
-    use crate::rekey::{self, ControlRequest, Progress, RekeyOptions};
+    use crate::rekey::{self, ControlRequest, Progress};
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template(
             "rekey {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
@@ -502,10 +525,6 @@ fn rekey_volume(
                 key_file.ok_or_else(|| CliError::Usage("--path needs --volume-key-file".into()))?,
             )?;
             let new = VolumeKey::from_file(new_key_file)?;
-            let opts = RekeyOptions {
-                hotzone_bytes,
-                new_kms_token: None,
-            };
             (
                 rekey::rekey_detached(path, &old, &new, &opts, update)?,
                 path.display().to_string(),
@@ -518,7 +537,7 @@ fn rekey_volume(
             let req = ControlRequest::Rekey {
                 export: file,
                 new_volume_key_file: key,
-                hotzone_bytes,
+                hotzone_bytes: opts.hotzone_bytes,
                 new_kms_token: None,
             };
             (

@@ -67,7 +67,7 @@ use crate::device::{CryptStateError, Device, DeviceError, Geometry, is_zero};
 use crate::luks2::{self, Header, KmsToken, Luks2Error};
 use crate::secret::{SecretError, VolumeKey};
 use crate::volume::{self, VolumeError};
-use crate::xts::{SectorCipher, SectorSize};
+use crate::xts::{SectorCipher, SectorSize, XtsError};
 
 /// LUKS2 token type holding the rekey checkpoint.
 pub const TOKEN_TYPE: &str = "sealvol-rekey";
@@ -81,6 +81,34 @@ pub const DEFAULT_HOTZONE: u64 = 2 * 1024 * 1024;
 pub const DEFAULT_OFFLINE_HOTZONE: u64 = 8 * 1024 * 1024;
 /// Hotzones are multiples of this (the device's range-lock granularity).
 pub const HOTZONE_ALIGN: u64 = 64 * 1024;
+/// The unit a disk writes atomically, and so the unit a crash can tear a sector into.
+const PIECE: usize = 512;
+/// Bytes of a piece's old ciphertext kept as its fingerprint (one AES block).
+const FINGERPRINT: usize = 16;
+
+/// How a hotzone's old ciphertext is protected while it is rewritten in place; the
+/// choice and the names follow `cryptsetup reencrypt --resilience`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resilience {
+    /// A full copy of the zone's old ciphertext (DESIGN §7): any torn write, at any
+    /// granularity, is repaired from it. Writes every byte twice.
+    #[default]
+    Journal,
+    /// The first 16 bytes of every 512-byte piece of the zone's old ciphertext, 1/32 of
+    /// the zone. After a crash each piece is either old or new ciphertext (disks write
+    /// 512 bytes atomically) and its fingerprint tells which; XTS blocks decrypt
+    /// independently, so a torn sector is put back together under the old key. The
+    /// zone's BLAKE3 then proves the repair; a tear below 512 bytes fails it with
+    /// [`RekeyError::JournalCorrupt`] instead of returning wrong data.
+    Checksum,
+}
+
+impl Resilience {
+    fn is_journal(&self) -> bool {
+        *self == Self::Journal
+    }
+}
 
 /// Everything a rekey can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -194,7 +222,7 @@ pub struct JournalRecord {
     pub len: u64,
     /// Absolute backing offset of the journal copy (inside the keyslots area).
     pub offset: u64,
-    /// Checksum of the journal copy (the zone's old ciphertext): BLAKE3, hex.
+    /// Checksum of the zone's old ciphertext (what recovery must restore): BLAKE3, hex.
     pub blake3: String,
 }
 
@@ -216,6 +244,10 @@ pub struct RekeyState {
     pub journal: Option<JournalRecord>,
     /// The new key's KMS token, installed when the rekey finishes.
     pub new_kms_token: Option<KmsToken>,
+    /// What the journal holds. Absent means a full copy, so journal-mode checkpoints read
+    /// as before; a `checksum` checkpoint is refused by binaries that predate it.
+    #[serde(default, skip_serializing_if = "Resilience::is_journal")]
+    pub resilience: Resilience,
 }
 
 /// Progress of a rekey, in data bytes.
@@ -235,6 +267,8 @@ pub struct RekeyOptions {
     pub hotzone_bytes: Option<u64>,
     /// The new key's KMS token (the seam for KMS-backed volumes), stored at the end.
     pub new_kms_token: Option<KmsToken>,
+    /// What each hotzone's journal holds.
+    pub resilience: Resilience,
 }
 
 /// Where a step is, for [`Rekeyer::step_with`]'s observer (crash tests interleave
@@ -379,32 +413,108 @@ pub fn recover(
     if let Some(j) = &st.journal {
         let len =
             usize::try_from(j.len).map_err(|_| RekeyError::BadToken("journal length".into()))?;
+        let sector_size = SectorSize::try_from(header.sector_size())
+            .map_err(|e| RekeyError::BadToken(e.to_string()))?;
+        let ss = sector_size.bytes();
         let area = luks2::journal_area(header);
         if j.zone_start != st.boundary
+            || !len.is_multiple_of(ss)
             || j.offset < area.start
-            || j.offset.saturating_add(j.len) > area.end
+            || j.offset.saturating_add(journal_len(st.resilience, j.len)) > area.end
         {
             return Err(RekeyError::BadToken(
                 "the journal record does not match the boundary or the journal area".into(),
             ));
         }
-        let mut buf = vec![0u8; len];
-        backing.read_at(&mut buf, j.offset)?;
+        let zone_at = header.data_offset() + j.zone_start;
+        let buf = match st.resilience {
+            Resilience::Journal => {
+                let mut buf = vec![0u8; len];
+                backing.read_at(&mut buf, j.offset)?;
+                buf
+            }
+            Resilience::Checksum => {
+                let mut fingerprints = vec![0u8; len / PIECE * FINGERPRINT];
+                backing.read_at(&mut fingerprints, j.offset)?;
+                let mut zone = vec![0u8; len];
+                backing.read_at(&mut zone, zone_at)?;
+                let ciphers = (
+                    SectorCipher::new(old, sector_size),
+                    SectorCipher::new(new, sector_size),
+                );
+                reassemble_old(&mut zone, &fingerprints, j.zone_start, &ciphers)
+                    .map_err(CryptStateError::from)?;
+                zone
+            }
+        };
         if journal_checksum(&buf) != j.blake3 {
             return Err(RekeyError::JournalCorrupt {
                 zone_start: j.zone_start,
             });
         }
-        let ss = usize::try_from(header.sector_size()).unwrap_or(4096);
-        write_runs(backing, header.data_offset() + j.zone_start, &buf, ss, true)?;
+        write_runs(backing, zone_at, &buf, ss, true)?;
         backing.flush()?;
         tracing::info!(
-            "rekey recovery: restored the hotzone at {} ({} bytes) from the journal",
+            "rekey recovery: restored the hotzone at {} ({} bytes) from the {:?} journal",
             j.zone_start,
-            j.len
+            j.len,
+            st.resilience
         );
     }
     Ok(st)
+}
+
+/// Bytes the journal of a `len`-byte zone takes.
+fn journal_len(resilience: Resilience, len: u64) -> u64 {
+    match resilience {
+        Resilience::Journal => len,
+        Resilience::Checksum => len / PIECE as u64 * FINGERPRINT as u64,
+    }
+}
+
+/// The checksum journal of a zone: each 512-byte piece's first 16 bytes.
+fn fingerprints(zone: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(zone.len() / PIECE * FINGERPRINT);
+    for piece in zone.chunks_exact(PIECE) {
+        out.extend_from_slice(&piece[..FINGERPRINT]);
+    }
+    out
+}
+
+/// Turns a zone that a crash left as a mix of old and new ciphertext, 512-byte piece by
+/// piece, back into old ciphertext: a piece whose start differs from its fingerprint was
+/// rewritten, so its plaintext comes from the new key, the others' from the old key (XTS
+/// blocks are independent given their tweaks), and the sector is encrypted again under
+/// the old key. The caller checks the result against the zone's BLAKE3.
+fn reassemble_old(
+    zone: &mut [u8],
+    fingerprints: &[u8],
+    zone_start: u64,
+    (old, new): &(SectorCipher, SectorCipher),
+) -> Result<(), XtsError> {
+    let ss = old.sector_size().bytes();
+    let first = zone_start / ss as u64;
+    let per_sector = ss / PIECE;
+    for (i, sector) in zone.chunks_exact_mut(ss).enumerate() {
+        let fp = &fingerprints[i * per_sector * FINGERPRINT..][..per_sector * FINGERPRINT];
+        let rewritten: Vec<bool> = sector
+            .chunks_exact(PIECE)
+            .zip(fp.chunks_exact(FINGERPRINT))
+            .map(|(piece, f)| piece[..FINGERPRINT] != *f)
+            .collect();
+        if !rewritten.contains(&true) {
+            continue;
+        }
+        let n = first + i as u64;
+        let mut via_new = sector.to_vec();
+        new.decrypt_sectors(&mut via_new, n)?;
+        old.decrypt_sectors(sector, n)?;
+        for (p, _) in rewritten.iter().enumerate().filter(|(_, r)| **r) {
+            sector[p * PIECE..(p + 1) * PIECE].copy_from_slice(&via_new[p * PIECE..][..PIECE]);
+        }
+        old.encrypt_sectors(sector, n)?;
+    }
+    Ok(())
 }
 
 /// A rekey in progress on an open device: drives it hotzone by hotzone.
@@ -508,6 +618,7 @@ impl Rekeyer {
             boundary: 0,
             journal: None,
             new_kms_token: opts.new_kms_token.clone(),
+            resilience: opts.resilience,
         };
         store_state(&mut header, &st, &*backing)?;
         let sector_size = SectorSize::try_from(header.sector_size())
@@ -655,10 +766,19 @@ impl Rekeyer {
             new.extend_from_slice(&old);
             let device = &self.device;
             let journal_offset = self.next_slot();
+            let resilience = self.st.resilience;
             let (journaled, (sum, crypted)) = rayon::join(
                 || {
-                    backing.write_at(&old, journal_offset)?;
-                    backing.start_writeback(journal_offset, e - b);
+                    let fp;
+                    let journal = match resilience {
+                        Resilience::Journal => &old,
+                        Resilience::Checksum => {
+                            fp = fingerprints(&old);
+                            &fp
+                        }
+                    };
+                    backing.write_at(journal, journal_offset)?;
+                    backing.start_writeback(journal_offset, journal.len() as u64);
                     // (Exclusive: this flush also makes the previous zone's new
                     // ciphertext durable, see below.)
                     backing.flush()
@@ -1299,6 +1419,7 @@ impl ServerInner {
             let opts = RekeyOptions {
                 hotzone_bytes: hotzone,
                 new_kms_token,
+                resilience: Resilience::Journal,
             };
             Rekeyer::start(device, &new, &opts).map_err(|e| e.to_string())?
         };
@@ -1374,6 +1495,52 @@ mod tests {
         .device
     }
 
+    /// The checksum journal's repair: a zone torn 512-byte piece by piece between old and
+    /// new ciphertext comes back as the old ciphertext; a tear inside a piece does not,
+    /// and the zone's BLAKE3 (checked by `recover`) tells.
+    #[test]
+    fn checksum_journal_repairs_512_byte_tears_and_detects_finer_ones() {
+        for ss in [SectorSize::S4096, SectorSize::S512] {
+            let (k1, k2) = (VolumeKey::generate(), VolumeKey::generate());
+            let ciphers = (SectorCipher::new(&k1, ss), SectorCipher::new(&k2, ss));
+            let zone_start = 3 * 65536;
+            let first = zone_start / ss.bytes_u64();
+            let mut old = vec![0u8; 65536];
+            rand::fill(&mut old[..]);
+            old[4096..8192].fill(0); // a hole stays a hole
+            let fp = fingerprints(&old);
+            assert_eq!(fp.len() as u64, journal_len(Resilience::Checksum, 65536));
+            let mut new = old.clone();
+            for_each_nonzero_sector(&mut new, ss.bytes(), |i, s| {
+                ciphers
+                    .0
+                    .par_recrypt_sectors(&ciphers.1, s, first + i as u64)
+                    .expect("aligned");
+            });
+            let mut mixed = old.clone();
+            for (p, piece) in mixed.chunks_exact_mut(PIECE).enumerate() {
+                if p % 3 != 1 {
+                    piece.copy_from_slice(&new[p * PIECE..][..PIECE]);
+                }
+            }
+            assert_ne!(mixed, old);
+            reassemble_old(&mut mixed, &fp, zone_start, &ciphers).expect("aligned");
+            assert!(mixed == old, "{ss:?}: pieces reassembled");
+            let mut torn = old.clone();
+            torn[5 * PIECE + 100..6 * PIECE].copy_from_slice(&new[5 * PIECE + 100..6 * PIECE]);
+            reassemble_old(&mut torn, &fp, zone_start, &ciphers).expect("aligned");
+            assert_ne!(journal_checksum(&torn), journal_checksum(&old), "{ss:?}");
+        }
+    }
+
+    fn for_each_nonzero_sector(buf: &mut [u8], ss: usize, mut f: impl FnMut(usize, &mut [u8])) {
+        for (i, s) in buf.chunks_exact_mut(ss).enumerate() {
+            if !is_zero(s) {
+                f(i, s);
+            }
+        }
+    }
+
     /// Writers and readers hammer the device from several threads while the rekey moves
     /// the boundary through it; every thread owns every 4th 4 KiB block and checks what
     /// it reads against what it wrote last.
@@ -1389,6 +1556,7 @@ mod tests {
             &RekeyOptions {
                 hotzone_bytes: Some(128 * 1024),
                 new_kms_token: None,
+                resilience: Resilience::Journal,
             },
         )
         .expect("start");
@@ -1456,6 +1624,7 @@ mod tests {
         let bad = RekeyOptions {
             hotzone_bytes: Some(1000),
             new_kms_token: None,
+            resilience: Resilience::Journal,
         };
         assert!(matches!(
             Rekeyer::start(dev.clone(), &VolumeKey::generate(), &bad),
@@ -1464,6 +1633,7 @@ mod tests {
         let huge = RekeyOptions {
             hotzone_bytes: Some(64 << 20),
             new_kms_token: None,
+            resilience: Resilience::Journal,
         };
         assert!(matches!(
             Rekeyer::start(dev.clone(), &VolumeKey::generate(), &huge),

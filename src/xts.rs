@@ -661,7 +661,7 @@ mod tests {
                 3 * ss.bytes(),
                 PARALLEL_MIN + PARALLEL_CHUNK + 5 * ss.bytes(),
             ] {
-                let pt: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+                let pt: Vec<u8> = (0..len).map(|i| i.to_le_bytes()[0] ^ 0x3C).collect();
                 let (mut under_old, mut want) = (pt.clone(), pt.clone());
                 reference(&k1, ss, &mut under_old, 9, true);
                 reference(&k2, ss, &mut want, 9, true);

@@ -14,7 +14,7 @@ use sealvol::backing::Backing;
 use sealvol::crashsim::{CrashConfig, CrashImage, CrashSim, SimRng, seed_from_env};
 use sealvol::device::{Crypt, Device};
 use sealvol::luks2::{FormatParams, Header, KmsToken};
-use sealvol::rekey::{self, RekeyOptions, Rekeyer, StepPhase};
+use sealvol::rekey::{self, RekeyOptions, Rekeyer, Resilience, StepPhase};
 use sealvol::secret::VolumeKey;
 use sealvol::volume;
 use sealvol::xts::{SectorCipher, SectorSize};
@@ -311,7 +311,7 @@ fn recover_and_check(
             new,
             &RekeyOptions {
                 hotzone_bytes: Some(64 * 1024),
-                new_kms_token: None,
+                ..RekeyOptions::default()
             },
         )
         .map_err(|e| e.to_string())?;
@@ -334,9 +334,17 @@ fn recover_and_check(
     check(&read_all(&*open_device(disk, new)?)?)
 }
 
-fn rekey_crash_run(ss: u32, salt: u64, hotzone: u64, exclusive: bool) -> usize {
+fn rekey_crash_run(
+    ss: u32,
+    salt: u64,
+    hotzone: u64,
+    exclusive: bool,
+    resilience: Resilience,
+) -> usize {
     let base = seed_from_env();
-    eprintln!("rekey_crash_run({ss}, hotzone {hotzone}): SEALVOL_CRASH_SEED={base:#x}");
+    eprintln!(
+        "rekey_crash_run({ss}, hotzone {hotzone}, {resilience:?}): SEALVOL_CRASH_SEED={base:#x}"
+    );
     let mut rng = SimRng::new(base ^ salt);
     let sim = Arc::new(CrashSim::empty(0));
     let old = key(&mut rng);
@@ -367,6 +375,7 @@ fn rekey_crash_run(ss: u32, salt: u64, hotzone: u64, exclusive: bool) -> usize {
     let opts = RekeyOptions {
         hotzone_bytes: Some(hotzone),
         new_kms_token: None,
+        resilience,
     };
     let mut r = Rekeyer::start(dev.clone(), &new, &opts).expect("start");
     if exclusive {
@@ -426,7 +435,7 @@ fn rekey_crash_run(ss: u32, salt: u64, hotzone: u64, exclusive: bool) -> usize {
         })
         .unwrap_or_else(|e| panic!("{e}"));
     eprintln!(
-        "rekey({ss}, hotzone {hotzone}, exclusive {exclusive}): {checked} crash points + {nested} crash points inside recovery; {wrote} foreground writes interleaved"
+        "rekey({ss}, hotzone {hotzone}, exclusive {exclusive}, {resilience:?}): {checked} crash points + {nested} crash points inside recovery; {wrote} foreground writes interleaved"
     );
     checked + nested
 }
@@ -442,12 +451,24 @@ impl Model {
 
 #[test]
 fn rekey_survives_a_crash_at_every_step() {
-    let n = rekey_crash_run(4096, 1, 64 * 1024, false)
-        + rekey_crash_run(512, 2, 64 * 1024, false)
-        + rekey_crash_run(4096, 3, 192 * 1024, false)
-        + rekey_crash_run(4096, 4, 64 * 1024, true)
-        + rekey_crash_run(512, 5, 128 * 1024, true);
+    let n = rekey_crash_run(4096, 1, 64 * 1024, false, Resilience::Journal)
+        + rekey_crash_run(512, 2, 64 * 1024, false, Resilience::Journal)
+        + rekey_crash_run(4096, 3, 192 * 1024, false, Resilience::Journal)
+        + rekey_crash_run(4096, 4, 64 * 1024, true, Resilience::Journal)
+        + rekey_crash_run(512, 5, 128 * 1024, true, Resilience::Journal);
     eprintln!("rekey: {n} crash points checked");
+    assert!(n > 1000, "{n}");
+}
+
+/// The checksum journal (fingerprints): torn sectors are put back together piece by
+/// piece, online and offline, at both sector sizes.
+#[test]
+fn checksum_rekey_survives_a_crash_at_every_step() {
+    let n = rekey_crash_run(4096, 11, 64 * 1024, false, Resilience::Checksum)
+        + rekey_crash_run(512, 12, 64 * 1024, false, Resilience::Checksum)
+        + rekey_crash_run(4096, 13, 64 * 1024, true, Resilience::Checksum)
+        + rekey_crash_run(512, 14, 128 * 1024, true, Resilience::Checksum);
+    eprintln!("checksum rekey: {n} crash points checked");
     assert!(n > 1000, "{n}");
 }
 
@@ -477,7 +498,7 @@ fn one_key_is_refused_mid_rekey_with_the_resume_command() {
         &new,
         &RekeyOptions {
             hotzone_bytes: Some(256 * 1024),
-            new_kms_token: None,
+            ..RekeyOptions::default()
         },
     )
     .expect("start");

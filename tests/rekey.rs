@@ -401,3 +401,102 @@ fn kill_9_mid_rekey_then_reattach_resumes_and_finishes() {
         !is_mounted(&mnt)
     });
 }
+
+/// `rekey-volume --path --resilience checksum` (the fingerprint journal) killed with -9
+/// mid-way: the header keeps the mode, the same command resumes and finishes, and fio
+/// verifies every byte under the new key.
+#[test]
+fn offline_checksum_rekey_killed_then_resumed_by_the_same_command() {
+    if !prerequisites("offline_checksum_rekey_killed_then_resumed_by_the_same_command") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vol = dir.path().join("vol.luks");
+    let old = key_file(dir.path(), "old.key");
+    let new = key_file(dir.path(), "new.key");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    run_ok(
+        "sealvol",
+        &[
+            "create-volume",
+            "--path",
+            s(&vol),
+            "--size-gib",
+            "1",
+            "--volume-key-file",
+            s(&old),
+        ],
+    );
+    let mount = |key: &Path| {
+        let out = attach(&vol, &mnt, key, None);
+        assert!(
+            out.status.success(),
+            "attach: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let disk = mnt.join("disk");
+    mount(&old);
+    fio_ok(
+        &fio_region(&disk, "base", "0", "768M", "1M", false),
+        "base write",
+    );
+    run_ok("sealvol", &["detach", "--mountpoint", s(&mnt)]);
+
+    let rekey = || {
+        Command::new(sealvol_bin())
+            .args([
+                "rekey-volume",
+                "--path",
+                s(&vol),
+                "--volume-key-file",
+                s(&old),
+                "--new-volume-key-file",
+                s(&new),
+                "--resilience",
+                "checksum",
+                "--hotzone-mib",
+                "1",
+                "--output",
+                "json",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn rekey-volume")
+    };
+    let mut first = rekey();
+    wait_until("the rekey to pass 32 MiB", Duration::from_secs(120), || {
+        rekey_done_bytes(&vol).is_some_and(|d| d >= 32 << 20)
+    });
+    first.kill().expect("kill -9 the rekey");
+    let _ = first.wait();
+    let dump = run_ok("cryptsetup", &["luksDump", "--dump-json-metadata", s(&vol)]);
+    assert!(
+        dump.contains("\"resilience\":\"checksum\"") && dump.contains("sealvol-rekey-v1"),
+        "checkpoint keeps the mode and the requirement: {dump}"
+    );
+    let done = rekey_done_bytes(&vol).expect("unfinished after kill -9");
+    assert!(done < 1 << 30, "{done}");
+
+    let again = rekey().wait_with_output().expect("rekey-volume again");
+    assert!(
+        again.status.success(),
+        "resume: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&again.stdout).expect("json report");
+    assert_eq!(report["Resumed"], true, "{report}");
+    assert!(rekey_done_bytes(&vol).is_none(), "finished");
+    check_plain_header(&vol);
+    mount(&new);
+    fio_ok(
+        &fio_region(&disk, "base", "0", "768M", "1M", true),
+        "verify under the new key",
+    );
+    run_ok("sealvol", &["detach", "--mountpoint", s(&mnt)]);
+    wait_until("FUSE unmounted", Duration::from_secs(10), || {
+        !is_mounted(&mnt)
+    });
+}

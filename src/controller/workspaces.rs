@@ -1686,6 +1686,7 @@ impl Controller {
                 let opts = crate::rekey::RekeyOptions {
                     hotzone_bytes,
                     new_kms_token: Some(token),
+                    resilience: crate::rekey::Resilience::Journal,
                 };
                 crate::rekey::rekey_detached(&v.path, &old_key, &new_key, &opts, |p| {
                     progress(&v.volume_id, p)
