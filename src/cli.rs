@@ -140,7 +140,8 @@ pub enum Cmd {
         /// The volume is detached (implied by --path; refuses a mountpoint).
         #[arg(long, conflicts_with = "mountpoint")]
         offline: bool,
-        /// Hotzone size in MiB (default 2 online, 8 offline; at most the keyslots area).
+        /// Hotzone size in MiB (default 2 online, 8 offline; at most the keyslots area, or
+        /// 32 times it with --resilience checksum).
         #[arg(long)]
         hotzone_mib: Option<u64>,
         /// What each hotzone's journal holds (with --path; a resumed rekey keeps the mode
