@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Rekey throughput (DESIGN §9): `sealvol rekey-volume --path` (offline, journaled
-# hotzones) on a 1 GiB volume vs `cryptsetup reencrypt --force-offline-reencrypt
-# --resilience checksum` on a same-size LUKS2 image made by `cryptsetup luksFormat`
-# (pbkdf2, low iterations, a keyfile). Both data areas are filled with random bytes first
-# so that every sector is real work (no holes). Prints MB/s for both and the ratio.
+# Rekey throughput (DESIGN §9): `sealvol rekey-volume --path` (offline; hotzones with
+# --resilience journal, then with --resilience checksum) on a 1 GiB volume vs
+# `cryptsetup reencrypt --force-offline-reencrypt --resilience checksum` on a same-size
+# LUKS2 image made by `cryptsetup luksFormat` (pbkdf2, low iterations, a keyfile). All data
+# areas are filled with random bytes first so that every sector is real work (no holes).
+# Prints MB/s for each and the ratios.
 #
 # Usage: bench/rekey.sh [--size-gib N] [--hotzone-mib N]
 #   SEALVOL_BIN=path   use this binary (default: cargo build --release)
@@ -41,17 +42,23 @@ head -c 32 /dev/urandom >"$DIR/pass.key"
 now() { date +%s.%N; }
 mbps() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f", b / s / 1e6 }'; }
 
-# --- sealvol -------------------------------------------------------------------------
-"$SEALVOL_BIN" create-volume --path "$DIR/sealvol.luks" --size-gib "$SIZE_GIB" --volume-key-file "$DIR/old.key" >/dev/null
-dd if=/dev/urandom of="$DIR/sealvol.luks" bs=1M seek=$DATA_OFF_MIB count=$(( SIZE_GIB * 1024 )) conv=notrunc status=none
-sync
-t0=$(now)
-"$SEALVOL_BIN" rekey-volume --path "$DIR/sealvol.luks" --volume-key-file "$DIR/old.key" \
-    --new-volume-key-file "$DIR/new.key" --offline "${HOTZONE[@]}" --output json >"$DIR/sealvol.json"
-t1=$(now)
-sv_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
-sv=$(mbps "$BYTES" "$sv_s")
-rm -f "$DIR/sealvol.luks"
+# --- sealvol (journal, then checksum resilience) -------------------------------------
+sealvol_rekey() { # MODE -> sets sv_s (seconds)
+    "$SEALVOL_BIN" create-volume --path "$DIR/sealvol.luks" --size-gib "$SIZE_GIB" --volume-key-file "$DIR/old.key" >/dev/null
+    dd if=/dev/urandom of="$DIR/sealvol.luks" bs=1M seek=$DATA_OFF_MIB count=$(( SIZE_GIB * 1024 )) conv=notrunc status=none
+    sync
+    local t0 t1
+    t0=$(now)
+    "$SEALVOL_BIN" rekey-volume --path "$DIR/sealvol.luks" --volume-key-file "$DIR/old.key" \
+        --new-volume-key-file "$DIR/new.key" --offline --resilience "$1" "${HOTZONE[@]}" --output json >"$DIR/sealvol.json"
+    t1=$(now)
+    sv_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
+    rm -f "$DIR/sealvol.luks"
+}
+sealvol_rekey journal
+svj_s=$sv_s; svj=$(mbps "$BYTES" "$sv_s")
+sealvol_rekey checksum
+svc_s=$sv_s; svc=$(mbps "$BYTES" "$sv_s")
 
 # --- cryptsetup ----------------------------------------------------------------------
 truncate -s $(( BYTES + (DATA_OFF_MIB << 20) )) "$DIR/cs.img"
@@ -67,8 +74,9 @@ t1=$(now)
 cs_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
 cs=$(mbps "$BYTES" "$cs_s")
 
-ratio=$(awk -v a="$sv" -v b="$cs" 'BEGIN { printf "%.2f", a / b }')
-echo "volume: ${SIZE_GIB} GiB, every sector written; sealvol hotzone: ${HOTZONE[*]:-default (offline: half the journal area, about 8 MiB, two journal slots)}"
-echo "sealvol rekey-volume --offline (journal):          ${sv} MB/s (${sv_s} s)"
+ratio() { awk -v a="$1" -v b="$cs" 'BEGIN { printf "%.2f", a / b }'; }
+echo "volume: ${SIZE_GIB} GiB, every sector written; sealvol hotzone: ${HOTZONE[*]:-default (offline: 8 MiB, two journal slots)}"
+echo "sealvol rekey-volume --offline --resilience journal:   ${svj} MB/s (${svj_s} s)"
+echo "sealvol rekey-volume --offline --resilience checksum:  ${svc} MB/s (${svc_s} s)"
 echo "cryptsetup reencrypt --force-offline-reencrypt (checksum): ${cs} MB/s (${cs_s} s)"
-echo "ratio sealvol/cryptsetup: ${ratio}x"
+echo "ratio sealvol/cryptsetup: journal $(ratio "$svj")x, checksum $(ratio "$svc")x"
