@@ -21,6 +21,11 @@ const MAX_BACKGROUND: u16 = 128;
 const ROOT: u64 = 1;
 const TTL: Duration = Duration::from_secs(1);
 
+thread_local! {
+    /// Each FUSE thread's read buffer (volume plaintext, never keys), at most MAX_WRITE.
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// One served file: its name in the mount and its device.
 #[derive(Debug, Clone)]
 pub struct Export {
@@ -210,14 +215,19 @@ impl Filesystem for VolumeFs {
             return reply.error(Errno::ENOENT);
         };
         let want = size.min(MAX_WRITE) as usize;
-        let mut buf = vec![0u8; want];
-        match e.device.read(offset, &mut buf) {
-            Ok(n) => reply.data(&buf[..n]),
-            Err(err) => {
-                tracing::error!("read {}@{offset}+{size}: {err}", e.name);
-                reply.error(errno(&err));
+        READ_BUF.with_borrow_mut(|buf| {
+            // Grown once per FUSE thread, then reused: no 1 MiB allocate-and-zero per read.
+            if buf.len() < want {
+                buf.resize(want, 0);
             }
-        }
+            match e.device.read(offset, &mut buf[..want]) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(err) => {
+                    tracing::error!("read {}@{offset}+{size}: {err}", e.name);
+                    reply.error(errno(&err));
+                }
+            }
+        });
     }
 
     fn write(
