@@ -11,10 +11,15 @@
 //!   hotzone size, the **boundary** (data-relative byte offset: everything below it is
 //!   under the new key, everything above under the old one), the optional new KMS token
 //!   (installed at the end), and the **journal** record while a hotzone is being rewritten
-//!   (which zone, where its copy lies in the keyslots area, and the BLAKE3 of that copy).
+//!   (which zone, where its journal lies in the keyslots area, and the BLAKE3 of the
+//!   zone's old ciphertext), and the [`Resilience`] when it is not the default.
 //!
-//! The journal is the old ciphertext of the hotzone, stored verbatim at the start of
-//! [`luks2::journal_area`] (the keyslots area between the header copies and the data).
+//! The journal lies in one of two slots at the start of [`luks2::journal_area`] (the
+//! keyslots area between the header copies and the data). What it holds is the
+//! [`Resilience`], named after `cryptsetup reencrypt --resilience`:
+//! - `journal` (the default, DESIGN §7): the zone's old ciphertext verbatim;
+//! - `checksum`: the first 16 bytes of each 512-byte piece of the old ciphertext, 1/32 of
+//!   the zone, so the rekey writes each byte about once instead of twice.
 //!
 //! # One hotzone `[b, e)`, behind a fence throughout ([`Device::fence`])
 //!
@@ -33,14 +38,28 @@
 //!
 //! # Recovery
 //!
-//! On open, with both keys: if the header records a journal, its checksum must match the
-//! journal copy (it was flushed before the header named it), and the zone is restored
-//! from it, which undoes a partial or torn step 4; the zone is then redone from step 2.
-//! Without a journal record the zone at the boundary is untouched old ciphertext. A
+//! On open, with both keys: if the header records a journal, the zone's old ciphertext is
+//! rebuilt and must match the recorded BLAKE3, and is written back, which undoes a
+//! partial or torn step 4; the zone is then redone from step 2. With `journal` the copy is
+//! the old ciphertext. With `checksum` the zone on disk is a mix of old and new
+//! ciphertext, piece by piece (disks write 512 bytes atomically); a piece whose first 16
+//! bytes differ from its fingerprint was rewritten, so its plaintext comes from the new
+//! key, and since XTS blocks are independent given their tweaks, each sector is put back
+//! together and encrypted again under the old key. A tear below 512 bytes cannot be
+//! repaired that way; the BLAKE3 check turns it into [`RekeyError::JournalCorrupt`]
+//! rather than wrong data. Without a journal record the zone at the boundary is untouched old ciphertext. A
 //! finished zone is never re-encrypted twice: the boundary passes it only after its new
 //! ciphertext is durable. After the last zone the header becomes a plain sealvol header
 //! again: the new digest takes over the segment, the old digest, the token and the
 //! requirement go, and the journal area is punched out.
+//!
+//! # Offline
+//!
+//! With nothing else doing I/O ([`Rekeyer::exclusive`]), steps 4 and 5 of zone `h` fold
+//! into zone `h + 1`: its journal goes to the other slot, and one flush makes both that
+//! journal and zone `h`'s new ciphertext durable before the checkpoint that names the new
+//! journal also moves the boundary past zone `h`. Zone `h`'s new ciphertext is written
+//! while zone `h + 1` is read, so two cores are busy.
 //!
 //! # Online, in the attach agent
 //!
