@@ -7,7 +7,8 @@
 # (the bound: about one hotzone's time).
 #
 # Usage: bench/rekey-online.sh [--size-gib N] [--hotzone-mib N] [--seconds S]
-#                              [--during-seconds S] [--output json]
+#                              [--during-seconds S] [--resilience journal|checksum]
+#                              [--output json]
 #   --seconds: the job alone; --during-seconds: the job the rekey starts 2 s into (it must
 #   outlast the rekey)
 #   SEALVOL_BIN=path   use this binary (default: cargo build --release)
@@ -16,6 +17,7 @@ set -euo pipefail
 
 SIZE_GIB=1
 HOTZONE_MIB=2
+RESILIENCE=journal
 SECONDS_BASE=8
 SECONDS_DURING=15
 OUTPUT=table
@@ -25,6 +27,7 @@ while [[ $# -gt 0 ]]; do
         --hotzone-mib) HOTZONE_MIB="$2"; shift 2 ;;
         --seconds) SECONDS_BASE="$2"; shift 2 ;;
         --during-seconds) SECONDS_DURING="$2"; shift 2 ;;
+        --resilience) RESILIENCE="$2"; shift 2 ;;
         --output) OUTPUT="$2"; shift 2 ;;
         -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
@@ -72,7 +75,7 @@ FIO_PID=$!
 sleep 2
 t0=$(now_ms)
 "$SEALVOL_BIN" rekey-volume --mountpoint "$MNT" --new-volume-key-file "$DIR/new.key" \
-    --hotzone-mib "$HOTZONE_MIB" --output json >"$DIR/rekey.json"
+    --hotzone-mib "$HOTZONE_MIB" --resilience "$RESILIENCE" --output json >"$DIR/rekey.json"
 t1=$(now_ms)
 wait "$FIO_PID"
 FIO_PID=

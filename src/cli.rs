@@ -144,9 +144,9 @@ pub enum Cmd {
         /// 32 times it with --resilience checksum).
         #[arg(long)]
         hotzone_mib: Option<u64>,
-        /// What each hotzone's journal holds (with --path; a resumed rekey keeps the mode
-        /// it started with).
-        #[arg(long, value_enum, default_value_t, conflicts_with_all = ["mountpoint", "workspace_id"])]
+        /// What each hotzone's journal holds (with --path or --mountpoint; a resumed rekey
+        /// keeps the mode it started with).
+        #[arg(long, value_enum, default_value_t, conflicts_with = "workspace_id")]
         resilience: ResilienceArg,
         /// Served file to rekey with --mountpoint (default: the only one).
         #[arg(long, requires = "mountpoint")]
@@ -540,6 +540,7 @@ fn rekey_volume(
                 new_volume_key_file: key,
                 hotzone_bytes: opts.hotzone_bytes,
                 new_kms_token: None,
+                resilience: opts.resilience,
             };
             (
                 rekey::request_online(mp, &req, update)?,

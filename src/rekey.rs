@@ -1115,6 +1115,9 @@ pub enum ControlRequest {
         /// checkpoint so a crash can resume and installed in the header at the end.
         #[serde(default)]
         new_kms_token: Option<KmsToken>,
+        /// What each hotzone's journal holds (absent: a full copy).
+        #[serde(default, skip_serializing_if = "Resilience::is_journal")]
+        resilience: Resilience,
     },
     /// Report rekey progress of every served file.
     Status,
@@ -1363,13 +1366,14 @@ impl ServerInner {
                 new_volume_key_file,
                 hotzone_bytes,
                 new_kms_token,
+                resilience,
             } => {
-                let job = match self.begin(
-                    export.as_deref(),
-                    &new_volume_key_file,
+                let opts = RekeyOptions {
                     hotzone_bytes,
                     new_kms_token,
-                ) {
+                    resilience,
+                };
+                let job = match self.begin(export.as_deref(), &new_volume_key_file, &opts) {
                     Ok(j) => j,
                     Err(e) => {
                         send(&ControlReply::Error(e));
@@ -1411,8 +1415,7 @@ impl ServerInner {
         &self,
         export: Option<&str>,
         key_file: &Path,
-        hotzone: Option<u64>,
-        new_kms_token: Option<KmsToken>,
+        opts: &RekeyOptions,
     ) -> Result<Arc<Job>, String> {
         let (name, device) = self.device(export)?;
         let new = VolumeKey::from_file(key_file).map_err(|e| e.to_string())?;
@@ -1457,12 +1460,7 @@ impl ServerInner {
                 });
                 return Ok(Arc::new(job));
             }
-            let opts = RekeyOptions {
-                hotzone_bytes: hotzone,
-                new_kms_token,
-                resilience: Resilience::Journal,
-            };
-            Rekeyer::start(device, &new, &opts).map_err(|e| e.to_string())?
+            Rekeyer::start(device, &new, opts).map_err(|e| e.to_string())?
         };
         self.start_job(&name, rekeyer, false)
     }

@@ -111,7 +111,7 @@ fn rekey_done_bytes(vol: &Path) -> Option<u64> {
         .and_then(|p| p["Done"].as_u64())
 }
 
-fn rekey_online(mnt: &Path, new: &Path, hotzone_mib: &str) -> Child {
+fn rekey_online(mnt: &Path, new: &Path, hotzone_mib: &str, resilience: &str) -> Child {
     Command::new(sealvol_bin())
         .args([
             "rekey-volume",
@@ -121,6 +121,8 @@ fn rekey_online(mnt: &Path, new: &Path, hotzone_mib: &str) -> Child {
             s(new),
             "--hotzone-mib",
             hotzone_mib,
+            "--resilience",
+            resilience,
             "--output",
             "json",
         ])
@@ -229,7 +231,8 @@ fn online_rekey_while_fio_verifies_in_the_foreground() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn fio");
-    let rekey = rekey_online(&mnt, &new, "2")
+    // The checksum journal here; the kill -9 test below runs the full-copy journal.
+    let rekey = rekey_online(&mnt, &new, "2", "checksum")
         .wait_with_output()
         .expect("rekey-volume");
     assert!(
@@ -320,7 +323,7 @@ fn kill_9_mid_rekey_then_reattach_resumes_and_finishes() {
     );
 
     // Small hotzones so the rekey is still running when the agent dies.
-    let client = rekey_online(&mnt, &new, "1");
+    let client = rekey_online(&mnt, &new, "1", "journal");
     wait_until("the rekey to pass 64 MiB", Duration::from_secs(120), || {
         rekey_done_bytes(&vol).is_some_and(|d| d >= 64 << 20)
     });
@@ -370,7 +373,7 @@ fn kill_9_mid_rekey_then_reattach_resumes_and_finishes() {
         &fio_region(&disk, "base", "0", "768M", "1M", true),
         "verify mid-resume",
     );
-    let again = rekey_online(&mnt, &new, "1")
+    let again = rekey_online(&mnt, &new, "1", "journal")
         .wait_with_output()
         .expect("rekey-volume again");
     assert!(

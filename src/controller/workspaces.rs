@@ -1664,6 +1664,7 @@ impl Controller {
                     new_volume_key_file: key_path.clone(),
                     hotzone_bytes,
                     new_kms_token: Some(token),
+                    resilience: crate::rekey::Resilience::Journal,
                 };
                 let result = crate::rekey::request_online(&paths.fuse_dir, &req, |p| {
                     let _ = std::fs::remove_file(&key_path);
