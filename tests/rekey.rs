@@ -50,6 +50,30 @@ fn prerequisites(test: &str) -> bool {
     false
 }
 
+/// A temp dir with a fresh 1 GiB volume under a random old key, a random new key file and
+/// an empty mountpoint: (dir guard, volume, old key, new key, mountpoint).
+fn new_volume() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vol = dir.path().join("vol.luks");
+    let old = key_file(dir.path(), "old.key");
+    let new = key_file(dir.path(), "new.key");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    run_ok(
+        "sealvol",
+        &[
+            "create-volume",
+            "--path",
+            s(&vol),
+            "--size-gib",
+            "1",
+            "--volume-key-file",
+            s(&old),
+        ],
+    );
+    (dir, vol, old, new, mnt)
+}
+
 /// fio arguments for a deterministic region: `write` fills it, `verify` checks it.
 fn fio_region(
     disk: &Path,
@@ -175,24 +199,7 @@ fn online_rekey_while_fio_verifies_in_the_foreground() {
     if !prerequisites("online_rekey_while_fio_verifies_in_the_foreground") {
         return;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let vol = dir.path().join("vol.luks");
-    let old = key_file(dir.path(), "old.key");
-    let new = key_file(dir.path(), "new.key");
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).expect("mkdir");
-    run_ok(
-        "sealvol",
-        &[
-            "create-volume",
-            "--path",
-            s(&vol),
-            "--size-gib",
-            "1",
-            "--volume-key-file",
-            s(&old),
-        ],
-    );
+    let (_dir, vol, old, new, mnt) = new_volume();
     let out = attach(&vol, &mnt, &old, None);
     assert!(
         out.status.success(),
@@ -289,24 +296,7 @@ fn kill_9_mid_rekey_then_reattach_resumes_and_finishes() {
     if !prerequisites("kill_9_mid_rekey_then_reattach_resumes_and_finishes") {
         return;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let vol = dir.path().join("vol.luks");
-    let old = key_file(dir.path(), "old.key");
-    let new = key_file(dir.path(), "new.key");
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).expect("mkdir");
-    run_ok(
-        "sealvol",
-        &[
-            "create-volume",
-            "--path",
-            s(&vol),
-            "--size-gib",
-            "1",
-            "--volume-key-file",
-            s(&old),
-        ],
-    );
+    let (_dir, vol, old, new, mnt) = new_volume();
     let out = attach(&vol, &mnt, &old, None);
     assert!(
         out.status.success(),
@@ -413,24 +403,7 @@ fn offline_checksum_rekey_killed_then_resumed_by_the_same_command() {
     if !prerequisites("offline_checksum_rekey_killed_then_resumed_by_the_same_command") {
         return;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let vol = dir.path().join("vol.luks");
-    let old = key_file(dir.path(), "old.key");
-    let new = key_file(dir.path(), "new.key");
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).expect("mkdir");
-    run_ok(
-        "sealvol",
-        &[
-            "create-volume",
-            "--path",
-            s(&vol),
-            "--size-gib",
-            "1",
-            "--volume-key-file",
-            s(&old),
-        ],
-    );
+    let (_dir, vol, old, new, mnt) = new_volume();
     let mount = |key: &Path| {
         let out = attach(&vol, &mnt, key, None);
         assert!(
