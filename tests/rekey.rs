@@ -136,24 +136,29 @@ fn rekey_done_bytes(vol: &Path) -> Option<u64> {
 }
 
 fn rekey_online(mnt: &Path, new: &Path, hotzone_mib: &str, resilience: &str) -> Child {
+    spawn_sealvol(&[
+        "rekey-volume",
+        "--mountpoint",
+        s(mnt),
+        "--new-volume-key-file",
+        s(new),
+        "--hotzone-mib",
+        hotzone_mib,
+        "--resilience",
+        resilience,
+        "--output",
+        "json",
+    ])
+}
+
+/// `sealvol ARGS` in the background, stdout and stderr captured.
+fn spawn_sealvol(args: &[&str]) -> Child {
     Command::new(sealvol_bin())
-        .args([
-            "rekey-volume",
-            "--mountpoint",
-            s(mnt),
-            "--new-volume-key-file",
-            s(new),
-            "--hotzone-mib",
-            hotzone_mib,
-            "--resilience",
-            resilience,
-            "--output",
-            "json",
-        ])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn rekey-volume")
+        .expect("spawn sealvol")
 }
 
 /// The agent's pid, from its record in the runtime directory.
@@ -421,26 +426,21 @@ fn offline_checksum_rekey_killed_then_resumed_by_the_same_command() {
     run_ok("sealvol", &["detach", "--mountpoint", s(&mnt)]);
 
     let rekey = || {
-        Command::new(sealvol_bin())
-            .args([
-                "rekey-volume",
-                "--path",
-                s(&vol),
-                "--volume-key-file",
-                s(&old),
-                "--new-volume-key-file",
-                s(&new),
-                "--resilience",
-                "checksum",
-                "--hotzone-mib",
-                "1",
-                "--output",
-                "json",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn rekey-volume")
+        spawn_sealvol(&[
+            "rekey-volume",
+            "--path",
+            s(&vol),
+            "--volume-key-file",
+            s(&old),
+            "--new-volume-key-file",
+            s(&new),
+            "--resilience",
+            "checksum",
+            "--hotzone-mib",
+            "1",
+            "--output",
+            "json",
+        ])
     };
     let mut first = rekey();
     wait_until("the rekey to pass 32 MiB", Duration::from_secs(120), || {
