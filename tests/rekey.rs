@@ -151,6 +151,14 @@ fn rekey_online(mnt: &Path, new: &Path, hotzone_mib: &str, resilience: &str) -> 
     ])
 }
 
+/// `sealvol detach`, then waits for the FUSE mount to go.
+fn detach(mnt: &Path) {
+    run_ok("sealvol", &["detach", "--mountpoint", s(mnt)]);
+    wait_until("FUSE unmounted", Duration::from_secs(10), || {
+        !is_mounted(mnt)
+    });
+}
+
 /// `sealvol ARGS` in the background, stdout and stderr captured.
 fn spawn_sealvol(args: &[&str]) -> Child {
     Command::new(sealvol_bin())
@@ -290,10 +298,7 @@ fn online_rekey_while_fio_verifies_in_the_foreground() {
         &fio_region(&disk, "base", "0", "256M", "1M", true),
         "verify after re-attach",
     );
-    run_ok("sealvol", &["detach", "--mountpoint", s(&mnt)]);
-    wait_until("FUSE unmounted", Duration::from_secs(10), || {
-        !is_mounted(&mnt)
-    });
+    detach(&mnt);
 }
 
 #[test]
@@ -394,10 +399,7 @@ fn kill_9_mid_rekey_then_reattach_resumes_and_finishes() {
         &fio_region(&disk, "base", "0", "768M", "1M", true),
         "verify under the new key",
     );
-    run_ok("sealvol", &["detach", "--mountpoint", s(&mnt)]);
-    wait_until("FUSE unmounted", Duration::from_secs(10), || {
-        !is_mounted(&mnt)
-    });
+    detach(&mnt);
 }
 
 /// `rekey-volume --path --resilience checksum` (the fingerprint journal) killed with -9
@@ -471,8 +473,5 @@ fn offline_checksum_rekey_killed_then_resumed_by_the_same_command() {
         &fio_region(&disk, "base", "0", "768M", "1M", true),
         "verify under the new key",
     );
-    run_ok("sealvol", &["detach", "--mountpoint", s(&mnt)]);
-    wait_until("FUSE unmounted", Duration::from_secs(10), || {
-        !is_mounted(&mnt)
-    });
+    detach(&mnt);
 }
