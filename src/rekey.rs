@@ -47,7 +47,9 @@
 //! key, and since XTS blocks are independent given their tweaks, each sector is put back
 //! together and encrypted again under the old key. A tear below 512 bytes cannot be
 //! repaired that way; the BLAKE3 check turns it into [`RekeyError::JournalCorrupt`]
-//! rather than wrong data. Without a journal record the zone at the boundary is untouched old ciphertext. A
+//! rather than wrong data.
+//!
+//! Without a journal record the zone at the boundary is untouched old ciphertext. A
 //! finished zone is never re-encrypted twice: the boundary passes it only after its new
 //! ciphertext is durable. After the last zone the header becomes a plain sealvol header
 //! again: the new digest takes over the segment, the old digest, the token and the
