@@ -141,7 +141,8 @@ class LoopExt4:
         self.under = under
         self.mnt = os.path.join(workdir, name + ".ext4")
         os.makedirs(self.mnt, exist_ok=True)
-        self.dev = sh("losetup", "--find", "--show", under.path).strip()
+        # --direct-io=on, as the WorkSpaces agent attaches volumes (src/controller/agent.rs).
+        self.dev = sh("losetup", "--find", "--show", "--direct-io=on", under.path).strip()
         try:
             sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard", self.dev)
             sh("mount", self.dev, self.mnt)

@@ -238,10 +238,24 @@ fn write_pid(path: &Path) -> Result<(), AgentError> {
         .map_err(|e| AgentError::Other(format!("{}: {e}", path.display())))
 }
 
+/// A loop device over a served volume file. Direct I/O: the loop driver then submits
+/// asynchronous requests to the FUSE file instead of one synchronous request per bio from
+/// its worker, so the filesystem's queue depth reaches the agent (ext4 on it, 4 KiB QD16:
+/// 22.6k -> 109k read IOPS, 15.9k -> 28.3k write; 1 MiB reads 2.2 -> 4.9 GB/s). The FUSE
+/// file has no page cache of its own (`FOPEN_DIRECT_IO`), so nothing is cached twice
+/// either way, and flushes still reach the agent's fdatasync.
 fn loop_attach(file: &Path) -> Result<String, String> {
-    attach::run("losetup", &["-f", "--show", &file.display().to_string()])
-        .map(|s| s.trim().to_string())
-        .map_err(|e| e.to_string())
+    attach::run(
+        "losetup",
+        &[
+            "-f",
+            "--show",
+            "--direct-io=on",
+            &file.display().to_string(),
+        ],
+    )
+    .map(|s| s.trim().to_string())
+    .map_err(|e| e.to_string())
 }
 
 fn mount_filesystems(

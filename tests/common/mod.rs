@@ -130,9 +130,18 @@ pub struct LoopMount {
 
 impl LoopMount {
     pub fn new(file: &Path, dir: &Path, mkfs: bool) -> Self {
-        let dev = run_ok("losetup", &["-f", "--show", file.to_str().expect("utf8")])
-            .trim()
-            .to_string();
+        // As the WorkSpaces agent attaches volumes (src/controller/agent.rs).
+        let dev = run_ok(
+            "losetup",
+            &[
+                "-f",
+                "--show",
+                "--direct-io=on",
+                file.to_str().expect("utf8"),
+            ],
+        )
+        .trim()
+        .to_string();
         let lm = Self {
             dev,
             dir: dir.to_path_buf(),

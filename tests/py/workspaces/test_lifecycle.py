@@ -31,6 +31,11 @@ def test_encrypted_launch_reboot_and_key_disabled(sv, admin, cmk, daemon):
     home = sv.mnt(ws) / "home"
     assert (sv.mnt(ws) / "etc" / "hostname").read_text() == "workspace\n", "root volume came from the bundle"
     write_synced(home / "notes.txt", "before reboot\n")
+    # Both volumes sit on direct-I/O loop devices (the filesystem's queue depth reaches the agent).
+    loops = subprocess.run(["losetup", "-l", "-n", "-O", "DIO,BACK-FILE"], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    ours = [line.split() for line in loops if ws in line]
+    assert len(ours) == 2 and all(dio == "1" for dio, *_ in ours), loops
 
     # Grants: one for WorkSpaces (user subset), one per encrypted volume for EBS (full context).
     grants = admin.list_grants(KeyId=cmk)["Grants"]
