@@ -72,6 +72,14 @@ pub enum XtsError {
         /// Sector size.
         sector_size: u32,
     },
+    /// Re-encryption between ciphers of different sector sizes (a bug: one volume has one).
+    #[error("cannot re-encrypt from {from}-byte to {to}-byte sectors")]
+    SectorSizeMismatch {
+        /// This cipher's sector size.
+        from: u32,
+        /// The target cipher's sector size.
+        to: u32,
+    },
 }
 
 /// Sector sizes the cipher supports.
@@ -413,8 +421,8 @@ impl SectorCipher {
     /// pool when `buf` is large (a rekey hotzone).
     ///
     /// # Errors
-    /// [`XtsError::Misaligned`] if `buf` is not a whole number of sectors, or the two
-    /// ciphers' sector sizes differ.
+    /// [`XtsError::Misaligned`] if `buf` is not a whole number of sectors,
+    /// [`XtsError::SectorSizeMismatch`] if the two ciphers' sector sizes differ.
     pub fn par_recrypt_sectors(
         &self,
         to: &SectorCipher,
@@ -423,9 +431,9 @@ impl SectorCipher {
     ) -> Result<(), XtsError> {
         self.check(buf)?;
         if to.sector_size != self.sector_size {
-            return Err(XtsError::Misaligned {
-                len: to.sector_size.bytes(),
-                sector_size: self.sector_size.bytes_u32(),
+            return Err(XtsError::SectorSizeMismatch {
+                from: self.sector_size.bytes_u32(),
+                to: to.sector_size.bytes_u32(),
             });
         }
         let per_chunk = (PARALLEL_CHUNK / self.sector_size.bytes()) as u64;
@@ -671,10 +679,13 @@ mod tests {
             }
             let other = SectorCipher::new(&k2, SectorSize::S512);
             if ss == SectorSize::S4096 {
-                assert!(
-                    from.par_recrypt_sectors(&other, &mut vec![0; 4096], 0)
-                        .is_err()
-                );
+                assert!(matches!(
+                    from.par_recrypt_sectors(&other, &mut vec![0; 4096], 0),
+                    Err(XtsError::SectorSizeMismatch {
+                        from: 4096,
+                        to: 512
+                    })
+                ));
             }
         }
     }
