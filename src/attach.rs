@@ -25,6 +25,9 @@ pub const READY_LINE: &str = "SEALVOL-READY";
 pub const ERROR_PREFIX: &str = "SEALVOL-ERROR ";
 /// How long detach waits for an agent to exit after unmounting.
 const EXIT_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a detached loop device may keep its backing file (the kernel lets go of it
+/// when the device's last opener closes it, e.g. udev's probe after the detach).
+const LOOP_RELEASE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Errors from attaching or detaching.
 #[derive(Debug, thiserror::Error)]
@@ -445,9 +448,33 @@ pub fn release_loops(file: &Path) -> Result<(), AttachError> {
                 why: format!("{e} (it is the filesystem on {dev}; close programs using it)"),
             })?;
         }
-        run("losetup", &["-d", &dev])?;
+        if let Err(e) = run("losetup", &["-d", &dev]) {
+            // Gone in the meantime (a detach already on its way out) is fine.
+            if loops_backed_by(file)?.contains(&dev) {
+                return Err(e);
+            }
+        }
     }
-    Ok(())
+    // `losetup -d` on a device someone still has open only marks it for release; the
+    // file stays busy (and the FUSE unmount would fail with EBUSY) until it is let go.
+    let deadline = Instant::now() + LOOP_RELEASE_DEADLINE;
+    loop {
+        let left = loops_backed_by(file)?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(AttachError::Unmount {
+                path: file.display().to_string(),
+                why: format!(
+                    "loop device {} still holds it {LOOP_RELEASE_DEADLINE:?} after `losetup -d` (close programs using it: `fuser -v {}`)",
+                    left.join(", "),
+                    left.join(" ")
+                ),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn loops_backed_by(file: &Path) -> Result<Vec<String>, AttachError> {

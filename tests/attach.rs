@@ -159,6 +159,31 @@ fn detach_releases_loop_and_filesystem_first() {
         !loops.lines().any(|l| l.trim() == dev),
         "loop {dev} still attached"
     );
+
+    // A loop device someone still holds open (udev's probe, blkid) is only marked for
+    // release by `losetup -d` and keeps the file busy until it is closed: detach waits
+    // for it instead of failing the FUSE unmount with EBUSY.
+    let out = attach(&vol, &mnt, None);
+    assert!(
+        out.status.success(),
+        "attach again: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lm = LoopMount::new(&mnt.join("disk"), &fsdir, false);
+    run_ok("umount", &[fsdir.to_str().expect("utf8")]);
+    let holder = std::fs::File::open(&lm.dev).expect("open the loop device");
+    run_ok("losetup", &["-d", &lm.dev]);
+    std::mem::forget(lm);
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(holder);
+    });
+    run_ok(
+        "sealvol",
+        &["detach", "--mountpoint", mnt.to_str().expect("utf8")],
+    );
+    release.join().expect("holder thread");
+    assert!(!is_mounted(&mnt));
 }
 
 #[test]
