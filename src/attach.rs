@@ -457,24 +457,23 @@ pub fn release_loops(file: &Path) -> Result<(), AttachError> {
     }
     // `losetup -d` on a device someone still has open only marks it for release; the
     // file stays busy (and the FUSE unmount would fail with EBUSY) until it is let go.
-    let deadline = Instant::now() + LOOP_RELEASE_DEADLINE;
-    loop {
-        let left = loops_backed_by(file)?;
-        if left.is_empty() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(AttachError::Unmount {
-                path: file.display().to_string(),
-                why: format!(
-                    "loop device {} still holds it {LOOP_RELEASE_DEADLINE:?} after `losetup -d` (close programs using it: `fuser -v {}`)",
-                    left.join(", "),
-                    left.join(" ")
-                ),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let mut left = Ok(Vec::new());
+    poll_until(LOOP_RELEASE_DEADLINE, || {
+        left = loops_backed_by(file);
+        !matches!(&left, Ok(devs) if !devs.is_empty())
+    });
+    let left = left?;
+    if left.is_empty() {
+        return Ok(());
     }
+    Err(AttachError::Unmount {
+        path: file.display().to_string(),
+        why: format!(
+            "loop device {} still holds it {LOOP_RELEASE_DEADLINE:?} after `losetup -d` (close programs using it: `fuser -v {}`)",
+            left.join(", "),
+            left.join(" ")
+        ),
+    })
 }
 
 fn loops_backed_by(file: &Path) -> Result<Vec<String>, AttachError> {
@@ -515,17 +514,29 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<String, AttachError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Polls until process `pid` is gone (or the deadline passes).
-pub fn wait_for_exit(pid: i32) {
-    let deadline = Instant::now() + EXIT_DEADLINE;
-    let pid = nix::unistd::Pid::from_raw(pid);
-    while Instant::now() < deadline {
-        // A zombie child of ours still answers kill(0); reap it if it is ours.
-        let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
-        if nix::sys::signal::kill(pid, None).is_err() {
-            return;
+/// Checks `done` every 20 ms until it holds (true) or `limit` has passed (false).
+pub fn poll_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    tracing::warn!("agent {pid} still running after {EXIT_DEADLINE:?}");
+}
+
+/// Polls until process `pid` is gone (or the deadline passes).
+pub fn wait_for_exit(pid: i32) {
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let gone = poll_until(EXIT_DEADLINE, || {
+        // A zombie child of ours still answers kill(0); reap it if it is ours.
+        let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        nix::sys::signal::kill(pid, None).is_err()
+    });
+    if !gone {
+        tracing::warn!("agent {pid} still running after {EXIT_DEADLINE:?}");
+    }
 }

@@ -327,11 +327,7 @@ pub fn stop(paths: &AgentPaths) {
     if let Some(pid) = live_pid(paths) {
         let p = nix::unistd::Pid::from_raw(pid);
         let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGTERM);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while live_pid(paths).is_some() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if live_pid(paths).is_some() {
+        if !attach::poll_until(Duration::from_secs(30), || live_pid(paths).is_none()) {
             let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
         }
     }
