@@ -115,13 +115,7 @@ fn ext4_on_loop_survives_detach_and_reattach() {
         "hello, sealvol\n"
     );
     lm.unmount();
-    run_ok(
-        "sealvol",
-        &["detach", "--mountpoint", mnt.to_str().expect("utf8")],
-    );
-    wait_until("FUSE unmounted", Duration::from_secs(10), || {
-        !is_mounted(&mnt)
-    });
+    detach(&mnt);
 }
 
 #[test]

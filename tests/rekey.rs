@@ -151,14 +151,6 @@ fn rekey_online(mnt: &Path, new: &Path, hotzone_mib: &str, resilience: &str) -> 
     ])
 }
 
-/// `sealvol detach`, then waits for the FUSE mount to go.
-fn detach(mnt: &Path) {
-    run_ok("sealvol", &["detach", "--mountpoint", s(mnt)]);
-    wait_until("FUSE unmounted", Duration::from_secs(10), || {
-        !is_mounted(mnt)
-    });
-}
-
 /// `sealvol ARGS` in the background, stdout and stderr captured.
 fn spawn_sealvol(args: &[&str]) -> Child {
     Command::new(sealvol_bin())

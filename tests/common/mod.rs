@@ -80,6 +80,17 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
 }
 
 /// Whether something is mounted at `path`.
+/// `sealvol detach --mountpoint MNT`, then waits for the FUSE mount to go.
+pub fn detach(mnt: &Path) {
+    run_ok(
+        "sealvol",
+        &["detach", "--mountpoint", mnt.to_str().expect("utf8")],
+    );
+    wait_until("FUSE unmounted", Duration::from_secs(10), || {
+        !is_mounted(mnt)
+    });
+}
+
 pub fn is_mounted(path: &Path) -> bool {
     let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     std::fs::read_to_string("/proc/self/mountinfo")

@@ -3,6 +3,7 @@ online KMS rekey (the next attach unwraps both keys and resumes), and kill -9 th
 kms-daemon mid-rekey and between launches (acknowledged keys and grants survive; the
 WorkSpace reboots once the daemon is back)."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,18 +40,26 @@ def rekey_state(sv, path):
     return json.loads(sv.run("describe-volume", "--path", path, "--output", "json").stdout).get("RekeyInProgress")
 
 
+@contextlib.contextmanager
 def own_world():
+    """A kms-daemon and a sealvol state of the test's own (it kills the daemon), with a
+    bundle and a key; everything is torn down on exit. Yields (daemon, sv, key)."""
     require_env()
     root = Path(tempfile.mkdtemp(prefix="sealvol-crash-"))
     (root / "kms").mkdir()
     daemon = Daemon(root / "kms").start()
     sv = Sealvol(root / "state", daemon)
-    sv.run("register-directory", "--directory-id", DIRECTORY)
-    (root / "b" / "etc").mkdir(parents=True)
-    (root / "b" / "etc" / "hostname").write_text("crash\n")
-    sv.run("create-bundle", "--bundle-id", "wsb-crash1", "--from-dir", str(root / "b"), "--size-gib", "1")
-    key = daemon.client("admin").create_key(Policy=KEY_POLICY)["KeyMetadata"]["Arn"]
-    return root, daemon, sv, key
+    try:
+        sv.run("register-directory", "--directory-id", DIRECTORY)
+        (root / "b" / "etc").mkdir(parents=True)
+        (root / "b" / "etc" / "hostname").write_text("crash\n")
+        sv.run("create-bundle", "--bundle-id", "wsb-crash1", "--from-dir", str(root / "b"), "--size-gib", "1")
+        key = daemon.client("admin").create_key(Policy=KEY_POLICY)["KeyMetadata"]["Arn"]
+        yield daemon, sv, key
+    finally:
+        sv.terminate_all()
+        daemon.stop(signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def launch(sv, user, key):
@@ -63,8 +72,7 @@ def launch(sv, user, key):
 
 
 def test_agent_and_daemon_killed_mid_kms_rekey():
-    root, daemon, sv, key = own_world()
-    try:
+    with own_world() as (daemon, sv, key):
         ws = launch(sv, "kate", key)
         home = sv.mnt(ws) / "home"
         want = fill(home / "big.bin", 320)
@@ -97,10 +105,6 @@ def test_agent_and_daemon_killed_mid_kms_rekey():
         assert sv.json("reboot-workspaces", "--workspace-ids", ws)["FailedRequests"] == []
         assert digest(home / "big.bin") == want
         sv.run("terminate-workspaces", "--workspace-ids", ws)
-    finally:
-        sv.terminate_all()
-        daemon.stop(signal.SIGKILL)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 
@@ -118,8 +122,7 @@ def test_daemon_killed_at_random_moments_during_kms_rekey():
     seed = int(os.environ.get("SEALVOL_CRASH_SEED", str(random.randrange(1 << 32))))
     print(f"SEALVOL_CRASH_SEED={seed}")
     rng = random.Random(seed)
-    root, daemon, sv, key = own_world()
-    try:
+    with own_world() as (daemon, sv, key):
         ws = launch(sv, "lena", key)
         home = sv.mnt(ws) / "home"
         want = fill(home / "data.bin", 192)
@@ -152,7 +155,3 @@ def test_daemon_killed_at_random_moments_during_kms_rekey():
         assert sv.json("reboot-workspaces", "--workspace-ids", ws)["FailedRequests"] == []
         assert digest(home / "data.bin") == want
         sv.run("terminate-workspaces", "--workspace-ids", ws)
-    finally:
-        sv.terminate_all()
-        daemon.stop(signal.SIGKILL)
-        shutil.rmtree(root, ignore_errors=True)
