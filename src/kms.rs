@@ -3,8 +3,12 @@
 //! Profiles, credentials and endpoint come from where the AWS CLI finds them
 //! (`AWS_PROFILE`/`--profile`, `AWS_SHARED_CREDENTIALS_FILE`, `AWS_CONFIG_FILE` with
 //! `endpoint_url`, `AWS_ENDPOINT_URL_KMS`), so the same binary talks to `kms-daemon` or to
-//! AWS KMS. A service principal acting for a user (the WorkSpaces controller acting for
-//! the administrator) adds the signed header `x-sealvol-on-behalf-of`.
+//! AWS KMS. A service acts for a user only with the user's proof (DESIGN §2, AWS's forward
+//! access sessions): [`ForwardAccessToken::presign`] signs a short-lived SigV4 presigned
+//! request with the *user's* credentials, naming the delegate and a fresh nonce, and
+//! [`KmsClient::connect_forwarding`] sends it in the signed header
+//! `x-sealvol-forward-access` on the service's own requests. The daemon checks the
+//! user's signature; nothing here ever names a user by ARN.
 //!
 //! The API is blocking: each client owns a small current-thread Tokio runtime.
 
@@ -18,8 +22,12 @@ use aws_sdk_kms::types::{GrantConstraints, GrantOperation, KeyManagerType, KeySp
 
 use crate::secret::{SecretError, VolumeKey};
 
-/// The signed header a service principal uses to name the user it acts for.
-pub const ON_BEHALF_OF_HEADER: &str = "x-sealvol-on-behalf-of";
+/// The signed header that carries a user's forward-access token.
+pub const FORWARD_ACCESS_HEADER: &str = "x-sealvol-forward-access";
+/// The only service that may act for users.
+pub const FORWARDING_SERVICE: &str = "workspaces.amazonaws.com";
+/// Lifetime of a forward-access token (the daemon accepts at most 900 s).
+pub const FORWARD_ACCESS_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// An encryption context: sorted key/value pairs.
 pub type EncryptionContext = BTreeMap<String, String>;
@@ -58,6 +66,16 @@ pub enum KmsError {
     /// Local set-up failed.
     #[error("cannot set up the KMS client: {0}")]
     Setup(String),
+    /// The user's profile has no usable credentials, so nobody can act for the user.
+    #[error(
+        "profile {profile:?} has no usable AWS credentials ({detail}); the WorkSpaces service acts for a user only with a token the user signs with their own credentials: set AWS_PROFILE/--profile to a profile with credentials (or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+    )]
+    NoCredentials {
+        /// The profile.
+        profile: String,
+        /// What the credential chain said.
+        detail: String,
+    },
 }
 
 impl KmsError {
@@ -89,12 +107,139 @@ where
     }
 }
 
-#[derive(Debug)]
-struct OnBehalfOf(String);
+/// A user's short-lived, signed permission for [`FORWARDING_SERVICE`] to act for them:
+/// a SigV4 presigned URL (query-string signature by the user's own secret). It is a
+/// bearer credential until it expires, so it is wiped on drop and never printed.
+pub struct ForwardAccessToken(zeroize::Zeroizing<String>);
 
-impl Intercept for OnBehalfOf {
+impl std::fmt::Debug for ForwardAccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ForwardAccessToken { .. }")
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, KmsError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| KmsError::Setup(e.to_string()))
+}
+
+/// The host (and port) KMS requests of `sdk` go to: `AWS_ENDPOINT_URL_KMS`, else the
+/// profile's or environment's `endpoint_url`, else AWS KMS in the region.
+fn kms_host(sdk: &aws_config::SdkConfig) -> Result<String, KmsError> {
+    let url = std::env::var("AWS_ENDPOINT_URL_KMS")
+        .ok()
+        .or_else(|| sdk.endpoint_url().map(str::to_owned))
+        .unwrap_or_else(|| {
+            let region = sdk.region().map_or("us-east-1", |r| r.as_ref());
+            format!("https://kms.{region}.amazonaws.com")
+        });
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| KmsError::Setup(format!("endpoint URL {url:?}: {e}")))?;
+    uri.authority()
+        .map(|a| a.as_str().to_owned())
+        .ok_or_else(|| KmsError::Setup(format!("endpoint URL {url:?} names no host")))
+}
+
+impl ForwardAccessToken {
+    /// Signs a token with the credentials of `user_profile` (from the standard AWS
+    /// sources: profile files, environment, credential process), naming `delegate`, for
+    /// the KMS endpoint that profile talks to.
+    ///
+    /// # Errors
+    /// [`KmsError::NoCredentials`] when the profile has none; set-up failures.
+    pub fn presign(user_profile: &str, delegate: &str) -> Result<Self, KmsError> {
+        use aws_credential_types::provider::ProvideCredentials;
+        let rt = runtime()?;
+        let sdk = rt.block_on(
+            aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .profile_name(user_profile)
+                .load(),
+        );
+        let no_creds = |detail: String| KmsError::NoCredentials {
+            profile: user_profile.to_owned(),
+            detail,
+        };
+        let provider = sdk
+            .credentials_provider()
+            .ok_or_else(|| no_creds("no credential provider".into()))?;
+        let creds = rt
+            .block_on(provider.provide_credentials())
+            .map_err(|e| no_creds(DisplayErrorContext(&e).to_string()))?;
+        let region = sdk
+            .region()
+            .map(|r| r.as_ref().to_owned())
+            .ok_or_else(|| KmsError::Setup(format!("profile {user_profile:?} names no region")))?;
+        let host = kms_host(&sdk)?;
+        Self::sign(
+            &creds,
+            &region,
+            &host,
+            delegate,
+            std::time::SystemTime::now(),
+        )
+    }
+
+    fn sign(
+        creds: &aws_credential_types::Credentials,
+        region: &str,
+        host: &str,
+        delegate: &str,
+        time: std::time::SystemTime,
+    ) -> Result<Self, KmsError> {
+        use aws_sigv4::http_request::{
+            SignableBody, SignableRequest, SignatureLocation, SigningSettings, sign,
+        };
+        let mut nonce = [0u8; 16];
+        rand::fill(&mut nonce);
+        let url = format!(
+            "http://{host}/?Action=ForwardAccess&X-Sealvol-Delegate={delegate}&X-Sealvol-Nonce={}",
+            hex::encode(nonce)
+        );
+        let setup = |e: &dyn std::fmt::Display| KmsError::Setup(format!("presigning: {e}"));
+        let signable = SignableRequest::new(
+            "GET",
+            &url,
+            std::iter::once(("host", host)),
+            SignableBody::Bytes(&[]),
+        )
+        .map_err(|e| setup(&e))?;
+        let identity: aws_smithy_runtime_api::client::identity::Identity = creds.clone().into();
+        let mut settings = SigningSettings::default();
+        settings.signature_location = SignatureLocation::QueryParams;
+        settings.expires_in = Some(FORWARD_ACCESS_TTL);
+        let params = aws_sigv4::sign::v4::SigningParams::builder()
+            .identity(&identity)
+            .region(region)
+            .name("kms")
+            .time(time)
+            .settings(settings)
+            .build()
+            .map_err(|e| setup(&e))?
+            .into();
+        let (instructions, _) = sign(signable, &params).map_err(|e| setup(&e))?.into_parts();
+        let mut token = url;
+        for (k, v) in instructions.params() {
+            token.push('&');
+            token.push_str(k);
+            token.push('=');
+            token.extend(percent_encoding::utf8_percent_encode(
+                v,
+                percent_encoding::NON_ALPHANUMERIC,
+            ));
+        }
+        Ok(Self(zeroize::Zeroizing::new(token)))
+    }
+}
+
+#[derive(Debug)]
+struct ForwardAccess(zeroize::Zeroizing<String>);
+
+impl Intercept for ForwardAccess {
     fn name(&self) -> &'static str {
-        "SealvolOnBehalfOf"
+        "SealvolForwardAccess"
     }
 
     fn modify_before_signing(
@@ -106,7 +251,7 @@ impl Intercept for OnBehalfOf {
         context
             .request_mut()
             .headers_mut()
-            .insert(ON_BEHALF_OF_HEADER, self.0.clone());
+            .insert(FORWARD_ACCESS_HEADER, self.0.as_str().to_owned());
         Ok(())
     }
 }
@@ -171,23 +316,33 @@ pub struct KmsClient {
 }
 
 impl KmsClient {
-    /// A client for `profile`, optionally acting on behalf of a user ARN.
+    /// A client that signs as `profile` and acts for itself.
     ///
     /// # Errors
     /// Runtime creation failure.
-    pub fn connect(profile: &str, on_behalf_of: Option<&str>) -> Result<Self, KmsError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| KmsError::Setup(e.to_string()))?;
+    pub fn connect(profile: &str) -> Result<Self, KmsError> {
+        Self::build(profile, None)
+    }
+
+    /// A client that signs as the service `profile` and acts for the user whose
+    /// `token` it carries; the daemon evaluates the user's permissions via the service.
+    ///
+    /// # Errors
+    /// Runtime creation failure.
+    pub fn connect_forwarding(profile: &str, token: &ForwardAccessToken) -> Result<Self, KmsError> {
+        Self::build(profile, Some(token.0.as_str()))
+    }
+
+    fn build(profile: &str, token: Option<&str>) -> Result<Self, KmsError> {
+        let rt = runtime()?;
         let sdk = rt.block_on(
             aws_config::defaults(aws_config::BehaviorVersion::latest())
                 .profile_name(profile)
                 .load(),
         );
         let mut conf = aws_sdk_kms::config::Builder::from(&sdk);
-        if let Some(user) = on_behalf_of {
-            conf = conf.interceptor(OnBehalfOf(user.to_string()));
+        if let Some(t) = token {
+            conf = conf.interceptor(ForwardAccess(zeroize::Zeroizing::new(t.to_owned())));
         }
         let client = aws_sdk_kms::Client::from_conf(conf.build());
         Ok(Self {
@@ -201,6 +356,18 @@ impl KmsClient {
     #[must_use]
     pub fn profile(&self) -> &str {
         &self.profile
+    }
+
+    /// One cheap forwarded call (ListAliases, one entry) so the KMS checks the
+    /// forward-access token this client carries before anything is changed.
+    ///
+    /// # Errors
+    /// The service's refusal (AccessDeniedException for a bad token) or transport failure.
+    pub fn verify_forward_access(&self) -> Result<(), KmsError> {
+        self.rt
+            .block_on(self.client.list_aliases().limit(1).send())
+            .map(|_| ())
+            .map_err(|e| sdk_err("ListAliases", e))
     }
 
     /// DescribeKey.

@@ -56,7 +56,7 @@ fn world() -> &'static World {
         let caller = Caller {
             signer: Principal::parse("arn:aws:iam::111122223333:root").expect("root"),
             access_key_id: "AKIDFUZZ".into(),
-            on_behalf_of: None,
+            forwarded: None,
         };
         let key = call(&kms, &caller, "CreateKey", &json!({}));
         let id = key["KeyMetadata"]["KeyId"].as_str().expect("id").to_owned();

@@ -200,19 +200,14 @@ pub fn record(e: &Event<'_>) -> Value {
             let mut id = json!({
                 "type": eff.identity_type(),
                 "arn": eff.arn(),
-                "accessKeyId": c.access_key_id,
+                "accessKeyId": c.effective_access_key_id(),
             });
             if let Some(acct) = eff.account() {
                 id["accountId"] = json!(acct);
                 id["principalId"] = json!(acct);
             }
-            if let Some(svc) = c.via_service() {
+            if let Some(svc) = c.invoked_by() {
                 id["invokedBy"] = json!(svc);
-            }
-            if let crate::principal::Principal::Service(s) = &c.signer
-                && c.on_behalf_of.is_none()
-            {
-                id["invokedBy"] = json!(s);
             }
             id
         }

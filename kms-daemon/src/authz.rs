@@ -103,13 +103,16 @@ impl Kms {
         }
     }
 
-    /// Authorizes `ask` on `key` for `caller`.
-    pub(crate) fn authorize(
+    /// What the policies say about `ask` on `key` for `caller`, explicit Deny first:
+    /// a Deny in the key policy (for the effective principal or, on a forwarded call,
+    /// the service that signed it) or in the principal's IAM policies is final, whatever
+    /// a policy or grant would allow.
+    pub(crate) fn evaluate(
         &self,
         caller: &Caller,
         key: &KeyRecord,
         ask: &Ask<'_>,
-    ) -> Result<(), OpError> {
+    ) -> Result<Verdict, OpError> {
         self.check_grant_tokens(ask.grant_tokens)?;
         let action = format!("kms:{}", ask.operation);
         let conditions = self.base_conditions(caller, ask);
@@ -120,43 +123,44 @@ impl Kms {
             resource: &key.arn,
             conditions: &conditions,
         };
-        let kp = self
-            .parsed_policy(&key.policy)
-            .map_err(|e| {
-                OpError::Internal(format!(
-                    "stored key policy of {} does not parse: {e}",
-                    key.id
-                ))
-            })?
-            .evaluate_key_policy(&req);
-        let iam = if kp.delegates_to_iam || matches!(principal, Principal::Root { .. }) || !kp.allow
-        {
-            self.identity_decision(principal, &req)?
-        } else {
-            Decision::NotApplicable
-        };
-        if kp.deny || iam == Decision::Deny {
-            return Err(denied(
-                principal,
-                &action,
-                &key.arn,
-                "with an explicit deny",
-            ));
+        let policy = self.parsed_policy(&key.policy).map_err(|e| {
+            OpError::Internal(format!(
+                "stored key policy of {} does not parse: {e}",
+                key.id
+            ))
+        })?;
+        let kp = policy.evaluate_key_policy(&req);
+        let signer_denied = caller.forwarded.is_some()
+            && policy
+                .evaluate_key_policy(&Request {
+                    principal: &caller.signer,
+                    ..req.clone()
+                })
+                .deny;
+        let iam = self.identity_decision(principal, &req)?;
+        if kp.deny || signer_denied || iam == Decision::Deny {
+            return Ok(Verdict::ExplicitDeny);
         }
-        let iam_allows = iam == Decision::Allow && (kp.delegates_to_iam || kp.allow);
+        let iam_allows = iam == Decision::Allow && kp.delegates_to_iam;
         let root_allows = matches!(principal, Principal::Root { .. }) && kp.allow;
         if kp.allow || iam_allows || root_allows {
-            return Ok(());
+            return Ok(Verdict::Allowed);
         }
         if ask.grants_apply && self.grant_allows(caller, key, ask)? {
-            return Ok(());
+            return Ok(Verdict::Allowed);
         }
-        Err(denied(
-            principal,
-            &action,
-            &key.arn,
-            "because no resource-based policy allows the action",
-        ))
+        Ok(Verdict::NotAllowed)
+    }
+
+    /// Authorizes `ask` on `key` for `caller`.
+    pub(crate) fn authorize(
+        &self,
+        caller: &Caller,
+        key: &KeyRecord,
+        ask: &Ask<'_>,
+    ) -> Result<(), OpError> {
+        let verdict = self.evaluate(caller, key, ask)?;
+        verdict.into_result(caller.effective(), ask.operation, &key.arn)
     }
 
     /// Whether a live grant authorizes the request.
@@ -201,11 +205,45 @@ impl Kms {
     }
 }
 
-/// The names under which grants may list the caller as grantee.
+/// The outcome of policy evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// An explicit Deny applies: nothing may allow the request.
+    ExplicitDeny,
+    /// A policy or a grant allows it, and nothing denies it.
+    Allowed,
+    /// Nothing allows it (a parent grant still may, for CreateGrant).
+    NotAllowed,
+}
+
+impl Verdict {
+    /// `Ok` only for [`Verdict::Allowed`]; else AccessDeniedException saying why.
+    pub(crate) fn into_result(
+        self,
+        p: &Principal,
+        operation: &str,
+        resource: &str,
+    ) -> Result<(), OpError> {
+        let action = format!("kms:{operation}");
+        match self {
+            Self::Allowed => Ok(()),
+            Self::ExplicitDeny => Err(denied(p, &action, resource, "with an explicit deny")),
+            Self::NotAllowed => Err(denied(
+                p,
+                &action,
+                resource,
+                "because no resource-based policy allows the action",
+            )),
+        }
+    }
+}
+
+/// The names under which grants may list the caller as grantee: the signer, and the
+/// user whose verified forward-access token it presented.
 pub(crate) fn grantee_names(caller: &Caller) -> Vec<String> {
     let mut v = vec![caller.signer.arn()];
-    if let Some(p) = &caller.on_behalf_of {
-        v.push(p.arn());
+    if let Some(f) = &caller.forwarded {
+        v.push(f.user.arn());
     }
     v
 }
@@ -253,11 +291,15 @@ mod tests {
         )
     }
 
-    fn caller(p: &str, on_behalf_of: Option<&str>) -> Caller {
+    fn caller(p: &str, forwarded_for: Option<&str>) -> Caller {
         Caller {
             signer: Principal::parse(p).expect("principal"),
             access_key_id: "AKIATEST".into(),
-            on_behalf_of: on_behalf_of.and_then(Principal::parse),
+            forwarded: forwarded_for.map(|u| crate::principal::Forwarded {
+                user: Principal::parse(u).expect("user"),
+                access_key_id: "AKIAUSER".into(),
+                expires_at: i64::MAX,
+            }),
         }
     }
 
@@ -405,6 +447,75 @@ mod tests {
                 &ebs,
                 Operation::GenerateDataKeyWithoutPlaintext,
                 gdk
+            )),
+            "AccessDeniedException"
+        );
+    }
+
+    #[test]
+    fn explicit_deny_beats_parent_grants_and_binds_the_forwarding_service() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = kms(dir.path());
+        let root = format!("arn:aws:iam::{ACCT}:root");
+        let alice_arn = format!("arn:aws:iam::{ACCT}:user/Alice");
+        let admin = caller(&root, None);
+        let alice = caller(&alice_arn, None);
+        let key = call(&k, &admin, Operation::CreateKey, json!({}))
+            .expect("CreateKey")["KeyMetadata"]["KeyId"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        call(&k, &admin, Operation::CreateGrant, json!({
+            "KeyId": key, "GranteePrincipal": alice_arn, "Operations": ["Decrypt", "CreateGrant"]
+        }))
+        .expect("parent grant");
+        let sub = json!({"KeyId": key, "GranteePrincipal": "ebs.amazonaws.com", "Operations": ["Decrypt"]});
+        assert_eq!(
+            code(call(&k, &alice, Operation::CreateGrant, sub.clone())),
+            "Ok"
+        );
+        let policy = |deny_principal: Value, action: &str| {
+            json!({"Version": "2012-10-17", "Statement": [
+                {"Effect": "Allow", "Principal": {"AWS": root}, "Action": "kms:*", "Resource": "*"},
+                {"Effect": "Deny", "Principal": deny_principal, "Action": action, "Resource": "*"}
+            ]})
+            .to_string()
+        };
+        call(
+            &k,
+            &admin,
+            Operation::PutKeyPolicy,
+            json!({
+                "KeyId": key, "Policy": policy(json!({"AWS": alice_arn}), "kms:CreateGrant")
+            }),
+        )
+        .expect("PutKeyPolicy");
+        assert_eq!(
+            code(call(&k, &alice, Operation::CreateGrant, sub)),
+            "AccessDeniedException",
+            "a parent grant never overrides an explicit Deny"
+        );
+        // A Deny of the forwarding service applies to what it does for a user too.
+        call(&k, &admin, Operation::PutKeyPolicy, json!({
+            "KeyId": key, "Policy": policy(json!({"Service": "workspaces.amazonaws.com"}), "kms:DescribeKey")
+        }))
+        .expect("PutKeyPolicy");
+        assert_eq!(
+            code(call(
+                &k,
+                &alice,
+                Operation::DescribeKey,
+                json!({"KeyId": key})
+            )),
+            "Ok"
+        );
+        let ws_for_alice = caller("workspaces.amazonaws.com", Some(&alice_arn));
+        assert_eq!(
+            code(call(
+                &k,
+                &ws_for_alice,
+                Operation::DescribeKey,
+                json!({"KeyId": key})
             )),
             "AccessDeniedException"
         );

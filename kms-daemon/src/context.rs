@@ -7,12 +7,50 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Start of the parse error for a context whose keys collide; the request layer turns it
+/// into ValidationException.
+pub const AMBIGUOUS_KEYS: &str = "EncryptionContext keys must differ in more than case";
 
 /// An encryption context: string keys to string values, sorted by key bytes.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Keys are unique even when case is ignored: grant constraints and policy conditions
+/// compare keys without case, the AAD with case, so a context holding `Vol` and `vol`
+/// would mean different things to each. Such contexts (and repeated keys) are refused
+/// when parsed, so every reader sees the same map.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct EncryptionContext(BTreeMap<String, String>);
+
+impl<'de> Deserialize<'de> for EncryptionContext {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Pairs;
+        impl<'de> serde::de::Visitor<'de> for Pairs {
+            type Value = EncryptionContext;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of strings to strings")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = BTreeMap::new();
+                let mut folded = std::collections::HashSet::new();
+                while let Some((k, v)) = m.next_entry::<String, String>()? {
+                    if !folded.insert(k.to_lowercase()) {
+                        return Err(serde::de::Error::custom(format!(
+                            "{AMBIGUOUS_KEYS} (key {k:?} repeats another)"
+                        )));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(EncryptionContext(out))
+            }
+        }
+        d.deserialize_map(Pairs)
+    }
+}
 
 impl EncryptionContext {
     /// An empty context.
@@ -61,6 +99,13 @@ impl EncryptionContext {
         out
     }
 
+    /// Whether two keys of this context are equal when case is ignored (only contexts
+    /// built in code can be; parsed ones are refused).
+    pub fn has_ambiguous_keys(&self) -> bool {
+        let mut seen = std::collections::HashSet::new();
+        !self.0.keys().all(|k| seen.insert(k.to_lowercase()))
+    }
+
     /// Looks a key up case-insensitively (grant constraints and condition keys compare
     /// keys without case).
     pub fn get_ignore_case(&self, key: &str) -> Option<&str> {
@@ -97,6 +142,22 @@ fn push_len(out: &mut Vec<u8>, len: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_colliding_without_case_are_refused_when_parsed() {
+        for body in [
+            r#"{"vol":"a","VOL":"b"}"#,
+            r#"{"Vol":"a","vol":"a"}"#,
+            r#"{"k":"a","k":"b"}"#,
+        ] {
+            let e = serde_json::from_str::<EncryptionContext>(body).expect_err(body);
+            assert!(e.to_string().contains(AMBIGUOUS_KEYS), "{e}");
+        }
+        let ok: EncryptionContext =
+            serde_json::from_str(r#"{"vol":"a","volume":"b"}"#).expect("distinct keys parse");
+        assert!(!ok.has_ambiguous_keys());
+        assert!(EncryptionContext::from_pairs([("a", "1"), ("A", "2")]).has_ambiguous_keys());
+    }
 
     #[test]
     fn ambiguous_concatenations_encode_differently() {

@@ -3,7 +3,7 @@
 //! constraints, binds the encryption context unambiguously, persists every
 //! acknowledged change durably in SQLite and audits every request.
 //!
-//! Modules own one thing each: [`wire`] (request shapes), [`sigv4`] (authentication),
+//! Modules own one thing each: [`wire`] (request shapes), [`sigv4`] (authentication), [`forward`] (forward-access tokens),
 //! [`policy`] (IAM policy language), [`authz`] (who may do what), [`keys`] (key and
 //! grant types, root key), [`store`] (durable state), [`blob`] (ciphertext format),
 //! [`context`] (encryption-context encoding), [`audit`] (CloudTrail-shaped log),
@@ -20,6 +20,7 @@ pub mod clock;
 pub mod context;
 pub mod daemon;
 pub mod error;
+pub mod forward;
 pub mod keys;
 pub mod loadgen;
 pub mod ops;

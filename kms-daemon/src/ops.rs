@@ -7,14 +7,14 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::authz::{Ask, grantee_names};
+use crate::authz::{Ask, Verdict, grantee_names};
 use crate::blob::{self, CiphertextBlob, SymmetricKey, fill_random};
 use crate::clock::Clock;
 use crate::context::EncryptionContext;
 use crate::error::OpError;
 use crate::keys::{
-    GRANT_OPERATIONS, GrantRecord, KeyManager, KeyRecord, KeySpec, KeyState, RootKey,
-    is_cryptographic_operation,
+    GRANT_OPERATIONS, GrantConstraints, GrantRecord, KeyManager, KeyRecord, KeySpec, KeyState,
+    RootKey, is_cryptographic_operation,
 };
 use crate::policy::PolicyDocument;
 use crate::principal::{Caller, Principal, is_service_principal};
@@ -75,6 +75,9 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, OpError> {
     let body = if body.is_empty() { &b"{}"[..] } else { body };
     serde_json::from_slice(body).map_err(|e| {
         let msg = e.to_string();
+        if msg.starts_with(crate::context::AMBIGUOUS_KEYS) {
+            return OpError::Validation(msg);
+        }
         // serde's messages name fields and types, never values.
         OpError::Serialization(format!("Could not parse request: {msg}"))
     })
@@ -589,6 +592,12 @@ impl Kms {
         };
         let spec = KeySpec::parse(spec_name).ok_or_else(|| OpError::Validation(format!("1 validation error detected: Value '{spec_name}' at 'keySpec' failed to satisfy constraint")))?;
         let usage = match &r.key_usage {
+            // AWS: KeyUsage may be omitted only for symmetric encryption keys.
+            None if spec_name != "SYMMETRIC_DEFAULT" => {
+                return Err(OpError::Validation(format!(
+                    "KeyUsage is required when KeySpec is {spec_name}"
+                )));
+            }
             None => spec.usages()[0].to_owned(),
             Some(u) if spec.usages().contains(&u.as_str()) => u.clone(),
             Some(u) => {
@@ -1366,20 +1375,17 @@ impl Kms {
             extra_multi: vec![("kms:GrantOperations", r.operations.clone())],
             grants_apply: false,
         };
-        if self.authorize(caller, &key, &ask).is_err() {
-            // A grantee holding CreateGrant may create narrower grants only.
-            let names = grantee_names(caller);
-            let parent_ok = self.store.grants_for_key(&key.id)?.iter().any(|g| {
-                names.contains(&g.grantee)
-                    && g.operations.iter().any(|o| o == "CreateGrant")
-                    && r.operations.iter().all(|o| g.operations.contains(o))
-                    && g.constraints.is_narrowed_by(&constraints)
-            });
-            if !parent_ok {
-                // Re-run for the policy error message (and the explicit-deny case).
-                self.authorize(caller, &key, &ask)?;
+        let verdict = match self.evaluate(caller, &key, &ask)? {
+            // A grantee holding CreateGrant may create narrower grants only, and only
+            // when no explicit Deny applies (evaluate() answers that first).
+            Verdict::NotAllowed
+                if self.parent_grant_allows(caller, &key, &r.operations, &constraints)? =>
+            {
+                Verdict::Allowed
             }
-        }
+            v => v,
+        };
+        verdict.into_result(caller.effective(), "CreateGrant", &key.arn)?;
         require_not_pending(&key)?;
         if self.store.grants_for_key(&key.id)?.len() >= MAX_GRANTS_PER_KEY {
             return Err(OpError::LimitExceeded(format!(
@@ -1407,6 +1413,24 @@ impl Kms {
         };
         self.store.insert_grant(&grant)?;
         Ok(json!({"GrantToken": grant.token, "GrantId": grant.id}))
+    }
+
+    /// Whether a live grant to the caller holding CreateGrant covers a new grant of
+    /// `operations` under `constraints` (same or narrower).
+    fn parent_grant_allows(
+        &self,
+        caller: &Caller,
+        key: &KeyRecord,
+        operations: &[String],
+        constraints: &GrantConstraints,
+    ) -> Result<bool, OpError> {
+        let names = grantee_names(caller);
+        Ok(self.store.grants_for_key(&key.id)?.iter().any(|g| {
+            names.contains(&g.grantee)
+                && g.operations.iter().any(|o| o == "CreateGrant")
+                && operations.iter().all(|o| g.operations.contains(o))
+                && g.constraints.is_narrowed_by(constraints)
+        }))
     }
 
     fn grant_json(g: &GrantRecord, key_arn: &str) -> Value {

@@ -39,7 +39,7 @@ pub enum Effect {
 /// A `Principal` element.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PrincipalSpec {
-    /// `"*"` or `{"AWS":"*"}`: every IAM principal.
+    /// `"*"` or `{"AWS":"*"}`: every principal, AWS services included.
     Any,
     /// Named principals.
     Named {
@@ -457,7 +457,7 @@ impl Statement {
 
 fn spec_match(spec: &PrincipalSpec, p: &Principal) -> (bool, bool) {
     match spec {
-        PrincipalSpec::Any => (!p.is_service(), false),
+        PrincipalSpec::Any => (true, false),
         PrincipalSpec::Named { aws, service } => {
             if let Principal::Service(name) = p {
                 return (service.iter().any(|s| s == name), false);
@@ -621,11 +621,32 @@ mod tests {
             kp.evaluate_key_policy(&ask(&a, "kms:CreateGrant", &via))
                 .allow
         );
-        // Services are not "*" and are not named.
+        // "*" matches services too, but a service has no kms:CallerAccount, so the
+        // sample's account-scoped statement does not allow EBS; its Deny would.
         let ebs = Principal::Service("ebs.amazonaws.com".into());
+        let mut svc = ConditionContext::new();
+        svc.set("kms:ViaService", "workspaces.us-east-1.amazonaws.com");
         assert_eq!(
-            kp.evaluate_key_policy(&ask(&ebs, "kms:Decrypt", &via)),
+            kp.evaluate_key_policy(&ask(&ebs, "kms:Decrypt", &svc)),
             KeyPolicyOutcome::default()
+        );
+        let deny_all = PolicyDocument::parse(
+            r#"{"Statement":{"Effect":"Deny","Principal":"*","Action":"kms:Decrypt","Resource":"*"}}"#,
+        )
+        .expect("parses");
+        assert!(
+            deny_all
+                .evaluate_key_policy(&ask(&ebs, "kms:Decrypt", &none))
+                .deny
+        );
+        let deny_aws = PolicyDocument::parse(
+            r#"{"Statement":{"Effect":"Deny","Principal":{"AWS":"*"},"Action":"kms:Decrypt","Resource":"*"}}"#,
+        )
+        .expect("parses");
+        assert!(
+            deny_aws
+                .evaluate_key_policy(&ask(&ebs, "kms:Decrypt", &none))
+                .deny
         );
     }
 

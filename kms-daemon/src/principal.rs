@@ -107,6 +107,18 @@ pub fn is_service_principal(s: &str) -> bool {
         && s.len() > ".amazonaws.com".len()
 }
 
+/// A user's permissions forwarded to a service: proven by a presigned token that the
+/// user signed with their own secret (DESIGN §2, forward access sessions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarded {
+    /// The user who signed the token.
+    pub user: Principal,
+    /// The access key id the user signed the token with.
+    pub access_key_id: String,
+    /// Epoch seconds after which the token is refused.
+    pub expires_at: i64,
+}
+
 /// The identity a request was signed with, plus the user a service acts for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
@@ -114,20 +126,46 @@ pub struct Caller {
     pub signer: Principal,
     /// Access key id used.
     pub access_key_id: String,
-    /// The user named by `x-sealvol-on-behalf-of`, only ever set for service signers.
-    pub on_behalf_of: Option<Principal>,
+    /// The user whose forward-access token the signer presented; only ever set for
+    /// `workspaces.amazonaws.com` and only after the token's signature was verified.
+    pub forwarded: Option<Forwarded>,
 }
 
 impl Caller {
-    /// The principal whose permissions are evaluated: the user for on-behalf-of
+    /// A caller acting for itself.
+    pub fn direct(signer: Principal, access_key_id: impl Into<String>) -> Self {
+        Self {
+            signer,
+            access_key_id: access_key_id.into(),
+            forwarded: None,
+        }
+    }
+
+    /// The principal whose permissions are evaluated: the user for forwarded
     /// requests, else the signer.
     pub fn effective(&self) -> &Principal {
-        self.on_behalf_of.as_ref().unwrap_or(&self.signer)
+        self.forwarded.as_ref().map_or(&self.signer, |f| &f.user)
+    }
+
+    /// The access key id of the effective principal (the user's, for forwarded calls).
+    pub fn effective_access_key_id(&self) -> &str {
+        self.forwarded
+            .as_ref()
+            .map_or(&self.access_key_id, |f| &f.access_key_id)
+    }
+
+    /// The service the request came through: the forwarding service, or the signer
+    /// itself when a service calls for its own account.
+    pub fn invoked_by(&self) -> Option<&str> {
+        match &self.signer {
+            Principal::Service(s) => Some(s),
+            _ => None,
+        }
     }
 
     /// The service the request came through, if a service acts for a user.
     pub fn via_service(&self) -> Option<&str> {
-        match (&self.signer, &self.on_behalf_of) {
+        match (&self.signer, &self.forwarded) {
             (Principal::Service(s), Some(_)) => Some(s),
             _ => None,
         }

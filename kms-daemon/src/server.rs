@@ -215,7 +215,11 @@ async fn handle(
         }
         (Ok(_), Ok(_)) => (200, None, String::new()),
     };
-    let caller = auth.as_ref().ok();
+    // A refused forward-access token is audited under the service that presented it.
+    let caller = match &auth {
+        Ok(c) => Some(c),
+        Err(e) => e.authenticated_signer(),
+    };
     let access_key = crate::sigv4::presented_access_key(&parts.headers);
     let event = audit::Event {
         time: wall_clock_secs(),

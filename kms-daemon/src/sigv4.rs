@@ -11,10 +11,9 @@ use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
 use subtle::ConstantTimeEq;
 
+use crate::forward::{self, FORWARD_ACCESS, ForwardError};
 use crate::principal::{Caller, Principal};
 
-/// Header a service principal uses to name the user it acts for.
-pub const ON_BEHALF_OF: &str = "x-sealvol-on-behalf-of";
 /// Allowed clock skew.
 pub const MAX_SKEW_SECS: i64 = 300;
 
@@ -41,9 +40,15 @@ pub enum AuthError {
     /// Credential scope names another region or service.
     #[error("Credential should be scoped to a valid region or service")]
     Scope,
-    /// `x-sealvol-on-behalf-of` misuse.
-    #[error("{0}")]
-    OnBehalfOf(String),
+    /// The request is signed correctly, but the forward-access token it carries is
+    /// refused: the signer is known, the user is not.
+    #[error("User: {} is not authorized to act for another principal: {reason}", signer.signer)]
+    ForwardAccess {
+        /// The authenticated signer of the outer request.
+        signer: Box<Caller>,
+        /// Why the token was refused.
+        reason: ForwardError,
+    },
 }
 
 impl AuthError {
@@ -54,7 +59,16 @@ impl AuthError {
             Self::Incomplete(_) => "IncompleteSignatureException",
             Self::UnknownAccessKey => "UnrecognizedClientException",
             Self::BadSignature | Self::Expired(..) | Self::Scope => "InvalidSignatureException",
-            Self::OnBehalfOf(_) => "AccessDeniedException",
+            Self::ForwardAccess { .. } => "AccessDeniedException",
+        }
+    }
+
+    /// The signer, when the request's own signature verified (only a refused
+    /// forward-access token fails after that): such refusals are audited under it.
+    pub fn authenticated_signer(&self) -> Option<&Caller> {
+        match self {
+            Self::ForwardAccess { signer, .. } => Some(signer),
+            _ => None,
         }
     }
 }
@@ -185,9 +199,9 @@ impl Verifier {
                 "SignedHeaders must include x-amz-target".into(),
             ));
         }
-        if headers.contains_key(ON_BEHALF_OF) && !a.signed_headers.contains(&ON_BEHALF_OF) {
+        if headers.contains_key(FORWARD_ACCESS) && !a.signed_headers.contains(&FORWARD_ACCESS) {
             return Err(AuthError::Incomplete(format!(
-                "SignedHeaders must include {ON_BEHALF_OF}"
+                "SignedHeaders must include {FORWARD_ACCESS}"
             )));
         }
         let amz_date = headers
@@ -229,37 +243,40 @@ impl Verifier {
         ) {
             return Err(AuthError::BadSignature);
         }
-        let on_behalf_of = match headers.get(ON_BEHALF_OF) {
-            None => None,
-            Some(v) => {
-                if !principal.is_service() {
-                    return Err(AuthError::OnBehalfOf(format!(
-                        "Only service principals may send {ON_BEHALF_OF}"
-                    )));
-                }
-                let s = v
-                    .to_str()
-                    .map_err(|_| AuthError::OnBehalfOf(format!("{ON_BEHALF_OF} is not an ARN")))?;
-                match Principal::parse(s) {
-                    Some(p @ (Principal::Iam { .. } | Principal::Root { .. }))
-                        if p.account() == Some(self.account.as_str()) =>
-                    {
-                        Some(p)
-                    }
-                    _ => {
-                        return Err(AuthError::OnBehalfOf(format!(
-                            "{ON_BEHALF_OF} must name a principal of account {}",
-                            self.account
-                        )));
-                    }
-                }
-            }
+        let caller = Caller::direct(principal.clone(), a.access_key);
+        let Some(token) = headers.get(FORWARD_ACCESS) else {
+            return Ok(caller);
         };
-        Ok(Caller {
-            signer: principal.clone(),
-            access_key_id: a.access_key.to_owned(),
-            on_behalf_of,
-        })
+        let host = headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let exp = forward::Expectations {
+            region: &self.region,
+            account: &self.account,
+            host,
+            presenter: principal,
+            now,
+            max_skew: MAX_SKEW_SECS,
+        };
+        let verified = token
+            .to_str()
+            .map_err(|_| ForwardError::Malformed("not ASCII".into()))
+            .and_then(|t| {
+                forward::verify_token(t, &exp, |ak| {
+                    self.keys.get(ak).map(|(s, p)| (s.as_str(), p))
+                })
+            });
+        match verified {
+            Ok(f) => Ok(Caller {
+                forwarded: Some(f),
+                ..caller
+            }),
+            Err(reason) => Err(AuthError::ForwardAccess {
+                signer: Box::new(caller),
+                reason,
+            }),
+        }
     }
 
     fn expected_signature(

@@ -137,8 +137,8 @@ impl StateDir {
                 k.profile, k.access_key_id, k.secret
             ));
             config.push_str(&format!(
-                "[profile {}]\nregion = {region}\nendpoint_url = {endpoint}\noutput = json\n# sealvol: the IAM principal (or service) these keys belong to\nprincipal_arn = {}\n\n",
-                k.profile, k.principal
+                "[profile {}]\nregion = {region}\nendpoint_url = {endpoint}\noutput = json\n\n",
+                k.profile
             ));
         }
         write_private(&self.dir.join("credentials"), &creds)?;

@@ -46,18 +46,21 @@ fn start_daemon() -> Daemon {
 // `ProfileFiles` is re-exported under a deprecated alias; the replacement lives in
 // aws-runtime, which is not otherwise a dependency.
 #[allow(deprecated)]
-async fn client(state: &Path, profile: &str) -> Client {
+async fn sdk_config(state: &Path, profile: &str) -> aws_config::SdkConfig {
     use aws_config::profile::profile_file::{ProfileFileKind, ProfileFiles};
     let files = ProfileFiles::builder()
         .with_file(ProfileFileKind::Credentials, state.join("credentials"))
         .with_file(ProfileFileKind::Config, state.join("config"))
         .build();
-    let conf = aws_config::defaults(BehaviorVersion::latest())
+    aws_config::defaults(BehaviorVersion::latest())
         .profile_files(files)
         .profile_name(profile)
         .load()
-        .await;
-    Client::new(&conf)
+        .await
+}
+
+async fn client(state: &Path, profile: &str) -> Client {
+    Client::new(&sdk_config(state, profile).await)
 }
 
 fn state_dir(d: &Daemon) -> PathBuf {
@@ -151,12 +154,44 @@ async fn generate_data_key_without_plaintext_then_decrypt_with_context() {
     );
 }
 
-/// How a service principal (the WorkSpaces controller) acts for a user with the Rust SDK:
-/// `customize().mutate_request` adds `x-sealvol-on-behalf-of` before signing, so the
-/// header is covered by SigV4 and the user's key policy statements with
-/// `kms:ViaService` apply.
+/// Alice's forward-access token for WorkSpaces, presigned with her own credentials.
+async fn alice_token(state: &Path, endpoint_host: &str, delegate: &str, age: i64) -> String {
+    use aws_credential_types::provider::ProvideCredentials;
+    let conf = sdk_config(state, "alice").await;
+    let creds = conf
+        .credentials_provider()
+        .expect("provider")
+        .provide_credentials()
+        .await
+        .expect("alice has credentials");
+    kms_daemon::forward::presign(&kms_daemon::forward::PresignInput {
+        host: endpoint_host,
+        delegate,
+        nonce: "0123456789abcdef0123456789abcdef",
+        access_key: creds.access_key_id(),
+        secret: creds.secret_access_key(),
+        region: "us-east-1",
+        time: kms_daemon::clock::wall_clock_secs() - age,
+        expires: 300,
+    })
+    .expect("presign")
+}
+
+fn endpoint_host(state: &Path) -> String {
+    let config = std::fs::read_to_string(state.join("config")).expect("config");
+    let url = config
+        .lines()
+        .find_map(|l| l.strip_prefix("endpoint_url = "))
+        .expect("endpoint_url");
+    url.trim_start_matches("http://").to_owned()
+}
+
+/// How the WorkSpaces service acts for a user with the Rust SDK: the user's
+/// forward-access token goes in `x-sealvol-forward-access`, added before signing so SigV4
+/// covers it, and the user's key policy statements with `kms:ViaService` apply. A token
+/// that is stale or names another delegate gets AccessDeniedException.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn workspaces_acts_for_alice_with_a_signed_header() {
+async fn workspaces_acts_for_alice_with_her_forward_access_token() {
     let d = start_daemon();
     let state = state_dir(&d);
     let admin = client(&state, "admin").await;
@@ -183,20 +218,30 @@ async fn workspaces_acts_for_alice_with_a_signed_header() {
         Some("AccessDeniedException")
     );
 
-    let out = workspaces
-        .generate_data_key_without_plaintext()
-        .key_id(&key_id)
-        .number_of_bytes(64)
-        .encryption_context("aws:ebs:id", "vol-0obo")
-        .customize()
-        .mutate_request(|req| {
-            req.headers_mut().insert(
-                "x-sealvol-on-behalf-of",
-                "arn:aws:iam::111122223333:user/Alice",
-            );
-        })
-        .send()
+    let host = endpoint_host(&state);
+    let gdk = |token: String| {
+        workspaces
+            .generate_data_key_without_plaintext()
+            .key_id(&key_id)
+            .number_of_bytes(64)
+            .encryption_context("aws:ebs:id", "vol-0fwd")
+            .customize()
+            .mutate_request(move |req| {
+                req.headers_mut()
+                    .insert("x-sealvol-forward-access", token.clone());
+            })
+            .send()
+    };
+    let out = gdk(alice_token(&state, &host, "workspaces.amazonaws.com", 0).await)
         .await
         .expect("allowed through kms:ViaService for Alice");
     assert!(out.ciphertext_blob().is_some());
+    for token in [
+        alice_token(&state, &host, "workspaces.amazonaws.com", 301).await,
+        alice_token(&state, &host, "ebs.amazonaws.com", 0).await,
+        "arn:aws:iam::111122223333:root".to_owned(),
+    ] {
+        let e = gdk(token).await.expect_err("refused");
+        assert_eq!(e.into_service_error().code(), Some("AccessDeniedException"));
+    }
 }

@@ -181,7 +181,7 @@ pub fn run(
     let vols = reg.volumes(Some(workspace_id))?;
     let paths = AgentPaths::new(state_dir, workspace_id);
     let ebs = if vols.iter().any(|v| v.encrypted) {
-        Some(KmsClient::connect(ebs_profile, None)?)
+        Some(KmsClient::connect(ebs_profile)?)
     } else {
         None
     };

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::kms::{GrantSpec, KeyInfo, KmsClient, KmsError};
+use crate::kms::{FORWARDING_SERVICE, ForwardAccessToken, GrantSpec, KeyInfo, KmsClient, KmsError};
 use crate::luks2::KmsToken;
 use crate::secret::VolumeKey;
 use crate::volume::{self, CreateParams, Encryption, GIB};
@@ -216,44 +216,6 @@ pub struct Controller {
     reg: Registry,
 }
 
-/// Reads `principal_arn` of `profile` from the AWS config/credentials files (kms-daemon
-/// writes it), so the service can name the user it acts for.
-fn profile_principal_arn(profile: &str) -> Option<String> {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    let files = [
-        (
-            std::env::var_os("AWS_CONFIG_FILE")
-                .map_or_else(|| home.join(".aws/config"), PathBuf::from),
-            format!("profile {profile}"),
-        ),
-        (
-            std::env::var_os("AWS_SHARED_CREDENTIALS_FILE")
-                .map_or_else(|| home.join(".aws/credentials"), PathBuf::from),
-            profile.to_string(),
-        ),
-    ];
-    for (file, section) in files {
-        let Ok(text) = std::fs::read_to_string(&file) else {
-            continue;
-        };
-        let mut inside = false;
-        for line in text.lines().map(str::trim) {
-            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-                inside =
-                    name.trim() == section || (profile == "default" && name.trim() == "default");
-            } else if inside
-                && let Some((k, v)) = line.split_once('=')
-                && k.trim() == "principal_arn"
-            {
-                return Some(v.trim().to_string());
-            }
-        }
-    }
-    None
-}
-
 fn ctx_subset(sid: &str, directory_id: &str) -> crate::kms::EncryptionContext {
     let mut c = crate::kms::EncryptionContext::new();
     c.insert(
@@ -382,27 +344,29 @@ impl Controller {
         &self.cfg
     }
 
-    fn admin_arn(&self) -> Result<String, ControllerError> {
-        profile_principal_arn(&self.cfg.admin_profile).ok_or_else(|| {
-            ControllerError::Local(format!(
-                "cannot tell which IAM principal profile {:?} is: add `principal_arn = arn:aws:iam::ACCOUNT:user/NAME` to its section in AWS_CONFIG_FILE (kms-daemon writes it)",
-                self.cfg.admin_profile
-            ))
-        })
+    /// The WorkSpaces service acting for the administrator, carrying a forward-access
+    /// token the administrator's own credentials signed (no credentials, no client).
+    fn service_for_admin(&self) -> Result<KmsClient, ControllerError> {
+        let token = ForwardAccessToken::presign(&self.cfg.admin_profile, FORWARDING_SERVICE)?;
+        Ok(KmsClient::connect_forwarding(
+            &self.cfg.service_profile,
+            &token,
+        )?)
     }
 
-    /// The WorkSpaces service acting for the administrator.
-    fn service_for_admin(&self) -> Result<KmsClient, ControllerError> {
-        let arn = self.admin_arn()?;
-        Ok(KmsClient::connect(&self.cfg.service_profile, Some(&arn))?)
+    /// Proves the caller is who `--profile` says before a verb changes anything: the
+    /// KMS verifies the forward-access token the caller's credentials signed.
+    fn authenticate_caller(&self) -> Result<(), ControllerError> {
+        self.service_for_admin()?.verify_forward_access()?;
+        Ok(())
     }
 
     fn service(&self) -> Result<KmsClient, ControllerError> {
-        Ok(KmsClient::connect(&self.cfg.service_profile, None)?)
+        Ok(KmsClient::connect(&self.cfg.service_profile)?)
     }
 
     fn ebs(&self) -> Result<KmsClient, ControllerError> {
-        Ok(KmsClient::connect(&self.cfg.ebs_profile, None)?)
+        Ok(KmsClient::connect(&self.cfg.ebs_profile)?)
     }
 
     /// `register-directory`.
@@ -568,6 +532,7 @@ impl Controller {
                 format!("at most {MAX_BATCH} WorkSpaces per request"),
             ));
         }
+        self.authenticate_caller()?;
         for req in requests {
             match self.launch(&req) {
                 Ok(view) => result.pending_requests.push(view),
@@ -1012,6 +977,7 @@ impl Controller {
                 format!("give between 1 and {MAX_BATCH} --workspace-ids"),
             ));
         }
+        self.authenticate_caller()?;
         let mut result = BatchResult::default();
         for id in ids {
             let outcome = match self.reg.workspace(id)? {
@@ -1303,7 +1269,7 @@ impl Controller {
         user: &User,
         v: &Volume,
     ) -> Result<(VolumeKey, KmsToken), KmsError> {
-        let ebs = KmsClient::connect(&self.cfg.ebs_profile, None)?;
+        let ebs = KmsClient::connect(&self.cfg.ebs_profile)?;
         let context = volume_context(&user.sid, &w.directory_id, &v.volume_id);
         let (blob, arn) = ebs.generate_data_key_without_plaintext(&v.key_arn, &context, &[])?;
         let key = ebs.decrypt_volume_key(&blob, &context, Some(&v.key_arn), &[])?;

@@ -12,7 +12,7 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from kms_harness import (  # noqa: E402,F401  (re-exported for other suites)
-    ACCOUNT, ALICE, AWS_CLI, DAEMON_BIN, ON_BEHALF_OF, REGION, REPO, ROOT, Daemon, error_code, sigv4, wait_for,
+    ACCOUNT, ALICE, AWS_CLI, DAEMON_BIN, FORWARD_ACCESS, REGION, REPO, ROOT, Daemon, error_code, sigv4, wait_for,
 )
 
 
@@ -53,7 +53,7 @@ def workspaces(daemon):
 
 @pytest.fixture(scope="session")
 def workspaces_for_alice(daemon):
-    return daemon.client("workspaces", on_behalf_of=ALICE)
+    return daemon.client("workspaces", forward_for="alice")
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -18,7 +19,12 @@ from pathlib import Path
 import boto3
 import botocore.session
 import pytest
+from unittest import mock
+
+from botocore.auth import SigV4QueryAuth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
+from botocore.credentials import Credentials
 
 REPO = Path(__file__).resolve().parents[3]
 DAEMON_BIN = Path(os.environ.get("KMS_DAEMON_BIN", REPO / "target" / "debug" / "kms-daemon"))
@@ -27,7 +33,8 @@ ACCOUNT = "111122223333"
 REGION = "us-east-1"
 ALICE = f"arn:aws:iam::{ACCOUNT}:user/Alice"
 ROOT = f"arn:aws:iam::{ACCOUNT}:root"
-ON_BEHALF_OF = "x-sealvol-on-behalf-of"
+FORWARD_ACCESS = "x-sealvol-forward-access"
+WORKSPACES = "workspaces.amazonaws.com"
 
 
 def wait_for(predicate, timeout=30.0, what="condition"):
@@ -99,14 +106,31 @@ class Daemon:
         bs.set_config_variable("profile", profile)
         return boto3.Session(botocore_session=bs)
 
-    def client(self, profile, on_behalf_of=None):
+    def client(self, profile, forward_for=None, token=None):
+        """A boto3 KMS client signing as `profile`. With `forward_for` (a profile name) it
+        carries that user's forward-access token, presigned by botocore with the user's
+        own credentials; `token` sends a given (possibly forged) token instead."""
         c = self.session(profile).client("kms", config=Config(retries={"max_attempts": 1, "mode": "standard"}, parameter_validation=False))
         assert c.meta.endpoint_url == self.endpoint
-        if on_behalf_of:
+        if forward_for or token:
             def add_header(request, **_):
-                request.headers[ON_BEHALF_OF] = on_behalf_of
+                # A fresh token per request, as the controller makes them.
+                request.headers[FORWARD_ACCESS] = token or self.forward_token(forward_for)
             c.meta.events.register("before-sign.kms.*", add_header)
         return c
+
+    def forward_token(self, profile, delegate=WORKSPACES, expires=300, age=0, secret=None, host=None, nonce=None):
+        """A forward-access token (DESIGN §2): a SigV4 presigned GET made by botocore's own
+        query signer with `profile`'s credentials (or `secret`), dated `age` seconds ago."""
+        ak, sk = self.credentials(profile)
+        host = host or self.endpoint.split("://", 1)[1]
+        nonce = nonce or secrets.token_hex(16)
+        url = f"http://{host}/?Action=ForwardAccess&X-Sealvol-Delegate={delegate}&X-Sealvol-Nonce={nonce}"
+        req = AWSRequest(method="GET", url=url)
+        when = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None) - datetime.timedelta(seconds=age)
+        with mock.patch("botocore.auth.get_current_datetime", return_value=when):
+            SigV4QueryAuth(Credentials(ak, secret or sk), "kms", REGION, expires=expires).add_auth(req)
+        return req.url
 
     def credentials(self, profile):
         creds = self.session(profile).get_credentials()

@@ -170,11 +170,12 @@ def test_kill9_under_load_loses_nothing_acknowledged(fresh_daemon):
     assert len(encrypted) >= len(blobs)
 
 
-def test_audit_identity_for_on_behalf_of(daemon, admin, workspaces_for_alice):
+def test_audit_identity_for_forward_access(daemon, admin, workspaces_for_alice):
     key = admin.create_key(Policy=(__import__("kms_harness").REPO / "kms-daemon" / "policies" / "workspaces-key-policy.json").read_text())["KeyMetadata"]["KeyId"]
     workspaces_for_alice.describe_key(KeyId=key)
     rec = daemon.audit(key, "DescribeKey")[-1]
     assert rec["userIdentity"]["arn"] == "arn:aws:iam::111122223333:user/Alice"
     assert rec["userIdentity"]["type"] == "IAMUser"
     assert rec["userIdentity"]["invokedBy"] == "workspaces.amazonaws.com"
+    assert rec["userIdentity"]["accessKeyId"] == daemon.credentials("alice")[0], "the user's key signed the token"
     assert rec["readOnly"] is True and "errorCode" not in rec

@@ -174,15 +174,18 @@ def test_workspaces_flow_with_sample_key_policy(admin, alice, workspaces, worksp
     assert error_code(e) == "AccessDeniedException"
 
 
-def test_on_behalf_of_only_for_service_principals(daemon, key):
-    alice_as_root = daemon.client("alice", on_behalf_of=f"arn:aws:iam::{ACCOUNT}:root")
-    with pytest.raises(ClientError) as e:
-        alice_as_root.describe_key(KeyId=key)
-    assert error_code(e) == "AccessDeniedException"
-    other_account = daemon.client("workspaces", on_behalf_of="arn:aws:iam::999999999999:user/Mallory")
-    with pytest.raises(ClientError) as e:
-        other_account.describe_key(KeyId=key)
-    assert error_code(e) == "AccessDeniedException"
+def test_forward_access_only_for_workspaces_with_the_users_own_signature(daemon, key):
+    """Nobody acts for a user without the user's proof (DESIGN §2): a bare ARN, a token
+    signed with a guessed secret, or a token presented by anyone but WorkSpaces is refused,
+    each with AccessDeniedException."""
+    bare_root = daemon.client("ebs", token=f"arn:aws:iam::{ACCOUNT}:root")
+    forged = daemon.client("workspaces", token=daemon.forward_token("admin", secret="guessed"))
+    alice_presents = daemon.client("alice", token=daemon.forward_token("alice"))
+    ebs_presents = daemon.client("ebs", token=daemon.forward_token("alice"))
+    for c in (bare_root, forged, alice_presents, ebs_presents):
+        with pytest.raises(ClientError) as e:
+            c.describe_key(KeyId=key)
+        assert error_code(e) == "AccessDeniedException"
 
 
 def test_aws_managed_workspaces_key(daemon, admin, alice, workspaces, workspaces_for_alice, ebs):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from kms_harness import ON_BEHALF_OF, ALICE
+from kms_harness import FORWARD_ACCESS
 
 DESCRIBE = "TrentService.ListKeys"
 
@@ -61,15 +61,15 @@ def test_incomplete_authorization_header(daemon):
     assert status == 400 and body["__type"] == "IncompleteSignatureException"
 
 
-def test_unsigned_on_behalf_of_header_is_refused(daemon, key):
+def test_unsigned_forward_access_header_is_refused(daemon, key):
     status, body = daemon.raw("TrentService.DescribeKey", {"KeyId": key}, profile="workspaces",
-                              unsigned_headers={ON_BEHALF_OF: ALICE})
+                              unsigned_headers={FORWARD_ACCESS: daemon.forward_token("alice")})
     assert status == 400 and body["__type"] == "IncompleteSignatureException"
 
 
-def test_signed_on_behalf_of_from_user_is_denied(daemon, key):
+def test_forward_access_presented_by_a_user_is_denied(daemon, key):
     status, body = daemon.raw("TrentService.DescribeKey", {"KeyId": key}, profile="alice",
-                              extra_headers={ON_BEHALF_OF: ALICE})
+                              extra_headers={FORWARD_ACCESS: daemon.forward_token("alice")})
     assert status == 400 and body["__type"] == "AccessDeniedException"
 
 
