@@ -136,8 +136,9 @@ def test_a_deny_for_everyone_stops_services_using_their_grants(daemon, principal
 
 def test_an_iam_deny_wins_over_a_key_policy_that_names_the_user(daemon, tmp_path):
     admin, alice = daemon.client("admin"), daemon.client("alice")
+    # No account-root statement: the key policy alone allows Alice, so IAM allowances do
+    # not count here, but an IAM Deny still does.
     allow_alice = {"Version": "2012-10-17", "Statement": [
-        {"Effect": "Allow", "Principal": {"AWS": ROOT}, "Action": "kms:*", "Resource": "*"},
         {"Effect": "Allow", "Principal": {"AWS": ALICE}, "Action": ["kms:Encrypt", "kms:Decrypt"], "Resource": "*"},
     ]}
     key = admin.create_key(Policy=json.dumps(allow_alice))["KeyMetadata"]["KeyId"]
