@@ -1,0 +1,159 @@
+//! Responses as the KMS JSON 1.1 protocol sends them. Bodies are serialized into a
+//! buffer of exactly the right size (no reallocation leaves a copy behind) that is
+//! wiped when hyper is done with it, and the strings of the serialized
+//! [`serde_json::Value`] are wiped too: responses carrying `Plaintext` leave no copies
+//! in freed memory.
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use serde_json::{Value, json};
+use zeroize::Zeroize;
+
+/// A response body wiped on drop.
+#[derive(Default)]
+pub struct WipedOnDrop(Vec<u8>);
+
+impl std::fmt::Debug for WipedOnDrop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WipedOnDrop({} bytes)", self.0.len())
+    }
+}
+
+impl AsRef<[u8]> for WipedOnDrop {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for WipedOnDrop {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+/// Counts the bytes a serialization would write.
+struct Count(usize);
+
+impl std::io::Write for Count {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Serializes `v` into a [`WipedOnDrop`] buffer allocated once at its final size.
+pub fn serialize_wiped(v: &Value) -> WipedOnDrop {
+    let mut count = Count(0);
+    // Writing a Value to an infallible writer cannot fail (keys are strings).
+    if serde_json::to_writer(&mut count, v).is_err() {
+        return WipedOnDrop::default();
+    }
+    let mut buf = WipedOnDrop(Vec::with_capacity(count.0));
+    if serde_json::to_writer(&mut buf.0, v).is_err() {
+        return WipedOnDrop::default();
+    }
+    buf
+}
+
+/// Zeroizes every string in `v` (values, not object keys, which are field names).
+pub fn wipe_strings(v: &mut Value) {
+    match v {
+        Value::String(s) => s.zeroize(),
+        Value::Array(a) => a.iter_mut().for_each(wipe_strings),
+        Value::Object(m) => m.values_mut().for_each(wipe_strings),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
+fn with_headers(mut r: Response, request_id: &str) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-amz-json-1.1"),
+    );
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-amzn-requestid", v);
+    }
+    r
+}
+
+/// A successful operation's response; `v` is wiped once serialized.
+pub fn secret_json(mut v: Value, request_id: &str) -> Response {
+    let body = serialize_wiped(&v);
+    wipe_strings(&mut v);
+    let mut r = Response::new(Body::from(Bytes::from_owner(body)));
+    *r.status_mut() = StatusCode::OK;
+    with_headers(r, request_id)
+}
+
+/// A JSON response without secrets.
+pub fn json_response(status: StatusCode, body: &Value, request_id: &str) -> Response {
+    let mut r = Response::new(Body::from(body.to_string()));
+    *r.status_mut() = status;
+    with_headers(r, request_id)
+}
+
+/// `{"__type": code, "message": message}` with `status`.
+pub fn error_response(status: u16, code: &str, message: &str, request_id: &str) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+    json_response(
+        status,
+        &json!({"__type": code, "message": message}),
+        request_id,
+    )
+}
+
+/// [`error_response`] that also closes the connection (the request body was refused
+/// and may not have been read).
+pub fn closing_error_response(
+    status: u16,
+    code: &str,
+    message: &str,
+    request_id: &str,
+) -> Response {
+    let mut r = error_response(status, code, message, request_id);
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_exact_and_values_wiped() {
+        let mut v =
+            json!({"KeyId": "k", "Plaintext": "c2VjcmV0", "List": ["a", {"b": "c"}], "n": 1});
+        let body = serialize_wiped(&v);
+        assert_eq!(
+            body.0.len(),
+            body.0.capacity(),
+            "allocated once, at its size"
+        );
+        assert_eq!(
+            serde_json::from_slice::<Value>(body.as_ref()).expect("json"),
+            v
+        );
+        wipe_strings(&mut v);
+        assert_eq!(
+            v,
+            json!({"KeyId": "", "Plaintext": "", "List": ["", {"b": ""}], "n": 1})
+        );
+    }
+
+    #[tokio::test]
+    async fn secret_responses_carry_the_body() {
+        use http_body_util::BodyExt;
+        let r = secret_json(json!({"Plaintext": "AAAA"}), "rid");
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["x-amzn-requestid"], "rid");
+        let body = r.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&body[..], br#"{"Plaintext":"AAAA"}"#);
+    }
+}
