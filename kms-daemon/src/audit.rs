@@ -200,20 +200,21 @@ impl AuditLog {
     }
 
     /// Records a request that was not authenticated (failed from `source` with
-    /// `code`): written in full for the first few per source and window, else counted
-    /// into the window's summary. Resolves once whatever was written is durable.
+    /// `code`): `record` is built and written in full for the first few per source and
+    /// window, else the request is counted into the window's summary. Resolves once
+    /// whatever was written is durable.
     pub async fn append_unauthenticated(
         &self,
-        record: &Value,
         source: &str,
         code: &str,
+        record: impl FnOnce() -> Value,
     ) -> Result<Verdict, AuditError> {
         let (verdict, closed) = self.flood.admit(source, code, wall_clock_secs());
         if let Some(summary) = closed {
             self.append(&summary).await?;
         }
         if verdict == Verdict::Write {
-            self.append(record).await?;
+            self.append(&record()).await?;
         }
         Ok(verdict)
     }

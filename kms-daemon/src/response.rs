@@ -32,12 +32,20 @@ impl Drop for WipedOnDrop {
     }
 }
 
-/// Counts the bytes a serialization would write.
-struct Count(usize);
+/// A writer that never leaves a copy behind when it grows: the old buffer is wiped
+/// after its bytes are moved to the larger one.
+struct WipingWriter(WipedOnDrop);
 
-impl std::io::Write for Count {
+impl std::io::Write for WipingWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
+        let v = &mut self.0.0;
+        if v.len() + buf.len() > v.capacity() {
+            let mut bigger = Vec::with_capacity((v.len() + buf.len()).max(v.capacity() * 2));
+            bigger.extend_from_slice(v);
+            // The old buffer is wiped by WipedOnDrop when replaced.
+            drop(std::mem::replace(&mut self.0, WipedOnDrop(bigger)));
+        }
+        self.0.0.extend_from_slice(buf);
         Ok(buf.len())
     }
 
@@ -46,18 +54,17 @@ impl std::io::Write for Count {
     }
 }
 
-/// Serializes `v` into a [`WipedOnDrop`] buffer allocated once at its final size.
+/// First capacity of a response body (most responses fit).
+const INITIAL_BODY_CAPACITY: usize = 1024;
+
+/// Serializes `v` into a [`WipedOnDrop`] buffer; growing it wipes the smaller one.
 pub fn serialize_wiped(v: &Value) -> WipedOnDrop {
-    let mut count = Count(0);
-    // Writing a Value to an infallible writer cannot fail (keys are strings).
-    if serde_json::to_writer(&mut count, v).is_err() {
+    let mut w = WipingWriter(WipedOnDrop(Vec::with_capacity(INITIAL_BODY_CAPACITY)));
+    // Writing a Value (string keys) to an infallible writer cannot fail.
+    if serde_json::to_writer(&mut w, v).is_err() {
         return WipedOnDrop::default();
     }
-    let mut buf = WipedOnDrop(Vec::with_capacity(count.0));
-    if serde_json::to_writer(&mut buf.0, v).is_err() {
-        return WipedOnDrop::default();
-    }
-    buf
+    w.0
 }
 
 /// Zeroizes every string in `v` (values, not object keys, which are field names).
@@ -144,6 +151,16 @@ mod tests {
         assert_eq!(
             v,
             json!({"KeyId": "", "Plaintext": "", "List": ["", {"b": ""}], "n": 1})
+        );
+    }
+
+    #[test]
+    fn large_bodies_grow_correctly() {
+        let big = json!({"Plaintext": "A".repeat(10_000), "K": ["x"; 100]});
+        let body = serialize_wiped(&big);
+        assert_eq!(
+            serde_json::from_slice::<Value>(body.as_ref()).expect("json"),
+            big
         );
     }
 

@@ -220,16 +220,13 @@ async fn spawn_detached(
 /// verified), without parameters.
 async fn refuse(st: AppState, meta: RequestMeta, e: BodyError) -> Response {
     let message = e.to_string();
-    let event = meta.event(
-        &st,
-        None,
-        Value::Null,
-        Some((e.code(), message.clone())),
-        &[],
-    );
+    let record = || {
+        let error = Some((e.code(), message.clone()));
+        audit::record(&meta.event(&st, None, Value::Null, error, &[]))
+    };
     if st
         .audit
-        .append_unauthenticated(&audit::record(&event), &meta.source_ip, e.code())
+        .append_unauthenticated(&meta.source_ip, e.code(), record)
         .await
         .is_err()
     {
@@ -253,10 +250,13 @@ async fn dispatch(
             // Failed authentication: no parameters (the body is a stranger's), and
             // floods are summarised rather than written one by one.
             let code = e.code();
-            let event = meta.event(&st, None, Value::Null, Some((code, e.to_string())), &[]);
+            let record = || {
+                let error = Some((code, e.to_string()));
+                audit::record(&meta.event(&st, None, Value::Null, error, &[]))
+            };
             if st
                 .audit
-                .append_unauthenticated(&audit::record(&event), &meta.source_ip, code)
+                .append_unauthenticated(&meta.source_ip, code, record)
                 .await
                 .is_err()
             {
