@@ -510,9 +510,9 @@ mod tests {
         let log = AuditLog::open_with(&path, &cfg).expect("opens");
         for _ in 0..10 {
             log.append_unauthenticated(
-                &json!({"eventName": "Decrypt"}),
                 "10.1.1.1",
                 "InvalidSignatureException",
+                || json!({"eventName": "Decrypt"}),
             )
             .await
             .expect("durable");

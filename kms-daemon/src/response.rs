@@ -134,15 +134,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bodies_are_exact_and_values_wiped() {
+    fn bodies_round_trip_and_values_are_wiped() {
         let mut v =
             json!({"KeyId": "k", "Plaintext": "c2VjcmV0", "List": ["a", {"b": "c"}], "n": 1});
         let body = serialize_wiped(&v);
-        assert_eq!(
-            body.0.len(),
-            body.0.capacity(),
-            "allocated once, at its size"
-        );
         assert_eq!(
             serde_json::from_slice::<Value>(body.as_ref()).expect("json"),
             v
@@ -156,7 +151,7 @@ mod tests {
 
     #[test]
     fn large_bodies_grow_correctly() {
-        let big = json!({"Plaintext": "A".repeat(10_000), "K": ["x"; 100]});
+        let big = json!({"Plaintext": "A".repeat(10_000), "K": vec!["x"; 100]});
         let body = serialize_wiped(&big);
         assert_eq!(
             serde_json::from_slice::<Value>(body.as_ref()).expect("json"),
