@@ -1,17 +1,29 @@
 //! The audit log: one CloudTrail-shaped JSON line per request, appended and
 //! fdatasync'ed before the response is sent. Concurrent requests share one sync
-//! (group commit). Plaintext and key material are never written.
+//! (group commit). Plaintext and key material are never written. Every record is capped
+//! at [`MAX_RECORD_BYTES`]; the file rotates by size ([`rotate`]); floods of
+//! unauthenticated requests are summarised rather than written one by one ([`flood`]).
 
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+mod flood;
+mod rotate;
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 use tokio::sync::oneshot;
 
-use crate::clock::iso8601;
+use crate::clock::{iso8601, wall_clock_secs};
 use crate::principal::Caller;
+
+pub use flood::{SUMMARY_EVENT, Verdict};
+pub use rotate::{Rotation, all_files, rotated};
+
+/// Largest record written; larger `requestParameters` are replaced by a marker.
+pub const MAX_RECORD_BYTES: usize = 16 * 1024;
 
 /// Audit failures.
 #[derive(Debug, thiserror::Error)]
@@ -24,17 +36,45 @@ pub enum AuditError {
     Stopped,
 }
 
+/// How the log is kept.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// Size rotation.
+    pub rotation: Rotation,
+    /// Window over which unauthenticated requests are summarised.
+    pub summary_window: Duration,
+    /// Unauthenticated records written in full per source address and window.
+    pub in_full_per_source: u32,
+    /// Account written into summary records.
+    pub account: String,
+    /// Region written into summary records.
+    pub region: String,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            rotation: Rotation::default(),
+            summary_window: Duration::from_secs(60),
+            in_full_per_source: 10,
+            account: String::new(),
+            region: String::new(),
+        }
+    }
+}
+
 type Job = (Vec<u8>, oneshot::Sender<Result<(), String>>);
 
 /// Handle to the group-committing writer thread.
 #[derive(Debug, Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Job>,
+    flood: Arc<flood::FloodGate>,
 }
 
 const MAX_BATCH: usize = 4096;
 
-fn writer(mut file: File, rx: mpsc::Receiver<Job>) {
+fn writer(mut file: rotate::LogFile, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -47,43 +87,107 @@ fn writer(mut file: File, rx: mpsc::Receiver<Job>) {
         for (line, _) in &batch {
             buf.extend_from_slice(line);
         }
-        let res = file
-            .write_all(&buf)
-            .and_then(|()| file.sync_data())
-            .map_err(|e| e.to_string());
+        let res = file.write_batch(&buf).map_err(|e| e.to_string());
         for (_, done) in batch {
             let _ = done.send(res.clone());
         }
     }
 }
 
+/// One record as a line of at most [`MAX_RECORD_BYTES`]: oversize `requestParameters`
+/// become `{"omitted": .., "originalSize": N}`, then oversize free-text fields are cut.
+fn fit(record: &Value) -> Result<Vec<u8>, AuditError> {
+    let encode = |v: &Value| {
+        let mut line = serde_json::to_vec(v).map_err(|e| AuditError::Io(e.into()))?;
+        line.push(b'\n');
+        Ok::<_, AuditError>(line)
+    };
+    let line = encode(record)?;
+    if line.len() <= MAX_RECORD_BYTES {
+        return Ok(line);
+    }
+    let mut r = record.clone();
+    let original = serde_json::to_vec(&r["requestParameters"]).map_or(0, |v| v.len());
+    r["requestParameters"] = json!({
+        "omitted": "requestParameters exceed the audit record cap",
+        "originalSize": original,
+    });
+    let line = encode(&r)?;
+    if line.len() <= MAX_RECORD_BYTES {
+        return Ok(line);
+    }
+    for field in ["userAgent", "errorMessage"] {
+        if let Some(s) = r[field].as_str()
+            && s.len() > 512
+        {
+            let cut: String = s.chars().take(512).collect();
+            r[field] = json!(format!("{cut}... ({} bytes)", s.len()));
+        }
+    }
+    let line = encode(&r)?;
+    if line.len() <= MAX_RECORD_BYTES {
+        return Ok(line);
+    }
+    // Nothing a client controls is left uncut; keep the envelope only.
+    let mut min = Map::new();
+    for k in [
+        "eventVersion",
+        "eventTime",
+        "eventSource",
+        "eventName",
+        "awsRegion",
+        "requestID",
+        "eventID",
+        "errorCode",
+    ] {
+        min.insert(k.to_owned(), r[k].clone());
+    }
+    min.insert(
+        "omitted".into(),
+        json!("record exceeds the audit record cap"),
+    );
+    encode(&Value::Object(min))
+}
+
 impl AuditLog {
-    /// Opens (creating, 0600) the log for appending and starts the writer.
+    /// Opens (creating, 0600) the log for appending and starts the writer, with the
+    /// default [`AuditConfig`].
     pub fn open(path: &Path) -> Result<Self, AuditError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .mode(0o600)
-            .open(path)?;
+        Self::open_with(path, &AuditConfig::default())
+    }
+
+    /// Opens (creating, 0600) the log for appending and starts the writer.
+    pub fn open_with(path: &Path, cfg: &AuditConfig) -> Result<Self, AuditError> {
+        let file = rotate::open_append(path)?;
         drop_torn_tail(&file)?;
         // Make the file's directory entry durable too, or a crash could lose the
         // whole (synced) log of a first start.
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            File::open(dir)?.sync_all()?;
-        }
+        rotate::sync_dir(path)?;
+        let file = rotate::LogFile::new(file, Some(path.to_owned()), cfg.rotation)?;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer(file, rx))?;
-        Ok(Self { tx })
+        Ok(Self::with_writer(tx, cfg))
+    }
+
+    fn with_writer(tx: mpsc::Sender<Job>, cfg: &AuditConfig) -> Self {
+        let flood = flood::FloodGate::new(
+            cfg.summary_window,
+            cfg.in_full_per_source,
+            &cfg.account,
+            &cfg.region,
+            wall_clock_secs(),
+        );
+        Self {
+            tx,
+            flood: Arc::new(flood),
+        }
     }
 
     /// Appends one record; resolves once it is on stable storage.
     pub async fn append(&self, record: &Value) -> Result<(), AuditError> {
-        let mut line = serde_json::to_vec(record).map_err(|e| AuditError::Io(e.into()))?;
-        line.push(b'\n');
+        let line = fit(record)?;
         let (done, wait) = oneshot::channel();
         self.tx
             .send((line, done))
@@ -92,6 +196,35 @@ impl AuditLog {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(AuditError::Io(std::io::Error::other(e))),
             Err(_) => Err(AuditError::Stopped),
+        }
+    }
+
+    /// Records a request that was not authenticated (failed from `source` with
+    /// `code`): `record` is built and written in full for the first few per source and
+    /// window, else the request is counted into the window's summary. Resolves once
+    /// whatever was written is durable.
+    pub async fn append_unauthenticated(
+        &self,
+        source: &str,
+        code: &str,
+        record: impl FnOnce() -> Value,
+    ) -> Result<Verdict, AuditError> {
+        let (verdict, closed) = self.flood.admit(source, code, wall_clock_secs());
+        if let Some(summary) = closed {
+            self.append(&summary).await?;
+        }
+        if verdict == Verdict::Write {
+            self.append(&record()).await?;
+        }
+        Ok(verdict)
+    }
+
+    /// Writes the summary of the current window if it is due (`force`: at once, as at
+    /// shutdown) and anything was counted.
+    pub async fn close_window(&self, force: bool) -> Result<(), AuditError> {
+        match self.flood.close(wall_clock_secs(), force) {
+            Some(summary) => self.append(&summary).await,
+            None => Ok(()),
         }
     }
 }
@@ -243,28 +376,38 @@ pub fn record(e: &Event<'_>) -> Value {
 /// Reads the log and returns the lines about `key_id` (id or ARN), optionally only
 /// of one event name.
 pub fn query(path: &Path, key_id: &str, event: Option<&str>) -> Result<Vec<String>, AuditError> {
-    let f = File::open(path)?;
     let mut out = Vec::new();
-    for line in BufReader::new(f).lines() {
-        let line = line?;
-        let Ok(v) = serde_json::from_str::<Value>(&line) else {
-            continue;
+    for file in all_files(path) {
+        let f = match File::open(&file) {
+            Ok(f) => f,
+            // Rotated away between listing and opening.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e.into()),
         };
-        if event.is_some_and(|e| v["eventName"] != e) {
-            continue;
-        }
-        let about_key = v["resources"].as_array().is_some_and(|rs| {
-            rs.iter().any(|r| {
-                r["ARN"]
-                    .as_str()
-                    .is_some_and(|a| a == key_id || a.ends_with(&format!("/{key_id}")))
-            })
-        }) || v["requestParameters"]["keyId"].as_str() == Some(key_id);
-        if about_key {
-            out.push(line);
+        for line in BufReader::new(f).lines() {
+            query_line(line?, key_id, event, &mut out);
         }
     }
     Ok(out)
+}
+
+fn query_line(line: String, key_id: &str, event: Option<&str>, out: &mut Vec<String>) {
+    let Ok(v) = serde_json::from_str::<Value>(&line) else {
+        return;
+    };
+    if event.is_some_and(|e| v["eventName"] != e) {
+        return;
+    }
+    let about_key = v["resources"].as_array().is_some_and(|rs| {
+        rs.iter().any(|r| {
+            r["ARN"]
+                .as_str()
+                .is_some_and(|a| a == key_id || a.ends_with(&format!("/{key_id}")))
+        })
+    }) || v["requestParameters"]["keyId"].as_str() == Some(key_id);
+    if about_key {
+        out.push(line);
+    }
 }
 
 #[cfg(test)]
@@ -299,8 +442,9 @@ mod tests {
         // A read-only handle: every write fails, as on a full or broken disk.
         let file = File::open(&path).expect("open read-only");
         let (tx, rx) = mpsc::channel();
+        let file = rotate::LogFile::new(file, None, Rotation::default()).expect("wrap");
         std::thread::spawn(move || writer(file, rx));
-        let log = AuditLog { tx };
+        let log = AuditLog::with_writer(tx, &AuditConfig::default());
         assert!(log.append(&json!({"eventName": "Decrypt"})).await.is_err());
     }
 
@@ -334,5 +478,48 @@ mod tests {
             1
         );
         assert_eq!(query(&path, "other", None).expect("reads").len(), 0);
+    }
+
+    #[test]
+    fn oversize_records_are_capped_with_a_marker() {
+        let big = "x".repeat(200 * 1024);
+        let rec =
+            json!({"eventName": "Encrypt", "requestParameters": {"keyId": big}, "userAgent": "ua"});
+        let line = fit(&rec).expect("fits");
+        assert!(line.len() <= MAX_RECORD_BYTES);
+        let v: Value = serde_json::from_slice(&line).expect("json");
+        assert!(v["requestParameters"]["originalSize"].as_u64() > Some(200 * 1024));
+        assert_eq!(v["userAgent"], "ua");
+        let huge_ua = json!({"eventName": "X", "userAgent": big, "errorMessage": big});
+        assert!(fit(&huge_ua).expect("fits").len() <= MAX_RECORD_BYTES);
+    }
+
+    #[tokio::test]
+    async fn unauthenticated_floods_are_counted_and_flushed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.log");
+        let cfg = AuditConfig {
+            in_full_per_source: 3,
+            ..AuditConfig::default()
+        };
+        let log = AuditLog::open_with(&path, &cfg).expect("opens");
+        for _ in 0..10 {
+            log.append_unauthenticated(
+                "10.1.1.1",
+                "InvalidSignatureException",
+                || json!({"eventName": "Decrypt"}),
+            )
+            .await
+            .expect("durable");
+        }
+        log.close_window(true).await.expect("flushed");
+        let lines: Vec<Value> = std::fs::read_to_string(&path)
+            .expect("read")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect();
+        assert_eq!(lines.len(), 4);
+        assert_eq!(lines[3]["eventName"], SUMMARY_EVENT);
+        assert_eq!(lines[3]["additionalEventData"]["requestsCounted"], 7);
     }
 }

@@ -6,10 +6,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::audit::{AuditError, AuditLog};
+use crate::audit::{AuditConfig, AuditError, AuditLog, Rotation};
 use crate::clock::OffsetClock;
+use crate::limits::{ConnectionLimits, MAX_CONNECTIONS};
 use crate::ops::Kms;
-use crate::server::{AppState, router};
+use crate::server::{AppState, MAX_CONCURRENCY};
 use crate::sigv4::Verifier;
 use crate::state::{StateDir, StateError, write_private};
 
@@ -49,6 +50,10 @@ pub struct DaemonConfig {
     pub test_clock: bool,
     /// Initial lifecycle-clock offset in seconds (tests).
     pub clock_offset_secs: i64,
+    /// Audit log rotation by size.
+    pub audit_rotation: Rotation,
+    /// Open connections allowed per peer address.
+    pub max_connections_per_peer: usize,
 }
 
 /// Runs the daemon until `shutdown` resolves.
@@ -58,7 +63,14 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     let state = StateDir::open(&cfg.state_dir, &cfg.account, &cfg.region)?;
     let verifier = Verifier::new(&cfg.region, &cfg.account, state.verifier_keys()?);
-    let audit = AuditLog::open(&cfg.state_dir.join("audit.log"))?;
+    let audit_cfg = AuditConfig {
+        rotation: cfg.audit_rotation,
+        account: cfg.account.clone(),
+        region: cfg.region.clone(),
+        ..AuditConfig::default()
+    };
+    let audit = AuditLog::open_with(&cfg.state_dir.join("audit.log"), &audit_cfg)?;
+    let max_connections = raise_open_files_limit(MAX_CONNECTIONS);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| DaemonError::Listen {
@@ -83,13 +95,16 @@ pub async fn run(
         &cfg.region,
     ));
     spawn_lifecycle_sweep(kms.clone());
-    let app = router(AppState {
+    spawn_summary_flush(audit.clone(), audit_cfg.summary_window);
+    let app = AppState {
         kms,
         verifier: Arc::new(verifier),
         audit,
         clock,
         test_clock: cfg.test_clock,
-    });
+        slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENCY)),
+    };
+    let limits = ConnectionLimits::new(cfg.max_connections_per_peer, max_connections);
     if let Some(f) = &cfg.ready_file {
         let body =
             serde_json::json!({"endpoint": endpoint, "pid": std::process::id(), "state_dir": dir})
@@ -102,7 +117,7 @@ pub async fn run(
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    crate::server::serve(listener, app, shutdown).await;
+    crate::server::serve(listener, app, limits, shutdown).await;
     tracing::info!("kms-daemon stopped");
     Ok(())
 }
@@ -124,4 +139,34 @@ fn spawn_lifecycle_sweep(kms: Arc<Kms>) {
             }
         }
     });
+}
+
+/// Writes the unauthenticated-requests summary of each window once it is due, even if
+/// no further request arrives to close it.
+fn spawn_summary_flush(audit: AuditLog, window: std::time::Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(window.max(std::time::Duration::from_secs(1)));
+        loop {
+            tick.tick().await;
+            if let Err(e) = audit.close_window(false).await {
+                tracing::error!(error = %e, "unauthenticated-requests summary not written");
+            }
+        }
+    });
+}
+
+/// Raises the soft open-files limit to the hard limit and returns how many connections
+/// fit under it (at most `wanted`, leaving room for the database, the log and slack).
+fn raise_open_files_limit(wanted: usize) -> usize {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return wanted;
+    };
+    let limit = if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let fit = usize::try_from(limit.saturating_sub(64)).unwrap_or(usize::MAX);
+    wanted.min(fit.max(1))
 }

@@ -8,7 +8,7 @@
 //! grant types, root key), [`store`] (durable state), [`blob`] (ciphertext format),
 //! [`context`] (encryption-context encoding), [`audit`] (CloudTrail-shaped log),
 //! [`clock`] (injectable time), [`ops`] (one function per operation), [`server`]
-//! (HTTP), [`state`] (state directory), [`daemon`] (start/stop).
+//! (HTTP), [`limits`] (connection caps, body limits), [`response`] (response bodies), [`state`] (state directory), [`daemon`] (start/stop).
 
 #![forbid(unsafe_code)]
 
@@ -22,10 +22,12 @@ pub mod daemon;
 pub mod error;
 pub mod forward;
 pub mod keys;
+pub mod limits;
 pub mod loadgen;
 pub mod ops;
 pub mod policy;
 pub mod principal;
+pub mod response;
 pub mod server;
 pub mod sigv4;
 pub mod state;

@@ -1,6 +1,8 @@
 //! Load generator for any AWS-KMS-compatible endpoint (this daemon, moto_server, ...):
 //! N concurrent clients, each with one keep-alive HTTP/1.1 connection, every request
-//! SigV4-signed; reports requests per second and latency percentiles.
+//! SigV4-signed; reports requests per second and latency percentiles. Optionally while
+//! [`SlowClients`] hold many connections open with unfinished bodies (from several
+//! loopback source addresses), as strangers trying to stall the service would.
 
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
@@ -371,6 +373,118 @@ pub async fn run(
         max_ms: all.last().map(|m| *m as f64 / 1000.0).unwrap_or(0.0),
         reconnects,
     })
+}
+
+/// Unauthenticated connections that each send a request head and part of its body,
+/// then stall; a connection the server closes is reopened at once.
+#[derive(Debug)]
+pub struct SlowClients {
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SlowClients {
+    /// Starts `n` slow connections to `target`'s endpoint, spread over `sources` local
+    /// addresses 127.0.0.2, 127.0.0.3, ... (so per-address caps let them in).
+    pub fn start(target: &Target, n: usize, sources: usize) -> Result<Self, LoadError> {
+        use std::sync::atomic::Ordering;
+        let host = target
+            .endpoint
+            .strip_prefix("http://")
+            .map(|h| h.trim_end_matches('/'))
+            .ok_or_else(|| LoadError::Endpoint(target.endpoint.clone()))?;
+        let server: std::net::SocketAddr = host
+            .parse()
+            .map_err(|_| LoadError::Endpoint(target.endpoint.clone()))?;
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let tasks = (0..n)
+            .map(|i| {
+                let offset = u8::try_from(i % sources.clamp(1, 250)).unwrap_or(0);
+                let source = std::net::Ipv4Addr::new(127, 0, 0, 2 + offset);
+                let open = open.clone();
+                let mut stopped = stopped.clone();
+                tokio::spawn(async move {
+                    while !*stopped.borrow() {
+                        let Ok(mut s) = slow_connection(source, server).await else {
+                            // Refused (over a cap) or out of descriptors: retry soon.
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                                _ = stopped.changed() => {}
+                            }
+                            continue;
+                        };
+                        open.fetch_add(1, Ordering::Relaxed);
+                        tokio::select! {
+                            () = closed_by_server(&mut s) => {}
+                            _ = stopped.changed() => {}
+                        }
+                        open.fetch_sub(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        Ok(Self { open, stop, tasks })
+    }
+
+    /// Connections open (head and partial body sent, not yet closed by the server).
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until at least `n` are open, or `timeout` passes; returns how many are.
+    pub async fn wait_open(&self, n: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        while self.open() < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.open()
+    }
+
+    /// Closes them all.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn slow_connection(
+    source: std::net::Ipv4Addr,
+    server: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((source, 0).into())?;
+    let s = socket.connect(server).await?;
+    let mut rest: &[u8] =
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-amz-json-1.1\r\n\
+          X-Amz-Target: TrentService.Decrypt\r\nContent-Length: 4096\r\n\r\n{\"CiphertextBlob\":";
+    while !rest.is_empty() {
+        s.writable().await?;
+        match s.try_write(rest) {
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(s)
+}
+
+/// Resolves once the server has answered or closed the connection.
+async fn closed_by_server(s: &mut tokio::net::TcpStream) {
+    let mut sink = [0u8; 512];
+    loop {
+        if s.readable().await.is_err() {
+            return;
+        }
+        match s.try_read(&mut sink) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            // Bytes (an answer), end of stream or an error: the server is done with it.
+            _ => return,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -53,6 +53,16 @@ struct ServeArgs {
     /// TEST ONLY: start the key-lifecycle clock this many seconds ahead of real time.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     clock_offset_secs: i64,
+    /// Rotate audit.log once it reaches this many bytes (to audit.log.1, .2, ...; 0:
+    /// never).
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    audit_max_bytes: u64,
+    /// Rotated audit files kept (audit.log.1 .. audit.log.N).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    audit_keep: u32,
+    /// Open connections allowed per peer address; more are closed at once.
+    #[arg(long, default_value_t = kms_daemon::limits::MAX_CONNECTIONS_PER_PEER)]
+    max_connections_per_peer: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -141,6 +151,11 @@ fn main() -> anyhow::Result<()> {
                 ready_file: a.ready_file,
                 test_clock: a.test_clock,
                 clock_offset_secs: a.clock_offset_secs,
+                audit_rotation: kms_daemon::audit::Rotation {
+                    max_bytes: a.audit_max_bytes,
+                    keep: a.audit_keep,
+                },
+                max_connections_per_peer: a.max_connections_per_peer,
             };
             let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
             rt.block_on(kms_daemon::run(cfg, shutdown_signal()))?;

@@ -1101,7 +1101,9 @@ impl Kms {
         let blob = self.seal_for(&key, &ctx, &plaintext)?;
         let mut out = json!({"CiphertextBlob": b64(&blob), "KeyId": key.arn});
         if with_plaintext {
-            out["Plaintext"] = json!(b64(&plaintext));
+            // Moved into the Value (not copied by `json!`), so the server's wipe of the
+            // response's strings reaches the only copy.
+            out["Plaintext"] = Value::String(b64(&plaintext));
         }
         Ok(out)
     }
@@ -1219,9 +1221,10 @@ impl Kms {
             touched,
         )?;
         dry_run(r.dry_run)?;
-        Ok(
-            json!({"KeyId": key.arn, "Plaintext": b64(&plaintext), "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}),
-        )
+        let mut out = json!({"KeyId": key.arn, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"});
+        // Moved, not copied: the server wipes the response Value's strings.
+        out["Plaintext"] = Value::String(b64(&plaintext));
+        Ok(out)
     }
 
     fn re_encrypt(

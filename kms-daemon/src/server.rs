@@ -1,5 +1,8 @@
-//! HTTP front end: axum on tokio with a body cap, a request timeout and bounded
-//! concurrency. Translates HTTP to [`Kms::execute`] and errors to AWS `__type` codes.
+//! HTTP front end: axum on tokio. Translates HTTP to [`Kms::execute`] and errors to AWS
+//! `__type` codes. A request's body is read under the limits of [`crate::limits`]
+//! before it takes one of [`MAX_CONCURRENCY`] operation slots; once dispatched, the
+//! operation and its audit record complete together in a task of their own, whatever
+//! the client does (hangs up, times out).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,27 +11,28 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderValue, Request, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{Request, StatusCode, header, request::Parts};
+use axum::response::Response;
 use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::audit::{self, AuditLog};
 use crate::clock::{OffsetClock, wall_clock_secs};
 use crate::error::OpError;
+use crate::limits::{self, BodyError, ConnectionLimits};
 use crate::ops::{Kms, Touched};
+use crate::response::{closing_error_response, error_response, json_response, secret_json};
 use crate::sigv4::Verifier;
 use crate::wire::Operation;
 
-/// Largest request body accepted.
-pub const BODY_LIMIT: usize = 256 * 1024;
-/// Longest a request may take end to end.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// Requests processed at once; further ones wait.
+pub use crate::limits::BODY_LIMIT;
+
+/// Operations executing at once; further requests (with complete bodies) wait.
 pub const MAX_CONCURRENCY: usize = 512;
-/// Open connections at once; further accepts wait.
-pub const MAX_CONNECTIONS: usize = 1024;
 /// A client must send a complete request head within this time.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// At shutdown, how long dispatched operations get to finish and be audited.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Path of the test-only clock endpoint (`--test-clock`).
 pub const TEST_CLOCK_PATH: &str = "/_sealvol/test/clock";
 
@@ -45,28 +49,19 @@ pub struct AppState {
     pub clock: Arc<OffsetClock>,
     /// Whether the test clock endpoint is on.
     pub test_clock: bool,
+    /// Operation slots ([`MAX_CONCURRENCY`]).
+    pub slots: Arc<Semaphore>,
 }
 
-fn json_response(status: StatusCode, body: &Value, request_id: &str) -> Response {
-    let mut r = (status, body.to_string()).into_response();
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-amz-json-1.1"),
-    );
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert("x-amzn-requestid", v);
+impl AppState {
+    /// Waits (up to `grace`) until no dispatched operation is running, so each has
+    /// written its audit record.
+    pub async fn drain_operations(&self, grace: Duration) -> bool {
+        let all = u32::try_from(MAX_CONCURRENCY).unwrap_or(u32::MAX);
+        tokio::time::timeout(grace, self.slots.acquire_many(all))
+            .await
+            .is_ok_and(|p| p.is_ok())
     }
-    r
-}
-
-fn error_response(status: u16, code: &str, message: &str, request_id: &str) -> Response {
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
-    json_response(
-        status,
-        &json!({"__type": code, "message": message}),
-        request_id,
-    )
 }
 
 /// Builds the router.
@@ -78,13 +73,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::post(advance_clock).get(advance_clock),
         );
     }
-    r.fallback(not_found)
-        .with_state(state)
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            REQUEST_TIMEOUT,
-        ))
-        .layer(tower::limit::ConcurrencyLimitLayer::new(MAX_CONCURRENCY))
+    r.fallback(not_found).with_state(state)
 }
 
 async fn not_found() -> Response {
@@ -109,186 +98,303 @@ async fn advance_clock(State(st): State<AppState>, body: Bytes) -> Response {
     )
 }
 
+/// What the audit record needs to know about a request, whatever became of it.
+struct RequestMeta {
+    request_id: String,
+    op: Option<Operation>,
+    target: String,
+    source_ip: String,
+    user_agent: String,
+    access_key: Option<String>,
+}
+
+impl RequestMeta {
+    fn new(parts: &Parts, peer: SocketAddr) -> Self {
+        let header = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        };
+        let target = header("x-amz-target");
+        Self {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            op: Operation::from_target(&target),
+            target,
+            source_ip: peer.ip().to_string(),
+            user_agent: header(header::USER_AGENT.as_str()),
+            access_key: crate::sigv4::presented_access_key(&parts.headers),
+        }
+    }
+
+    fn op_name(&self) -> &'static str {
+        self.op.map(Operation::name).unwrap_or("Unknown")
+    }
+
+    fn event<'a>(
+        &'a self,
+        st: &'a AppState,
+        caller: Option<&'a crate::principal::Caller>,
+        request_parameters: Value,
+        error: Option<(&'a str, String)>,
+        resources: &'a [String],
+    ) -> audit::Event<'a> {
+        audit::Event {
+            time: wall_clock_secs(),
+            name: self.op_name(),
+            caller,
+            access_key_id: self.access_key.as_deref(),
+            account: &st.kms.account,
+            region: &st.kms.region,
+            source_ip: &self.source_ip,
+            user_agent: &self.user_agent,
+            request_parameters,
+            error,
+            request_id: &self.request_id,
+            resources,
+            read_only: self.op.is_some_and(Operation::read_only),
+        }
+    }
+}
+
+fn not_audited(request_id: &str) -> Response {
+    error_response(
+        500,
+        "KMSInternalException",
+        "The request could not be audited.",
+        request_id,
+    )
+}
+
 async fn handle(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request<Body>,
 ) -> Response {
-    let request_id = uuid::Uuid::new_v4().to_string();
-    let (parts, body) = req.into_parts();
-    let user_agent = parts
-        .headers
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let target = parts
-        .headers
-        .get("x-amz-target")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let op = Operation::from_target(&target);
-    let op_name = op.map(Operation::name).unwrap_or("Unknown");
-    let source_ip = peer.ip().to_string();
-    let body = match axum::body::to_bytes(body, BODY_LIMIT).await {
+    let (parts, mut body) = req.into_parts();
+    let meta = RequestMeta::new(&parts, peer);
+    let declared = limits::declared_length(&parts.headers);
+    let deadline = tokio::time::Instant::now() + limits::body_deadline(declared);
+    let body = match limits::read_body(&mut body, declared, deadline).await {
         Ok(b) => b,
-        Err(_) => {
-            let message = format!("Request body is larger than {BODY_LIMIT} bytes");
-            let access_key = crate::sigv4::presented_access_key(&parts.headers);
-            let event = audit::Event {
-                time: wall_clock_secs(),
-                name: op_name,
-                caller: None,
-                access_key_id: access_key.as_deref(),
-                account: &st.kms.account,
-                region: &st.kms.region,
-                source_ip: &source_ip,
-                user_agent: &user_agent,
-                request_parameters: Value::Null,
-                error: Some(("ValidationException", message.clone())),
-                request_id: &request_id,
-                resources: &[],
-                read_only: false,
-            };
-            if st.audit.append(&audit::record(&event)).await.is_err() {
-                return error_response(
-                    500,
-                    "KMSInternalException",
-                    "The request could not be audited.",
-                    &request_id,
-                );
+        Err(e) => {
+            if e == BodyError::TooLarge {
+                limits::drain(body);
             }
-            return error_response(413, "ValidationException", &message, &request_id);
+            return spawn_detached(refuse(st, meta, e)).await;
         }
     };
-    let auth = st.verifier.verify(&parts, &body, wall_clock_secs());
-    let mut touched = Touched::default();
-    let result: Result<Value, OpError> = match (&auth, op) {
-        (Err(_), _) => Err(OpError::Internal(String::new())),
-        (Ok(_), None) => Err(OpError::UnknownOperation(format!(
-            "Unknown operation {target}"
-        ))),
-        (Ok(caller), Some(op)) => {
-            let content_type = parts
-                .headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            if !content_type.starts_with("application/x-amz-json-1.1")
-                && !content_type.starts_with("application/json")
-            {
-                Err(OpError::Serialization(
-                    "Content-Type must be application/x-amz-json-1.1".into(),
-                ))
-            } else {
-                if op.runs_inline() {
-                    st.kms.execute(caller, op, &body, &mut touched)
-                } else {
-                    let kms = st.kms.clone();
-                    let caller = caller.clone();
-                    let body = body.clone();
-                    match tokio::task::spawn_blocking(move || {
-                        let mut touched = Touched::default();
-                        let r = kms.execute(&caller, op, &body, &mut touched);
-                        (r, touched)
-                    })
-                    .await
-                    {
-                        Ok((r, t)) => {
-                            touched = t;
-                            r
-                        }
-                        Err(_) => Err(OpError::Internal("operation panicked".into())),
-                    }
-                }
-            }
-        }
-    };
-    let (status, code, message) = match (&auth, &result) {
-        (Err(e), _) => (400, Some(e.code()), e.to_string()),
-        (Ok(_), Err(e)) => {
-            if let OpError::Internal(detail) = e {
-                tracing::error!(request_id, op = op_name, detail, "internal error");
-            }
-            (e.status(), Some(e.code()), e.public_message())
-        }
-        (Ok(_), Ok(_)) => (200, None, String::new()),
-    };
-    // A refused forward-access token is audited under the service that presented it.
-    let caller = match &auth {
-        Ok(c) => Some(c),
-        Err(e) => e.authenticated_signer(),
-    };
-    let access_key = crate::sigv4::presented_access_key(&parts.headers);
-    let event = audit::Event {
-        time: wall_clock_secs(),
-        name: op_name,
-        caller,
-        access_key_id: access_key.as_deref(),
-        account: &st.kms.account,
-        region: &st.kms.region,
-        source_ip: &source_ip,
-        user_agent: &user_agent,
-        request_parameters: audit::request_parameters(&body),
-        error: code.map(|c| (c, message.clone())),
-        request_id: &request_id,
-        resources: &touched.keys,
-        read_only: op.is_some_and(Operation::read_only),
-    };
-    if let Err(e) = st.audit.append(&audit::record(&event)).await {
-        tracing::error!(request_id, error = %e, "audit record could not be written; refusing the request");
+    let Ok(slot) = st.slots.clone().acquire_owned().await else {
         return error_response(
-            500,
+            503,
             "KMSInternalException",
-            "The request could not be audited.",
-            &request_id,
+            "The service is shutting down.",
+            &meta.request_id,
         );
-    }
-    match result {
-        Ok(v) if auth.is_ok() => json_response(StatusCode::OK, &v, &request_id),
-        _ => error_response(
-            status,
-            code.unwrap_or("KMSInternalException"),
-            &message,
-            &request_id,
-        ),
+    };
+    spawn_detached(dispatch(st, meta, parts, body, slot)).await
+}
+
+/// Runs `work` in a task of its own: if the client goes away, the handler's future is
+/// dropped but the task (operation and audit record) runs to the end.
+async fn spawn_detached(
+    work: impl std::future::Future<Output = Response> + Send + 'static,
+) -> Response {
+    match tokio::spawn(work).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "request task failed");
+            error_response(
+                500,
+                "KMSInternalException",
+                "An internal error occurred.",
+                "",
+            )
+        }
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests
-/// finish (bounded by [`REQUEST_TIMEOUT`]). Connections are capped at
-/// [`MAX_CONNECTIONS`]; each must send its request head within [`HEADER_READ_TIMEOUT`].
+/// A request whose body was refused: audited as unauthenticated (it was never
+/// verified), without parameters.
+async fn refuse(st: AppState, meta: RequestMeta, e: BodyError) -> Response {
+    let message = e.to_string();
+    let record = || {
+        let error = Some((e.code(), message.clone()));
+        audit::record(&meta.event(&st, None, Value::Null, error, &[]))
+    };
+    if st
+        .audit
+        .append_unauthenticated(&meta.source_ip, e.code(), record)
+        .await
+        .is_err()
+    {
+        return not_audited(&meta.request_id);
+    }
+    closing_error_response(e.status(), e.code(), &message, &meta.request_id)
+}
+
+/// Authenticates, executes and audits one request with a complete body.
+async fn dispatch(
+    st: AppState,
+    meta: RequestMeta,
+    parts: Parts,
+    body: Bytes,
+    _slot: OwnedSemaphorePermit,
+) -> Response {
+    let request_id = meta.request_id.as_str();
+    let caller = match st.verifier.verify(&parts, &body, wall_clock_secs()) {
+        Ok(c) => c,
+        Err(e) if e.authenticated_signer().is_some() => {
+            // The request's own signature verified; only the forward-access token it
+            // carries was refused: audited one by one, under the service that signed.
+            let event = meta.event(
+                &st,
+                e.authenticated_signer(),
+                audit::request_parameters(&body),
+                Some((e.code(), e.to_string())),
+                &[],
+            );
+            if st.audit.append(&audit::record(&event)).await.is_err() {
+                return not_audited(request_id);
+            }
+            return error_response(400, e.code(), &e.to_string(), request_id);
+        }
+        Err(e) => {
+            // Failed authentication: no parameters (the body is a stranger's), and
+            // floods are summarised rather than written one by one.
+            let code = e.code();
+            let record = || {
+                let error = Some((code, e.to_string()));
+                audit::record(&meta.event(&st, None, Value::Null, error, &[]))
+            };
+            if st
+                .audit
+                .append_unauthenticated(&meta.source_ip, code, record)
+                .await
+                .is_err()
+            {
+                return not_audited(request_id);
+            }
+            return error_response(400, code, &e.to_string(), request_id);
+        }
+    };
+    let mut touched = Touched::default();
+    let result = match meta.op {
+        None => Err(OpError::UnknownOperation(format!(
+            "Unknown operation {}",
+            meta.target
+        ))),
+        Some(op) => execute(&st, &caller, op, &parts, body.clone(), &mut touched).await,
+    };
+    let error = result.as_ref().err().map(|e| {
+        if let OpError::Internal(detail) = e {
+            tracing::error!(request_id, op = meta.op_name(), detail, "internal error");
+        }
+        (e.code(), e.public_message())
+    });
+    let event = meta.event(
+        &st,
+        Some(&caller),
+        audit::request_parameters(&body),
+        error,
+        &touched.keys,
+    );
+    if let Err(e) = st.audit.append(&audit::record(&event)).await {
+        tracing::error!(request_id, error = %e, "audit record could not be written; refusing the request");
+        return not_audited(request_id);
+    }
+    match result {
+        Ok(v) => secret_json(v, request_id),
+        Err(e) => error_response(e.status(), e.code(), &e.public_message(), request_id),
+    }
+}
+
+async fn execute(
+    st: &AppState,
+    caller: &crate::principal::Caller,
+    op: Operation,
+    parts: &Parts,
+    body: Bytes,
+    touched: &mut Touched,
+) -> Result<Value, OpError> {
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !content_type.starts_with("application/x-amz-json-1.1")
+        && !content_type.starts_with("application/json")
+    {
+        return Err(OpError::Serialization(
+            "Content-Type must be application/x-amz-json-1.1".into(),
+        ));
+    }
+    if op.runs_inline() {
+        return st.kms.execute(caller, op, &body, touched);
+    }
+    let kms = st.kms.clone();
+    let caller = caller.clone();
+    match tokio::task::spawn_blocking(move || {
+        let mut touched = Touched::default();
+        let r = kms.execute(&caller, op, &body, &mut touched);
+        (r, touched)
+    })
+    .await
+    {
+        Ok((r, t)) => {
+            *touched = t;
+            r
+        }
+        Err(_) => Err(OpError::Internal("operation panicked".into())),
+    }
+}
+
+/// Serves on `listener` until `shutdown` resolves, then lets open connections finish
+/// and waits for dispatched operations and their audit records (bounded by
+/// [`SHUTDOWN_GRACE`]). Connections are admitted by `limits` right after accept (the
+/// accept loop never waits); each must send its request head within
+/// [`HEADER_READ_TIMEOUT`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    app: Router,
+    state: AppState,
+    limits: Arc<ConnectionLimits>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let app = router(state.clone());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        // Queue body buffers for vectored writes instead of copying them into the
+        // connection's write buffer: response bodies stay in their wiped buffers.
+        .writev(true)
         .keep_alive(true);
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            () = &mut shutdown => break,
-        };
         let (stream, peer) = tokio::select! {
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
+                    // Out of descriptors or similar: back off briefly, keep serving.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             () = &mut shutdown => break,
+        };
+        let slot = match limits.admit(peer.ip()) {
+            Ok(s) => s,
+            Err(refused) => {
+                tracing::debug!(%peer, %refused, "connection closed at once");
+                drop(stream);
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let svc = tower::ServiceBuilder::new()
@@ -301,17 +407,20 @@ pub async fn serve(
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
-            drop(permit);
+            drop(slot);
         });
     }
     drop(listener);
-    if tokio::time::timeout(
-        REQUEST_TIMEOUT + Duration::from_secs(5),
-        graceful.shutdown(),
-    )
-    .await
-    .is_err()
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
     {
         tracing::warn!("connections still open at shutdown; closing them");
+    }
+    if !state.drain_operations(SHUTDOWN_GRACE).await {
+        tracing::warn!("operations still running at shutdown");
+    }
+    if let Err(e) = state.audit.close_window(true).await {
+        tracing::error!(error = %e, "the last unauthenticated-requests summary was not written");
     }
 }

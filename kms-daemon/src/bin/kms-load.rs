@@ -48,13 +48,29 @@ struct Cli {
     /// Use this key instead of creating one.
     #[arg(long)]
     key_id: Option<String>,
+    /// Hold this many unauthenticated connections with unfinished bodies open during
+    /// every run (reopened when the server closes them).
+    #[arg(long, default_value_t = 0)]
+    slow_clients: usize,
+    /// Local source addresses the slow connections are spread over (127.0.0.2, ...).
+    #[arg(long, default_value_t = 8)]
+    slow_sources: usize,
     /// Output format.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     output: String,
 }
 
+/// Slow connections need descriptors: raise the soft limit to the hard one.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    raise_open_files_limit();
     let target = match (&cli.state_dir, &cli.endpoint) {
         (Some(dir), _) => Target::from_state_dir(dir, &cli.profile)?,
         (None, Some(e)) => Target {
@@ -74,11 +90,23 @@ fn main() -> anyhow::Result<()> {
         for op in &cli.op {
             let body = loadgen::prepare(&target, *op, cli.key_id.clone()).await?;
             for clients in &cli.clients {
+                let slow = if cli.slow_clients > 0 {
+                    let s = loadgen::SlowClients::start(&target, cli.slow_clients, cli.slow_sources)?;
+                    let n = s.wait_open(cli.slow_clients * 9 / 10, Duration::from_secs(20)).await;
+                    eprintln!("slow connections open: {n}");
+                    Some(s)
+                } else {
+                    None
+                };
                 let r = loadgen::run(&target, *op, body.clone(), *clients, Duration::from_secs(cli.warmup), Duration::from_secs(cli.duration)).await?;
+                let slow_open = slow.as_ref().map_or(0, loadgen::SlowClients::open);
+                if let Some(s) = slow {
+                    s.stop().await;
+                }
                 if cli.output == "text" {
                     println!(
-                        "{:?} clients={} req/s={:.0} p50={:.2}ms p99={:.2}ms max={:.2}ms ok={} errors={} reconnects={}",
-                        r.operation, r.clients, r.requests_per_second, r.p50_ms, r.p99_ms, r.max_ms, r.requests, r.errors, r.reconnects
+                        "{:?} clients={} req/s={:.0} p50={:.2}ms p99={:.2}ms max={:.2}ms ok={} errors={} reconnects={} slow_open_at_end={}",
+                        r.operation, r.clients, r.requests_per_second, r.p50_ms, r.p99_ms, r.max_ms, r.requests, r.errors, r.reconnects, slow_open
                     );
                 }
                 reports.push(r);

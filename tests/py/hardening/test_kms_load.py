@@ -3,7 +3,10 @@ signed) mix Decrypt, GenerateDataKey, CreateGrant, RetireGrant and DisableKey/En
 against a private real daemon while slowloris connections, slow and oversized bodies and
 stale replays hammer it. Checks: zero unexpected errors, every request answered has its
 audit record (requests sent == audit lines written), RSS bounded, honest p99 bounded, and
-stale or future timestamps refused.
+stale or future timestamps refused. Unauthenticated abuse is summarised in the log (a
+few records per source in full, the rest counted in UnauthenticatedRequestsSummary
+records, the last one written at shutdown), so the audit check is: requests answered ==
+individual records + summarised counts, across rotated files, after the daemon stops.
 
 CI runs a short configuration (default 16 clients for 10 s). The long run reported in
 docs/hardening.md: HARDENING_LOAD_CLIENTS=64 HARDENING_LOAD_SECONDS=60.
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from conftest import env_float, env_int
 from kms_harness import ACCOUNT, Daemon, sigv4, wait_for
+from kms_raw import audit_records, counted_requests
 
 CLIENTS = env_int("HARDENING_LOAD_CLIENTS", 16)
 SECONDS = env_float("HARDENING_LOAD_SECONDS", 10)
@@ -97,8 +101,9 @@ class RssMonitor(threading.Thread):
 
 
 def audit_lines(daemon):
-    with open(daemon.state_dir / "audit.log", "rb") as f:
-        return sum(1 for _ in f)
+    """Requests the log accounts for: individual records plus summarised counts."""
+    individual, summarised = counted_requests(audit_records(daemon.state_dir)[0])
+    return individual + summarised
 
 
 def slowloris(addr, n, stop, opened):
@@ -277,11 +282,8 @@ def _run(d, tmp_path):
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else 0
     abuse_audited = abuse_counts["oversized"] + abuse_counts["declared_too_large"] + abuse_counts["slow_body_unanswered"]
     expected_audit = stats["requests"] + abuse_audited + 1
-    # Records of hung-up slow bodies are written when the daemon notices the hang-up.
-    try:
-        wait_for(lambda: audit_lines(d) - base_audit >= expected_audit, timeout=15, what="audit records")
-    except TimeoutError:
-        pass
+    # The summary of the last window of unauthenticated requests is written at shutdown.
+    assert d.stop() == 0, "kms-daemon must exit 0 on SIGTERM after the load"
     written = audit_lines(d) - base_audit
     report = {
         "clients": CLIENTS, "seconds": round(elapsed, 1), "requests": stats["requests"],
@@ -308,7 +310,4 @@ def _run(d, tmp_path):
     assert abuse_counts["oversized"] > 0 and opened[0] >= min(SLOWLORIS, 50)
     assert monitor.peak / 1024 < RSS_LIMIT_MIB, f"peak RSS {monitor.peak / 1024:.0f} MiB"
     assert p99 < P99_LIMIT_S, f"honest p99 {p99 * 1000:.0f} ms under abuse"
-    # Every audit line is one complete JSON record.
-    with open(d.state_dir / "audit.log", "rb") as f:
-        for line in f:
-            json.loads(line)
+    # Every audit line is one complete JSON record (audit_records parsed them all).
