@@ -535,12 +535,11 @@ fn rekey_volume(
             )
         }
         (None, Some(mp)) => {
-            // The agent reads the key file itself: hand it an absolute path.
-            let key = std::path::absolute(new_key_file)
-                .map_err(|e| CliError::Usage(format!("{}: {e}", new_key_file.display())))?;
-            let req = ControlRequest::Rekey {
+            // The key goes to the agent over its control socket (SO_PEERCRED-checked),
+            // never as a path for it to open.
+            let req = ControlRequest::RekeyWithKey {
                 export: file,
-                new_volume_key_file: key,
+                new_volume_key: VolumeKey::from_file(new_key_file)?,
                 hotzone_bytes: opts.hotzone_bytes,
                 new_kms_token: None,
                 resilience: opts.resilience,
