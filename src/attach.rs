@@ -70,6 +70,9 @@ pub enum AttachError {
         /// Its stderr or spawn error.
         why: String,
     },
+    /// The runtime directory or a record in it cannot be kept private.
+    #[error("runtime state: {0}")]
+    Private(#[from] crate::private_file::PrivateFileError),
     /// Runtime state I/O.
     #[error("runtime state {path}: {source}")]
     State {
@@ -91,7 +94,8 @@ pub struct AgentRecord {
     pub files: Vec<(String, PathBuf)>,
 }
 
-/// Directory for agent records (`$SEALVOL_RUNTIME_DIR`, default `/run/sealvol`).
+/// Directory for agent records and control sockets (`$SEALVOL_RUNTIME_DIR`, default
+/// `/run/sealvol`); made private (0700, ours) before the first record is written.
 #[must_use]
 pub fn runtime_dir() -> PathBuf {
     std::env::var_os("SEALVOL_RUNTIME_DIR")
@@ -319,16 +323,9 @@ pub fn serve_with(
 }
 
 fn write_record(path: &Path, record: &AgentRecord) -> Result<(), AttachError> {
-    let err = |source| AttachError::State {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = path.parent().expect("record path has a parent");
-    std::fs::create_dir_all(dir).map_err(err)?;
+    crate::private_file::ensure_dir(path.parent().expect("record path has a parent"))?;
     let json = serde_json::to_vec_pretty(record).expect("record serializes");
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, json).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    Ok(crate::private_file::write(path, &json)?)
 }
 
 /// Runs the current executable with `args` as a background agent and waits for its ready

@@ -241,11 +241,16 @@ fn print_json<T: serde::Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
 }
 
-/// Dispatches a parsed command.
+/// Dispatches a parsed command. Every verb first hardens the process
+/// ([`crate::secret::harden_process`]: no core dumps, not dumpable, no ptrace by other
+/// users): most verbs unwrap or hold a data key (create-volume, attach, rekey-volume,
+/// rewrap-volume, and the WorkSpace verbs that launch, attach or rekey), and hardening
+/// every verb means a new one cannot forget it.
 ///
 /// # Errors
 /// Whatever the command fails with.
 pub fn run(cli: Cli) -> Result<(), CliError> {
+    crate::secret::harden_process();
     match cli.command {
         Cmd::CreateVolume {
             path,
@@ -404,7 +409,6 @@ fn attach_here(
     new_key_file: Option<&Path>,
     threads: usize,
 ) -> Result<(), CliError> {
-    crate::secret::harden_process();
     let mut resume = Vec::new();
     let opened = match (key_file, new_key_file) {
         (Some(kf), Some(nkf)) => {
@@ -521,7 +525,6 @@ fn rekey_volume(
     };
     let (report, target) = match (path, mountpoint) {
         (Some(path), _) => {
-            crate::secret::harden_process();
             let old = VolumeKey::from_file(
                 key_file.ok_or_else(|| CliError::Usage("--path needs --volume-key-file".into()))?,
             )?;
@@ -532,12 +535,11 @@ fn rekey_volume(
             )
         }
         (None, Some(mp)) => {
-            // The agent reads the key file itself: hand it an absolute path.
-            let key = std::path::absolute(new_key_file)
-                .map_err(|e| CliError::Usage(format!("{}: {e}", new_key_file.display())))?;
-            let req = ControlRequest::Rekey {
+            // The key goes to the agent over its control socket (SO_PEERCRED-checked),
+            // never as a path for it to open.
+            let req = ControlRequest::RekeyWithKey {
                 export: file,
-                new_volume_key_file: key,
+                new_volume_key: VolumeKey::from_file(new_key_file)?,
                 hotzone_bytes: opts.hotzone_bytes,
                 new_kms_token: None,
                 resilience: opts.resilience,

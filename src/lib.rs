@@ -15,6 +15,7 @@ pub mod device;
 pub mod fuse;
 pub mod kms;
 pub mod luks2;
+pub mod private_file;
 pub mod rekey;
 pub mod secret;
 pub mod volume;

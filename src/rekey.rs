@@ -1105,7 +1105,28 @@ pub fn rekey_detached(
     reason = "one short-lived request per connection"
 )]
 pub enum ControlRequest {
-    /// Start (or follow) a rekey of one served file.
+    /// Start (or follow) a rekey of one served file to the key carried in the request
+    /// (the client read it; it never passes through a file the agent opens).
+    RekeyWithKey {
+        /// Served file name (`disk`); `None` when the agent serves exactly one.
+        export: Option<String>,
+        /// The new 64-byte key, hex on the wire (both ends wipe their copy of the line).
+        #[serde(with = "crate::secret::volume_key_hex")]
+        new_volume_key: VolumeKey,
+        /// Hotzone size in bytes.
+        hotzone_bytes: Option<u64>,
+        /// For a KMS-backed volume: the new key's token (blob + context), stored in the
+        /// checkpoint so a crash can resume and installed in the header at the end.
+        #[serde(default)]
+        new_kms_token: Option<KmsToken>,
+        /// What each hotzone's journal holds (absent: a full copy).
+        #[serde(default, skip_serializing_if = "Resilience::is_journal")]
+        resilience: Resilience,
+    },
+    /// [`RekeyWithKey`](Self::RekeyWithKey) with the key in a file the agent reads.
+    /// Deprecated: only the controller's WorkSpace rekey still sends it (a 0600 file it
+    /// creates `O_EXCL` in the private runtime directory and removes); new clients send
+    /// the key itself.
     Rekey {
         /// Served file name (`disk`); `None` when the agent serves exactly one.
         export: Option<String>,
@@ -1314,9 +1335,6 @@ impl ServerInner {
     }
 
     fn handle(&self, conn: UnixStream) {
-        let allowed =
-            nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
-                .is_ok_and(|c| c.uid() == 0 || c.uid() == nix::unistd::geteuid().as_raw());
         let Ok(mut out) = conn.try_clone() else {
             return;
         };
@@ -1325,102 +1343,94 @@ impl ServerInner {
             line.push(b'\n');
             out.write_all(&line).is_ok()
         };
-        if !allowed {
+        if !peer_may_control(&conn) {
             send(&ControlReply::Error(
                 "permission denied: only root or the agent's user may control it".into(),
             ));
             return;
         }
-        let mut line = String::new();
-        if BufReader::new(&conn)
-            .take(64 * 1024)
-            .read_line(&mut line)
-            .is_err()
-        {
-            return;
-        }
-        let req: ControlRequest = match serde_json::from_str(&line) {
+        let req = match read_request(&conn) {
             Ok(r) => r,
             Err(e) => {
-                send(&ControlReply::Error(format!("bad request: {e}")));
+                send(&ControlReply::Error(e));
                 return;
             }
         };
-        match req {
+        let (export, new_key, opts) = match req {
             ControlRequest::Status => {
-                let st = self
-                    .devices
-                    .iter()
-                    .map(|(n, d)| {
-                        (
-                            n.clone(),
-                            d.rekey_boundary().map(|b| Progress {
-                                done: b,
-                                total: d.size(),
-                            }),
-                        )
-                    })
-                    .collect();
-                send(&ControlReply::Status(st));
+                send(&ControlReply::Status(self.status()));
+                return;
             }
+            ControlRequest::RekeyWithKey {
+                export,
+                new_volume_key,
+                hotzone_bytes,
+                new_kms_token,
+                resilience,
+            } => (
+                export,
+                new_volume_key,
+                RekeyOptions {
+                    hotzone_bytes,
+                    new_kms_token,
+                    resilience,
+                },
+            ),
             ControlRequest::Rekey {
                 export,
                 new_volume_key_file,
                 hotzone_bytes,
                 new_kms_token,
                 resilience,
-            } => {
-                let opts = RekeyOptions {
-                    hotzone_bytes,
-                    new_kms_token,
-                    resilience,
-                };
-                let job = match self.begin(export.as_deref(), &new_volume_key_file, &opts) {
-                    Ok(j) => j,
-                    Err(e) => {
-                        send(&ControlReply::Error(e));
-                        return;
-                    }
-                };
-                // Follow the job; a client that goes away does not stop it.
-                let mut last = None;
-                let mut st = job.state.lock().expect("job lock");
-                loop {
-                    if let Some(r) = &st.result {
-                        let reply = match r {
-                            Ok(rep) => ControlReply::Done(rep.clone()),
-                            Err(e) => ControlReply::Error(e.clone()),
-                        };
-                        drop(st);
-                        send(&reply);
-                        return;
-                    }
-                    if st.progress != last {
-                        last = st.progress;
-                        let p = st.progress;
-                        drop(st);
-                        if let Some(p) = p
-                            && !send(&ControlReply::Progress(p))
-                        {
-                            return;
-                        }
-                        st = job.state.lock().expect("job lock");
-                        continue;
-                    }
-                    st = job.changed.wait(st).expect("job lock");
+            } => match VolumeKey::from_file(&new_volume_key_file) {
+                Ok(key) => (
+                    export,
+                    key,
+                    RekeyOptions {
+                        hotzone_bytes,
+                        new_kms_token,
+                        resilience,
+                    },
+                ),
+                Err(e) => {
+                    send(&ControlReply::Error(e.to_string()));
+                    return;
                 }
+            },
+        };
+        let job = match self.begin(export.as_deref(), &new_key, &opts) {
+            Ok(j) => j,
+            Err(e) => {
+                send(&ControlReply::Error(e));
+                return;
             }
-        }
+        };
+        drop(new_key);
+        follow_job(&job, send);
+    }
+
+    fn status(&self) -> Vec<(String, Option<Progress>)> {
+        self.devices
+            .iter()
+            .map(|(n, d)| {
+                (
+                    n.clone(),
+                    d.rekey_boundary().map(|b| Progress {
+                        done: b,
+                        total: d.size(),
+                    }),
+                )
+            })
+            .collect()
     }
 
     fn begin(
         &self,
         export: Option<&str>,
-        key_file: &Path,
+        new: &VolumeKey,
         opts: &RekeyOptions,
     ) -> Result<Arc<Job>, String> {
         let (name, device) = self.device(export)?;
-        let new = VolumeKey::from_file(key_file).map_err(|e| e.to_string())?;
         if let Some(job) = self.jobs.lock().expect("jobs lock").get(&name).cloned()
             && job.state.lock().expect("job lock").result.is_none()
         {
@@ -1429,7 +1439,7 @@ impl ServerInner {
             let st = state(&header)
                 .map_err(|e| e.to_string())?
                 .ok_or("no rekey in the header")?;
-            header.verify_key_against(st.new_digest, &new).map_err(|_| {
+            header.verify_key_against(st.new_digest, new).map_err(|_| {
                     "a rekey to a different new key is already running on this volume; wait for it to finish".to_string()
                 })?;
             return Ok(job);
@@ -1441,12 +1451,12 @@ impl ServerInner {
                 .map_err(|e| e.to_string())?
                 .ok_or("no rekey in the header")?;
             header
-                .verify_key_against(st.new_digest, &new)
+                .verify_key_against(st.new_digest, new)
                 .map_err(|_| RekeyError::WrongNewKey.to_string())?;
             Rekeyer::resume(device).map_err(|e| e.to_string())?
         } else {
             let header = Header::read(&**device.backing()).map_err(|e| e.to_string())?;
-            if header.verify_key(&new).is_ok() {
+            if header.verify_key(new).is_ok() {
                 // Already under the new key (a rekey that finished before a crash).
                 let job = Job::default();
                 let total = device.size();
@@ -1462,9 +1472,72 @@ impl ServerInner {
                 });
                 return Ok(Arc::new(job));
             }
-            Rekeyer::start(device, &new, opts).map_err(|e| e.to_string())?
+            Rekeyer::start(device, new, opts).map_err(|e| e.to_string())?
         };
         self.start_job(&name, rekeyer, false)
+    }
+}
+
+/// Longest request line the agent reads.
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// Whether the peer of `conn` (per SO_PEERCRED) is root or the agent's own user.
+fn peer_may_control(conn: &UnixStream) -> bool {
+    nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
+        .is_ok_and(|c| c.uid() == 0 || c.uid() == nix::unistd::geteuid().as_raw())
+}
+
+/// Reads and parses one request line. The line may carry a key: it is read straight
+/// into one preallocated buffer (no `BufReader`, no reallocation that would leave copies
+/// behind), and that buffer is wiped once parsed.
+fn read_request(conn: &UnixStream) -> Result<ControlRequest, String> {
+    let mut buf = zeroize::Zeroizing::new(vec![0u8; MAX_REQUEST]);
+    let mut len = 0;
+    let end = loop {
+        if let Some(i) = buf[..len].iter().position(|&b| b == b'\n') {
+            break i;
+        }
+        if len == buf.len() {
+            return Err(format!("bad request: longer than {MAX_REQUEST} bytes"));
+        }
+        match (&*conn).read(&mut buf[len..]) {
+            Ok(0) => break len,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("bad request: {e}")),
+        }
+    };
+    serde_json::from_slice(&buf[..end]).map_err(|e| format!("bad request: {e}"))
+}
+
+/// Streams a job's progress, then its outcome, to the client; a client that goes away
+/// does not stop the job.
+fn follow_job(job: &Job, mut send: impl FnMut(&ControlReply) -> bool) {
+    let mut last = None;
+    let mut st = job.state.lock().expect("job lock");
+    loop {
+        if let Some(r) = &st.result {
+            let reply = match r {
+                Ok(rep) => ControlReply::Done(rep.clone()),
+                Err(e) => ControlReply::Error(e.clone()),
+            };
+            drop(st);
+            send(&reply);
+            return;
+        }
+        if st.progress != last {
+            last = st.progress;
+            let p = st.progress;
+            drop(st);
+            if let Some(p) = p
+                && !send(&ControlReply::Progress(p))
+            {
+                return;
+            }
+            st = job.state.lock().expect("job lock");
+            continue;
+        }
+        st = job.changed.wait(st).expect("job lock");
     }
 }
 
@@ -1492,9 +1565,13 @@ pub fn request_online(
             mountpoint.display()
         ))
     })?;
-    let mut line = serde_json::to_vec(req).expect("requests serialize");
+    // The request may carry a key: serialize into one preallocated buffer (no
+    // reallocation leaves a copy behind) that is wiped when sent.
+    let mut line = zeroize::Zeroizing::new(Vec::with_capacity(MAX_REQUEST));
+    serde_json::to_writer(&mut *line, req).expect("requests serialize");
     line.push(b'\n');
     conn.write_all(&line).map_err(|e| err(e.to_string()))?;
+    drop(line);
     for line in BufReader::new(&conn).lines() {
         let line = line.map_err(|e| err(e.to_string()))?;
         match serde_json::from_str::<ControlReply>(&line)

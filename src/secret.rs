@@ -192,6 +192,59 @@ impl<T: Zeroize> fmt::Debug for Locked<T> {
     }
 }
 
+/// A [`VolumeKey`] on the attach agent's control socket, as 128 hex digits: use with
+/// `#[serde(with = "crate::secret::volume_key_hex")]`. Every intermediate copy (the hex
+/// text here, the decoded bytes) is wiped; the caller wipes the serialized request.
+pub mod volume_key_hex {
+    use serde::de::{Error, Visitor};
+    use serde::{Deserializer, Serializer};
+    use zeroize::{Zeroize, Zeroizing};
+
+    use super::{VOLUME_KEY_LEN, VolumeKey};
+
+    /// Serializes the key as lowercase hex.
+    ///
+    /// # Errors
+    /// Whatever the serializer fails with.
+    pub fn serialize<S: Serializer>(key: &VolumeKey, s: S) -> Result<S::Ok, S::Error> {
+        let mut text = Zeroizing::new([0u8; 2 * VOLUME_KEY_LEN]);
+        hex::encode_to_slice(key.expose(), &mut text[..])
+            .expect("the buffer holds exactly two hex digits per key byte");
+        s.serialize_str(std::str::from_utf8(&text[..]).expect("hex digits are ASCII"))
+    }
+
+    /// Deserializes 128 hex digits into a locked key.
+    ///
+    /// # Errors
+    /// Not 128 hex digits, or a weak key. The message never contains the input.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<VolumeKey, D::Error> {
+        d.deserialize_str(KeyVisitor)
+    }
+
+    struct KeyVisitor;
+
+    impl Visitor<'_> for KeyVisitor {
+        type Value = VolumeKey;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a 64-byte volume key as 128 hex digits")
+        }
+
+        fn visit_str<E: Error>(self, v: &str) -> Result<VolumeKey, E> {
+            let mut raw = Zeroizing::new([0u8; VOLUME_KEY_LEN]);
+            hex::decode_to_slice(v, &mut raw[..])
+                .map_err(|_| E::custom("the new volume key must be 128 hex digits (64 bytes)"))?;
+            VolumeKey::from_slice(&mut raw[..]).map_err(E::custom)
+        }
+
+        fn visit_string<E: Error>(self, mut v: String) -> Result<VolumeKey, E> {
+            let key = self.visit_str(&v);
+            v.zeroize();
+            key
+        }
+    }
+}
+
 /// Makes the process undumpable (no core dumps, no ptrace by other users) so that key
 /// material in memory cannot end up in a core file.
 pub fn harden_process() {
@@ -216,6 +269,29 @@ mod tests {
             VolumeKey::from_slice(&mut [7u8; 64]),
             Err(SecretError::WeakKey)
         ));
+    }
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct OnTheWire {
+        #[serde(with = "volume_key_hex")]
+        key: VolumeKey,
+    }
+
+    #[test]
+    fn a_key_crosses_the_wire_as_hex_and_bad_text_is_not_echoed() {
+        let key = VolumeKey::generate();
+        let json = serde_json::to_string(&OnTheWire { key: key.clone() }).expect("serialize");
+        assert!(json.contains(&hex::encode(key.expose())));
+        let back: OnTheWire = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back.key, key);
+        let bad = format!(r#"{{"key":"{}zz"}}"#, "ab".repeat(63));
+        let e = serde_json::from_str::<OnTheWire>(&bad)
+            .err()
+            .expect("not hex")
+            .to_string();
+        assert!(!e.contains("abab"), "{e}");
+        let weak = format!(r#"{{"key":"{}"}}"#, "07".repeat(64));
+        assert!(serde_json::from_str::<OnTheWire>(&weak).is_err());
     }
 
     #[test]

@@ -467,3 +467,64 @@ fn offline_checksum_rekey_killed_then_resumed_by_the_same_command() {
     );
     detach(&mnt);
 }
+
+/// The online rekey hands the new key to the agent over its control socket, not as a
+/// path for the agent to open: a key that exists only in the client's stdin (a pipe
+/// from a key service, never on disk) works. Before, the agent opened `/dev/stdin`
+/// itself (its own: /dev/null) and refused a 0-byte key.
+#[test]
+fn online_rekey_takes_the_new_key_from_the_clients_stdin() {
+    if !prerequisites("online_rekey_takes_the_new_key_from_the_clients_stdin") {
+        return;
+    }
+    let (_dir, vol, old, new, mnt) = new_volume();
+    let out = attach(&vol, &mnt, &old, None);
+    assert!(
+        out.status.success(),
+        "attach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _guard = AttachGuard {
+        mountpoint: mnt.clone(),
+    };
+    let disk = mnt.join("disk");
+    fio_ok(
+        &fio_region(&disk, "base", "0", "64M", "1M", false),
+        "base write",
+    );
+    let rekey = Command::new(sealvol_bin())
+        .args([
+            "rekey-volume",
+            "--mountpoint",
+            s(&mnt),
+            "--new-volume-key-file",
+            "/dev/stdin",
+            "--output",
+            "json",
+        ])
+        .stdin(std::fs::File::open(&new).expect("new key"))
+        .output()
+        .expect("rekey-volume");
+    assert!(
+        rekey.status.success(),
+        "online rekey with the key on stdin: {}",
+        String::from_utf8_lossy(&rekey.stderr)
+    );
+    fio_ok(
+        &fio_region(&disk, "base", "0", "64M", "1M", true),
+        "verify under the new key, still attached",
+    );
+    run_ok("sealvol", &["detach", "--mountpoint", s(&mnt)]);
+    check_plain_header(&vol);
+    let out = attach(&vol, &mnt, &new, None);
+    assert!(
+        out.status.success(),
+        "attach with the new key: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fio_ok(
+        &fio_region(&disk, "base", "0", "64M", "1M", true),
+        "verify after re-attach",
+    );
+    detach(&mnt);
+}

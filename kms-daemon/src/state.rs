@@ -23,6 +23,18 @@ pub enum StateError {
         "{0} is missing but kms.db exists: restore the root key (refusing to create a new one)"
     )]
     MissingRootKey(PathBuf),
+    /// The state directory belongs to another user.
+    #[error(
+        "{path} is owned by uid {owner}, not by uid {me} that runs kms-daemon: refusing to use it"
+    )]
+    ForeignOwner {
+        /// The directory.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// Our effective uid.
+        me: u32,
+    },
     /// File I/O.
     #[error("{path}: {source}")]
     Io {
@@ -82,16 +94,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
 }
 
 impl StateDir {
-    /// Opens `dir`, creating every file on first start.
+    /// Opens `dir` (made private: 0700, ours), creating every file on first start.
     pub fn open(dir: &Path, account: &str, region: &str) -> Result<Self, StateError> {
-        use std::os::unix::fs::DirBuilderExt;
-        if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(io_err(dir))?;
-        }
+        ensure_private_dir(dir)?;
         let root_path = dir.join("root.key");
         if !root_path.exists() && dir.join("kms.db").exists() {
             // A new root key could not unseal any existing key material.
@@ -167,21 +172,117 @@ fn sync_parent(path: &Path) -> Result<(), StateError> {
     Ok(())
 }
 
-/// Atomically replaces `path` with `content`, mode 0600, durably.
+/// How many random temporary names [`write_private`] tries (each clash is a file or
+/// symlink someone else planted).
+const TEMP_ATTEMPTS: usize = 16;
+
+/// Atomically replaces `path` with `content`, mode 0600, durably, without following any
+/// symlink planted in its directory: the temporary has a random name and is created
+/// `O_CREAT | O_EXCL | O_NOFOLLOW`; it is synced, renamed over `path`, and the directory
+/// synced; on failure it is removed.
 pub fn write_private(path: &Path, content: &str) -> Result<(), StateError> {
+    write_private_via(path, content, std::iter::repeat_with(random_suffix))
+}
+
+fn random_suffix() -> String {
+    let mut b = [0u8; 8];
+    fill_random(&mut b);
+    hex::encode(b)
+}
+
+/// [`write_private`] with the candidate temporary suffixes given (tests plant symlinks at
+/// them).
+fn write_private_via(
+    path: &Path,
+    content: &str,
+    suffixes: impl IntoIterator<Item = String>,
+) -> Result<(), StateError> {
+    let (mut f, tmp) = create_temp_beside(path, suffixes)?;
+    let written = f
+        .write_all(content.as_bytes())
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err(path)(e));
+    }
+    sync_parent(path)
+}
+
+fn create_temp_beside(
+    path: &Path,
+    suffixes: impl IntoIterator<Item = String>,
+) -> Result<(std::fs::File, PathBuf), StateError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.write_all(content.as_bytes()).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    sync_parent(path)?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let base = path
+        .file_name()
+        .map_or_else(|| "private".into(), |n| n.to_string_lossy().into_owned());
+    for suffix in suffixes.into_iter().take(TEMP_ATTEMPTS) {
+        let tmp = dir.join(format!(".{base}.{suffix}.tmp"));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((f, tmp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(&tmp)(e)),
+        }
+    }
+    Err(io_err(path)(std::io::Error::new(
+        std::io::ErrorKind::AlreadyExists,
+        format!("no free temporary name after {TEMP_ATTEMPTS} attempts"),
+    )))
+}
+
+/// Our effective uid, from `/proc/self/status` (this crate has no unsafe code and its
+/// `nix` has no `user` feature).
+fn effective_uid() -> std::io::Result<u32> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .and_then(|euid| euid.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no effective uid in /proc/self/status"))
+}
+
+/// Makes `dir` the private state directory: created 0700 if absent; if present it must
+/// be a directory (not a symlink) owned by our effective uid, and is chmod'ed to 0700.
+pub fn ensure_private_dir(dir: &Path) -> Result<(), StateError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err(dir))?;
+    }
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(dir)
+        .map_err(io_err(dir))?;
+    let meta = handle.metadata().map_err(io_err(dir))?;
+    let me = effective_uid().map_err(io_err(dir))?;
+    if meta.uid() != me {
+        return Err(StateError::ForeignOwner {
+            path: dir.to_owned(),
+            owner: meta.uid(),
+            me,
+        });
+    }
+    if meta.permissions().mode() & 0o7777 != 0o700 {
+        handle
+            .set_permissions(std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err(dir))?;
+    }
     Ok(())
 }
 
@@ -219,4 +320,56 @@ pub fn put_principal_policy_cli(
     let store = SqliteStore::open(&dir.join("kms.db"))?;
     store.put_principal_policy(&p.arn(), name, &doc)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p)
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    #[test]
+    fn private_writes_never_follow_symlinks_at_candidate_names() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, "precious").expect("victim");
+        let target = d.path().join("state.ready");
+        for name in ["state.tmp", ".state.ready.aaaa.tmp"] {
+            std::os::unix::fs::symlink(&victim, d.path().join(name)).expect("plant");
+        }
+        write_private_via(&target, "{}", ["aaaa".into(), "bbbb".into()]).expect("write");
+        assert_eq!(
+            std::fs::read_to_string(&victim).expect("victim"),
+            "precious"
+        );
+        assert_eq!(std::fs::read_to_string(&target).expect("target"), "{}");
+        assert_eq!(mode(&target), 0o600);
+        assert!(!d.path().join(".state.ready.bbbb.tmp").exists());
+        let e = write_private_via(&target, "x", ["aaaa".into()]).expect_err("all taken");
+        assert!(e.to_string().contains("no free temporary name"), "{e}");
+        assert_eq!(std::fs::read_to_string(&target).expect("target"), "{}");
+    }
+
+    #[test]
+    fn an_existing_open_state_dir_becomes_0700() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let dir = d.path().join("state");
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        ensure_private_dir(&dir).expect("ours");
+        assert_eq!(mode(&dir), 0o700);
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).expect("symlink");
+        assert!(
+            ensure_private_dir(&link).is_err(),
+            "a symlinked state dir is refused"
+        );
+    }
 }

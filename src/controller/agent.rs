@@ -43,6 +43,9 @@ pub enum AgentError {
     /// KMS set-up failure.
     #[error(transparent)]
     Kms(#[from] KmsError),
+    /// The pid file or its directory cannot be kept private.
+    #[error(transparent)]
+    Private(#[from] crate::private_file::PrivateFileError),
     /// Something else.
     #[error("{0}")]
     Other(String),
@@ -231,11 +234,12 @@ pub fn run(
 
 fn write_pid(path: &Path) -> Result<(), AgentError> {
     if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)
-            .map_err(|e| AgentError::Other(format!("{}: {e}", d.display())))?;
+        crate::private_file::ensure_dir(d)?;
     }
-    std::fs::write(path, std::process::id().to_string())
-        .map_err(|e| AgentError::Other(format!("{}: {e}", path.display())))
+    Ok(crate::private_file::write(
+        path,
+        std::process::id().to_string().as_bytes(),
+    )?)
 }
 
 /// A loop device over a served volume file. Direct I/O: the loop driver then submits

@@ -18,6 +18,14 @@ pub enum RegistryError {
         /// The error.
         source: rusqlite::Error,
     },
+    /// The database file cannot be created private.
+    #[error("controller database {path}: {source}")]
+    Io {
+        /// The database file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
     /// A stored value is unreadable.
     #[error("controller database holds a bad value: {0}")]
     Corrupt(String),
@@ -154,6 +162,26 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// Creates the database file 0600 before SQLite opens it (SQLite would create it with the
+/// umask's mode, readable by others until a chmod), never through a symlink; an existing
+/// file is made 0600.
+fn create_private(path: &Path) -> Result<(), RegistryError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |e: std::io::Error| RegistryError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io)
+}
+
 impl Registry {
     /// Opens (creating if needed) `<state_dir>/controller.db`, mode 0600.
     ///
@@ -165,11 +193,8 @@ impl Registry {
             path: path.clone(),
             source,
         };
+        create_private(&path)?;
         let conn = Connection::open(&path).map_err(err)?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-        }
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")

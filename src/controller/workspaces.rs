@@ -303,12 +303,12 @@ fn copy_sparse(from: &Path, to: &Path) -> Result<(), ControllerError> {
 }
 
 impl Controller {
-    /// Opens the controller over `cfg.state_dir` (created 0700 if missing).
+    /// Opens the controller over `cfg.state_dir`; it and its subdirectories are made
+    /// private (0700, ours) whether or not they existed.
     ///
     /// # Errors
-    /// State directory or database failure.
+    /// State directory (e.g. owned by another user) or database failure.
     pub fn open(cfg: ControllerConfig) -> Result<Self, ControllerError> {
-        use std::os::unix::fs::DirBuilderExt;
         for sub in [
             "",
             "volumes",
@@ -319,14 +319,8 @@ impl Controller {
             "fuse",
             "mnt",
         ] {
-            let d = cfg.state_dir.join(sub);
-            if !d.exists() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(&d)
-                    .map_err(|e| ControllerError::Local(format!("{}: {e}", d.display())))?;
-            }
+            crate::private_file::ensure_dir(&cfg.state_dir.join(sub))
+                .map_err(|e| ControllerError::Local(e.to_string()))?;
         }
         let reg = Registry::open(&cfg.state_dir)?;
         Ok(Self { cfg, reg })
@@ -460,8 +454,8 @@ impl Controller {
             .state_dir
             .join("bundles")
             .join(format!("{bundle_id}.img"));
-        let tmp = image.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
+        let tmp = crate::private_file::PrivateTemp::beside(&image)
+            .map_err(|e| ControllerError::Local(e.to_string()))?;
         crate::attach::run(
             "mkfs.ext4",
             &[
@@ -471,12 +465,13 @@ impl Controller {
                 &from_dir.display().to_string(),
                 "-L",
                 "root",
-                &tmp.display().to_string(),
+                &tmp.path().display().to_string(),
                 &format!("{size_gib}G"),
             ],
         )
         .map_err(|e| ControllerError::Local(e.to_string()))?;
-        std::fs::rename(&tmp, &image).map_err(|e| ControllerError::Local(e.to_string()))?;
+        tmp.persist(&image)
+            .map_err(|e| ControllerError::Local(e.to_string()))?;
         let b = Bundle {
             bundle_id: bundle_id.into(),
             image_path: image,

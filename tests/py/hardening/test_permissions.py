@@ -127,3 +127,100 @@ def test_controller_state_is_private(tmp_path):
     assert p.returncode == 0, p.stderr
     assert mode(state / "controller.db") == 0o600
     assert private_tree(state) == []
+
+
+# A state directory that existed before start (made by an installer, a careless
+# `mkdir -p`, or another user) must not keep its 0755: each program makes its own 0700,
+# and refuses one that belongs to somebody else.
+
+
+def test_kms_daemon_state_dir_that_existed_is_made_private(tmp_path):
+    os.umask(0o022)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    state.chmod(0o755)
+    d = Daemon(state).start()
+    try:
+        assert mode(state) == 0o700, f"pre-existing state dir kept {oct(mode(state))}"
+        assert private_tree(state) == []
+    finally:
+        assert d.stop() == 0
+
+
+def test_kms_daemon_refuses_a_state_dir_of_another_user(tmp_path):
+    if os.geteuid() != 0:
+        skip_or_fail("needs root to chown the state dir to another user")
+    from kms_harness import DAEMON_BIN
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    os.chown(state, 65534, 65534)
+    p = subprocess.Popen([str(DAEMON_BIN), "--state-dir", str(state), "--listen", "127.0.0.1:0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = p.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        pytest.fail("the daemon started (and kept running) in a directory owned by uid 65534")
+    assert p.returncode != 0, "the daemon started in a directory owned by uid 65534"
+    assert "owned by uid 65534" in err, err
+    assert list(state.iterdir()) == [], "the daemon wrote into a foreign directory"
+    assert mode(state) == 0o755
+
+
+def test_controller_state_dirs_that_existed_are_made_private(tmp_path):
+    if not SEALVOL_BIN.exists():
+        pytest.fail(f"sealvol binary not found at {SEALVOL_BIN}")
+    os.umask(0o022)
+    state = tmp_path / "sealvol-state"
+    for sub in ("", "volumes", "bundles", "snapshots", "images", "agents", "fuse", "mnt"):
+        (state / sub).mkdir(mode=0o755, exist_ok=True)
+        (state / sub).chmod(0o755)
+    p = subprocess.run([str(SEALVOL_BIN), "register-directory", "--directory-id", "d-906734f0a1", "--state-dir", str(state)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert mode(state) == 0o700
+    assert private_tree(state) == []
+
+
+def test_controller_refuses_a_state_dir_of_another_user(tmp_path):
+    if os.geteuid() != 0:
+        skip_or_fail("needs root to chown the state dir to another user")
+    state = tmp_path / "sealvol-state"
+    state.mkdir(mode=0o755)
+    os.chown(state, 65534, 65534)
+    p = subprocess.run([str(SEALVOL_BIN), "register-directory", "--directory-id", "d-906734f0a1", "--state-dir", str(state)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0, "the controller used a directory owned by uid 65534"
+    assert "owned by uid 65534" in p.stderr, p.stderr
+    assert not (state / "controller.db").exists()
+
+
+def test_agent_runtime_dir_that_existed_is_made_private(tmp_path):
+    if os.geteuid() != 0:
+        skip_or_fail("needs root for a FUSE mount")
+    if not Path("/dev/fuse").exists():
+        skip_or_fail("/dev/fuse is missing")
+    os.umask(0o022)
+    run = tmp_path / "run"
+    run.mkdir(mode=0o755)
+    run.chmod(0o755)
+    env = dict(os.environ, SEALVOL_RUNTIME_DIR=str(run))
+    vol, key, mnt = tmp_path / "vol.luks", tmp_path / "key", tmp_path / "mnt"
+    raw = bytearray(os.urandom(64))
+    raw[32:] = bytes(b ^ 0xA5 for b in raw[:32])
+    key.write_bytes(bytes(raw))
+    mnt.mkdir()
+
+    def sv(*args):
+        p = subprocess.run([str(SEALVOL_BIN), *map(str, args)], env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        return p
+
+    sv("create-volume", "--path", vol, "--size-gib", "1", "--volume-key-file", key)
+    sv("attach", "--path", vol, "--mountpoint", mnt, "--volume-key-file", key)
+    try:
+        assert mode(run) == 0o700, f"pre-existing runtime dir kept {oct(mode(run))}"
+    finally:
+        sv("detach", "--mountpoint", mnt)
