@@ -1123,25 +1123,6 @@ pub enum ControlRequest {
         #[serde(default, skip_serializing_if = "Resilience::is_journal")]
         resilience: Resilience,
     },
-    /// [`RekeyWithKey`](Self::RekeyWithKey) with the key in a file the agent reads.
-    /// Deprecated: only the controller's WorkSpace rekey still sends it (a 0600 file it
-    /// creates `O_EXCL` in the private runtime directory and removes); new clients send
-    /// the key itself.
-    Rekey {
-        /// Served file name (`disk`); `None` when the agent serves exactly one.
-        export: Option<String>,
-        /// Path of the new 64-byte key file (read by the agent).
-        new_volume_key_file: PathBuf,
-        /// Hotzone size in bytes.
-        hotzone_bytes: Option<u64>,
-        /// For a KMS-backed volume: the new key's token (blob + context), stored in the
-        /// checkpoint so a crash can resume and installed in the header at the end.
-        #[serde(default)]
-        new_kms_token: Option<KmsToken>,
-        /// What each hotzone's journal holds (absent: a full copy).
-        #[serde(default, skip_serializing_if = "Resilience::is_journal")]
-        resilience: Resilience,
-    },
     /// Report rekey progress of every served file.
     Status,
 }
@@ -1376,27 +1357,6 @@ impl ServerInner {
                     resilience,
                 },
             ),
-            ControlRequest::Rekey {
-                export,
-                new_volume_key_file,
-                hotzone_bytes,
-                new_kms_token,
-                resilience,
-            } => match VolumeKey::from_file(&new_volume_key_file) {
-                Ok(key) => (
-                    export,
-                    key,
-                    RekeyOptions {
-                        hotzone_bytes,
-                        new_kms_token,
-                        resilience,
-                    },
-                ),
-                Err(e) => {
-                    send(&ControlReply::Error(e.to_string()));
-                    return;
-                }
-            },
         };
         let job = match self.begin(export.as_deref(), &new_key, &opts) {
             Ok(j) => j,

@@ -1603,36 +1603,19 @@ impl Controller {
                 None => self.new_data_key(&w, &user, &v)?,
             };
             let report = if running {
-                let dir = crate::attach::runtime_dir();
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| ControllerError::Local(format!("{}: {e}", dir.display())))?;
-                let key_path = dir.join(format!("rekey-{}.key", v.volume_id));
-                let write = || -> std::io::Result<()> {
-                    use std::io::Write;
-                    use std::os::unix::fs::OpenOptionsExt;
-                    let mut f = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(&key_path)?;
-                    f.write_all(new_key.expose())
-                };
-                let _ = std::fs::remove_file(&key_path);
-                write()
-                    .map_err(|e| ControllerError::Local(format!("{}: {e}", key_path.display())))?;
-                let req = crate::rekey::ControlRequest::Rekey {
+                // The key goes to the agent over its uid-checked control socket, never
+                // through a file.
+                let req = crate::rekey::ControlRequest::RekeyWithKey {
                     export: Some(v.kind.clone()),
-                    new_volume_key_file: key_path.clone(),
+                    new_volume_key: new_key,
                     hotzone_bytes,
                     new_kms_token: Some(token),
                     resilience: crate::rekey::Resilience::Journal,
                 };
-                let result = crate::rekey::request_online(&paths.fuse_dir, &req, |p| {
-                    let _ = std::fs::remove_file(&key_path);
+                crate::rekey::request_online(&paths.fuse_dir, &req, |p| {
                     progress(&v.volume_id, p);
-                });
-                let _ = std::fs::remove_file(&key_path);
-                result.map_err(|e| ControllerError::Local(e.to_string()))?
+                })
+                .map_err(|e| ControllerError::Local(e.to_string()))?
             } else {
                 let ebs = self.ebs()?;
                 let old_token = header.kms_token().cloned().ok_or_else(|| {
