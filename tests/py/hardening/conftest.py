@@ -3,6 +3,7 @@ paths, and the CI rule (a test that needs root, /dev/fuse or loop devices may sk
 when CI != "true", and says why)."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,3 +34,10 @@ def env_int(name, default):
 
 def env_float(name, default):
     return float(os.environ.get(name, default))
+
+
+def run_sealvol(env, *args, timeout=120):
+    """Runs the sealvol CLI with `env`; a non-zero exit fails the test with its stderr."""
+    p = subprocess.run([str(SEALVOL_BIN), *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr
+    return p

@@ -3,16 +3,16 @@ user: it checks the peer's uid with SO_PEERCRED, so even a socket whose file mod
 another user connect (a loosened runtime directory) does not let that user start a rekey
 or read status."""
 
+import functools
 import json
 import os
 import socket
-import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import SEALVOL_BIN, skip_or_fail
+from conftest import SEALVOL_BIN, run_sealvol, skip_or_fail
 
 NOBODY = 65534
 
@@ -70,10 +70,7 @@ def test_control_socket_refuses_a_peer_of_another_uid():
         key.chmod(0o600)
         mnt.mkdir()
 
-        def sv(*args):
-            p = subprocess.run([str(SEALVOL_BIN), *map(str, args)], env=env, capture_output=True, text=True, timeout=120)
-            assert p.returncode == 0, p.stderr
-            return p
+        sv = functools.partial(run_sealvol, env)
 
         sv("create-volume", "--path", vol, "--size-gib", "1", "--volume-key-file", key)
         sv("attach", "--path", vol, "--mountpoint", mnt, "--volume-key-file", key)

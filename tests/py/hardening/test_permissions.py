@@ -4,6 +4,7 @@ state directories 0700; FUSE mounts are private (no allow_other; nosuid, nodev, 
 root 0700, volume files 0600) and mountpoints are not world-writable; the attach agent
 cannot dump core."""
 
+import functools
 import json
 import os
 import stat
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SEALVOL_BIN, skip_or_fail
+from conftest import SEALVOL_BIN, run_sealvol, skip_or_fail
 from kms_harness import Daemon
 
 
@@ -76,10 +77,7 @@ def test_sealvol_volume_mount_and_agent_are_private(tmp_path):
     key.chmod(0o600)
     mnt.mkdir(mode=0o755)
 
-    def sv(*args):
-        p = subprocess.run([str(SEALVOL_BIN), *map(str, args)], env=env, capture_output=True, text=True, timeout=120)
-        assert p.returncode == 0, p.stderr
-        return p
+    sv = functools.partial(run_sealvol, env)
 
     sv("create-volume", "--path", vol, "--size-gib", "1", "--volume-key-file", key)
     assert mode(vol) == 0o600, f"volume file {oct(mode(vol))}"
@@ -213,10 +211,7 @@ def test_agent_runtime_dir_that_existed_is_made_private(tmp_path):
     key.write_bytes(bytes(raw))
     mnt.mkdir()
 
-    def sv(*args):
-        p = subprocess.run([str(SEALVOL_BIN), *map(str, args)], env=env, capture_output=True, text=True, timeout=120)
-        assert p.returncode == 0, p.stderr
-        return p
+    sv = functools.partial(run_sealvol, env)
 
     sv("create-volume", "--path", vol, "--size-gib", "1", "--volume-key-file", key)
     sv("attach", "--path", vol, "--mountpoint", mnt, "--volume-key-file", key)

@@ -5,14 +5,14 @@ attach agent's record. Before the fix each was written through the predictable n
 symlink: anyone who could write the directory could make the writer overwrite any file
 it can write (a root daemon: any file), and the symlink then replaced the target."""
 
+import functools
 import hashlib
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import SEALVOL_BIN, skip_or_fail
+from conftest import run_sealvol, skip_or_fail
 from kms_harness import Daemon
 
 PRECIOUS = b"precious: must not change\n"
@@ -73,10 +73,7 @@ def test_agent_record_does_not_follow_a_planted_symlink(tmp_path):
     victim = tmp_path / "victim"
     plant(run / f"agent-{digest}.tmp", victim)
 
-    def sv(*args):
-        p = subprocess.run([str(SEALVOL_BIN), *map(str, args)], env=env, capture_output=True, text=True, timeout=120)
-        assert p.returncode == 0, p.stderr
-        return p
+    sv = functools.partial(run_sealvol, env)
 
     sv("create-volume", "--path", vol, "--size-gib", "1", "--volume-key-file", key)
     sv("attach", "--path", vol, "--mountpoint", mnt, "--volume-key-file", key)
