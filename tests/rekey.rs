@@ -15,6 +15,19 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf8 path")
 }
 
+/// Attaches `vol` at `mnt` with `key` (the attach must succeed); detached on drop.
+fn attached(vol: &Path, mnt: &Path, key: &Path) -> AttachGuard {
+    let out = attach(vol, mnt, key, None);
+    assert!(
+        out.status.success(),
+        "attach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    AttachGuard {
+        mountpoint: mnt.to_path_buf(),
+    }
+}
+
 fn attach(vol: &Path, mnt: &Path, key: &Path, new: Option<&Path>) -> std::process::Output {
     let mut args = vec![
         "attach",
@@ -205,15 +218,7 @@ fn online_rekey_while_fio_verifies_in_the_foreground() {
         return;
     }
     let (_dir, vol, old, new, mnt) = new_volume();
-    let out = attach(&vol, &mnt, &old, None);
-    assert!(
-        out.status.success(),
-        "attach: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let _guard = AttachGuard {
-        mountpoint: mnt.clone(),
-    };
+    let _guard = attached(&vol, &mnt, &old);
     let disk = mnt.join("disk");
     fio_ok(
         &fio_region(&disk, "base", "0", "256M", "1M", false),
@@ -299,15 +304,7 @@ fn kill_9_mid_rekey_then_reattach_resumes_and_finishes() {
         return;
     }
     let (_dir, vol, old, new, mnt) = new_volume();
-    let out = attach(&vol, &mnt, &old, None);
-    assert!(
-        out.status.success(),
-        "attach: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let _guard = AttachGuard {
-        mountpoint: mnt.clone(),
-    };
+    let _guard = attached(&vol, &mnt, &old);
     let disk = mnt.join("disk");
     fio_ok(
         &fio_region(&disk, "base", "0", "768M", "1M", false),
@@ -478,15 +475,7 @@ fn online_rekey_takes_the_new_key_from_the_clients_stdin() {
         return;
     }
     let (_dir, vol, old, new, mnt) = new_volume();
-    let out = attach(&vol, &mnt, &old, None);
-    assert!(
-        out.status.success(),
-        "attach: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let _guard = AttachGuard {
-        mountpoint: mnt.clone(),
-    };
+    let _guard = attached(&vol, &mnt, &old);
     let disk = mnt.join("disk");
     fio_ok(
         &fio_region(&disk, "base", "0", "64M", "1M", false),

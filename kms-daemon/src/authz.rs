@@ -307,6 +307,14 @@ mod tests {
         k.execute(c, op, body.to_string().as_bytes(), &mut Touched::default())
     }
 
+    /// Creates a key as `admin` with `body` and returns its id.
+    fn create_key(k: &Kms, admin: &Caller, body: Value) -> String {
+        call(k, admin, Operation::CreateKey, body).expect("CreateKey")["KeyMetadata"]["KeyId"]
+            .as_str()
+            .expect("id")
+            .to_owned()
+    }
+
     fn code(r: Result<Value, OpError>) -> &'static str {
         match r {
             Ok(_) => "Ok",
@@ -326,11 +334,7 @@ mod tests {
             Some(&format!("arn:aws:iam::{ACCT}:user/Alice")),
         );
         let policy = crate::state::WORKSPACES_KEY_POLICY;
-        let key = call(&k, &admin, Operation::CreateKey, json!({"Policy": policy}))
-            .expect("CreateKey")["KeyMetadata"]["KeyId"]
-            .as_str()
-            .expect("id")
-            .to_owned();
+        let key = create_key(&k, &admin, json!({"Policy": policy}));
         let ctx = json!({"aws:ebs:id": "vol-1"});
         let gdk = json!({"KeyId": key, "NumberOfBytes": 64, "EncryptionContext": ctx});
         // Root statement delegates to IAM; Alice's IAM policy allows Describe but not use.
@@ -460,11 +464,7 @@ mod tests {
         let alice_arn = format!("arn:aws:iam::{ACCT}:user/Alice");
         let admin = caller(&root, None);
         let alice = caller(&alice_arn, None);
-        let key = call(&k, &admin, Operation::CreateKey, json!({}))
-            .expect("CreateKey")["KeyMetadata"]["KeyId"]
-            .as_str()
-            .expect("id")
-            .to_owned();
+        let key = create_key(&k, &admin, json!({}));
         call(&k, &admin, Operation::CreateGrant, json!({
             "KeyId": key, "GranteePrincipal": alice_arn, "Operations": ["Decrypt", "CreateGrant"]
         }))
@@ -534,10 +534,7 @@ mod tests {
             "us-east-1",
         );
         let admin = caller(&format!("arn:aws:iam::{ACCT}:root"), None);
-        let key = call(&k, &admin, Operation::CreateKey, json!({})).expect("CreateKey")["KeyMetadata"]["KeyId"]
-            .as_str()
-            .expect("id")
-            .to_owned();
+        let key = create_key(&k, &admin, json!({}));
         call(
             &k,
             &admin,
