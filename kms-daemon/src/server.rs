@@ -220,19 +220,23 @@ async fn spawn_detached(
 /// verified), without parameters.
 async fn refuse(st: AppState, meta: RequestMeta, e: BodyError) -> Response {
     let message = e.to_string();
-    let record = || {
-        let error = Some((e.code(), message.clone()));
-        audit::record(&meta.event(&st, None, Value::Null, error, &[]))
-    };
-    if st
-        .audit
-        .append_unauthenticated(&meta.source_ip, e.code(), record)
-        .await
-        .is_err()
-    {
+    if !audit_stranger(&st, &meta, e.code(), &message).await {
         return not_audited(&meta.request_id);
     }
     closing_error_response(e.status(), e.code(), &message, &meta.request_id)
+}
+
+/// Audits a request no authenticated caller made (a refused body, failed
+/// authentication): without parameters (the body is a stranger's), and through the flood
+/// gate, which summarises floods rather than writing them one by one. `false` if the
+/// record could not be written.
+async fn audit_stranger(st: &AppState, meta: &RequestMeta, code: &str, message: &str) -> bool {
+    let record =
+        || audit::record(&meta.event(st, None, Value::Null, Some((code, message.to_owned())), &[]));
+    st.audit
+        .append_unauthenticated(&meta.source_ip, code, record)
+        .await
+        .is_ok()
 }
 
 /// Authenticates, executes and audits one request with a complete body.
@@ -262,22 +266,11 @@ async fn dispatch(
             return error_response(400, e.code(), &e.to_string(), request_id);
         }
         Err(e) => {
-            // Failed authentication: no parameters (the body is a stranger's), and
-            // floods are summarised rather than written one by one.
-            let code = e.code();
-            let record = || {
-                let error = Some((code, e.to_string()));
-                audit::record(&meta.event(&st, None, Value::Null, error, &[]))
-            };
-            if st
-                .audit
-                .append_unauthenticated(&meta.source_ip, code, record)
-                .await
-                .is_err()
-            {
+            let message = e.to_string();
+            if !audit_stranger(&st, &meta, e.code(), &message).await {
                 return not_audited(request_id);
             }
-            return error_response(400, code, &e.to_string(), request_id);
+            return error_response(400, e.code(), &message, request_id);
         }
     };
     let mut touched = Touched::default();
