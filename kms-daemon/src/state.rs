@@ -241,18 +241,6 @@ fn create_temp_beside(
     )))
 }
 
-/// Our effective uid, from `/proc/self/status` (this crate has no unsafe code and its
-/// `nix` has no `user` feature).
-fn effective_uid() -> std::io::Result<u32> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1))
-        .and_then(|euid| euid.parse().ok())
-        .ok_or_else(|| std::io::Error::other("no effective uid in /proc/self/status"))
-}
-
 /// Makes `dir` the private state directory: created 0700 if absent; if present it must
 /// be a directory (not a symlink) owned by our effective uid, and is chmod'ed to 0700.
 pub fn ensure_private_dir(dir: &Path) -> Result<(), StateError> {
@@ -270,7 +258,7 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), StateError> {
         .open(dir)
         .map_err(io_err(dir))?;
     let meta = handle.metadata().map_err(io_err(dir))?;
-    let me = effective_uid().map_err(io_err(dir))?;
+    let me = nix::unistd::geteuid().as_raw();
     if meta.uid() != me {
         return Err(StateError::ForeignOwner {
             path: dir.to_owned(),
