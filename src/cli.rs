@@ -537,7 +537,7 @@ fn rekey_volume(
         (None, Some(mp)) => {
             // The key goes to the agent over its control socket (SO_PEERCRED-checked),
             // never as a path for it to open.
-            let req = ControlRequest::RekeyWithKey {
+            let req = ControlRequest::Rekey {
                 export: file,
                 new_volume_key: VolumeKey::from_file(new_key_file)?,
                 hotzone_bytes: opts.hotzone_bytes,

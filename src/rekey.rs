@@ -1107,7 +1107,7 @@ pub fn rekey_detached(
 pub enum ControlRequest {
     /// Start (or follow) a rekey of one served file to the key carried in the request
     /// (the client read it; it never passes through a file the agent opens).
-    RekeyWithKey {
+    Rekey {
         /// Served file name (`disk`); `None` when the agent serves exactly one.
         export: Option<String>,
         /// The new 64-byte key, hex on the wire (both ends wipe their copy of the line).
@@ -1342,7 +1342,7 @@ impl ServerInner {
                 send(&ControlReply::Status(self.status()));
                 return;
             }
-            ControlRequest::RekeyWithKey {
+            ControlRequest::Rekey {
                 export,
                 new_volume_key,
                 hotzone_bytes,

@@ -1605,7 +1605,7 @@ impl Controller {
             let report = if running {
                 // The key goes to the agent over its uid-checked control socket, never
                 // through a file.
-                let req = crate::rekey::ControlRequest::RekeyWithKey {
+                let req = crate::rekey::ControlRequest::Rekey {
                     export: Some(v.kind.clone()),
                     new_volume_key: new_key,
                     hotzone_bytes,

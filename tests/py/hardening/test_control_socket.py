@@ -86,7 +86,7 @@ def test_control_socket_refuses_a_peer_of_another_uid():
             assert "child-error" not in refused, refused
             assert "permission denied" in refused.get("error", ""), refused
             new_key = bytes(b ^ 0xFF for b in raw)
-            refused = ask(sock, {"op": "rekey-with-key", "export": None, "new_volume_key": new_key.hex(),
+            refused = ask(sock, {"op": "rekey", "export": None, "new_volume_key": new_key.hex(),
                                  "hotzone_bytes": None}, uid=NOBODY)
             assert "permission denied" in refused.get("error", ""), refused
             assert ask(sock, {"op": "status"}) == {"status": [["disk", None]]}, "no rekey was started"
