@@ -12,12 +12,13 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
 
 use crate::fuse::{Export, VolumeFs, mount_config};
+use crate::host::{is_mountpoint, mounts, poll_until, release_loops};
 
 /// The line an agent prints when its mount is ready.
 pub const READY_LINE: &str = "SEALVOL-READY";
@@ -25,9 +26,6 @@ pub const READY_LINE: &str = "SEALVOL-READY";
 pub const ERROR_PREFIX: &str = "SEALVOL-ERROR ";
 /// How long detach waits for an agent to exit after unmounting.
 const EXIT_DEADLINE: Duration = Duration::from_secs(60);
-/// How long a detached loop device may keep its backing file (the kernel lets go of it
-/// when the device's last opener closes it, e.g. udev's probe after the detach).
-const LOOP_RELEASE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Errors from attaching or detaching.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +68,9 @@ pub enum AttachError {
         /// Its stderr or spawn error.
         why: String,
     },
+    /// A host command or mount operation failed.
+    #[error(transparent)]
+    Host(#[from] crate::host::HostError),
     /// The runtime directory or a record in it cannot be kept private.
     #[error("runtime state: {0}")]
     Private(#[from] crate::private_file::PrivateFileError),
@@ -152,45 +153,6 @@ fn canonical_mountpoint(path: &Path) -> Result<PathBuf, AttachError> {
         });
     }
     Ok(canon)
-}
-
-/// Whether `path` is currently a mountpoint (per /proc/self/mountinfo).
-#[must_use]
-pub fn is_mountpoint(path: &Path) -> bool {
-    mounts().iter().any(|m| m.target == path)
-}
-
-/// One line of /proc/self/mountinfo.
-#[derive(Debug)]
-struct MountEntry {
-    target: PathBuf,
-    fstype: String,
-    source: String,
-}
-
-fn unescape_mount(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-}
-
-fn mounts() -> Vec<MountEntry> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let target = left.split(' ').nth(4)?;
-            let mut r = right.split(' ');
-            let fstype = r.next()?;
-            let source = r.next()?;
-            Some(MountEntry {
-                target: PathBuf::from(unescape_mount(target)),
-                fstype: fstype.into(),
-                source: unescape_mount(source),
-            })
-        })
-        .collect()
 }
 
 /// Serves `exports` at `mountpoint` in this process until unmounted or signalled.
@@ -431,98 +393,6 @@ pub fn detach(mountpoint: &Path) -> Result<(), AttachError> {
     }
     let _ = std::fs::remove_file(&rec_path);
     Ok(())
-}
-
-/// Unmounts filesystems on, then detaches, every loop device backed by `file`.
-///
-/// # Errors
-/// A filesystem or loop device that cannot be released.
-pub fn release_loops(file: &Path) -> Result<(), AttachError> {
-    for dev in loops_backed_by(file)? {
-        for m in mounts().iter().filter(|m| m.source == dev) {
-            nix::mount::umount(&m.target).map_err(|e| AttachError::Unmount {
-                path: m.target.display().to_string(),
-                why: format!("{e} (it is the filesystem on {dev}; close programs using it)"),
-            })?;
-        }
-        if let Err(e) = run("losetup", &["-d", &dev]) {
-            // Gone in the meantime (a detach already on its way out) is fine.
-            if loops_backed_by(file)?.contains(&dev) {
-                return Err(e);
-            }
-        }
-    }
-    // `losetup -d` on a device someone still has open only marks it for release; the
-    // file stays busy (and the FUSE unmount would fail with EBUSY) until it is let go.
-    let mut left = Ok(Vec::new());
-    poll_until(LOOP_RELEASE_DEADLINE, || {
-        left = loops_backed_by(file);
-        !matches!(&left, Ok(devs) if !devs.is_empty())
-    });
-    let left = left?;
-    if left.is_empty() {
-        return Ok(());
-    }
-    Err(AttachError::Unmount {
-        path: file.display().to_string(),
-        why: format!(
-            "loop device {} still holds it {LOOP_RELEASE_DEADLINE:?} after `losetup -d` (close programs using it: `fuser -v {}`)",
-            left.join(", "),
-            left.join(" ")
-        ),
-    })
-}
-
-fn loops_backed_by(file: &Path) -> Result<Vec<String>, AttachError> {
-    let out = run(
-        "losetup",
-        &["-n", "-O", "NAME", "-j", &file.display().to_string()],
-    )?;
-    Ok(out
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect())
-}
-
-/// Runs a system command, returning stdout or an error carrying stderr.
-///
-/// # Errors
-/// Spawn failure or a non-zero exit.
-pub fn run(cmd: &str, args: &[&str]) -> Result<String, AttachError> {
-    let line = format!("{cmd} {}", args.join(" "));
-    let out = Command::new(cmd)
-        .args(args)
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .output()
-        .map_err(|e| AttachError::Command {
-            cmd: line.clone(),
-            why: e.to_string(),
-        })?;
-    if !out.status.success() {
-        return Err(AttachError::Command {
-            cmd: line,
-            why: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Checks `done` every 20 ms until it holds (true) or `limit` has passed (false).
-pub fn poll_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Polls until process `pid` is gone (or the deadline passes).

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::attach::{self, AttachError};
 use crate::fuse::Export;
+use crate::host::{self, HostError};
 use crate::kms::{EncryptionContext, KmsClient, KmsError};
 use crate::volume::{self, VolumeError};
 
@@ -40,6 +41,9 @@ pub enum AgentError {
     /// Mount or process failure.
     #[error(transparent)]
     Attach(#[from] AttachError),
+    /// A host command or mount failed.
+    #[error(transparent)]
+    Host(#[from] HostError),
     /// KMS set-up failure.
     #[error(transparent)]
     Kms(#[from] KmsError),
@@ -249,7 +253,7 @@ fn write_pid(path: &Path) -> Result<(), AgentError> {
 /// file has no page cache of its own (`FOPEN_DIRECT_IO`), so nothing is cached twice
 /// either way, and flushes still reach the agent's fdatasync.
 fn loop_attach(file: &Path) -> Result<String, String> {
-    attach::run(
+    host::run(
         "losetup",
         &[
             "-f",
@@ -269,18 +273,18 @@ fn mount_filesystems(
     needs_mkfs: &[String],
 ) -> Result<(), String> {
     let root_dev = loop_attach(&fuse_dir.join("root"))?;
-    attach::run(
+    host::run(
         "mount",
         &["-t", "ext4", &root_dev, &mnt_dir.display().to_string()],
     )
     .map_err(|e| e.to_string())?;
     // Grow the filesystem if the volume is larger than the bundle (no-op otherwise).
-    let _ = attach::run("resize2fs", &[&root_dev]);
+    let _ = host::run("resize2fs", &[&root_dev]);
     let home = mnt_dir.join("home");
     std::fs::create_dir_all(&home).map_err(|e| format!("{}: {e}", home.display()))?;
     let user_dev = loop_attach(&fuse_dir.join("user"))?;
     if !needs_mkfs.is_empty() {
-        attach::run(
+        host::run(
             "mkfs.ext4",
             &[
                 "-q",
@@ -304,7 +308,7 @@ fn mount_filesystems(
             }
         }
     }
-    attach::run(
+    host::run(
         "mount",
         &["-t", "ext4", &user_dev, &home.display().to_string()],
     )
@@ -331,7 +335,7 @@ pub fn stop(paths: &AgentPaths) {
     if let Some(pid) = live_pid(paths) {
         let p = nix::unistd::Pid::from_raw(pid);
         let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGTERM);
-        if !attach::poll_until(Duration::from_secs(30), || live_pid(paths).is_none()) {
+        if !host::poll_until(Duration::from_secs(30), || live_pid(paths).is_none()) {
             let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
         }
     }
@@ -343,23 +347,23 @@ pub fn stop(paths: &AgentPaths) {
 pub fn force_cleanup(paths: &AgentPaths) {
     let home = paths.mnt_dir.join("home");
     for m in [&home, &paths.mnt_dir] {
-        if attach::is_mountpoint(m) {
+        if host::is_mountpoint(m) {
             let _ = nix::mount::umount2(m.as_path(), nix::mount::MntFlags::MNT_DETACH);
         }
     }
     // `losetup -j` cannot stat a file on a dead FUSE mount, so match on the path text.
-    if let Ok(list) = attach::run("losetup", &["-l", "-n", "-O", "NAME,BACK-FILE"]) {
+    if let Ok(list) = host::run("losetup", &["-l", "-n", "-O", "NAME,BACK-FILE"]) {
         let prefix = paths.fuse_dir.display().to_string();
         for line in list.lines() {
             let mut cols = line.split_whitespace();
             if let (Some(dev), Some(back)) = (cols.next(), cols.next())
                 && back.starts_with(&prefix)
             {
-                let _ = attach::run("losetup", &["-d", dev]);
+                let _ = host::run("losetup", &["-d", dev]);
             }
         }
     }
-    if attach::is_mountpoint(&paths.fuse_dir) {
+    if host::is_mountpoint(&paths.fuse_dir) {
         let _ = nix::mount::umount2(paths.fuse_dir.as_path(), nix::mount::MntFlags::MNT_DETACH);
     }
     let _ = std::fs::remove_file(&paths.pid_file);

@@ -289,7 +289,7 @@ fn key_state_refusal(key: &KeyInfo, verb: &str) -> Option<(String, String)> {
 }
 
 fn copy_sparse(from: &Path, to: &Path) -> Result<(), ControllerError> {
-    crate::attach::run(
+    crate::host::run(
         "cp",
         &[
             "--sparse=always",
@@ -456,7 +456,7 @@ impl Controller {
             .join(format!("{bundle_id}.img"));
         let tmp = crate::private_file::PrivateTemp::beside(&image)
             .map_err(|e| ControllerError::Local(e.to_string()))?;
-        crate::attach::run(
+        crate::host::run(
             "mkfs.ext4",
             &[
                 "-q",
@@ -1156,7 +1156,7 @@ impl Controller {
             Vec::new()
         };
         for m in &frozen {
-            crate::attach::run("fsfreeze", &["-f", &m.display().to_string()])
+            crate::host::run("fsfreeze", &["-f", &m.display().to_string()])
                 .map_err(|e| ControllerError::Local(e.to_string()))?;
         }
         let copies: Result<Vec<SnapshotView>, ControllerError> = self
@@ -1188,7 +1188,7 @@ impl Controller {
             })
             .collect();
         for m in frozen.iter().rev() {
-            let _ = crate::attach::run("fsfreeze", &["-u", &m.display().to_string()]);
+            let _ = crate::host::run("fsfreeze", &["-u", &m.display().to_string()]);
         }
         copies
     }
