@@ -257,7 +257,7 @@ pub fn serve_with(
         })?;
 
     let ctl_path = rec_path.with_extension("sock");
-    let control = crate::rekey::ControlServer::spawn(&ctl_path, exports_named).map_err(|e| {
+    let control = crate::control::ControlServer::spawn(&ctl_path, exports_named).map_err(|e| {
         AttachError::State {
             path: ctl_path.clone(),
             source: std::io::Error::other(e.to_string()),

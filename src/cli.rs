@@ -512,7 +512,8 @@ fn rekey_volume(
     file: Option<String>,
     output: Output,
 ) -> Result<(), CliError> {
-    use crate::rekey::{self, ControlRequest, Progress};
+    use crate::control::{self, ControlRequest};
+    use crate::rekey::{self, Progress};
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template(
             "rekey {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
@@ -545,7 +546,7 @@ fn rekey_volume(
                 resilience: opts.resilience,
             };
             (
-                rekey::request_online(mp, &req, update)?,
+                control::request_online(mp, &req, update)?,
                 mp.display().to_string(),
             )
         }

@@ -9,6 +9,7 @@ pub mod attach;
 pub mod backing;
 pub mod bench;
 pub mod cli;
+pub mod control;
 pub mod controller;
 pub mod crashsim;
 pub mod device;

@@ -1605,14 +1605,14 @@ impl Controller {
             let report = if running {
                 // The key goes to the agent over its uid-checked control socket, never
                 // through a file.
-                let req = crate::rekey::ControlRequest::Rekey {
+                let req = crate::control::ControlRequest::Rekey {
                     export: Some(v.kind.clone()),
                     new_volume_key: new_key,
                     hotzone_bytes,
                     new_kms_token: Some(token),
                     resilience: crate::rekey::Resilience::Journal,
                 };
-                crate::rekey::request_online(&paths.fuse_dir, &req, |p| {
+                crate::control::request_online(&paths.fuse_dir, &req, |p| {
                     progress(&v.volume_id, p);
                 })
                 .map_err(|e| ControllerError::Local(e.to_string()))?
