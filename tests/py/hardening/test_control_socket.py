@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SEALVOL_BIN, run_sealvol, skip_or_fail
+from sealvol_testing.ci import skip_or_fail
+from sealvol_testing.paths import SEALVOL_BIN
+from sealvol_testing.sealvol import run_sealvol
 
 NOBODY = 65534
 

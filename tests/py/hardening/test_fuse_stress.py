@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SEALVOL_BIN, env_int, skip_or_fail
+from sealvol_testing.ci import env_int, skip_or_fail
+from sealvol_testing.paths import SEALVOL_BIN
 
 FSX_OPS = env_int("HARDENING_FSX_OPS", 2000)
 FSX_SEED = env_int("HARDENING_FSX_SEED", 20261128)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SEALVOL_BIN, skip_or_fail
+from sealvol_testing.ci import skip_or_fail
+from sealvol_testing.paths import SEALVOL_BIN
 
 NOBODY = 65534
 

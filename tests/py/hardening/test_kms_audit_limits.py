@@ -9,8 +9,8 @@ import urllib.request
 
 import botocore.exceptions
 
-from kms_harness import Daemon
-from kms_raw import audit_records, counted_requests
+from sealvol_testing.kms import Daemon
+from sealvol_testing.kms_raw import audit_records, counted_requests
 
 SUMMARY = "UnauthenticatedRequestsSummary"
 

@@ -12,9 +12,9 @@ import botocore.exceptions
 import pytest
 from botocore.config import Config
 
-from kms_harness import Daemon, wait_for
-from kms_raw import (audit_records, connect_from, endpoint_addr, raise_fd_limit, read_response,
-                     signed_head, unsigned_head)
+from sealvol_testing.ci import skip_or_fail
+from sealvol_testing.kms import Daemon, wait_for
+from sealvol_testing.kms_raw import audit_records, connect_from, endpoint_addr, raise_fd_limit, read_response, signed_head, unsigned_head
 
 EBS = "ebs.amazonaws.com"
 
@@ -143,7 +143,7 @@ def test_slow_strangers_do_not_stall_honest_clients(daemon):
     """1,000 strangers holding unfinished bodies: an honest signed client's ListKeys and
     Decrypt stay fast (they took 29 s when the strangers held the operation slots)."""
     if raise_fd_limit(4096) < 2200:
-        pytest.skip("needs ~2,200 open files in the test process")
+        skip_or_fail("needs ~2,200 open files in the test process")
     admin = daemon.client("admin")
     key = admin.create_key(Description="honest")["KeyMetadata"]["KeyId"]
     blob = admin.encrypt(KeyId=key, Plaintext=b"p" * 32)["CiphertextBlob"]

@@ -24,9 +24,9 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import env_float, env_int
-from kms_harness import ACCOUNT, Daemon, sigv4, wait_for
-from kms_raw import audit_records, counted_requests
+from sealvol_testing.ci import env_float, env_int
+from sealvol_testing.kms import Daemon, sigv4, wait_for
+from sealvol_testing.kms_raw import audit_records, counted_requests
 
 CLIENTS = env_int("HARDENING_LOAD_CLIENTS", 16)
 SECONDS = env_float("HARDENING_LOAD_SECONDS", 10)

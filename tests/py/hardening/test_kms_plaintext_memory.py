@@ -7,8 +7,8 @@ import base64
 import os
 import re
 
-from conftest import skip_or_fail
-from kms_harness import Daemon
+from sealvol_testing.ci import skip_or_fail
+from sealvol_testing.kms import Daemon
 
 
 def _memory_count(pid, needle):

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SEALVOL_BIN, run_sealvol, skip_or_fail
-from kms_harness import Daemon
+from sealvol_testing.ci import skip_or_fail
+from sealvol_testing.paths import SEALVOL_BIN
+from sealvol_testing.sealvol import run_sealvol
+from sealvol_testing.kms import Daemon
 
 
 def mode(p: Path) -> int:
@@ -148,7 +150,7 @@ def test_kms_daemon_state_dir_that_existed_is_made_private(tmp_path):
 def test_kms_daemon_refuses_a_state_dir_of_another_user(tmp_path):
     if os.geteuid() != 0:
         skip_or_fail("needs root to chown the state dir to another user")
-    from kms_harness import DAEMON_BIN
+    from sealvol_testing.kms import DAEMON_BIN
 
     state = tmp_path / "state"
     state.mkdir(mode=0o755)

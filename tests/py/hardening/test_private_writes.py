@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_sealvol, skip_or_fail
-from kms_harness import Daemon
+from sealvol_testing.ci import skip_or_fail
+from sealvol_testing.sealvol import run_sealvol
+from sealvol_testing.kms import Daemon
 
 PRECIOUS = b"precious: must not change\n"
 

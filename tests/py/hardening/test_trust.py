@@ -15,8 +15,8 @@ import subprocess
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import KMS_DAEMON_BIN
-from kms_harness import ACCOUNT, ALICE, REPO, ROOT, Daemon, error_code
+from sealvol_testing.kms import ALICE, Daemon, error_code, ROOT
+from sealvol_testing.paths import KMS_DAEMON_BIN, REPO
 
 SAMPLE_KEY_POLICY = (REPO / "kms-daemon" / "policies" / "workspaces-key-policy.json").read_text()
 LEGACY_ON_BEHALF_OF = "x-sealvol-on-behalf-of"

@@ -1,19 +1,8 @@
-"""Fixtures of the kms-daemon conformance suite (helpers live in kms_harness.py)."""
-
-import sys
-from pathlib import Path
+"""Fixtures of the kms-daemon conformance suite (the harness is sealvol_testing.kms)."""
 
 import pytest
 
-# Other suites (tests/py/workspaces) load this file by path to reuse the daemon harness;
-# make the sibling helper module importable for them too.
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-
-from kms_harness import (  # noqa: E402,F401  (re-exported for other suites)
-    ACCOUNT, ALICE, AWS_CLI, DAEMON_BIN, FORWARD_ACCESS, REGION, REPO, ROOT, Daemon, error_code, sigv4, wait_for,
-)
+from sealvol_testing.kms import Daemon
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,6 @@
 import base64
 import json
 
-from kms_harness import ALICE
-
 
 def test_aws_cli_round_trip(daemon, tmp_path):
     key = json.loads(daemon.cli("admin", "create-key", "--description", "cli").stdout)["KeyMetadata"]["KeyId"]

@@ -7,7 +7,7 @@ import os
 import pytest
 from botocore.exceptions import ClientError
 
-from kms_harness import error_code
+from sealvol_testing.kms import error_code
 
 CTX = {"aws:workspaces:sid-directoryid": "S-1-5-21-1@d-9067e2b3a1", "aws:ebs:id": "vol-0123456789abcdef0"}
 

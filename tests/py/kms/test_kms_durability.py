@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from kms_harness import DAEMON_BIN, Daemon
+from sealvol_testing.kms import Daemon, DAEMON_BIN
+from sealvol_testing.paths import REPO
 
 CTX = {"aws:ebs:id": "vol-durable"}
 
@@ -120,7 +121,7 @@ def test_kill9_under_load_loses_nothing_acknowledged(fresh_daemon):
     Every acknowledged key, blob and grant, and the audit record of every acknowledged
     request, must survive the restart."""
     import threading
-    from kms_harness import wait_for
+    from sealvol_testing.kms import wait_for
 
     acked = {"keys": [], "blobs": [], "grants": []}
     lock = threading.Lock()
@@ -171,7 +172,7 @@ def test_kill9_under_load_loses_nothing_acknowledged(fresh_daemon):
 
 
 def test_audit_identity_for_forward_access(daemon, admin, workspaces_for_alice):
-    key = admin.create_key(Policy=(__import__("kms_harness").REPO / "kms-daemon" / "policies" / "workspaces-key-policy.json").read_text())["KeyMetadata"]["KeyId"]
+    key = admin.create_key(Policy=(REPO / "kms-daemon" / "policies" / "workspaces-key-policy.json").read_text())["KeyMetadata"]["KeyId"]
     workspaces_for_alice.describe_key(KeyId=key)
     rec = daemon.audit(key, "DescribeKey")[-1]
     assert rec["userIdentity"]["arn"] == "arn:aws:iam::111122223333:user/Alice"

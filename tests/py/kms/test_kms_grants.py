@@ -7,7 +7,8 @@ import json
 import pytest
 from botocore.exceptions import ClientError
 
-from kms_harness import ACCOUNT, ALICE, REPO, error_code
+from sealvol_testing.kms import ACCOUNT, error_code
+from sealvol_testing.paths import REPO
 
 EBS = "ebs.amazonaws.com"
 WS = "workspaces.amazonaws.com"

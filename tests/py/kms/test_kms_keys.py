@@ -5,7 +5,8 @@ import json
 import pytest
 from botocore.exceptions import ClientError
 
-from kms_harness import ACCOUNT, ALICE, DAEMON_BIN, REGION, REPO, error_code
+from sealvol_testing.kms import ACCOUNT, ALICE, DAEMON_BIN, error_code, REGION
+from sealvol_testing.paths import REPO
 
 REPO_POLICIES = REPO / "kms-daemon" / "policies"
 

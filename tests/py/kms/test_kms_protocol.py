@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from kms_harness import FORWARD_ACCESS
+from sealvol_testing.kms import FORWARD_ACCESS
 
 DESCRIBE = "TrentService.ListKeys"
 

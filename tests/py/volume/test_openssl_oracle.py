@@ -13,25 +13,16 @@ import tempfile
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-SEALVOL = os.environ.get("SEALVOL_BIN", os.path.join(ROOT, "target", "debug", "sealvol"))
+from sealvol_testing.ci import require
+from sealvol_testing.paths import SEALVOL_BIN
+
+SEALVOL = str(SEALVOL_BIN)
 DATA_OFFSET = 16 * 1024 * 1024
 SECTOR = 4096
 
 
 def _require_env():
-    missing = []
-    if os.geteuid() != 0:
-        missing.append("root")
-    if not os.path.exists("/dev/fuse"):
-        missing.append("/dev/fuse")
-    if not os.path.exists(SEALVOL):
-        missing.append(SEALVOL)
-    if missing:
-        msg = "needs " + ", ".join(missing)
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg + " (CI=true: skipping is a failure)")
-        pytest.skip(msg + " (not in CI)")
+    require(root=True, fuse=True, files=(SEALVOL,))
 
 
 def _xts_raw(key, tweak_int, data, encrypt):

@@ -5,7 +5,7 @@ that changes something needs a token signed with the caller's own credentials.""
 
 import pytest
 
-from conftest import DIRECTORY
+from sealvol_testing.sealvol import DIRECTORY
 
 ROOT = "arn:aws:iam::111122223333:root"
 

@@ -13,7 +13,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from conftest import DIRECTORY, KEY_POLICY, SEALVOL, Daemon, Sealvol, require_env, wait_for
+from sealvol_testing.kms import Daemon, wait_for
+from sealvol_testing.sealvol import DIRECTORY, KEY_POLICY, require_workspace_host, SEALVOL, Sealvol
 
 
 def fill(path, mib):
@@ -44,7 +45,7 @@ def rekey_state(sv, path):
 def own_world():
     """A kms-daemon and a sealvol state of the test's own (it kills the daemon), with a
     bundle and a key; everything is torn down on exit. Yields (daemon, sv, key)."""
-    require_env()
+    require_workspace_host()
     root = Path(tempfile.mkdtemp(prefix="sealvol-crash-"))
     (root / "kms").mkdir()
     daemon = Daemon(root / "kms").start()

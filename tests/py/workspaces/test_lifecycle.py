@@ -12,7 +12,8 @@ import subprocess
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import DIRECTORY, KEY_POLICY, wait_for
+from sealvol_testing.kms import wait_for
+from sealvol_testing.sealvol import DIRECTORY, KEY_POLICY
 
 
 def write_synced(path, data):

@@ -1,4 +1,4 @@
-"""Harness for the kms-daemon conformance suite: a real daemon process, boto3 clients
+"""The kms-daemon under test: a real daemon process, boto3 clients
 per profile (from the credentials/config files the daemon writes), the AWS CLI, and a
 small independent SigV4 signer for the protocol-failure tests."""
 
@@ -10,7 +10,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import boto3
 import botocore.session
-import pytest
 from unittest import mock
 
 from botocore.auth import SigV4QueryAuth
@@ -26,9 +24,9 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 
-REPO = Path(__file__).resolve().parents[3]
-DAEMON_BIN = Path(os.environ.get("KMS_DAEMON_BIN", REPO / "target" / "debug" / "kms-daemon"))
-AWS_CLI = Path(sys.executable).parent / "aws"
+from sealvol_testing.paths import AWS_CLI, KMS_DAEMON_BIN, require_binary
+
+DAEMON_BIN = KMS_DAEMON_BIN
 ACCOUNT = "111122223333"
 REGION = "us-east-1"
 ALICE = f"arn:aws:iam::{ACCOUNT}:user/Alice"
@@ -59,8 +57,7 @@ class Daemon:
         self.endpoint = None
 
     def start(self):
-        if not DAEMON_BIN.exists():
-            pytest.fail(f"kms-daemon binary not found at {DAEMON_BIN}; build it (cargo build -p kms-daemon) or set KMS_DAEMON_BIN")
+        require_binary(DAEMON_BIN, "KMS_DAEMON_BIN")
         ready = self.state_dir.parent / (self.state_dir.name + ".ready")
         if ready.exists():
             ready.unlink()

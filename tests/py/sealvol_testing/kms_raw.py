@@ -8,7 +8,7 @@ import resource
 import socket
 from pathlib import Path
 
-from kms_harness import sigv4
+from sealvol_testing.kms import sigv4
 
 
 def endpoint_addr(daemon):
