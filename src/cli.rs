@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod workspaces;
 
-use crate::attach::{self, AttachError, ERROR_PREFIX, READY_LINE};
+use crate::agent::{self, AttachError};
 use crate::fuse::Export;
 use crate::secret::{SecretError, VolumeKey};
 use crate::volume::{self, CreateParams, Encryption, GIB, VolumeError};
@@ -220,7 +220,7 @@ pub fn main() -> ExitCode {
         Err(e) => {
             if std::env::var_os("SEALVOL_AGENT").is_some() {
                 // The parent waiting for our ready line shows this to the user.
-                println!("{ERROR_PREFIX}{e}");
+                agent::report_error(&e);
             }
             eprintln!("sealvol: error: {e}");
             ExitCode::FAILURE
@@ -308,7 +308,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             } else {
                 let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
                 args.push("--foreground".into());
-                attach::spawn_agent(&args, log_file.as_deref())?;
+                agent::spawn_agent(&args, log_file.as_deref())?;
                 eprintln!(
                     "attached {} at {}",
                     path.display(),
@@ -317,7 +317,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 Ok(())
             }
         }
-        Cmd::Detach { mountpoint } => Ok(attach::detach(&mountpoint)?),
+        Cmd::Detach { mountpoint } => Ok(agent::detach(&mountpoint)?),
         Cmd::RekeyVolume {
             path,
             workspace_id,
@@ -414,14 +414,23 @@ fn attach_here(
         (Some(kf), Some(nkf)) => {
             let key = VolumeKey::from_file(kf)?;
             let new = VolumeKey::from_file(nkf)?;
-            if crate::rekey::in_progress(&volume::read_header(path)?) {
+            // Serve whichever key the data segment is under (the old one while a rekey is
+            // pending, which then resumes with the new one).
+            let opened = agent::open_for_serving::<_, CliError>(
+                path,
+                |h| {
+                    Ok(if h.verify_key(&new).is_ok() {
+                        &new
+                    } else {
+                        &key
+                    })
+                },
+                |_| Ok(&new),
+            )?;
+            if opened.resume_rekey {
                 resume.push("disk".to_string());
-                crate::rekey::open_resuming(path, &key, &new)?
-            } else {
-                // No rekey pending: serve whichever key the volume is under.
-                volume::open_encrypted(path, &new)
-                    .or_else(|_| volume::open_encrypted(path, &key))?
             }
+            opened.volume
         }
         (Some(kf), None) => {
             let key = VolumeKey::from_file(kf)?;
@@ -433,13 +442,10 @@ fn attach_here(
         name: "disk".into(),
         device: opened.device,
     }];
-    let agent = std::env::var_os("SEALVOL_AGENT").is_some();
-    attach::serve_with(mountpoint, exports, threads, &resume, || {
-        if agent {
-            println!("{READY_LINE}");
-            if let Ok(null) = std::fs::File::open("/dev/null") {
-                let _ = nix::unistd::dup2_stdout(null);
-            }
+    let in_agent = std::env::var_os("SEALVOL_AGENT").is_some();
+    agent::serve_with(mountpoint, exports, threads, &resume, || {
+        if in_agent {
+            agent::report_ready();
         } else {
             eprintln!(
                 "serving {} at {} (Ctrl-C or `sealvol detach` to stop)",
@@ -512,8 +518,8 @@ fn rekey_volume(
     file: Option<String>,
     output: Output,
 ) -> Result<(), CliError> {
-    use crate::control::{self, ControlRequest};
-    use crate::rekey::{self, Progress};
+    use crate::agent::ControlRequest;
+    use crate::rekey::Progress;
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template(
             "rekey {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
@@ -531,7 +537,7 @@ fn rekey_volume(
             )?;
             let new = VolumeKey::from_file(new_key_file)?;
             (
-                rekey::rekey_detached(path, &old, &new, &opts, update)?,
+                agent::rekey_offline(path, &old, &new, &opts, update)?,
                 path.display().to_string(),
             )
         }
@@ -546,7 +552,7 @@ fn rekey_volume(
                 resilience: opts.resilience,
             };
             (
-                control::request_online(mp, &req, update)?,
+                agent::request_online(mp, &req, update)?,
                 mp.display().to_string(),
             )
         }

@@ -62,6 +62,30 @@ pub fn mount_config(threads: usize) -> Config {
     config
 }
 
+/// What a `fallocate(2)` mode asks of a served file, parsed from the raw flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fallocate {
+    /// Punch a hole or zero a range (with or without `KEEP_SIZE`): discard it.
+    Discard,
+    /// Plain preallocation (with or without `KEEP_SIZE`): a no-op inside the fixed size.
+    Preallocate,
+    /// Any other combination of flags.
+    Unsupported(i32),
+}
+
+impl From<i32> for Fallocate {
+    fn from(mode: i32) -> Self {
+        const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
+        const ZERO_KEEP: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        match mode {
+            PUNCH | ZERO | ZERO_KEEP => Self::Discard,
+            0 | libc::FALLOC_FL_KEEP_SIZE => Self::Preallocate,
+            other => Self::Unsupported(other),
+        }
+    }
+}
+
 fn errno(e: &DeviceError) -> Errno {
     match e {
         DeviceError::OutOfRange { .. } => Errno::ENOSPC,
@@ -299,24 +323,20 @@ impl Filesystem for VolumeFs {
         let Some(e) = self.export(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        let result = if mode == punch
-            || mode == libc::FALLOC_FL_ZERO_RANGE
-            || mode == libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-        {
-            e.device.discard(offset, length)
-        } else if mode == 0 || mode == libc::FALLOC_FL_KEEP_SIZE {
+        let result = match Fallocate::from(mode) {
+            Fallocate::Discard => e.device.discard(offset, length),
             // Preallocation inside the fixed size is a no-op; growing is not allowed.
-            if offset
-                .checked_add(length)
-                .is_some_and(|end| end <= e.device.size())
-            {
-                Ok(())
-            } else {
-                return reply.error(Errno::ENOSPC);
+            Fallocate::Preallocate => {
+                if offset
+                    .checked_add(length)
+                    .is_some_and(|end| end <= e.device.size())
+                {
+                    Ok(())
+                } else {
+                    return reply.error(Errno::ENOSPC);
+                }
             }
-        } else {
-            return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+            Fallocate::Unsupported(_) => return reply.error(Errno::from_i32(libc::EOPNOTSUPP)),
         };
         match result {
             Ok(()) => reply.ok(),
@@ -358,5 +378,30 @@ impl Filesystem for VolumeFs {
         let bytes: u64 = self.exports.iter().map(|e| e.device.size()).sum();
         let files = self.exports.len() as u64;
         reply.statfs(bytes / 4096, 0, 0, files + 1, 0, 4096, 255, 4096);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Fallocate;
+
+    #[test]
+    fn fallocate_modes_parse() {
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        assert_eq!(Fallocate::from(punch), Fallocate::Discard);
+        assert_eq!(
+            Fallocate::from(libc::FALLOC_FL_ZERO_RANGE),
+            Fallocate::Discard
+        );
+        assert_eq!(Fallocate::from(0), Fallocate::Preallocate);
+        assert_eq!(
+            Fallocate::from(libc::FALLOC_FL_KEEP_SIZE),
+            Fallocate::Preallocate
+        );
+        // A hole punch must keep the size (the kernel requires it).
+        assert_eq!(
+            Fallocate::from(libc::FALLOC_FL_PUNCH_HOLE),
+            Fallocate::Unsupported(libc::FALLOC_FL_PUNCH_HOLE)
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! reads and writes plaintext byte ranges; [`fuse`] serves a device as a regular file
 //! that Linux attaches with a loop device.
 
+pub mod agent;
 pub mod attach;
 pub mod backing;
 pub mod bench;

@@ -4,11 +4,15 @@
 //! `<state-dir>/mnt/<ws-id>/` and `.../home`. The controller starts it, stops it with
 //! SIGTERM (the agent then unmounts, detaches its loops and wipes the keys), and treats a
 //! dead agent as UNHEALTHY.
+//!
+//! This module holds what is WorkSpace-specific (which volumes, their keys, mkfs and the
+//! mounts of root and `/home`); the process, its record and liveness, the serve loop and
+//! opening a volume for serving come from [`crate::agent`].
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::attach::{self, AttachError};
+use crate::agent::{self, AttachError, Opened};
 use crate::fuse::Export;
 use crate::host::{self, HostError};
 use crate::kms::{EncryptionContext, KmsClient, KmsError};
@@ -47,6 +51,9 @@ pub enum AgentError {
     /// KMS set-up failure.
     #[error(transparent)]
     Kms(#[from] KmsError),
+    /// The interrupted rekey of a volume cannot be resumed.
+    #[error(transparent)]
+    Rekey(#[from] crate::rekey::RekeyError),
     /// The pid file or its directory cannot be kept private.
     #[error(transparent)]
     Private(#[from] crate::private_file::PrivateFileError),
@@ -64,7 +71,8 @@ pub struct AgentPaths {
     pub mnt_dir: PathBuf,
     /// Agent log.
     pub log: PathBuf,
-    /// Agent record (pid).
+    /// The agent's pid, as plain text, for operators and tests; liveness comes from the
+    /// agent's record in [`crate::agent::registry`] (keyed by `fuse_dir`).
     pub pid_file: PathBuf,
 }
 
@@ -91,12 +99,6 @@ pub fn volume_context(sid: &str, directory_id: &str, volume_id: &str) -> Encrypt
     );
     c.insert("aws:ebs:id".into(), volume_id.into());
     c
-}
-
-/// An opened volume and whether an interrupted rekey must resume once it is served.
-struct Opened {
-    volume: volume::OpenVolume,
-    resume_rekey: bool,
 }
 
 fn unwrap(
@@ -127,38 +129,31 @@ fn open_volume(
             resume_rekey: false,
         });
     }
-    let header = volume::read_header(&v.path)?;
-    let token = header
-        .kms_token()
-        .ok_or_else(|| AgentError::NoToken(v.volume_id.clone()))?;
-    let ebs = ebs.ok_or_else(|| AgentError::Other("no KMS client".into()))?;
-    let key = unwrap(ebs, v, token, context)?;
-    if crate::rekey::in_progress(&header) {
-        // An interrupted rekey: the header holds the new key's blob too; unwrap both and
-        // resume in the background once the volume is served.
-        let state = crate::rekey::state(&header)
-            .map_err(|e| AgentError::Other(e.to_string()))?
-            .ok_or_else(|| {
+    agent::open_for_serving(
+        &v.path,
+        |header| {
+            let token = header
+                .kms_token()
+                .ok_or_else(|| AgentError::NoToken(v.volume_id.clone()))?;
+            let ebs = ebs.ok_or_else(|| AgentError::Other("no KMS client".into()))?;
+            unwrap(ebs, v, token, context)
+        },
+        |header| {
+            // An interrupted rekey: the header holds the new key's blob too; unwrap it and
+            // resume in the background once the volume is served.
+            let state = crate::rekey::state(header)?.ok_or_else(|| {
                 AgentError::Other(format!("volume {}: unreadable rekey state", v.volume_id))
             })?;
-        let new_token = state.new_kms_token.ok_or_else(|| {
-            AgentError::Other(format!(
-                "volume {}: interrupted rekey without the new key's KMS token",
-                v.volume_id
-            ))
-        })?;
-        let new_key = unwrap(ebs, v, &new_token, context)?;
-        let volume = crate::rekey::open_resuming(&v.path, &key, &new_key)
-            .map_err(|e| AgentError::Other(e.to_string()))?;
-        return Ok(Opened {
-            volume,
-            resume_rekey: true,
-        });
-    }
-    Ok(Opened {
-        volume: volume::open_encrypted(&v.path, &key)?,
-        resume_rekey: false,
-    })
+            let new_token = state.new_kms_token.ok_or_else(|| {
+                AgentError::Other(format!(
+                    "volume {}: interrupted rekey without the new key's KMS token",
+                    v.volume_id
+                ))
+            })?;
+            let ebs = ebs.ok_or_else(|| AgentError::Other("no KMS client".into()))?;
+            unwrap(ebs, v, &new_token, context)
+        },
+    )
 }
 
 /// Runs the agent for `workspace_id` in this process until stopped.
@@ -218,7 +213,7 @@ pub fn run(
     let fuse_dir = paths.fuse_dir.clone();
     let mnt_dir = paths.mnt_dir.clone();
     let state_dir = state_dir.to_path_buf();
-    let result = attach::serve_with(&paths.fuse_dir, exports, 4, &resume, move || {
+    let result = agent::serve_with(&paths.fuse_dir, exports, 4, &resume, move || {
         std::thread::spawn(move || {
             let r = mount_filesystems(&state_dir, &fuse_dir, &mnt_dir, &needs_mkfs);
             if let Err(e) = &r {
@@ -316,28 +311,18 @@ fn mount_filesystems(
     Ok(())
 }
 
-/// The pid of a live agent for this WorkSpace, if any.
+/// The pid of a live agent for this WorkSpace, if any: the agent serving its FUSE
+/// directory, by the agent registry's liveness check.
 #[must_use]
 pub fn live_pid(paths: &AgentPaths) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(&paths.pid_file)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let is_agent = cmdline.split(|&b| b == 0).any(|a| a == b"agent");
-    is_agent.then_some(pid)
+    agent::live_at(&paths.fuse_dir).map(|rec| rec.pid)
 }
 
 /// Stops the agent (SIGTERM, then SIGKILL after a deadline) and removes any mounts and
 /// loop devices a dead agent left behind.
 pub fn stop(paths: &AgentPaths) {
     if let Some(pid) = live_pid(paths) {
-        let p = nix::unistd::Pid::from_raw(pid);
-        let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGTERM);
-        if !host::poll_until(Duration::from_secs(30), || live_pid(paths).is_none()) {
-            let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
-        }
+        agent::terminate(pid, Duration::from_secs(30), || live_pid(paths).is_some());
     }
     force_cleanup(paths);
 }

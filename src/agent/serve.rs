@@ -1,0 +1,190 @@
+//! The serve loop: mounts FUSE over the exports, records the agent, serves its control
+//! socket, waits for a termination signal, and tears down in order; and `detach`, the
+//! other end. Detach order (DESIGN §5): unmount filesystems on loop devices over the
+//! served files, detach those loops, unmount FUSE, then wait for the agent to flush, wipe
+//! its keys and exit.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::sys::signal::{SigSet, Signal};
+
+use super::AttachError;
+use super::control::ControlServer;
+use super::process::wait_for_exit;
+use super::registry::{AgentRecord, canonical_mountpoint, read_record, record_path, write_record};
+use crate::fuse::{Export, VolumeFs, mount_config};
+use crate::host::{is_mountpoint, mounts, release_loops};
+
+/// Serves `exports` at `mountpoint` in this process until unmounted or signalled.
+///
+/// `on_ready` runs once the mount is live (the background parent is told through it).
+/// On return, every export has been flushed and the devices (and their keys) dropped.
+///
+/// # Errors
+/// Mountpoint problems, mount failure.
+pub fn serve(
+    mountpoint: &Path,
+    exports: Vec<Export>,
+    threads: usize,
+    on_ready: impl FnOnce(),
+) -> Result<(), AttachError> {
+    serve_with(mountpoint, exports, threads, &[], on_ready)
+}
+
+/// [`serve`], then resumes the interrupted rekeys of the exports named in `resume_rekeys`
+/// (opened in rekey mode) in the background once the mount is live. Every agent listens
+/// on its control socket ([`super::control_path`]) for online `rekey-volume` requests; pending
+/// rekeys stop at a hotzone boundary on unmount and resume on the next attach.
+///
+/// # Errors
+/// Mountpoint problems, mount failure.
+pub fn serve_with(
+    mountpoint: &Path,
+    exports: Vec<Export>,
+    threads: usize,
+    resume_rekeys: &[String],
+    on_ready: impl FnOnce(),
+) -> Result<(), AttachError> {
+    let mountpoint = canonical_mountpoint(mountpoint)?;
+    if is_mountpoint(&mountpoint) {
+        return Err(AttachError::Mountpoint {
+            path: mountpoint,
+            why: "something is already mounted there".into(),
+        });
+    }
+    // Block the termination signals in every thread; one thread waits for them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGHUP);
+    let _ = signals.thread_block();
+
+    let files: Vec<(String, PathBuf)> = exports
+        .iter()
+        .map(|e| (e.name.clone(), PathBuf::from(e.device.backing().name())))
+        .collect();
+    let devices: Vec<Arc<crate::device::Device>> =
+        exports.iter().map(|e| e.device.clone()).collect();
+    let exports_named: Vec<(String, Arc<crate::device::Device>)> = exports
+        .iter()
+        .map(|e| (e.name.clone(), e.device.clone()))
+        .collect();
+    let fs = VolumeFs::new(exports);
+    let mut session =
+        fuser::Session::new(fs, &mountpoint, &mount_config(threads)).map_err(|source| {
+            AttachError::Mount {
+                path: mountpoint.clone(),
+                source,
+            }
+        })?;
+
+    let record = AgentRecord::of_this_process(mountpoint.clone(), files);
+    let rec_path = record_path(&mountpoint);
+    write_record(&rec_path, &record)?;
+
+    let mut unmounter = session.unmount_callable();
+    let mp = mountpoint.clone();
+    let served = record.files.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            loop {
+                let Ok(sig) = signals.wait() else { return };
+                tracing::info!("{sig:?}: unmounting {}", mp.display());
+                // Filesystems and loop devices over our files go first (DESIGN §5 order);
+                // later exports may be mounted inside earlier ones, so go in reverse.
+                for (name, _) in served.iter().rev() {
+                    if let Err(e) = release_loops(&mp.join(name)) {
+                        tracing::error!("{e}");
+                    }
+                }
+                match unmounter.unmount() {
+                    Ok(()) => return,
+                    Err(e) => tracing::error!(
+                        "cannot unmount {} on {sig:?}: {e} (still in use?)",
+                        mp.display()
+                    ),
+                }
+            }
+        })
+        .map_err(|e| AttachError::State {
+            path: rec_path.clone(),
+            source: e,
+        })?;
+
+    let ctl_path = rec_path.with_extension("sock");
+    let control =
+        ControlServer::spawn(&ctl_path, exports_named).map_err(|e| AttachError::State {
+            path: ctl_path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    on_ready();
+    for name in resume_rekeys {
+        if let Err(e) = control.resume(name) {
+            tracing::error!("cannot resume the rekey of {name}: {e}");
+        }
+    }
+    let result = session.run();
+    control.shutdown();
+    let _ = std::fs::remove_file(&rec_path);
+    for d in &devices {
+        if let Err(e) = d.flush() {
+            tracing::error!("final flush failed: {e}");
+        }
+    }
+    drop(devices);
+    result.map_err(|source| AttachError::Mount {
+        path: mountpoint,
+        source,
+    })
+}
+
+/// Detaches whatever sealvol serves at `mountpoint`: unmounts filesystems on loop devices
+/// over its files, detaches those loops, unmounts FUSE, and waits for the agent to exit.
+///
+/// # Errors
+/// Nothing attached, or something could not be unmounted (with what to do).
+pub fn detach(mountpoint: &Path) -> Result<(), AttachError> {
+    // The FUSE mount of an agent that died (kill -9) cannot even be stat'ed (ENOTCONN):
+    // resolve its parent instead so that the dead mount can be cleaned up.
+    let mountpoint = canonical_mountpoint(mountpoint).or_else(|e| {
+        let parent = mountpoint
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        match (parent.canonicalize(), mountpoint.file_name()) {
+            (Ok(p), Some(name)) if is_mountpoint(&p.join(name)) => Ok(p.join(name)),
+            _ => Err(e),
+        }
+    })?;
+    let rec_path = record_path(&mountpoint);
+    let record = read_record(&rec_path);
+    let fuse_mounted = mounts()
+        .iter()
+        .any(|m| m.target == mountpoint && m.fstype.starts_with("fuse"));
+    if record.is_none() && !fuse_mounted {
+        return Err(AttachError::NotAttached(mountpoint));
+    }
+    if fuse_mounted {
+        for entry in std::fs::read_dir(&mountpoint)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            release_loops(&entry.path())?;
+        }
+        nix::mount::umount(&mountpoint).map_err(|e| AttachError::Unmount {
+            path: mountpoint.display().to_string(),
+            why: format!(
+                "{e} (close programs using it: `fuser -vm {}`)",
+                mountpoint.display()
+            ),
+        })?;
+    }
+    if let Some(rec) = record {
+        wait_for_exit(rec.pid);
+    }
+    let _ = std::fs::remove_file(&rec_path);
+    Ok(())
+}
