@@ -4,6 +4,7 @@
 use std::sync::Mutex;
 
 use proptest::prelude::*;
+use serde_json::Value;
 
 use super::*;
 use crate::backing::{FileBacking, MemBacking};
