@@ -123,6 +123,9 @@ impl Rekeyer {
     /// Resumes the rekey of a device opened in rekey mode (after [`recover`], e.g. by
     /// [`open_resuming`]).
     ///
+    /// [`recover`]: super::recover
+    /// [`open_resuming`]: super::open_resuming
+    ///
     /// # Errors
     /// No rekey in the header, or the device's boundary differs from the header's.
     pub fn resume(device: Arc<Device>) -> Result<Self, RekeyError> {

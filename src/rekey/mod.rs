@@ -66,11 +66,10 @@
 //!
 //! # Online, in the attach agent
 //!
-//! [`crate::control::ControlServer`] listens on a Unix socket next to the agent's record (root or the
-//! agent's user only) and runs rekeys of the devices it serves as background jobs,
-//! streaming progress back as JSON lines; `sealvol rekey-volume --mountpoint` is its
+//! [`crate::control::ControlServer`] listens on a Unix socket next to the agent's record
+//! (root or the agent's user only) and runs rekeys of the devices it serves as background
+//! jobs, streaming progress back as JSON lines; `sealvol rekey-volume --mountpoint` is its
 //! client ([`crate::control::request_online`]).
-
 //!
 //! # Layout
 //!
@@ -79,6 +78,10 @@
 //!   hotzone sizing, and the checksum journal's repair;
 //! - `engine`: [`Rekeyer`], the hotzone loop;
 //! - `offline`: crash recovery, [`open_resuming`], [`rekey_detached`].
+//!
+//! [`luks2::REKEY_REQUIREMENT`]: crate::luks2::REKEY_REQUIREMENT
+//! [`luks2::journal_area`]: crate::luks2::journal_area
+//! [`Device::fence`]: crate::device::Device::fence
 
 mod engine;
 mod journal;
