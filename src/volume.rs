@@ -200,7 +200,7 @@ fn read_header_from(backing: &dyn Backing, path: &Path) -> Result<Header, Volume
 pub fn open_encrypted(path: &Path, key: &VolumeKey) -> Result<OpenVolume, VolumeError> {
     let backing = open_backing(path)?;
     let header = read_header_from(&backing, path)?;
-    if crate::rekey::in_progress(&header) {
+    if header.rekey_in_progress() {
         return Err(VolumeError::RekeyInProgress {
             path: path.to_path_buf(),
         });
@@ -316,7 +316,7 @@ pub struct VolumeInfo {
     pub allocated_bytes: u64,
     /// Progress of an unfinished rekey (`None` when none is in progress).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rekey_in_progress: Option<crate::rekey::Progress>,
+    pub rekey_in_progress: Option<luks2::Progress>,
 }
 
 /// Describes a volume file.
@@ -365,11 +365,10 @@ pub fn describe(path: &Path) -> Result<VolumeInfo, VolumeError> {
         header_copy: Some(format!("{:?}", h.which_copy_used()).to_lowercase()),
         kms_token: h.kms_token().cloned(),
         allocated_bytes,
-        rekey_in_progress: crate::rekey::state(&h).ok().flatten().map(|st| {
-            crate::rekey::Progress {
-                done: st.boundary,
-                total: h.data_size(file_size),
-            }
-        }),
+        rekey_in_progress: h
+            .rekey_state()
+            .ok()
+            .flatten()
+            .map(|st| st.progress(h.data_size(file_size))),
     })
 }

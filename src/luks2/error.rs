@@ -60,6 +60,9 @@ pub enum Luks2Error {
     /// A digest id that the header does not have.
     #[error("the LUKS2 header has no digest {0}")]
     NoSuchDigest(u32),
+    /// The `sealvol-rekey` checkpoint token does not parse (or has an unknown version).
+    #[error("the sealvol-rekey token in the header is malformed: {0}")]
+    BadRekeyToken(String),
     /// Parameters given to [`crate::luks2::Header::format`] are invalid.
     #[error("invalid LUKS2 format parameters: {0}")]
     InvalidParams(String),

@@ -19,21 +19,24 @@
 #![forbid(unsafe_code)]
 
 mod binary;
+mod checkpoint;
 mod digest;
 mod error;
 pub(crate) mod json;
+mod validate;
 
 use std::collections::BTreeMap;
 
-use binary::{BINARY_SIZE, BinaryHeader, CSUM_ALG_SHA256, MAX_LABEL_LEN, VALID_HDR_SIZES};
-pub use error::Luks2Error;
-use json::{
-    Config, Digest, Keyslot, Metadata, Requirements, Segment, SegmentKind, SegmentSize, Token,
+use binary::{BINARY_SIZE, BinaryHeader, CSUM_ALG_SHA256, VALID_HDR_SIZES};
+pub use checkpoint::{
+    JournalRecord, Progress, REKEY_TOKEN_TYPE, RekeyPlan, RekeyState, Resilience, STATE_VERSION,
 };
-use serde_json::Value;
+pub use error::Luks2Error;
+use json::{Config, Keyslot, Metadata, Segment, SegmentKind, SegmentSize, Token};
+use validate::{check_supported, validate_params, validate_structure};
 
 use crate::backing::{Backing, BackingError};
-use crate::secret::{VOLUME_KEY_LEN, VolumeKey};
+use crate::secret::VolumeKey;
 
 /// Size of each header copy (binary header + JSON area) that sealvol writes.
 pub const DEFAULT_HDR_SIZE: u64 = 16 * 1024;
@@ -316,195 +319,6 @@ fn combine(primary: Luks2Error, secondary: Luks2Error) -> Luks2Error {
             primary: copy_reason(&primary),
             secondary: copy_reason(&secondary),
         },
-    }
-}
-
-/// Per-copy consistency: sizes, ids and cross references. Failing this makes a copy
-/// invalid ([`Luks2Error::BadJson`]).
-fn validate_structure(meta: &Metadata, hdr_size: u64) -> Result<(), Luks2Error> {
-    let cfg = &meta.config;
-    let json_size = hdr_size.saturating_sub(BINARY_SIZE as u64);
-    if cfg.json_size != json_size {
-        return Err(bad_json(format!(
-            "config.json_size is {} but the binary header implies {json_size}",
-            cfg.json_size
-        )));
-    }
-    if !cfg.keyslots_size.is_multiple_of(KEYSLOTS_ALIGN) {
-        return Err(bad_json(format!(
-            "config.keyslots_size {} is not 4096-aligned",
-            cfg.keyslots_size
-        )));
-    }
-    let area_start = hdr_size.saturating_mul(2);
-    let area_end = area_start
-        .checked_add(cfg.keyslots_size)
-        .ok_or_else(|| bad_json("config.keyslots_size is out of range"))?;
-    if let Some(id) = meta
-        .keyslots
-        .keys()
-        .chain(meta.tokens.keys())
-        .find(|&&id| id >= MAX_SLOTS)
-    {
-        return Err(bad_json(format!(
-            "keyslot or token id {id} is not below {MAX_SLOTS}"
-        )));
-    }
-    for (id, slot) in &meta.keyslots {
-        if let Some((offset, size)) = keyslot_area(slot) {
-            let inside =
-                offset >= area_start && offset.checked_add(size).is_some_and(|end| end <= area_end);
-            if !inside {
-                return Err(bad_json(format!(
-                    "keyslot {id} area lies outside the keyslots area"
-                )));
-            }
-        }
-    }
-    if !meta.segments.values().any(|s| s.kind == SegmentKind::Crypt) {
-        return Err(bad_json("there is no crypt segment"));
-    }
-    for (id, seg) in &meta.segments {
-        if seg.offset < area_end {
-            return Err(bad_json(format!(
-                "segment {id} at offset {} overlaps the header and keyslots area (ends at {area_end})",
-                seg.offset
-            )));
-        }
-        if matches!(seg.size, SegmentSize::Bytes(n) if seg.offset.checked_add(n).is_none()) {
-            return Err(bad_json(format!("segment {id} size is out of range")));
-        }
-        if seg.kind == SegmentKind::Crypt
-            && (seg.encryption.is_none() || seg.sector_size.is_none() || seg.iv_tweak.is_none())
-        {
-            return Err(bad_json(format!(
-                "crypt segment {id} lacks encryption, sector_size or iv_tweak"
-            )));
-        }
-        let digests = meta
-            .digests
-            .values()
-            .filter(|d| d.segments.contains(id))
-            .count();
-        if seg.kind == SegmentKind::Crypt && digests != 1 {
-            return Err(bad_json(format!(
-                "crypt segment {id} has {digests} digests (must have one)"
-            )));
-        }
-    }
-    for (id, d) in &meta.digests {
-        if let Some(s) = d.segments.iter().find(|s| !meta.segments.contains_key(s)) {
-            return Err(bad_json(format!("digest {id} names missing segment {s}")));
-        }
-        if let Some(k) = d.keyslots.iter().find(|k| !meta.keyslots.contains_key(k)) {
-            return Err(bad_json(format!("digest {id} names missing keyslot {k}")));
-        }
-    }
-    let mut kms_tokens = 0;
-    for (id, token) in &meta.tokens {
-        match token {
-            Token::Kms(_) => kms_tokens += 1,
-            Token::Other(v) => {
-                let slots = v
-                    .get("keyslots")
-                    .and_then(Value::as_array)
-                    .map_or(&[][..], Vec::as_slice);
-                let missing = slots.iter().find(|s| {
-                    let id = s.as_str().and_then(|s| json::parse_decimal(s).ok());
-                    !id.and_then(|n| u32::try_from(n).ok())
-                        .is_some_and(|n| meta.keyslots.contains_key(&n))
-                });
-                if let Some(s) = missing {
-                    return Err(bad_json(format!("token {id} names missing keyslot {s}")));
-                }
-            }
-        }
-    }
-    if kms_tokens > 1 {
-        return Err(bad_json("there is more than one sealvol-kms token"));
-    }
-    Ok(())
-}
-
-/// Whether sealvol can serve a structurally valid header ([`Luks2Error::Unsupported`]).
-fn check_supported(meta: &Metadata) -> Result<(), Luks2Error> {
-    if let Some(r) = meta.config.requirements.as_ref().and_then(|r| {
-        r.mandatory
-            .iter()
-            .find(|m| !KNOWN_REQUIREMENTS.contains(&m.as_str()))
-    }) {
-        return Err(unsupported(format!(
-            "mandatory requirement {r:?} (e.g. an unfinished `cryptsetup reencrypt`; finish it with cryptsetup first)"
-        )));
-    }
-    for (id, seg) in &meta.segments {
-        if seg.kind != SegmentKind::Crypt {
-            return Err(unsupported(format!("segment {id} is not a crypt segment")));
-        }
-        let cipher = seg.encryption.as_deref().unwrap_or("");
-        if cipher != CIPHER {
-            return Err(unsupported(format!("cipher {cipher:?} in segment {id}")));
-        }
-        let sector = seg.sector_size.unwrap_or(0);
-        if !SECTOR_SIZES.contains(&sector) {
-            return Err(unsupported(format!("sector size {sector} in segment {id}")));
-        }
-        if seg.iv_tweak != Some(0) {
-            return Err(unsupported(format!(
-                "iv_tweak {:?} in segment {id} (only 0)",
-                seg.iv_tweak
-            )));
-        }
-        if seg.integrity.is_some() {
-            return Err(unsupported(format!(
-                "authenticated encryption (integrity) in segment {id}"
-            )));
-        }
-        if seg.offset % u64::from(sector) != 0 {
-            return Err(unsupported(format!(
-                "segment {id} offset {} is not sector-aligned",
-                seg.offset
-            )));
-        }
-    }
-    for (id, d) in meta.digests.iter().filter(|(_, d)| !d.segments.is_empty()) {
-        digest::check_supported(*id, d)?;
-        for slot in d.keyslots.iter().filter_map(|k| meta.keyslots.get(k)) {
-            let key_size = match slot {
-                Keyslot::Luks2(k) => Some(u64::from(k.key_size)),
-                Keyslot::Other(v) => v.get("key_size").and_then(Value::as_u64),
-            };
-            if let Some(bytes) = key_size.filter(|&b| b != VOLUME_KEY_LEN as u64) {
-                return Err(unsupported(format!(
-                    "volume key size {} bits (only 512)",
-                    bytes.saturating_mul(8)
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn validate_params(p: &FormatParams) -> Result<u64, Luks2Error> {
-    let invalid = |m: String| Err(Luks2Error::InvalidParams(m));
-    if !SECTOR_SIZES.contains(&p.sector_size) {
-        return invalid(format!("sector size {} (use 512 or 4096)", p.sector_size));
-    }
-    if p.data_size == 0 || !p.data_size.is_multiple_of(u64::from(p.sector_size)) {
-        return invalid(format!(
-            "data size {} must be a positive multiple of the sector size {}",
-            p.data_size, p.sector_size
-        ));
-    }
-    if p.label.len() > MAX_LABEL_LEN || p.label.contains('\0') {
-        return invalid(format!(
-            "label {:?} is longer than {MAX_LABEL_LEN} bytes or contains NUL",
-            p.label
-        ));
-    }
-    match DEFAULT_DATA_OFFSET.checked_add(p.data_size) {
-        Some(total) if i64::try_from(total).is_ok() => Ok(total),
-        _ => invalid(format!("data size {} is too large", p.data_size)),
     }
 }
 
@@ -834,116 +648,6 @@ impl Header {
         binary::seal_checksum(&mut buf);
         backing.write_at(&buf, offset)?;
         Ok(())
-    }
-}
-
-/// Access for the online rekey (DESIGN §7): two segments, two digests, a `sealvol-rekey`
-/// state token and a mandatory requirement. [`Header::write`] validates whatever these
-/// build before it reaches the disk.
-#[allow(dead_code, reason = "the rekey module (DESIGN §7) builds on these")]
-impl Header {
-    /// Data segments by id.
-    pub(crate) fn segments(&self) -> &BTreeMap<u32, Segment> {
-        &self.meta.segments
-    }
-
-    /// Data segments by id, for changing.
-    pub(crate) fn segments_mut(&mut self) -> &mut BTreeMap<u32, Segment> {
-        &mut self.meta.segments
-    }
-
-    /// Digests by id.
-    pub(crate) fn digests(&self) -> &BTreeMap<u32, Digest> {
-        &self.meta.digests
-    }
-
-    /// Digests by id, for changing.
-    pub(crate) fn digests_mut(&mut self) -> &mut BTreeMap<u32, Digest> {
-        &mut self.meta.digests
-    }
-
-    /// Adds a digest of `key` bound to no segment yet; returns its id. cryptsetup accepts
-    /// such an unbound digest as long as every crypt segment keeps one digest.
-    pub(crate) fn add_digest_for(&mut self, key: &VolumeKey) -> u32 {
-        let id = (0..)
-            .find(|id| !self.meta.digests.contains_key(id))
-            .unwrap_or(u32::MAX);
-        self.meta
-            .digests
-            .insert(id, digest::new_digest(key, Vec::new()));
-        id
-    }
-
-    /// Checks `key` against digest `digest_id`.
-    pub(crate) fn verify_key_against(
-        &self,
-        digest_id: u32,
-        key: &VolumeKey,
-    ) -> Result<(), Luks2Error> {
-        let d = self
-            .meta
-            .digests
-            .get(&digest_id)
-            .ok_or(Luks2Error::NoSuchDigest(digest_id))?;
-        digest::verify(digest_id, d, key)
-    }
-
-    /// Adds a mandatory requirement (idempotent).
-    pub(crate) fn set_mandatory_requirement(&mut self, req: &str) {
-        let r = self
-            .meta
-            .config
-            .requirements
-            .get_or_insert_with(|| Requirements {
-                mandatory: Vec::new(),
-            });
-        if !r.mandatory.iter().any(|m| m == req) {
-            r.mandatory.push(req.to_owned());
-        }
-    }
-
-    /// Removes a mandatory requirement (and the `requirements` object when it empties).
-    pub(crate) fn clear_mandatory_requirement(&mut self, req: &str) {
-        if let Some(r) = &mut self.meta.config.requirements {
-            r.mandatory.retain(|m| m != req);
-            if r.mandatory.is_empty() {
-                self.meta.config.requirements = None;
-            }
-        }
-    }
-
-    /// The raw JSON of the first token of type `kind` (not `sealvol-kms`, which is typed).
-    pub(crate) fn token(&self, kind: &str) -> Option<&Value> {
-        self.meta.tokens.values().find_map(|t| match t {
-            Token::Other(v) if t.kind() == kind => Some(v),
-            _ => None,
-        })
-    }
-
-    /// Replaces (or adds) the token of type `kind` with the object `fields`; `type` and
-    /// an empty `keyslots` are filled in.
-    pub(crate) fn set_token(&mut self, kind: &str, fields: serde_json::Map<String, Value>) {
-        let mut obj = fields;
-        obj.insert("type".into(), Value::String(kind.into()));
-        obj.entry("keyslots")
-            .or_insert_with(|| Value::Array(Vec::new()));
-        let id = self
-            .meta
-            .tokens
-            .iter()
-            .find(|(_, t)| t.kind() == kind)
-            .map(|(id, _)| *id)
-            .unwrap_or_else(|| self.free_token_id());
-        self.meta
-            .tokens
-            .insert(id, Token::Other(Value::Object(obj)));
-    }
-
-    /// Removes every token of type `kind`; true if there was one.
-    pub(crate) fn remove_token(&mut self, kind: &str) -> bool {
-        let before = self.meta.tokens.len();
-        self.meta.tokens.retain(|_, t| t.kind() != kind);
-        self.meta.tokens.len() != before
     }
 }
 

@@ -4,6 +4,7 @@
 use std::sync::Mutex;
 
 use proptest::prelude::*;
+use serde_json::Value;
 
 use super::*;
 use crate::backing::{FileBacking, MemBacking};
@@ -603,6 +604,66 @@ fn rekey_helpers_two_keys_requirement_and_state_token() {
     broken.digests_mut().clear();
     assert!(matches!(broken.write(&b), Err(Luks2Error::BadJson(_))));
     Header::read(&b).expect("still valid");
+}
+
+/// The typed checkpoint steps: `begin_rekey` adds the new digest, the requirement and
+/// the token; `checkpoint_rekey` replaces the token; `finish_rekey` leaves a plain header
+/// under the new key with the new KMS token. A token that does not parse is an error.
+#[test]
+fn rekey_checkpoint_begin_step_finish() {
+    let (b, mut h) = formatted();
+    assert!(!h.rekey_in_progress());
+    assert_eq!(h.rekey_state().expect("no token"), None);
+    let plan = RekeyPlan {
+        hotzone_bytes: 65536,
+        new_kms_token: Some(token(b"new")),
+        resilience: Resilience::Checksum,
+    };
+    let mut st = h.begin_rekey(&b, &key(7), plan).expect("begin");
+    let r = Header::read(&b).expect("read");
+    assert!(r.rekey_in_progress());
+    assert_eq!(r.rekey_state().expect("parses"), Some(st.clone()));
+    assert_eq!(r.mandatory_requirements(), [REKEY_REQUIREMENT.to_string()]);
+    r.verify_key(&key(1))
+        .expect("the segment stays under the old key");
+    r.verify_key_against(st.new_digest, &key(7))
+        .expect("new digest");
+    st.boundary = 65536;
+    st.journal = Some(JournalRecord {
+        zone_start: 65536,
+        len: 65536,
+        offset: journal_area(&h).start,
+        blake3: "00".into(),
+    });
+    h.checkpoint_rekey(&b, &st).expect("checkpoint");
+    let r = Header::read(&b).expect("read");
+    assert_eq!(r.rekey_state().expect("parses"), Some(st.clone()));
+    assert_eq!(
+        st.progress(DATA),
+        Progress {
+            done: 65536,
+            total: DATA
+        }
+    );
+    h.finish_rekey(&b, &st).expect("finish");
+    let r = Header::read(&b).expect("read");
+    assert!(!r.rekey_in_progress());
+    assert_eq!(r.rekey_state().expect("no token"), None);
+    assert!(r.mandatory_requirements().is_empty());
+    r.verify_key(&key(7)).expect("new key");
+    assert!(matches!(
+        r.verify_key(&key(1)),
+        Err(Luks2Error::DigestMismatch)
+    ));
+    assert_eq!(r.kms_token(), Some(&token(b"new")));
+
+    let mut bad = r.clone();
+    bad.set_token(REKEY_TOKEN_TYPE, serde_json::Map::new());
+    assert!(bad.rekey_in_progress());
+    assert!(matches!(
+        bad.rekey_state(),
+        Err(Luks2Error::BadRekeyToken(_))
+    ));
 }
 
 #[test]
