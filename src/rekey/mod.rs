@@ -66,10 +66,10 @@
 //!
 //! # Online, in the attach agent
 //!
-//! [`crate::control::ControlServer`] listens on a Unix socket next to the agent's record
+//! [`crate::agent::ControlServer`] listens on a Unix socket next to the agent's record
 //! (root or the agent's user only) and runs rekeys of the devices it serves as background
 //! jobs, streaming progress back as JSON lines; `sealvol rekey-volume --mountpoint` is its
-//! client ([`crate::control::request_online`]).
+//! client ([`crate::agent::request_online`]).
 //!
 //! # Layout
 //!

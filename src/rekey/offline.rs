@@ -149,7 +149,7 @@ pub fn open_resuming_backing(
 ///
 /// The rekey is exclusive (merged checkpoints, see [`Rekeyer::exclusive`]): the caller
 /// must make sure that no agent serves the file (e.g. refuse with
-/// [`RekeyError::Attached`] when `crate::attach::attached_at` finds one), since a
+/// [`RekeyError::Attached`] when an agent serves it; `crate::agent::rekey_offline` does), since a
 /// concurrent writer's data could be read with the wrong key after a crash.
 ///
 /// # Errors
