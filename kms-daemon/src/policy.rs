@@ -4,10 +4,11 @@
 //! `Principal`/`NotPrincipal` (incl. `*`, `AWS`, `Service`), `Action`/`NotAction` and
 //! `Resource`/`NotResource` with `*`/`?` wildcards, and `Condition` with the string,
 //! ARN, `Bool` and `Null` operators, `ForAnyValue:`/`ForAllValues:` prefixes and the
-//! `IfExists` suffix.
+//! `IfExists` suffix. The JSON shapes are [`document`]'s, parsed with serde derive.
 
 use std::collections::HashMap;
 
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::principal::Principal;
@@ -192,187 +193,13 @@ pub enum Decision {
     NotApplicable,
 }
 
-fn strings(v: &Value, what: &str) -> Result<Vec<String>, PolicyError> {
-    match v {
-        Value::String(s) => Ok(vec![s.clone()]),
-        Value::Array(a) if !a.is_empty() => a
-            .iter()
-            .map(|x| {
-                x.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| malformed(format!("{what} entries must be strings")))
-            })
-            .collect(),
-        _ => Err(malformed(format!(
-            "{what} must be a string or a non-empty list of strings"
-        ))),
-    }
-}
-
-fn condition_values(v: &Value) -> Result<Vec<String>, PolicyError> {
-    let one = |x: &Value| match x {
-        Value::String(s) => Ok(s.clone()),
-        Value::Bool(b) => Ok(b.to_string()),
-        Value::Number(n) => Ok(n.to_string()),
-        _ => Err(malformed(
-            "condition values must be strings, booleans or numbers",
-        )),
-    };
-    match v {
-        Value::Array(a) => a.iter().map(one).collect(),
-        x => Ok(vec![one(x)?]),
-    }
-}
-
-fn principal_spec(v: &Value) -> Result<PrincipalSpec, PolicyError> {
-    match v {
-        Value::String(s) if s == "*" => Ok(PrincipalSpec::Any),
-        Value::Object(m) => {
-            let mut aws = Vec::new();
-            let mut service = Vec::new();
-            for (k, val) in m {
-                match k.as_str() {
-                    "AWS" => aws = strings(val, "Principal.AWS")?,
-                    "Service" => service = strings(val, "Principal.Service")?,
-                    "Federated" | "CanonicalUser" => {}
-                    other => return Err(malformed(format!("unknown principal type {other}"))),
-                }
-            }
-            if aws.iter().any(|a| a == "*") {
-                return Ok(PrincipalSpec::Any);
-            }
-            for a in &aws {
-                if Principal::parse(a).is_none() {
-                    return Err(malformed(format!("invalid principal {a}")));
-                }
-            }
-            Ok(PrincipalSpec::Named { aws, service })
-        }
-        _ => Err(malformed("Principal must be \"*\" or an object")),
-    }
-}
-
-fn parse_statement(v: &Value) -> Result<Statement, PolicyError> {
-    let m = v
-        .as_object()
-        .ok_or_else(|| malformed("statement must be an object"))?;
-    let mut effect = None;
-    let mut st = Statement {
-        effect: Effect::Allow,
-        principal: None,
-        not_principal: None,
-        action: Vec::new(),
-        not_action: false,
-        resource: None,
-        conditions: Vec::new(),
-    };
-    let mut has_action = false;
-    for (k, val) in m {
-        match k.as_str() {
-            "Sid" => {
-                if !val.is_string() {
-                    return Err(malformed("Sid must be a string"));
-                }
-            }
-            "Effect" => {
-                effect = Some(match val.as_str() {
-                    Some("Allow") => Effect::Allow,
-                    Some("Deny") => Effect::Deny,
-                    _ => return Err(malformed("Effect must be Allow or Deny")),
-                })
-            }
-            "Principal" => st.principal = Some(principal_spec(val)?),
-            "NotPrincipal" => st.not_principal = Some(principal_spec(val)?),
-            "Action" | "NotAction" => {
-                if has_action {
-                    return Err(malformed("only one of Action and NotAction"));
-                }
-                has_action = true;
-                st.action = strings(val, k)?;
-                st.not_action = k == "NotAction";
-            }
-            "Resource" | "NotResource" => {
-                if st.resource.is_some() {
-                    return Err(malformed("only one of Resource and NotResource"));
-                }
-                st.resource = Some((strings(val, k)?, k == "NotResource"));
-            }
-            "Condition" => {
-                let ops = val
-                    .as_object()
-                    .ok_or_else(|| malformed("Condition must be an object"))?;
-                for (op_name, keys) in ops {
-                    let (set, rest) = if let Some(r) = op_name.strip_prefix("ForAnyValue:") {
-                        (SetOp::ForAnyValue, r)
-                    } else if let Some(r) = op_name.strip_prefix("ForAllValues:") {
-                        (SetOp::ForAllValues, r)
-                    } else {
-                        (SetOp::Single, op_name.as_str())
-                    };
-                    let (base, if_exists) = match rest.strip_suffix("IfExists") {
-                        Some(b) => (b, true),
-                        None => (rest, false),
-                    };
-                    let op = Op::parse(base).ok_or_else(|| {
-                        malformed(format!("unsupported condition operator {op_name}"))
-                    })?;
-                    let keys = keys
-                        .as_object()
-                        .ok_or_else(|| malformed("condition operator must map keys to values"))?;
-                    for (key, values) in keys {
-                        st.conditions.push(Condition {
-                            op,
-                            set,
-                            if_exists,
-                            key: key.to_ascii_lowercase(),
-                            values: condition_values(values)?,
-                        });
-                    }
-                }
-            }
-            other => return Err(malformed(format!("unknown statement element {other}"))),
-        }
-    }
-    st.effect = effect.ok_or_else(|| malformed("statement without Effect"))?;
-    if !has_action {
-        return Err(malformed("statement without Action"));
-    }
-    Ok(st)
-}
-
 impl PolicyDocument {
     /// Parses a policy document.
     pub fn parse(text: &str) -> Result<Self, PolicyError> {
+        // The text must be JSON first (PolicyError::Json); then its shape, by serde.
         let v: Value = serde_json::from_str(text).map_err(|_| PolicyError::Json)?;
-        let m = v
-            .as_object()
-            .ok_or_else(|| malformed("policy must be a JSON object"))?;
-        let mut statements = None;
-        for (k, val) in m {
-            match k.as_str() {
-                "Version" => {
-                    if !matches!(val.as_str(), Some("2012-10-17" | "2008-10-17")) {
-                        return Err(malformed("unsupported Version"));
-                    }
-                }
-                "Id" => {}
-                "Statement" => {
-                    statements = Some(match val {
-                        Value::Array(a) => a
-                            .iter()
-                            .map(parse_statement)
-                            .collect::<Result<Vec<_>, _>>()?,
-                        o @ Value::Object(_) => vec![parse_statement(o)?],
-                        _ => return Err(malformed("Statement must be an object or a list")),
-                    })
-                }
-                other => return Err(malformed(format!("unknown policy element {other}"))),
-            }
-        }
-        let statements = statements.ok_or_else(|| malformed("policy without Statement"))?;
-        if statements.is_empty() {
-            return Err(malformed("policy without statements"));
-        }
+        let raw = document::RawDocument::deserialize(v).map_err(|e| malformed(e.to_string()))?;
+        let statements = raw.into_statements()?;
         Ok(Self { statements })
     }
 
@@ -546,6 +373,8 @@ pub fn glob(pattern: &str, text: &str, ignore_case: bool) -> bool {
     }
     pi == p.len()
 }
+
+mod document;
 
 #[cfg(test)]
 mod invariant_tests;

@@ -103,8 +103,10 @@ fn sample_key_policy_root_delegates_and_alice_needs_via_service() {
 
 #[test]
 fn sample_iam_policy_grants_describe_list_creategrant_only() {
-    let iam = PolicyDocument::parse(include_str!("../../policies/alice-workspaces-iam-policy.json"))
-        .expect("parses");
+    let iam = PolicyDocument::parse(include_str!(
+        "../../policies/alice-workspaces-iam-policy.json"
+    ))
+    .expect("parses");
     let a = alice();
     let c = ConditionContext::new();
     assert_eq!(
