@@ -1,8 +1,11 @@
 //! Cryptographic operations: Encrypt, Decrypt, ReEncrypt, GenerateDataKey*.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::checks::*;
+use super::responses::{
+    DataKeyResponse, DecryptResponse, EncryptResponse, ReEncryptResponse, to_value,
+};
 use super::{Kms, Touched};
 use crate::authz::Ask;
 use crate::blob::{CiphertextBlob, fill_random};
@@ -105,13 +108,11 @@ impl Kms {
         let mut plaintext = zeroize::Zeroizing::new(vec![0u8; n]);
         fill_random(&mut plaintext);
         let blob = self.seal_for(&key, &ctx, &plaintext)?;
-        let mut out = json!({"CiphertextBlob": b64(&blob), "KeyId": key.arn});
-        if with_plaintext {
-            // Moved into the Value (not copied by `json!`), so the server's wipe of the
-            // response's strings reaches the only copy.
-            out["Plaintext"] = Value::String(b64(&plaintext));
-        }
-        Ok(out)
+        to_value(DataKeyResponse {
+            ciphertext_blob: blob,
+            key_id: key.arn,
+            plaintext: with_plaintext.then_some(plaintext),
+        })
     }
 
     pub(super) fn encrypt(
@@ -144,9 +145,7 @@ impl Kms {
         require_symmetric(&key)?;
         dry_run(r.dry_run)?;
         let blob = self.seal_for(&key, &ctx, &r.plaintext.0)?;
-        Ok(
-            json!({"CiphertextBlob": b64(&blob), "KeyId": key.arn, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}),
-        )
+        to_value(EncryptResponse::new(blob, key.arn))
     }
 
     /// Opens a blob for `operation` (Decrypt or ReEncryptFrom) in DESIGN §3's order.
@@ -227,10 +226,7 @@ impl Kms {
             touched,
         )?;
         dry_run(r.dry_run)?;
-        let mut out = json!({"KeyId": key.arn, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"});
-        // Moved, not copied: the server wipes the response Value's strings.
-        out["Plaintext"] = Value::String(b64(&plaintext));
-        Ok(out)
+        to_value(DecryptResponse::new(key.arn, plaintext))
     }
 
     pub(super) fn re_encrypt(
@@ -271,9 +267,6 @@ impl Kms {
         require_symmetric(&dst)?;
         dry_run(r.dry_run)?;
         let blob = self.seal_for(&dst, &dst_ctx, &plaintext)?;
-        Ok(json!({
-            "CiphertextBlob": b64(&blob), "SourceKeyId": src.arn, "KeyId": dst.arn,
-            "SourceEncryptionAlgorithm": "SYMMETRIC_DEFAULT", "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT"
-        }))
+        to_value(ReEncryptResponse::new(blob, src.arn, dst.arn))
     }
 }

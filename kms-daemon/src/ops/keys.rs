@@ -4,6 +4,7 @@
 use serde_json::{Value, json};
 
 use super::checks::*;
+use super::responses::{KeyMetadata, KeyMetadataResponse, to_value};
 use super::{DAY, WORKSPACES_ALIAS, WORKSPACES_SERVICE};
 use super::{Kms, Touched, simple_ask};
 use crate::authz::Ask;
@@ -87,37 +88,28 @@ impl Kms {
         }
     }
 
-    fn metadata(&self, k: &KeyRecord) -> Value {
-        let mut m = json!({
-            "AWSAccountId": self.account,
-            "KeyId": k.id,
-            "Arn": k.arn,
-            "CreationDate": k.created,
-            "Enabled": k.state == KeyState::Enabled,
-            "Description": k.description,
-            "KeyUsage": k.usage,
-            "KeyState": k.state.as_str(),
-            "Origin": "AWS_KMS",
-            "KeyManager": k.manager.as_str(),
-            "CustomerMasterKeySpec": k.spec.as_str(),
-            "KeySpec": k.spec.as_str(),
-            "MultiRegion": false,
-        });
-        let enc = k.spec.encryption_algorithms(&k.usage);
-        if !enc.is_empty() {
-            m["EncryptionAlgorithms"] = json!(enc);
+    fn metadata(&self, k: &KeyRecord) -> KeyMetadataResponse {
+        KeyMetadataResponse {
+            key_metadata: KeyMetadata {
+                aws_account_id: self.account.clone(),
+                key_id: k.id.clone(),
+                arn: k.arn.clone(),
+                creation_date: k.created,
+                enabled: k.state == KeyState::Enabled,
+                description: k.description.clone(),
+                key_usage: k.usage.clone(),
+                key_state: k.state.as_str(),
+                origin: "AWS_KMS",
+                key_manager: k.manager.as_str(),
+                customer_master_key_spec: k.spec.as_str(),
+                key_spec: k.spec.as_str(),
+                multi_region: false,
+                encryption_algorithms: k.spec.encryption_algorithms(&k.usage),
+                signing_algorithms: k.spec.signing_algorithms(&k.usage),
+                deletion_date: k.deletion_date,
+                pending_deletion_window_in_days: k.pending_window_days,
+            },
         }
-        let sig = k.spec.signing_algorithms(&k.usage);
-        if !sig.is_empty() {
-            m["SigningAlgorithms"] = json!(sig);
-        }
-        if let Some(d) = k.deletion_date {
-            m["DeletionDate"] = json!(d);
-        }
-        if let Some(w) = k.pending_window_days {
-            m["PendingDeletionWindowInDays"] = json!(w);
-        }
-        m
     }
 
     pub(super) fn create_key(
@@ -189,7 +181,7 @@ impl Kms {
         let m = self.new_material(&key.id, 1);
         self.store.create_key(&key, &m, None)?;
         touched.keys.push(key.arn.clone());
-        Ok(json!({ "KeyMetadata": self.metadata(&key) }))
+        to_value(self.metadata(&key))
     }
 
     pub(super) fn describe_key(
@@ -210,7 +202,7 @@ impl Kms {
             },
             touched,
         )?;
-        Ok(json!({ "KeyMetadata": self.metadata(&key) }))
+        to_value(self.metadata(&key))
     }
 
     pub(super) fn list_keys(

@@ -28,6 +28,7 @@ mod crypto;
 mod grants;
 mod keys;
 mod policies;
+mod responses;
 mod rotation;
 
 const DAY: i64 = 86_400;

@@ -313,3 +313,78 @@ fn operations_parse_from_their_target_only() {
     assert!(Operation::Decrypt.runs_inline() && !Operation::Decrypt.read_only());
     assert!(Operation::ListKeys.read_only() && !Operation::ListKeys.runs_inline());
 }
+
+#[test]
+fn typed_responses_keep_the_wire_field_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let k = kms(dir.path());
+    let root = caller(&format!("arn:aws:iam::{ACCT}:root"), None);
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
+        k.sort();
+        k.join(",")
+    };
+    let created = call(&k, &root, Operation::CreateKey, json!({})).expect("CreateKey");
+    assert_eq!(
+        keys(&created["KeyMetadata"]),
+        "AWSAccountId,Arn,CreationDate,CustomerMasterKeySpec,Description,Enabled,EncryptionAlgorithms,KeyId,KeyManager,KeySpec,KeyState,KeyUsage,MultiRegion,Origin"
+    );
+    let id = created["KeyMetadata"]["KeyId"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let enc = call(
+        &k,
+        &root,
+        Operation::Encrypt,
+        json!({"KeyId": id, "Plaintext": "AAAA"}),
+    )
+    .expect("Encrypt");
+    assert_eq!(keys(&enc), "CiphertextBlob,EncryptionAlgorithm,KeyId");
+    let dec = call(
+        &k,
+        &root,
+        Operation::Decrypt,
+        json!({"CiphertextBlob": enc["CiphertextBlob"]}),
+    )
+    .expect("Decrypt");
+    assert_eq!(keys(&dec), "EncryptionAlgorithm,KeyId,Plaintext");
+    assert_eq!(dec["Plaintext"], "AAAA");
+    let re = call(
+        &k,
+        &root,
+        Operation::ReEncrypt,
+        json!({"CiphertextBlob": enc["CiphertextBlob"], "DestinationKeyId": id}),
+    )
+    .expect("ReEncrypt");
+    assert_eq!(
+        keys(&re),
+        "CiphertextBlob,DestinationEncryptionAlgorithm,KeyId,SourceEncryptionAlgorithm,SourceKeyId"
+    );
+    let gdk = call(
+        &k,
+        &root,
+        Operation::GenerateDataKey,
+        json!({"KeyId": id, "NumberOfBytes": 32}),
+    )
+    .expect("GenerateDataKey");
+    assert_eq!(keys(&gdk), "CiphertextBlob,KeyId,Plaintext");
+    let bare = call(
+        &k,
+        &root,
+        Operation::GenerateDataKeyWithoutPlaintext,
+        json!({"KeyId": id, "KeySpec": "AES_256"}),
+    )
+    .expect("GenerateDataKeyWithoutPlaintext");
+    assert_eq!(keys(&bare), "CiphertextBlob,KeyId");
+    call(
+        &k,
+        &root,
+        Operation::ScheduleKeyDeletion,
+        json!({"KeyId": id}),
+    )
+    .expect("schedule");
+    let d = call(&k, &root, Operation::DescribeKey, json!({"KeyId": id})).expect("DescribeKey");
+    assert_eq!(d["KeyMetadata"]["PendingDeletionWindowInDays"], 30);
+    assert!(d["KeyMetadata"]["DeletionDate"].is_i64());
+}
