@@ -12,10 +12,9 @@ use std::sync::OnceLock;
 use kms_daemon::audit::request_parameters;
 use kms_daemon::clock::OffsetClock;
 use kms_daemon::error::OpError;
-use kms_daemon::ops::{Kms, Touched};
+use kms_daemon::ops::{Kms, Operation, Touched};
 use kms_daemon::principal::{Caller, Principal};
 use kms_daemon::state::StateDir;
-use kms_daemon::wire::Operation;
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Value, json};
 

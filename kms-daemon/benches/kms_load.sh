@@ -6,7 +6,7 @@ set -euo pipefail
 duration="${1:-10}"
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 target="${CARGO_TARGET_DIR:-$repo/target}"
-cargo build -p kms-daemon --release --bins >&2
+cargo build -p kms-daemon -p kms-load --release --bins >&2
 work="$(mktemp -d)"
 cleanup() {
   [[ -n "${kms_pid:-}" ]] && kill "$kms_pid" 2>/dev/null || true

@@ -2,12 +2,18 @@
 //! key policy, from the principal's IAM policies when the key policy delegates to the
 //! account, or from a live grant.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
 use crate::context::EncryptionContext;
 use crate::error::OpError;
-use crate::keys::KeyRecord;
-use crate::ops::Kms;
-use crate::policy::{ConditionContext, Decision, Request};
+use crate::keys::{GrantConstraints, KeyRecord};
+use crate::policy::{ConditionContext, Decision, PolicyDocument, PolicyError, Request};
 use crate::principal::{Caller, Principal};
+use crate::store::KeyStore;
+
+/// Parsed policies kept at most (the cache is cleared when it is full).
+const POLICY_CACHE_SIZE: usize = 4096;
 
 /// What is being asked of a key.
 #[derive(Debug, Clone, Default)]
@@ -26,7 +32,57 @@ pub struct Ask<'a> {
     pub grants_apply: bool,
 }
 
-impl Kms {
+/// Decides who may do what: owns the key policies' and IAM policies' evaluation, the
+/// grants' part in it and the cache of parsed policy documents. The operation
+/// dispatcher holds one and asks it before acting on a key.
+pub struct Authorizer {
+    /// Durable state: key policies come with the key, IAM policies and grants from here.
+    store: Arc<dyn KeyStore>,
+    /// Account id (its root principal is always allowed by IAM).
+    account: String,
+    /// Region (for `kms:ViaService`).
+    region: String,
+    /// Parsed policy documents by their text (parsing is costlier than a lookup).
+    policy_cache: Mutex<HashMap<String, Arc<PolicyDocument>>>,
+}
+
+impl std::fmt::Debug for Authorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authorizer")
+            .field("account", &self.account)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authorizer {
+    /// An authorizer over `store` for `account` in `region`.
+    pub fn new(store: Arc<dyn KeyStore>, account: &str, region: &str) -> Self {
+        Self {
+            store,
+            account: account.to_owned(),
+            region: region.to_owned(),
+            policy_cache: Mutex::default(),
+        }
+    }
+
+    /// Parses a stored policy document, memoized by its text.
+    pub(crate) fn parsed_policy(&self, text: &str) -> Result<Arc<PolicyDocument>, PolicyError> {
+        let mut cache = self
+            .policy_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = cache.get(text) {
+            return Ok(p.clone());
+        }
+        let parsed = Arc::new(PolicyDocument::parse(text)?);
+        if cache.len() >= POLICY_CACHE_SIZE {
+            cache.clear();
+        }
+        cache.insert(text.to_owned(), parsed.clone());
+        Ok(parsed)
+    }
+
     /// Condition keys common to every request of `caller`.
     pub(crate) fn base_conditions(&self, caller: &Caller, ask: &Ask<'_>) -> ConditionContext {
         let mut c = ConditionContext::new();
@@ -203,6 +259,49 @@ impl Kms {
             )),
         }
     }
+    /// Authorizes `operation` on the alias `alias_arn`: aliases are resources of their
+    /// own, so the caller needs the action on them too (root and IAM-delegated
+    /// principals). Alias ARNs are covered by `Resource: *`.
+    pub(crate) fn authorize_alias_action(
+        &self,
+        caller: &Caller,
+        alias_arn: &str,
+        operation: &str,
+    ) -> Result<(), OpError> {
+        let action = format!("kms:{operation}");
+        let conditions = self.base_conditions(caller, &Ask::default());
+        let req = Request {
+            principal: caller.effective(),
+            action: &action,
+            resource: alias_arn,
+            conditions: &conditions,
+        };
+        match self.identity_decision(caller.effective(), &req)? {
+            Decision::Allow => Ok(()),
+            _ => Err(OpError::AccessDenied(format!(
+                "User: {} is not authorized to perform: {action} on resource: {alias_arn}",
+                caller.effective().arn()
+            ))),
+        }
+    }
+
+    /// Whether a live grant to the caller holding CreateGrant covers a new grant of
+    /// `operations` under `constraints` (same or narrower).
+    pub(crate) fn parent_grant_allows(
+        &self,
+        caller: &Caller,
+        key: &KeyRecord,
+        operations: &[String],
+        constraints: &GrantConstraints,
+    ) -> Result<bool, OpError> {
+        let names = grantee_names(caller);
+        Ok(self.store.grants_for_key(&key.id)?.iter().any(|g| {
+            names.contains(&g.grantee)
+                && g.operations.iter().any(|o| o == "CreateGrant")
+                && operations.iter().all(|o| g.operations.contains(o))
+                && g.constraints.is_narrowed_by(constraints)
+        }))
+    }
 }
 
 /// The outcome of policy evaluation.
@@ -253,302 +352,4 @@ fn denied(p: &Principal, action: &str, resource: &str, why: &str) -> OpError {
         "User: {} is not authorized to perform: {action} on resource: {resource} {why}",
         p.arn()
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use serde_json::{Value, json};
-
-    use crate::blob::SymmetricKey;
-    use crate::clock::OffsetClock;
-    use crate::error::OpError;
-    use crate::keys::RootKey;
-    use crate::ops::{Kms, Touched};
-    use crate::principal::{Caller, Principal};
-    use crate::store::SqliteStore;
-    use crate::wire::Operation;
-
-    const ACCT: &str = "111122223333";
-
-    fn kms(dir: &std::path::Path) -> Kms {
-        let store = SqliteStore::open(&dir.join("kms.db")).expect("opens");
-        let alice = format!("arn:aws:iam::{ACCT}:user/Alice");
-        crate::store::KeyStore::put_principal_policy(
-            &store,
-            &alice,
-            "p",
-            crate::state::ALICE_IAM_POLICY,
-        )
-        .expect("policy");
-        Kms::new(
-            Arc::new(store),
-            RootKey::from_key(SymmetricKey::generate()),
-            Arc::new(OffsetClock::new(0)),
-            ACCT,
-            "us-east-1",
-        )
-    }
-
-    fn caller(p: &str, forwarded_for: Option<&str>) -> Caller {
-        Caller {
-            signer: Principal::parse(p).expect("principal"),
-            access_key_id: "AKIATEST".into(),
-            forwarded: forwarded_for.map(|u| crate::principal::Forwarded {
-                user: Principal::parse(u).expect("user"),
-                access_key_id: "AKIAUSER".into(),
-                expires_at: i64::MAX,
-            }),
-        }
-    }
-
-    fn call(k: &Kms, c: &Caller, op: Operation, body: Value) -> Result<Value, OpError> {
-        k.execute(c, op, body.to_string().as_bytes(), &mut Touched::default())
-    }
-
-    /// Creates a key as `admin` with `body` and returns its id.
-    fn create_key(k: &Kms, admin: &Caller, body: Value) -> String {
-        call(k, admin, Operation::CreateKey, body).expect("CreateKey")["KeyMetadata"]["KeyId"]
-            .as_str()
-            .expect("id")
-            .to_owned()
-    }
-
-    fn code(r: Result<Value, OpError>) -> &'static str {
-        match r {
-            Ok(_) => "Ok",
-            Err(e) => e.code(),
-        }
-    }
-
-    #[test]
-    fn key_policy_iam_grants_and_deny_combine_as_aws_does() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let k = kms(dir.path());
-        let admin = caller(&format!("arn:aws:iam::{ACCT}:root"), None);
-        let alice = caller(&format!("arn:aws:iam::{ACCT}:user/Alice"), None);
-        let ebs = caller("ebs.amazonaws.com", None);
-        let ws_for_alice = caller(
-            "workspaces.amazonaws.com",
-            Some(&format!("arn:aws:iam::{ACCT}:user/Alice")),
-        );
-        let policy = crate::state::WORKSPACES_KEY_POLICY;
-        let key = create_key(&k, &admin, json!({"Policy": policy}));
-        let ctx = json!({"aws:ebs:id": "vol-1"});
-        let gdk = json!({"KeyId": key, "NumberOfBytes": 64, "EncryptionContext": ctx});
-        // Root statement delegates to IAM; Alice's IAM policy allows Describe but not use.
-        assert_eq!(
-            code(call(
-                &k,
-                &alice,
-                Operation::DescribeKey,
-                json!({"KeyId": key})
-            )),
-            "Ok"
-        );
-        assert_eq!(
-            code(call(
-                &k,
-                &alice,
-                Operation::GenerateDataKeyWithoutPlaintext,
-                gdk.clone()
-            )),
-            "AccessDeniedException"
-        );
-        // Through WorkSpaces the key policy's ViaService statement allows Alice.
-        assert_eq!(
-            code(call(
-                &k,
-                &ws_for_alice,
-                Operation::GenerateDataKeyWithoutPlaintext,
-                gdk.clone()
-            )),
-            "Ok"
-        );
-        // EBS: nothing, then a grant with a matching constraint.
-        assert_eq!(
-            code(call(
-                &k,
-                &ebs,
-                Operation::GenerateDataKeyWithoutPlaintext,
-                gdk.clone()
-            )),
-            "AccessDeniedException"
-        );
-        let grant = call(&k, &ws_for_alice, Operation::CreateGrant, json!({
-            "KeyId": key, "GranteePrincipal": "ebs.amazonaws.com", "Operations": ["GenerateDataKeyWithoutPlaintext"],
-            "Constraints": {"EncryptionContextEquals": ctx}
-        }))
-        .expect("CreateGrant through WorkSpaces (GrantIsForAWSResource)");
-        assert_eq!(
-            code(call(
-                &k,
-                &ebs,
-                Operation::GenerateDataKeyWithoutPlaintext,
-                gdk.clone()
-            )),
-            "Ok"
-        );
-        let other = json!({"KeyId": key, "NumberOfBytes": 64, "EncryptionContext": {"aws:ebs:id": "vol-2"}});
-        assert_eq!(
-            code(call(
-                &k,
-                &ebs,
-                Operation::GenerateDataKeyWithoutPlaintext,
-                other
-            )),
-            "AccessDeniedException"
-        );
-        // An explicit Deny in the key policy beats the grant.
-        let deny = json!({"Version": "2012-10-17", "Statement": [
-            {"Effect": "Allow", "Principal": {"AWS": format!("arn:aws:iam::{ACCT}:root")}, "Action": "kms:*", "Resource": "*"},
-            {"Effect": "Deny", "Principal": {"Service": "ebs.amazonaws.com"}, "Action": "kms:GenerateDataKey*", "Resource": "*"}
-        ]});
-        call(
-            &k,
-            &admin,
-            Operation::PutKeyPolicy,
-            json!({"KeyId": key, "Policy": deny.to_string()}),
-        )
-        .expect("PutKeyPolicy");
-        assert_eq!(
-            code(call(
-                &k,
-                &ebs,
-                Operation::GenerateDataKeyWithoutPlaintext,
-                gdk.clone()
-            )),
-            "AccessDeniedException"
-        );
-        // Revoked grants stop at once.
-        call(
-            &k,
-            &admin,
-            Operation::PutKeyPolicy,
-            json!({"KeyId": key, "Policy": k.default_key_policy()}),
-        )
-        .expect("PutKeyPolicy");
-        assert_eq!(
-            code(call(
-                &k,
-                &ebs,
-                Operation::GenerateDataKeyWithoutPlaintext,
-                gdk.clone()
-            )),
-            "Ok"
-        );
-        call(
-            &k,
-            &admin,
-            Operation::RevokeGrant,
-            json!({"KeyId": key, "GrantId": grant["GrantId"]}),
-        )
-        .expect("RevokeGrant");
-        assert_eq!(
-            code(call(
-                &k,
-                &ebs,
-                Operation::GenerateDataKeyWithoutPlaintext,
-                gdk
-            )),
-            "AccessDeniedException"
-        );
-    }
-
-    #[test]
-    fn explicit_deny_beats_parent_grants_and_binds_the_forwarding_service() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let k = kms(dir.path());
-        let root = format!("arn:aws:iam::{ACCT}:root");
-        let alice_arn = format!("arn:aws:iam::{ACCT}:user/Alice");
-        let admin = caller(&root, None);
-        let alice = caller(&alice_arn, None);
-        let key = create_key(&k, &admin, json!({}));
-        call(&k, &admin, Operation::CreateGrant, json!({
-            "KeyId": key, "GranteePrincipal": alice_arn, "Operations": ["Decrypt", "CreateGrant"]
-        }))
-        .expect("parent grant");
-        let sub = json!({"KeyId": key, "GranteePrincipal": "ebs.amazonaws.com", "Operations": ["Decrypt"]});
-        assert_eq!(
-            code(call(&k, &alice, Operation::CreateGrant, sub.clone())),
-            "Ok"
-        );
-        let policy = |deny_principal: Value, action: &str| {
-            json!({"Version": "2012-10-17", "Statement": [
-                {"Effect": "Allow", "Principal": {"AWS": root}, "Action": "kms:*", "Resource": "*"},
-                {"Effect": "Deny", "Principal": deny_principal, "Action": action, "Resource": "*"}
-            ]})
-            .to_string()
-        };
-        call(
-            &k,
-            &admin,
-            Operation::PutKeyPolicy,
-            json!({
-                "KeyId": key, "Policy": policy(json!({"AWS": alice_arn}), "kms:CreateGrant")
-            }),
-        )
-        .expect("PutKeyPolicy");
-        assert_eq!(
-            code(call(&k, &alice, Operation::CreateGrant, sub)),
-            "AccessDeniedException",
-            "a parent grant never overrides an explicit Deny"
-        );
-        // A Deny of the forwarding service applies to what it does for a user too.
-        call(&k, &admin, Operation::PutKeyPolicy, json!({
-            "KeyId": key, "Policy": policy(json!({"Service": "workspaces.amazonaws.com"}), "kms:DescribeKey")
-        }))
-        .expect("PutKeyPolicy");
-        assert_eq!(
-            code(call(
-                &k,
-                &alice,
-                Operation::DescribeKey,
-                json!({"KeyId": key})
-            )),
-            "Ok"
-        );
-        let ws_for_alice = caller("workspaces.amazonaws.com", Some(&alice_arn));
-        assert_eq!(
-            code(call(
-                &k,
-                &ws_for_alice,
-                Operation::DescribeKey,
-                json!({"KeyId": key})
-            )),
-            "AccessDeniedException"
-        );
-    }
-
-    #[test]
-    fn sweep_purges_keys_whose_deletion_window_passed() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Arc::new(SqliteStore::open(&dir.path().join("kms.db")).expect("opens"));
-        let clock = Arc::new(OffsetClock::new(0));
-        let k = Kms::new(
-            store.clone(),
-            RootKey::from_key(SymmetricKey::generate()),
-            clock.clone(),
-            ACCT,
-            "us-east-1",
-        );
-        let admin = caller(&format!("arn:aws:iam::{ACCT}:root"), None);
-        let key = create_key(&k, &admin, json!({}));
-        call(
-            &k,
-            &admin,
-            Operation::ScheduleKeyDeletion,
-            json!({"KeyId": key, "PendingWindowInDays": 7}),
-        )
-        .expect("schedule");
-        assert_eq!(k.sweep().expect("sweeps"), 0);
-        clock.advance(7 * 86_400 + 1);
-        assert_eq!(k.sweep().expect("sweeps"), 1);
-        assert!(
-            crate::store::KeyStore::materials(store.as_ref(), &key)
-                .expect("reads")
-                .is_empty()
-        );
-    }
 }

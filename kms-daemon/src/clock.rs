@@ -2,9 +2,12 @@
 //!
 //! Injectable so tests can advance time; SigV4 freshness deliberately uses the real
 //! wall clock, not this one, so a shifted key clock never breaks request signing.
+//! Calendar arithmetic (epoch seconds to and from dates) is the `time` crate's.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
 
 /// A source of the current time in whole seconds since the Unix epoch.
 pub trait Clock: Send + Sync {
@@ -51,46 +54,21 @@ pub fn wall_clock_secs() -> i64 {
         .unwrap_or(0)
 }
 
-/// Days since 1970-01-01 for a proleptic Gregorian date (Howard Hinnant's algorithm).
-pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// (year, month, day) for a count of days since 1970-01-01.
-pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    (
-        y,
-        u32::try_from(m).unwrap_or(1),
-        u32::try_from(d).unwrap_or(1),
-    )
-}
-
-/// ISO 8601 UTC (`2026-11-28T10:53:46Z`) for epoch seconds.
+/// ISO 8601 UTC (`2026-11-28T10:53:46Z`) for epoch seconds (clamped to the years
+/// -9999..=9999 the `time` crate represents).
 pub fn iso8601(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
+    let min = PrimitiveDateTime::MIN.assume_utc().unix_timestamp();
+    let max = PrimitiveDateTime::MAX.assume_utc().unix_timestamp();
+    let t = OffsetDateTime::from_unix_timestamp(secs.clamp(min, max))
+        .expect("clamped to the representable range");
     format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
     )
 }
 
@@ -100,31 +78,30 @@ pub fn parse_amz_date(s: &str) -> Option<i64> {
     if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
         return None;
     }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+    let num = |r: std::ops::Range<usize>| -> Option<u16> {
         let part = s.get(r)?;
         if !part.bytes().all(|c| c.is_ascii_digit()) {
             return None;
         }
         part.parse().ok()
     };
-    let (y, mo, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
-    let (h, mi, se) = (num(9..11)?, num(11..13)?, num(13..15)?);
+    let small = |r| num(r).and_then(|n| u8::try_from(n).ok());
     // Only real calendar times: the signature covers the header text, while the verifier
     // signs the parsed instant, so a date that does not round-trip (second 60, 30 Feb)
     // must be refused as malformed rather than fail as a bad signature (found by the
-    // sigv4 fuzz target; seeds/sigv4/regress-leap-second).
-    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
-    let month_days = match mo {
-        2 if leap => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    };
-    if !(1..=12).contains(&mo) || !(1..=month_days).contains(&d) || h > 23 || mi > 59 || se > 59 {
-        return None;
-    }
-    let days = days_from_civil(y, u32::try_from(mo).ok()?, u32::try_from(d).ok()?);
-    Some(days * 86_400 + h * 3600 + mi * 60 + se)
+    // sigv4 fuzz target; seeds/sigv4/regress-leap-second). `time` refuses both.
+    let date = Date::from_calendar_date(
+        i32::from(num(0..4)?),
+        Month::try_from(small(4..6)?).ok()?,
+        small(6..8)?,
+    )
+    .ok()?;
+    let time = Time::from_hms(small(9..11)?, small(11..13)?, small(13..15)?).ok()?;
+    Some(
+        PrimitiveDateTime::new(date, time)
+            .assume_utc()
+            .unix_timestamp(),
+    )
 }
 
 #[cfg(test)]
@@ -145,6 +122,14 @@ mod tests {
             "2024 is a leap year"
         );
         assert_eq!(parse_amz_date("21000229T000000Z"), None, "2100 is not");
+        assert_eq!(parse_amz_date("20261128T245346Z"), None, "no hour 24");
+        assert_eq!(parse_amz_date("20261128 105346Z"), None);
+        assert_eq!(parse_amz_date("+0261128T105346Z"), None, "no sign");
+        assert_eq!(parse_amz_date("00000101T000000Z"), Some(-62_167_219_200));
+        assert_eq!(iso8601(-62_167_219_200), "0000-01-01T00:00:00Z");
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00Z");
+        assert_eq!(iso8601(-1), "1969-12-31T23:59:59Z");
+        assert_eq!(iso8601(253_402_300_799), "9999-12-31T23:59:59Z");
     }
 
     #[test]

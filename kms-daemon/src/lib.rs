@@ -4,10 +4,11 @@
 //! acknowledged change durably in SQLite and audits every request.
 //!
 //! Modules own one thing each: [`wire`] (request shapes), [`sigv4`] (authentication), [`forward`] (forward-access tokens),
-//! [`policy`] (IAM policy language), [`authz`] (who may do what), [`keys`] (key and
+//! [`policy`] (IAM policy language), [`authz`] (who may do what: policies, grants, their cache), [`keys`] (key and
 //! grant types, root key), [`store`] (durable state), [`blob`] (ciphertext format),
 //! [`context`] (encryption-context encoding), [`audit`] (CloudTrail-shaped log),
-//! [`clock`] (injectable time), [`ops`] (one function per operation), [`server`]
+//! [`clock`] (injectable time), [`ops`] (the operation table and one handler per
+//! operation, by resource), [`server`]
 //! (HTTP), [`limits`] (connection caps, body limits), [`response`] (response bodies), [`state`] (state directory), [`daemon`] (start/stop).
 
 #![forbid(unsafe_code)]
@@ -23,7 +24,6 @@ pub mod error;
 pub mod forward;
 pub mod keys;
 pub mod limits;
-pub mod loadgen;
 pub mod ops;
 pub mod policy;
 pub mod principal;

@@ -20,10 +20,9 @@ use crate::audit::{self, AuditLog};
 use crate::clock::{OffsetClock, wall_clock_secs};
 use crate::error::OpError;
 use crate::limits::{self, BodyError, ConnectionLimits};
-use crate::ops::{Kms, Touched};
+use crate::ops::{Kms, Operation, Touched};
 use crate::response::{closing_error_response, error_response, json_response, secret_json};
 use crate::sigv4::Verifier;
-use crate::wire::Operation;
 
 pub use crate::limits::BODY_LIMIT;
 

@@ -1,5 +1,6 @@
-//! AWS KMS JSON 1.1 request shapes (field names as AWS sends them) and the operation
-//! names carried in `X-Amz-Target`.
+//! AWS KMS JSON 1.1 request shapes (field names as AWS sends them). The operation
+//! names carried in `X-Amz-Target` are [`crate::ops::Operation`], from the operation
+//! table.
 
 use std::fmt;
 
@@ -33,99 +34,6 @@ impl<'de> Deserialize<'de> for Binary {
 /// Base64-encodes bytes for a response field.
 pub fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-macro_rules! operations {
-    ($($name:ident),* $(,)?) => {
-        /// The operations the daemon implements.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-        pub enum Operation { $(
-            #[doc = concat!("`TrentService.", stringify!($name), "`")]
-            $name,
-        )* }
-
-        impl Operation {
-            /// Parses `TrentService.<Op>`.
-            pub fn from_target(target: &str) -> Option<Self> {
-                match target.strip_prefix("TrentService.")? {
-                    $(stringify!($name) => Some(Self::$name),)*
-                    _ => None,
-                }
-            }
-
-            /// The AWS operation name.
-            pub fn name(self) -> &'static str {
-                match self { $(Self::$name => stringify!($name),)* }
-            }
-        }
-    };
-}
-
-operations!(
-    CreateKey,
-    DescribeKey,
-    ListKeys,
-    CreateAlias,
-    ListAliases,
-    DeleteAlias,
-    UpdateAlias,
-    EnableKey,
-    DisableKey,
-    ScheduleKeyDeletion,
-    CancelKeyDeletion,
-    EnableKeyRotation,
-    DisableKeyRotation,
-    GetKeyRotationStatus,
-    RotateKeyOnDemand,
-    ListKeyRotations,
-    GenerateDataKey,
-    GenerateDataKeyWithoutPlaintext,
-    Encrypt,
-    Decrypt,
-    ReEncrypt,
-    CreateGrant,
-    ListGrants,
-    ListRetirableGrants,
-    RetireGrant,
-    RevokeGrant,
-    GetKeyPolicy,
-    PutKeyPolicy,
-    ListKeyPolicies,
-);
-
-impl Operation {
-    /// Operations that never write (barring a due rotation) and take microseconds: the
-    /// server runs them on the I/O thread instead of handing them to the blocking pool.
-    pub fn runs_inline(self) -> bool {
-        matches!(
-            self,
-            Self::Decrypt
-                | Self::Encrypt
-                | Self::GenerateDataKey
-                | Self::GenerateDataKeyWithoutPlaintext
-                | Self::ReEncrypt
-                | Self::DescribeKey
-                | Self::GetKeyPolicy
-                | Self::GetKeyRotationStatus
-                | Self::ListGrants
-        )
-    }
-
-    /// Whether CloudTrail marks the operation read-only.
-    pub fn read_only(self) -> bool {
-        matches!(
-            self,
-            Self::DescribeKey
-                | Self::ListKeys
-                | Self::ListAliases
-                | Self::GetKeyRotationStatus
-                | Self::ListKeyRotations
-                | Self::ListGrants
-                | Self::ListRetirableGrants
-                | Self::GetKeyPolicy
-                | Self::ListKeyPolicies
-        )
-    }
 }
 
 /// A tag.
@@ -383,11 +291,5 @@ mod tests {
             )
             .is_err()
         );
-        assert_eq!(
-            Operation::from_target("TrentService.Decrypt"),
-            Some(Operation::Decrypt)
-        );
-        assert_eq!(Operation::from_target("TrentService.Sign"), None);
-        assert_eq!(Operation::from_target("Decrypt"), None);
     }
 }

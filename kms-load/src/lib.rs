@@ -1,4 +1,4 @@
-//! Load generator for any AWS-KMS-compatible endpoint (this daemon, moto_server, ...):
+//! Load generator for any AWS-KMS-compatible endpoint (kms-daemon, moto_server, ...):
 //! N concurrent clients, each with one keep-alive HTTP/1.1 connection, every request
 //! SigV4-signed; reports requests per second and latency percentiles. Optionally while
 //! [`SlowClients`] hold many connections open with unfinished bodies (from several

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use kms_daemon::loadgen::{self, LoadOp, Target};
+use kms_load::{self as loadgen, LoadOp, Target};
 
 /// Measures Decrypt / GenerateDataKeyWithoutPlaintext throughput and latency.
 ///
