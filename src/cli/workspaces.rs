@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::{CliError, Output, print_json};
-use crate::controller::workspaces::{
+use crate::controller::api::{
     BatchResult, CreateResult, WorkspaceProperties, WorkspaceRequest, WorkspaceView,
 };
 use crate::controller::{Controller, ControllerConfig};

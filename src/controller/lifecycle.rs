@@ -1,0 +1,382 @@
+//! Lifecycle verbs over a batch of WorkSpaces: reboot, stop, start, terminate, rebuild,
+//! restore; and the refusal to change encryption after launch.
+
+use crate::luks2::KmsToken;
+use crate::volume;
+
+use super::agent::{self, AgentPaths, volume_context};
+use super::api::{BatchResult, FailedRequest, MAX_BATCH};
+use super::binding::{ebs_grant, key_state_refusal, kms_failure};
+use super::error::{ControllerError, api};
+use super::ids;
+use super::registry::{Snapshot, User, Volume, Workspace};
+use super::state::{Event, IllegalTransition, WorkspaceState};
+use super::workspaces::{Controller, copy_sparse};
+
+impl Controller {
+    /// Runs `op` for each id with per-item failures (at most 25 ids).
+    pub(super) fn batch(
+        &self,
+        ids: &[String],
+        mut op: impl FnMut(&Self, &mut Workspace) -> Result<(), (String, String)>,
+    ) -> Result<BatchResult, ControllerError> {
+        if ids.is_empty() || ids.len() > MAX_BATCH {
+            return Err(api(
+                "InvalidParameterValuesException",
+                format!("give between 1 and {MAX_BATCH} --workspace-ids"),
+            ));
+        }
+        self.authenticate_caller()?;
+        let mut result = BatchResult::default();
+        for id in ids {
+            let outcome = match self.reg.workspace(id)? {
+                None => Err((
+                    "ResourceNotFoundException".to_string(),
+                    format!("WorkSpace {id} does not exist"),
+                )),
+                Some(mut w) => {
+                    self.refresh(&mut w);
+                    op(self, &mut w)
+                }
+            };
+            if let Err((code, message)) = outcome {
+                result.failed_requests.push(FailedRequest {
+                    workspace_id: Some(id.clone()),
+                    workspace_request: None,
+                    error_code: code,
+                    error_message: message,
+                });
+            }
+        }
+        Ok(result)
+    }
+
+    pub(super) fn transition(
+        w: &Workspace,
+        event: Event,
+    ) -> Result<WorkspaceState, (String, String)> {
+        w.state.on(event).map_err(|e: IllegalTransition| {
+            (
+                "InvalidResourceStateException".to_string(),
+                format!("{}: {e}", w.workspace_id),
+            )
+        })
+    }
+
+    /// Refuses when an encrypted WorkSpace's key is not Enabled.
+    pub(super) fn require_usable_key(
+        &self,
+        w: &Workspace,
+        verb: &str,
+    ) -> Result<(), (String, String)> {
+        if w.key_arn.is_empty() {
+            return Ok(());
+        }
+        let client = self
+            .service_for_admin()
+            .map_err(|e| ("KMS.Unavailable".to_string(), e.to_string()))?;
+        let info = client
+            .describe_key(&w.key_arn)
+            .map_err(|e| kms_failure(&e))?;
+        key_state_refusal(&info, verb).map_or(Ok(()), Err)
+    }
+
+    pub(super) fn restart(
+        &self,
+        w: &mut Workspace,
+        pending: WorkspaceState,
+    ) -> Result<(), (String, String)> {
+        w.state = pending;
+        w.error.clear();
+        self.reg
+            .update_workspace(w)
+            .map_err(|e| ("InternalError".to_string(), e.to_string()))?;
+        agent::stop(&AgentPaths::new(&self.cfg.state_dir, &w.workspace_id));
+        self.bring_up(w)
+    }
+
+    pub(super) fn bring_up(&self, w: &mut Workspace) -> Result<(), (String, String)> {
+        match self.start_agent(&w.workspace_id) {
+            Ok(()) => {
+                w.state = w
+                    .state
+                    .on(Event::Attached)
+                    .map_err(|e| ("InternalError".to_string(), e.to_string()))?;
+                self.reg
+                    .update_workspace(w)
+                    .map_err(|e| ("InternalError".to_string(), e.to_string()))
+            }
+            Err(e) => {
+                w.state = WorkspaceState::Unhealthy;
+                w.error = e.clone();
+                let _ = self.reg.update_workspace(w);
+                Err(("AttachFailed".to_string(), e))
+            }
+        }
+    }
+
+    /// `reboot-workspaces`.
+    ///
+    /// # Errors
+    /// Bad batch size or database failure.
+    pub fn reboot(&self, ids: &[String]) -> Result<BatchResult, ControllerError> {
+        self.batch(ids, |c, w| {
+            let next = Self::transition(w, Event::Reboot)?;
+            c.require_usable_key(w, "reboot")?;
+            c.restart(w, next)
+        })
+    }
+
+    /// `stop-workspaces`.
+    ///
+    /// # Errors
+    /// Bad batch size or database failure.
+    pub fn stop(&self, ids: &[String]) -> Result<BatchResult, ControllerError> {
+        self.batch(ids, |c, w| {
+            w.state = Self::transition(w, Event::Stop)?;
+            c.reg
+                .update_workspace(w)
+                .map_err(|e| ("InternalError".to_string(), e.to_string()))?;
+            agent::stop(&AgentPaths::new(&c.cfg.state_dir, &w.workspace_id));
+            w.state = w
+                .state
+                .on(Event::Detached)
+                .map_err(|e| ("InternalError".to_string(), e.to_string()))?;
+            w.error.clear();
+            c.reg
+                .update_workspace(w)
+                .map_err(|e| ("InternalError".to_string(), e.to_string()))
+        })
+    }
+
+    /// `start-workspaces`.
+    ///
+    /// # Errors
+    /// Bad batch size or database failure.
+    pub fn start(&self, ids: &[String]) -> Result<BatchResult, ControllerError> {
+        self.batch(ids, |c, w| {
+            let next = Self::transition(w, Event::Start)?;
+            c.require_usable_key(w, "start")?;
+            c.restart(w, next)
+        })
+    }
+
+    /// `terminate-workspaces`: stops the agent, retires every grant, deletes volumes and
+    /// snapshots.
+    ///
+    /// # Errors
+    /// Bad batch size or database failure.
+    pub fn terminate(&self, ids: &[String]) -> Result<BatchResult, ControllerError> {
+        self.batch(ids, |c, w| {
+            w.state = Self::transition(w, Event::Terminate)?;
+            c.reg
+                .update_workspace(w)
+                .map_err(|e| ("InternalError".to_string(), e.to_string()))?;
+            c.teardown(w);
+            w.state = w
+                .state
+                .on(Event::Deleted)
+                .map_err(|e| ("InternalError".to_string(), e.to_string()))?;
+            w.error.clear();
+            c.reg
+                .update_workspace(w)
+                .map_err(|e| ("InternalError".to_string(), e.to_string()))
+        })
+    }
+
+    /// `rebuild-workspaces`: root from the bundle (with a fresh data key under the same
+    /// grant and context), user volume from its latest snapshot.
+    ///
+    /// # Errors
+    /// Bad batch size or database failure.
+    pub fn rebuild(&self, ids: &[String]) -> Result<BatchResult, ControllerError> {
+        self.batch(ids, |c, w| {
+            let next = Self::transition(w, Event::Rebuild)?;
+            c.require_usable_key(w, "rebuild")?;
+            let local = |e: ControllerError| ("InternalError".to_string(), e.to_string());
+            let bundle = c
+                .reg
+                .bundle(&w.bundle_id)
+                .map_err(|e| local(e.into()))?
+                .ok_or_else(|| {
+                    (
+                        "ResourceNotFound.Bundle".to_string(),
+                        format!("bundle {} no longer exists", w.bundle_id),
+                    )
+                })?;
+            let user = c
+                .reg
+                .user(&w.directory_id, &w.user_name)
+                .map_err(|e| local(e.into()))?
+                .ok_or_else(|| ("ResourceNotFound.User".to_string(), w.user_name.clone()))?;
+            w.state = next;
+            c.reg.update_workspace(w).map_err(|e| local(e.into()))?;
+            agent::stop(&AgentPaths::new(&c.cfg.state_dir, &w.workspace_id));
+            let vols = c
+                .reg
+                .volumes(Some(&w.workspace_id))
+                .map_err(|e| local(e.into()))?;
+            for v in vols {
+                if v.kind == "root" {
+                    let key = if v.encrypted {
+                        Some(c.new_data_key(w, &user, &v).map_err(|e| kms_failure(&e))?)
+                    } else {
+                        None
+                    };
+                    c.make_volume(&v, key.as_ref().map(|(k, t)| (k, t.clone())), Some(&bundle))
+                        .map_err(local)?;
+                } else if let Some(snap) =
+                    c.latest_snapshot(&w.workspace_id, "user").map_err(local)?
+                    && snap.volume_id == v.volume_id
+                {
+                    copy_sparse(&snap.path, &v.path).map_err(local)?;
+                }
+            }
+            c.bring_up(w)
+        })
+    }
+
+    /// A fresh data key for an existing volume id (same context, same EBS grant).
+
+    /// `restore-workspace`: both volumes from their latest snapshots, as new volumes; each
+    /// encrypted blob is re-encrypted to the new volume's context (ReEncrypt under a new
+    /// EBS grant), the old grants retired.
+    ///
+    /// # Errors
+    /// Unknown WorkSpace or database failure; refusals come back as a `FailedRequest`.
+    pub fn restore(&self, workspace_id: &str) -> Result<BatchResult, ControllerError> {
+        self.batch(&[workspace_id.to_string()], |c, w| {
+            let next = Self::transition(w, Event::Restore)?;
+            c.require_usable_key(w, "restore")?;
+            let local = |e: ControllerError| ("InternalError".to_string(), e.to_string());
+            let vols = c.reg.volumes(Some(&w.workspace_id)).map_err(|e| local(e.into()))?;
+            let mut plan = Vec::new();
+            for v in &vols {
+                let snap = c
+                    .latest_snapshot(&w.workspace_id, &v.kind)
+                    .map_err(local)?
+                    .ok_or_else(|| ("InvalidResourceStateException".to_string(), format!("no snapshot of the {} volume to restore from (create-snapshot first)", v.kind)))?;
+                plan.push((v.clone(), snap));
+            }
+            let user = c.reg.user(&w.directory_id, &w.user_name).map_err(|e| local(e.into()))?.ok_or_else(|| ("ResourceNotFound.User".to_string(), w.user_name.clone()))?;
+            w.state = next;
+            c.reg.update_workspace(w).map_err(|e| local(e.into()))?;
+            agent::stop(&AgentPaths::new(&c.cfg.state_dir, &w.workspace_id));
+            for (old, snap) in plan {
+                c.restore_volume(w, &user, &old, &snap)?;
+            }
+            c.bring_up(w)
+        })
+    }
+
+    pub(super) fn restore_volume(
+        &self,
+        w: &Workspace,
+        user: &User,
+        old: &Volume,
+        snap: &Snapshot,
+    ) -> Result<(), (String, String)> {
+        let local = |e: String| ("InternalError".to_string(), e);
+        let volume_id = ids::volume_id();
+        let path = self
+            .cfg
+            .state_dir
+            .join("volumes")
+            .join(format!("{volume_id}.img"));
+        copy_sparse(&snap.path, &path).map_err(|e| local(e.to_string()))?;
+        let mut row = Volume {
+            volume_id: volume_id.clone(),
+            path: path.clone(),
+            grant_id: String::new(),
+            ..old.clone()
+        };
+        if old.encrypted {
+            let service = self.service().map_err(|e| local(e.to_string()))?;
+            let ebs = self.ebs().map_err(|e| local(e.to_string()))?;
+            let new_ctx = volume_context(&user.sid, &w.directory_id, &volume_id);
+            let old_ctx = volume_context(&user.sid, &w.directory_id, &old.volume_id);
+            let grant = service
+                .create_grant(&ebs_grant(&old.key_arn, &new_ctx, &volume_id))
+                .map_err(|e| kms_failure(&e))?;
+            row.grant_id = grant.grant_id.clone();
+            let mut header = volume::read_header(&path).map_err(|e| local(e.to_string()))?;
+            let token = header
+                .kms_token()
+                .cloned()
+                .ok_or_else(|| local(format!("snapshot {} has no KMS token", snap.snapshot_id)))?;
+            let (blob, arn) = ebs
+                .re_encrypt(
+                    &token.ciphertext_blob,
+                    &old_ctx,
+                    &old.key_arn,
+                    &new_ctx,
+                    &[grant.grant_token],
+                )
+                .map_err(|e| kms_failure(&e))?;
+            header.set_kms_token(KmsToken {
+                key_arn: if arn.is_empty() {
+                    old.key_arn.clone()
+                } else {
+                    arn
+                },
+                ciphertext_blob: blob,
+                encryption_context: new_ctx,
+                volume_id: volume_id.clone(),
+                ..token
+            });
+            let backing =
+                crate::backing::FileBacking::open(&path).map_err(|e| local(e.to_string()))?;
+            header.write(&backing).map_err(|e| local(e.to_string()))?;
+            if !old.grant_id.is_empty() {
+                let _ = service.retire_grant(&old.key_arn, &old.grant_id);
+            }
+        }
+        self.reg
+            .put_volume(&row)
+            .map_err(|e| local(e.to_string()))?;
+        self.reg
+            .delete_volume(&old.volume_id)
+            .map_err(|e| local(e.to_string()))?;
+        let _ = std::fs::remove_file(&old.path);
+        Ok(())
+    }
+
+    /// `modify-workspace-properties` for encryption: refused (encryption is chosen at launch).
+    ///
+    /// # Errors
+    /// Always, with the reason.
+    pub fn modify_encryption(
+        &self,
+        workspace_id: &str,
+        root: Option<bool>,
+        user: Option<bool>,
+    ) -> Result<(), ControllerError> {
+        let w = self.reg.workspace(workspace_id)?.ok_or_else(|| {
+            api(
+                "ResourceNotFoundException",
+                format!("WorkSpace {workspace_id} does not exist"),
+            )
+        })?;
+        let enabling =
+            root == Some(true) && !w.root_encrypted || user == Some(true) && !w.user_encrypted;
+        let disabling =
+            root == Some(false) && w.root_encrypted || user == Some(false) && w.user_encrypted;
+        if enabling {
+            return Err(api(
+                "UnsupportedWorkspaceConfigurationException",
+                format!(
+                    "cannot encrypt existing WorkSpace {workspace_id}: encryption is chosen at launch; create a new encrypted WorkSpace and move the data"
+                ),
+            ));
+        }
+        if disabling {
+            return Err(api(
+                "UnsupportedWorkspaceConfigurationException",
+                format!(
+                    "cannot disable encryption of WorkSpace {workspace_id}: an encrypted WorkSpace stays encrypted"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
