@@ -87,7 +87,7 @@ pub struct FailedRequest {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workspace_request: Option<WorkspaceRequest>,
     /// Error code.
-    pub error_code: String,
+    pub error_code: super::error::ApiErrorCode,
     /// Error message.
     pub error_message: String,
 }

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::error::{ControllerError, api};
+use super::error::{ApiErrorCode, ControllerError, api};
 use super::ids;
 use super::registry::{Bundle, User};
 use super::workspaces::Controller;
@@ -15,7 +15,7 @@ impl Controller {
     pub fn register_directory(&self, id: &str) -> Result<bool, ControllerError> {
         if !ids::is_directory_id(id) {
             return Err(api(
-                "InvalidParameterValuesException",
+                ApiErrorCode::InvalidParameterValues,
                 format!("{id:?} is not a directory id (d- followed by 10 hex digits)"),
             ));
         }
@@ -34,7 +34,7 @@ impl Controller {
     ) -> Result<User, ControllerError> {
         if !self.reg.has_directory(directory_id)? {
             return Err(api(
-                "ResourceNotFoundException",
+                ApiErrorCode::ResourceNotFound,
                 format!(
                     "directory {directory_id} is not registered (sealvol register-directory --directory-id {directory_id})"
                 ),
@@ -42,7 +42,7 @@ impl Controller {
         }
         if !ids::is_user_name(user_name) {
             return Err(api(
-                "InvalidParameterValuesException",
+                ApiErrorCode::InvalidParameterValues,
                 format!("{user_name:?} is not a valid user name"),
             ));
         }
@@ -53,7 +53,7 @@ impl Controller {
             Some(s) if ids::is_sid(s) => s.to_string(),
             Some(s) => {
                 return Err(api(
-                    "InvalidParameterValuesException",
+                    ApiErrorCode::InvalidParameterValues,
                     format!("{s:?} is not a SID of the form S-1-5-21-a-b-c-RID"),
                 ));
             }
@@ -78,19 +78,19 @@ impl Controller {
     ) -> Result<Bundle, ControllerError> {
         if !ids::is_bundle_id(bundle_id) {
             return Err(api(
-                "InvalidParameterValuesException",
+                ApiErrorCode::InvalidParameterValues,
                 format!("{bundle_id:?} is not a bundle id (wsb- followed by letters and digits)"),
             ));
         }
         if !from_dir.is_dir() {
             return Err(api(
-                "InvalidParameterValuesException",
+                ApiErrorCode::InvalidParameterValues,
                 format!("{} is not a directory", from_dir.display()),
             ));
         }
         if size_gib == 0 || size_gib > 2000 {
             return Err(api(
-                "InvalidParameterValuesException",
+                ApiErrorCode::InvalidParameterValues,
                 "--size-gib must be between 1 and 2000",
             ));
         }
@@ -99,8 +99,8 @@ impl Controller {
             .state_dir
             .join("bundles")
             .join(format!("{bundle_id}.img"));
-        let tmp = crate::private_file::PrivateTemp::beside(&image)
-            .map_err(|e| ControllerError::Local(e.to_string()))?;
+        let tmp =
+            crate::private_file::PrivateTemp::beside(&image).map_err(ControllerError::from)?;
         crate::host::run(
             "mkfs.ext4",
             &[
@@ -114,9 +114,8 @@ impl Controller {
                 &format!("{size_gib}G"),
             ],
         )
-        .map_err(|e| ControllerError::Local(e.to_string()))?;
-        tmp.persist(&image)
-            .map_err(|e| ControllerError::Local(e.to_string()))?;
+        .map_err(ControllerError::from)?;
+        tmp.persist(&image).map_err(ControllerError::from)?;
         let b = Bundle {
             bundle_id: bundle_id.into(),
             image_path: image,

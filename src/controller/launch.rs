@@ -14,9 +14,9 @@ use super::api::{
     CreateResult, FailedRequest, MAX_BATCH, WorkspaceProperties, WorkspaceRequest, WorkspaceView,
 };
 use super::binding::{
-    DEFAULT_KEY_ALIAS, ebs_grant, key_state_refusal, kms_failure, workspaces_grant,
+    DEFAULT_KEY_ALIAS, VolumeBinding, check_new_key, ebs_grant, new_data_key, workspaces_grant,
 };
-use super::error::{ControllerError, api};
+use super::error::{ApiError, ApiErrorCode, ControllerError, api};
 use super::ids;
 use super::registry::{Bundle, RegistryError, User, Volume, Workspace};
 use super::state::{Event, WorkspaceState};
@@ -34,7 +34,7 @@ impl Controller {
         let mut result = CreateResult::default();
         if requests.len() > MAX_BATCH {
             return Err(api(
-                "InvalidParameterValuesException",
+                ApiErrorCode::InvalidParameterValues,
                 format!("at most {MAX_BATCH} WorkSpaces per request"),
             ));
         }
@@ -42,23 +42,22 @@ impl Controller {
         for req in requests {
             match self.launch(&req) {
                 Ok(view) => result.pending_requests.push(view),
-                Err((code, message)) => result.failed_requests.push(FailedRequest {
+                Err(e) => result.failed_requests.push(FailedRequest {
                     workspace_id: None,
                     workspace_request: Some(req),
-                    error_code: code,
-                    error_message: message,
+                    error_code: e.code,
+                    error_message: e.message,
                 }),
             }
         }
         Ok(result)
     }
 
-    pub(super) fn launch(&self, req: &WorkspaceRequest) -> Result<WorkspaceView, (String, String)> {
-        let fail = |code: &str, msg: String| (code.to_string(), msg);
-        let reg_err = |e: RegistryError| ("InternalError".to_string(), e.to_string());
+    pub(super) fn launch(&self, req: &WorkspaceRequest) -> Result<WorkspaceView, ApiError> {
+        let reg_err = |e: RegistryError| ApiError::internal(e);
         if !self.reg.has_directory(&req.directory_id).map_err(reg_err)? {
-            return Err(fail(
-                "ResourceNotFound.Directory",
+            return Err(ApiError::new(
+                ApiErrorCode::DirectoryNotFound,
                 format!("directory {} is not registered", req.directory_id),
             ));
         }
@@ -67,8 +66,8 @@ impl Controller {
             .user(&req.directory_id, &req.user_name)
             .map_err(reg_err)?
             .ok_or_else(|| {
-                fail(
-                    "ResourceNotFound.User",
+                ApiError::new(
+                    ApiErrorCode::UserNotFound,
                     format!(
                         "user {} is not in directory {}",
                         req.user_name, req.directory_id
@@ -80,8 +79,8 @@ impl Controller {
             .bundle(&req.bundle_id)
             .map_err(reg_err)?
             .ok_or_else(|| {
-                fail(
-                    "ResourceNotFound.Bundle",
+                ApiError::new(
+                    ApiErrorCode::BundleNotFound,
                     format!("bundle {} does not exist", req.bundle_id),
                 )
             })?;
@@ -91,8 +90,8 @@ impl Controller {
                 && w.user_name == req.user_name
                 && w.state != WorkspaceState::Terminated
         }) {
-            return Err(fail(
-                "ResourceExists.Workspace",
+            return Err(ApiError::new(
+                ApiErrorCode::WorkspaceExists,
                 format!(
                     "user {} already has WorkSpace {} in {} (one per user and directory)",
                     req.user_name, w.workspace_id, req.directory_id
@@ -107,8 +106,8 @@ impl Controller {
                 user_volume_size_gib: 10,
             });
         if props.root_volume_size_gib < bundle.size_gib {
-            return Err(fail(
-                "InvalidParameterValuesException",
+            return Err(ApiError::new(
+                ApiErrorCode::InvalidParameterValues,
                 format!(
                     "root volume ({} GiB) is smaller than bundle {} ({} GiB)",
                     props.root_volume_size_gib, bundle.bundle_id, bundle.size_gib
@@ -119,16 +118,16 @@ impl Controller {
             || props.user_volume_size_gib > 2000
             || props.root_volume_size_gib > 2000
         {
-            return Err(fail(
-                "InvalidParameterValuesException",
-                "volume sizes must be between 1 and 2000 GiB".into(),
+            return Err(ApiError::new(
+                ApiErrorCode::InvalidParameterValues,
+                "volume sizes must be between 1 and 2000 GiB",
             ));
         }
         let encrypt_any = req.root_volume_encryption_enabled || req.user_volume_encryption_enabled;
         if req.volume_encryption_key.is_some() && !encrypt_any {
-            return Err(fail(
-                "InvalidParameterValuesException",
-                "--volume-encryption-key given but neither --root-volume-encryption-enabled nor --user-volume-encryption-enabled".into(),
+            return Err(ApiError::new(
+                ApiErrorCode::InvalidParameterValues,
+                "--volume-encryption-key given but neither --root-volume-encryption-enabled nor --user-volume-encryption-enabled",
             ));
         }
 
@@ -139,24 +138,12 @@ impl Controller {
         if encrypt_any {
             let client = self
                 .service_for_admin()
-                .map_err(|e| fail("KMS.Unavailable", e.to_string()))?;
+                .map_err(|e| ApiError::new(ApiErrorCode::KmsUnavailable, e.to_string()))?;
             let key_id = req
                 .volume_encryption_key
                 .clone()
                 .unwrap_or_else(|| DEFAULT_KEY_ALIAS.to_string());
-            let info = client.describe_key(&key_id).map_err(|e| kms_failure(&e))?;
-            if info.spec != "SYMMETRIC_DEFAULT" {
-                return Err(fail(
-                    "KMS.InvalidKeyUsageException",
-                    format!(
-                        "key {} is {}, not a symmetric encryption key",
-                        info.arn, info.spec
-                    ),
-                ));
-            }
-            if let Some(refusal) = key_state_refusal(&info, "launch") {
-                return Err(refusal);
-            }
+            let info = check_new_key(&client, &key_id, "launch")?;
             key = Some(info);
             ws_client = Some(client);
         }
@@ -179,28 +166,32 @@ impl Controller {
         self.reg.insert_workspace(&ws).map_err(reg_err)?;
         let outcome =
             self.launch_volumes(&mut ws, &user, &bundle, key.as_ref(), ws_client.as_ref());
-        if let Err((code, message)) = outcome {
+        if let Err(e) = outcome {
             // Undo: grants retired, files removed, the row marked ERROR with the reason.
             self.teardown(&ws);
-            ws.state = WorkspaceState::Error;
-            ws.error = format!("{code}: {message}");
+            if let Ok(next) = ws.state.on(Event::Failed) {
+                ws.state = next;
+            }
+            ws.error = format!("{}: {}", e.code, e.message);
             let _ = self.reg.update_workspace(&ws);
-            return Err((code, message));
+            return Err(e);
         }
         match self.start_agent(&ws.workspace_id) {
             Ok(()) => {
                 ws.state = ws
                     .state
                     .on(Event::Launched)
-                    .map_err(|e| fail("InternalError", e.to_string()))?;
+                    .map_err(|e| ApiError::new(ApiErrorCode::InternalError, e.to_string()))?;
                 self.reg.update_workspace(&ws).map_err(reg_err)?;
                 Ok(self.view(&ws, None))
             }
             Err(e) => {
-                ws.state = WorkspaceState::Error;
+                if let Ok(next) = ws.state.on(Event::Failed) {
+                    ws.state = next;
+                }
                 ws.error = e.clone();
                 let _ = self.reg.update_workspace(&ws);
-                Err(fail("InternalError", e))
+                Err(ApiError::new(ApiErrorCode::InternalError, e))
             }
         }
     }
@@ -213,8 +204,7 @@ impl Controller {
         bundle: &Bundle,
         key: Option<&KeyInfo>,
         ws_client: Option<&KmsClient>,
-    ) -> Result<(), (String, String)> {
-        let local = |e: String| ("InternalError".to_string(), e);
+    ) -> Result<(), ApiError> {
         let mut ws_grant_token = Vec::new();
         if let (Some(key), Some(client)) = (key, ws_client) {
             // Step 2: a grant for the WorkSpaces service, constrained to this user.
@@ -225,20 +215,18 @@ impl Controller {
                     &ws.directory_id,
                     &ws.workspace_id,
                 ))
-                .map_err(|e| kms_failure(&e))?;
+                .map_err(|e| ApiError::from_kms(&e))?;
             ws.ws_grant_id = grant.grant_id;
             ws_grant_token.push(grant.grant_token);
-            self.reg
-                .update_workspace(ws)
-                .map_err(|e| local(e.to_string()))?;
+            self.reg.update_workspace(ws).map_err(ApiError::internal)?;
         }
         let service = if key.is_some() {
-            Some(self.service().map_err(|e| local(e.to_string()))?)
+            Some(self.service().map_err(ApiError::internal)?)
         } else {
             None
         };
         let ebs = if key.is_some() {
-            Some(self.ebs().map_err(|e| local(e.to_string()))?)
+            Some(self.ebs().map_err(ApiError::internal)?)
         } else {
             None
         };
@@ -269,46 +257,34 @@ impl Controller {
                     // Step 3: one EBS grant per volume, for exactly this volume's context.
                     let grant = service
                         .create_grant(&ebs_grant(&key.arn, &context, &volume_id))
-                        .map_err(|e| kms_failure(&e))?;
+                        .map_err(|e| ApiError::from_kms(&e))?;
                     row.key_arn = key.arn.clone();
                     row.grant_id = grant.grant_id.clone();
-                    self.reg
-                        .put_volume(&row)
-                        .map_err(|e| local(e.to_string()))?;
+                    self.reg.put_volume(&row).map_err(ApiError::internal)?;
                     // Steps 4–5: EBS generates the data key without plaintext, then
                     // unwraps it (as it does at attach) to write the header digest.
-                    let tokens = vec![grant.grant_token];
-                    let (blob, key_arn) = ebs
-                        .generate_data_key_without_plaintext(&key.arn, &context, &tokens)
-                        .map_err(|e| kms_failure(&e))?;
-                    let data_key = ebs
-                        .decrypt_volume_key(&blob, &context, Some(&key.arn), &tokens)
-                        .map_err(|e| kms_failure(&e))?;
-                    let token = KmsToken {
-                        key_arn: if key_arn.is_empty() {
-                            key.arn.clone()
-                        } else {
-                            key_arn
-                        },
-                        ciphertext_blob: blob,
-                        encryption_context: context,
-                        volume_kind: kind.into(),
-                        volume_id: volume_id.clone(),
-                        workspace_id: ws.workspace_id.clone(),
+                    let binding = VolumeBinding {
+                        key_arn: &key.arn,
+                        sid: &user.sid,
+                        directory_id: &ws.directory_id,
+                        workspace_id: &ws.workspace_id,
+                        volume_id: &volume_id,
+                        kind,
                     };
-                    Some((data_key, token))
+                    Some(
+                        new_data_key(ebs, &binding, &[grant.grant_token])
+                            .map_err(|e| ApiError::from_kms(&e))?,
+                    )
                 }
                 _ => None,
             };
-            self.reg
-                .put_volume(&row)
-                .map_err(|e| local(e.to_string()))?;
+            self.reg.put_volume(&row).map_err(ApiError::internal)?;
             self.make_volume(
                 &row,
                 data_key.as_ref().map(|(k, t)| (k, t.clone())),
                 (kind == "root").then_some(bundle),
             )
-            .map_err(|e| local(e.to_string()))?;
+            .map_err(ApiError::internal)?;
         }
         Ok(())
     }
@@ -334,13 +310,13 @@ impl Controller {
             force: true,
             encryption,
         })
-        .map_err(|e| ControllerError::Local(e.to_string()))?;
+        .map_err(ControllerError::from)?;
         if let Some(bundle) = bundle {
             let opened = match &key {
                 Some((k, _)) => volume::open_encrypted(&v.path, k),
                 None => volume::open_plain(&v.path),
             }
-            .map_err(|e| ControllerError::Local(e.to_string()))?;
+            .map_err(ControllerError::from)?;
             fill_from_image(&opened.device, &bundle.image_path)?;
         }
         Ok(())
@@ -354,17 +330,22 @@ pub(super) fn fill_from_image(
     image: &Path,
 ) -> Result<(), ControllerError> {
     use std::os::unix::fs::FileExt;
-    let file = std::fs::File::open(image)
-        .map_err(|e| ControllerError::Local(format!("{}: {e}", image.display())))?;
+    let file = std::fs::File::open(image).map_err(|source| ControllerError::Io {
+        path: image.to_path_buf(),
+        source,
+    })?;
     let len = file
         .metadata()
-        .map_err(|e| ControllerError::Local(e.to_string()))?
+        .map_err(|source| ControllerError::Io {
+            path: image.to_path_buf(),
+            source,
+        })?
         .len();
     if len > device.size() {
-        return Err(ControllerError::Local(format!(
-            "image {} ({len} bytes) is larger than the volume",
-            image.display()
-        )));
+        return Err(ControllerError::ImageTooLarge {
+            image: image.to_path_buf(),
+            len,
+        });
     }
     let bar = indicatif::ProgressBar::with_draw_target(
         Some(len),
@@ -383,18 +364,19 @@ pub(super) fn fill_from_image(
     while off < len {
         let n = usize::try_from((len - off).min(buf.len() as u64)).expect("at most 1 MiB");
         file.read_exact_at(&mut buf[..n], off)
-            .map_err(|e| ControllerError::Local(format!("{}: {e}", image.display())))?;
+            .map_err(|source| ControllerError::Io {
+                path: image.to_path_buf(),
+                source,
+            })?;
         if buf[..n].iter().any(|&b| b != 0) {
             device
                 .write(off, &buf[..n])
-                .map_err(|e| ControllerError::Local(e.to_string()))?;
+                .map_err(ControllerError::from)?;
         }
         off += n as u64;
         bar.set_position(off);
     }
-    device
-        .flush()
-        .map_err(|e| ControllerError::Local(e.to_string()))?;
+    device.flush().map_err(ControllerError::from)?;
     bar.finish_and_clear();
     tracing::info!("filled {} bytes in {:?}", len, started.elapsed());
     Ok(())

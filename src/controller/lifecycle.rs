@@ -6,8 +6,8 @@ use crate::volume;
 
 use super::agent::{self, AgentPaths, volume_context};
 use super::api::{BatchResult, FailedRequest, MAX_BATCH};
-use super::binding::{ebs_grant, key_state_refusal, kms_failure};
-use super::error::{ControllerError, api};
+use super::binding::{check_key_usable, ebs_grant};
+use super::error::{ApiError, ApiErrorCode, ControllerError, api};
 use super::ids;
 use super::registry::{Snapshot, User, Volume, Workspace};
 use super::state::{Event, IllegalTransition, WorkspaceState};
@@ -18,11 +18,11 @@ impl Controller {
     pub(super) fn batch(
         &self,
         ids: &[String],
-        mut op: impl FnMut(&Self, &mut Workspace) -> Result<(), (String, String)>,
+        mut op: impl FnMut(&Self, &mut Workspace) -> Result<(), ApiError>,
     ) -> Result<BatchResult, ControllerError> {
         if ids.is_empty() || ids.len() > MAX_BATCH {
             return Err(api(
-                "InvalidParameterValuesException",
+                ApiErrorCode::InvalidParameterValues,
                 format!("give between 1 and {MAX_BATCH} --workspace-ids"),
             ));
         }
@@ -30,8 +30,8 @@ impl Controller {
         let mut result = BatchResult::default();
         for id in ids {
             let outcome = match self.reg.workspace(id)? {
-                None => Err((
-                    "ResourceNotFoundException".to_string(),
+                None => Err(ApiError::new(
+                    ApiErrorCode::ResourceNotFound,
                     format!("WorkSpace {id} does not exist"),
                 )),
                 Some(mut w) => {
@@ -39,78 +39,70 @@ impl Controller {
                     op(self, &mut w)
                 }
             };
-            if let Err((code, message)) = outcome {
+            if let Err(e) = outcome {
                 result.failed_requests.push(FailedRequest {
                     workspace_id: Some(id.clone()),
                     workspace_request: None,
-                    error_code: code,
-                    error_message: message,
+                    error_code: e.code,
+                    error_message: e.message,
                 });
             }
         }
         Ok(result)
     }
 
-    pub(super) fn transition(
-        w: &Workspace,
-        event: Event,
-    ) -> Result<WorkspaceState, (String, String)> {
+    pub(super) fn transition(w: &Workspace, event: Event) -> Result<WorkspaceState, ApiError> {
         w.state.on(event).map_err(|e: IllegalTransition| {
-            (
-                "InvalidResourceStateException".to_string(),
+            ApiError::new(
+                ApiErrorCode::InvalidResourceState,
                 format!("{}: {e}", w.workspace_id),
             )
         })
     }
 
     /// Refuses when an encrypted WorkSpace's key is not Enabled.
-    pub(super) fn require_usable_key(
-        &self,
-        w: &Workspace,
-        verb: &str,
-    ) -> Result<(), (String, String)> {
-        if w.key_arn.is_empty() {
+    pub(super) fn require_usable_key(&self, w: &Workspace, verb: &str) -> Result<(), ApiError> {
+        let Some(key_arn) = w.key() else {
             return Ok(());
-        }
+        };
         let client = self
             .service_for_admin()
-            .map_err(|e| ("KMS.Unavailable".to_string(), e.to_string()))?;
-        let info = client
-            .describe_key(&w.key_arn)
-            .map_err(|e| kms_failure(&e))?;
-        key_state_refusal(&info, verb).map_or(Ok(()), Err)
+            .map_err(|e| ApiError::new(ApiErrorCode::KmsUnavailable, e.to_string()))?;
+        check_key_usable(&client, Some(key_arn), verb)
     }
 
     pub(super) fn restart(
         &self,
         w: &mut Workspace,
         pending: WorkspaceState,
-    ) -> Result<(), (String, String)> {
+    ) -> Result<(), ApiError> {
         w.state = pending;
         w.error.clear();
         self.reg
             .update_workspace(w)
-            .map_err(|e| ("InternalError".to_string(), e.to_string()))?;
+            .map_err(|e| ApiError::internal(e))?;
         agent::stop(&AgentPaths::new(&self.cfg.state_dir, &w.workspace_id));
         self.bring_up(w)
     }
 
-    pub(super) fn bring_up(&self, w: &mut Workspace) -> Result<(), (String, String)> {
+    pub(super) fn bring_up(&self, w: &mut Workspace) -> Result<(), ApiError> {
         match self.start_agent(&w.workspace_id) {
             Ok(()) => {
                 w.state = w
                     .state
                     .on(Event::Attached)
-                    .map_err(|e| ("InternalError".to_string(), e.to_string()))?;
+                    .map_err(|e| ApiError::internal(e))?;
                 self.reg
                     .update_workspace(w)
-                    .map_err(|e| ("InternalError".to_string(), e.to_string()))
+                    .map_err(|e| ApiError::internal(e))
             }
             Err(e) => {
-                w.state = WorkspaceState::Unhealthy;
+                if let Ok(next) = w.state.on(Event::AttachFailed) {
+                    w.state = next;
+                }
                 w.error = e.clone();
                 let _ = self.reg.update_workspace(w);
-                Err(("AttachFailed".to_string(), e))
+                Err(ApiError::new(ApiErrorCode::AttachFailed, e))
             }
         }
     }
@@ -136,16 +128,14 @@ impl Controller {
             w.state = Self::transition(w, Event::Stop)?;
             c.reg
                 .update_workspace(w)
-                .map_err(|e| ("InternalError".to_string(), e.to_string()))?;
+                .map_err(|e| ApiError::internal(e))?;
             agent::stop(&AgentPaths::new(&c.cfg.state_dir, &w.workspace_id));
             w.state = w
                 .state
                 .on(Event::Detached)
-                .map_err(|e| ("InternalError".to_string(), e.to_string()))?;
+                .map_err(|e| ApiError::internal(e))?;
             w.error.clear();
-            c.reg
-                .update_workspace(w)
-                .map_err(|e| ("InternalError".to_string(), e.to_string()))
+            c.reg.update_workspace(w).map_err(|e| ApiError::internal(e))
         })
     }
 
@@ -171,16 +161,14 @@ impl Controller {
             w.state = Self::transition(w, Event::Terminate)?;
             c.reg
                 .update_workspace(w)
-                .map_err(|e| ("InternalError".to_string(), e.to_string()))?;
+                .map_err(|e| ApiError::internal(e))?;
             c.teardown(w);
             w.state = w
                 .state
                 .on(Event::Deleted)
-                .map_err(|e| ("InternalError".to_string(), e.to_string()))?;
+                .map_err(|e| ApiError::internal(e))?;
             w.error.clear();
-            c.reg
-                .update_workspace(w)
-                .map_err(|e| ("InternalError".to_string(), e.to_string()))
+            c.reg.update_workspace(w).map_err(|e| ApiError::internal(e))
         })
     }
 
@@ -193,43 +181,46 @@ impl Controller {
         self.batch(ids, |c, w| {
             let next = Self::transition(w, Event::Rebuild)?;
             c.require_usable_key(w, "rebuild")?;
-            let local = |e: ControllerError| ("InternalError".to_string(), e.to_string());
             let bundle = c
                 .reg
                 .bundle(&w.bundle_id)
-                .map_err(|e| local(e.into()))?
+                .map_err(ApiError::internal)?
                 .ok_or_else(|| {
-                    (
-                        "ResourceNotFound.Bundle".to_string(),
+                    ApiError::new(
+                        ApiErrorCode::BundleNotFound,
                         format!("bundle {} no longer exists", w.bundle_id),
                     )
                 })?;
             let user = c
                 .reg
                 .user(&w.directory_id, &w.user_name)
-                .map_err(|e| local(e.into()))?
-                .ok_or_else(|| ("ResourceNotFound.User".to_string(), w.user_name.clone()))?;
+                .map_err(ApiError::internal)?
+                .ok_or_else(|| ApiError::new(ApiErrorCode::UserNotFound, w.user_name.clone()))?;
             w.state = next;
-            c.reg.update_workspace(w).map_err(|e| local(e.into()))?;
+            c.reg.update_workspace(w).map_err(ApiError::internal)?;
             agent::stop(&AgentPaths::new(&c.cfg.state_dir, &w.workspace_id));
             let vols = c
                 .reg
                 .volumes(Some(&w.workspace_id))
-                .map_err(|e| local(e.into()))?;
+                .map_err(ApiError::internal)?;
             for v in vols {
                 if v.kind == "root" {
                     let key = if v.encrypted {
-                        Some(c.new_data_key(w, &user, &v).map_err(|e| kms_failure(&e))?)
+                        Some(
+                            c.new_data_key(w, &user, &v)
+                                .map_err(|e| ApiError::from_kms(&e))?,
+                        )
                     } else {
                         None
                     };
                     c.make_volume(&v, key.as_ref().map(|(k, t)| (k, t.clone())), Some(&bundle))
-                        .map_err(local)?;
-                } else if let Some(snap) =
-                    c.latest_snapshot(&w.workspace_id, "user").map_err(local)?
+                        .map_err(ApiError::internal)?;
+                } else if let Some(snap) = c
+                    .latest_snapshot(&w.workspace_id, "user")
+                    .map_err(ApiError::internal)?
                     && snap.volume_id == v.volume_id
                 {
-                    copy_sparse(&snap.path, &v.path).map_err(local)?;
+                    copy_sparse(&snap.path, &v.path).map_err(ApiError::internal)?;
                 }
             }
             c.bring_up(w)
@@ -248,19 +239,18 @@ impl Controller {
         self.batch(&[workspace_id.to_string()], |c, w| {
             let next = Self::transition(w, Event::Restore)?;
             c.require_usable_key(w, "restore")?;
-            let local = |e: ControllerError| ("InternalError".to_string(), e.to_string());
-            let vols = c.reg.volumes(Some(&w.workspace_id)).map_err(|e| local(e.into()))?;
+            let vols = c.reg.volumes(Some(&w.workspace_id)).map_err(ApiError::internal)?;
             let mut plan = Vec::new();
             for v in &vols {
                 let snap = c
                     .latest_snapshot(&w.workspace_id, &v.kind)
-                    .map_err(local)?
-                    .ok_or_else(|| ("InvalidResourceStateException".to_string(), format!("no snapshot of the {} volume to restore from (create-snapshot first)", v.kind)))?;
+                    .map_err(ApiError::internal)?
+                    .ok_or_else(|| ApiError::new(ApiErrorCode::InvalidResourceState, format!("no snapshot of the {} volume to restore from (create-snapshot first)", v.kind)))?;
                 plan.push((v.clone(), snap));
             }
-            let user = c.reg.user(&w.directory_id, &w.user_name).map_err(|e| local(e.into()))?.ok_or_else(|| ("ResourceNotFound.User".to_string(), w.user_name.clone()))?;
+            let user = c.reg.user(&w.directory_id, &w.user_name).map_err(ApiError::internal)?.ok_or_else(|| ApiError::new(ApiErrorCode::UserNotFound, w.user_name.clone()))?;
             w.state = next;
-            c.reg.update_workspace(w).map_err(|e| local(e.into()))?;
+            c.reg.update_workspace(w).map_err(ApiError::internal)?;
             agent::stop(&AgentPaths::new(&c.cfg.state_dir, &w.workspace_id));
             for (old, snap) in plan {
                 c.restore_volume(w, &user, &old, &snap)?;
@@ -275,15 +265,14 @@ impl Controller {
         user: &User,
         old: &Volume,
         snap: &Snapshot,
-    ) -> Result<(), (String, String)> {
-        let local = |e: String| ("InternalError".to_string(), e);
+    ) -> Result<(), ApiError> {
         let volume_id = ids::volume_id();
         let path = self
             .cfg
             .state_dir
             .join("volumes")
             .join(format!("{volume_id}.img"));
-        copy_sparse(&snap.path, &path).map_err(|e| local(e.to_string()))?;
+        copy_sparse(&snap.path, &path).map_err(ApiError::internal)?;
         let mut row = Volume {
             volume_id: volume_id.clone(),
             path: path.clone(),
@@ -291,19 +280,18 @@ impl Controller {
             ..old.clone()
         };
         if old.encrypted {
-            let service = self.service().map_err(|e| local(e.to_string()))?;
-            let ebs = self.ebs().map_err(|e| local(e.to_string()))?;
+            let service = self.service().map_err(ApiError::internal)?;
+            let ebs = self.ebs().map_err(ApiError::internal)?;
             let new_ctx = volume_context(&user.sid, &w.directory_id, &volume_id);
             let old_ctx = volume_context(&user.sid, &w.directory_id, &old.volume_id);
             let grant = service
                 .create_grant(&ebs_grant(&old.key_arn, &new_ctx, &volume_id))
-                .map_err(|e| kms_failure(&e))?;
+                .map_err(|e| ApiError::from_kms(&e))?;
             row.grant_id = grant.grant_id.clone();
-            let mut header = volume::read_header(&path).map_err(|e| local(e.to_string()))?;
-            let token = header
-                .kms_token()
-                .cloned()
-                .ok_or_else(|| local(format!("snapshot {} has no KMS token", snap.snapshot_id)))?;
+            let mut header = volume::read_header(&path).map_err(ApiError::internal)?;
+            let token = header.kms_token().cloned().ok_or_else(|| {
+                ApiError::internal(format!("snapshot {} has no KMS token", snap.snapshot_id))
+            })?;
             let (blob, arn) = ebs
                 .re_encrypt(
                     &token.ciphertext_blob,
@@ -312,7 +300,7 @@ impl Controller {
                     &new_ctx,
                     &[grant.grant_token],
                 )
-                .map_err(|e| kms_failure(&e))?;
+                .map_err(|e| ApiError::from_kms(&e))?;
             header.set_kms_token(KmsToken {
                 key_arn: if arn.is_empty() {
                     old.key_arn.clone()
@@ -324,19 +312,16 @@ impl Controller {
                 volume_id: volume_id.clone(),
                 ..token
             });
-            let backing =
-                crate::backing::FileBacking::open(&path).map_err(|e| local(e.to_string()))?;
-            header.write(&backing).map_err(|e| local(e.to_string()))?;
-            if !old.grant_id.is_empty() {
-                let _ = service.retire_grant(&old.key_arn, &old.grant_id);
+            let backing = crate::backing::FileBacking::open(&path).map_err(ApiError::internal)?;
+            header.write(&backing).map_err(ApiError::internal)?;
+            if let Some(grant) = old.grant() {
+                let _ = service.retire_grant(&old.key_arn, grant);
             }
         }
-        self.reg
-            .put_volume(&row)
-            .map_err(|e| local(e.to_string()))?;
+        self.reg.put_volume(&row).map_err(ApiError::internal)?;
         self.reg
             .delete_volume(&old.volume_id)
-            .map_err(|e| local(e.to_string()))?;
+            .map_err(ApiError::internal)?;
         let _ = std::fs::remove_file(&old.path);
         Ok(())
     }
@@ -353,7 +338,7 @@ impl Controller {
     ) -> Result<(), ControllerError> {
         let w = self.reg.workspace(workspace_id)?.ok_or_else(|| {
             api(
-                "ResourceNotFoundException",
+                ApiErrorCode::ResourceNotFound,
                 format!("WorkSpace {workspace_id} does not exist"),
             )
         })?;
@@ -363,7 +348,7 @@ impl Controller {
             root == Some(false) && w.root_encrypted || user == Some(false) && w.user_encrypted;
         if enabling {
             return Err(api(
-                "UnsupportedWorkspaceConfigurationException",
+                ApiErrorCode::UnsupportedWorkspaceConfiguration,
                 format!(
                     "cannot encrypt existing WorkSpace {workspace_id}: encryption is chosen at launch; create a new encrypted WorkSpace and move the data"
                 ),
@@ -371,7 +356,7 @@ impl Controller {
         }
         if disabling {
             return Err(api(
-                "UnsupportedWorkspaceConfigurationException",
+                ApiErrorCode::UnsupportedWorkspaceConfiguration,
                 format!(
                     "cannot disable encryption of WorkSpace {workspace_id}: an encrypted WorkSpace stays encrypted"
                 ),

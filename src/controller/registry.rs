@@ -82,6 +82,26 @@ pub struct Workspace {
     pub error: String,
 }
 
+impl Workspace {
+    /// The KMS key ARN, if any volume is encrypted.
+    #[must_use]
+    pub fn key(&self) -> Option<&str> {
+        present(&self.key_arn)
+    }
+
+    /// The WorkSpaces service's grant, if it has one.
+    #[must_use]
+    pub fn ws_grant(&self) -> Option<&str> {
+        present(&self.ws_grant_id)
+    }
+
+    /// The last error, if any.
+    #[must_use]
+    pub fn error(&self) -> Option<&str> {
+        present(&self.error)
+    }
+}
+
 /// A volume row.
 #[derive(Debug, Clone)]
 pub struct Volume {
@@ -103,6 +123,25 @@ pub struct Volume {
     pub size_gib: u64,
     /// Whether the user volume already holds a filesystem.
     pub formatted: bool,
+}
+
+/// The empty string the registry stores for "none", as an `Option`.
+fn present(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+impl Volume {
+    /// The KMS key ARN, if the volume is encrypted.
+    #[must_use]
+    pub fn key(&self) -> Option<&str> {
+        present(&self.key_arn)
+    }
+
+    /// The volume's EBS grant, if it has one.
+    #[must_use]
+    pub fn grant(&self) -> Option<&str> {
+        present(&self.grant_id)
+    }
 }
 
 /// A snapshot row.

@@ -8,8 +8,8 @@ use crate::volume;
 
 use super::agent::{AgentPaths, volume_context};
 use super::api::VolumeView;
-use super::binding::{ebs_grant, key_state_refusal, workspaces_grant};
-use super::error::{ControllerError, api};
+use super::binding::{self, VolumeBinding, check_new_key_info, ebs_grant, workspaces_grant};
+use super::error::{ApiErrorCode, ControllerError, api, serving};
 use super::registry::{User, Volume, Workspace};
 use super::state::WorkspaceState;
 use super::workspaces::Controller;
@@ -22,22 +22,15 @@ impl Controller {
         v: &Volume,
     ) -> Result<(VolumeKey, KmsToken), KmsError> {
         let ebs = KmsClient::connect(&self.cfg.ebs_profile)?;
-        let context = volume_context(&user.sid, &w.directory_id, &v.volume_id);
-        let (blob, arn) = ebs.generate_data_key_without_plaintext(&v.key_arn, &context, &[])?;
-        let key = ebs.decrypt_volume_key(&blob, &context, Some(&v.key_arn), &[])?;
-        let token = KmsToken {
-            key_arn: if arn.is_empty() {
-                v.key_arn.clone()
-            } else {
-                arn
-            },
-            ciphertext_blob: blob,
-            encryption_context: context,
-            volume_kind: v.kind.clone(),
-            volume_id: v.volume_id.clone(),
-            workspace_id: w.workspace_id.clone(),
+        let binding = VolumeBinding {
+            key_arn: &v.key_arn,
+            sid: &user.sid,
+            directory_id: &w.directory_id,
+            workspace_id: &w.workspace_id,
+            volume_id: &v.volume_id,
+            kind: &v.kind,
         };
-        Ok((key, token))
+        binding::new_data_key(&ebs, &binding, &[])
     }
 
     /// `rewrap-volume`: re-encrypts every volume's data-key blob of a WorkSpace under
@@ -55,13 +48,13 @@ impl Controller {
     ) -> Result<Vec<VolumeView>, ControllerError> {
         let mut w = self.reg.workspace(workspace_id)?.ok_or_else(|| {
             api(
-                "ResourceNotFoundException",
+                ApiErrorCode::ResourceNotFound,
                 format!("WorkSpace {workspace_id} does not exist"),
             )
         })?;
-        if w.key_arn.is_empty() {
+        if w.key().is_none() {
             return Err(api(
-                "InvalidResourceStateException",
+                ApiErrorCode::InvalidResourceState,
                 format!("WorkSpace {workspace_id} has no encrypted volume to rewrap"),
             ));
         }
@@ -70,31 +63,20 @@ impl Controller {
             WorkspaceState::Terminating | WorkspaceState::Terminated | WorkspaceState::Pending
         ) {
             return Err(api(
-                "InvalidResourceStateException",
+                ApiErrorCode::InvalidResourceState,
                 format!("WorkSpace {workspace_id} is {}", w.state),
             ));
         }
         let user = self
             .reg
             .user(&w.directory_id, &w.user_name)?
-            .ok_or_else(|| ControllerError::Local(format!("user {} vanished", w.user_name)))?;
+            .ok_or_else(|| ControllerError::UserVanished(w.user_name.clone()))?;
         let admin = self.service_for_admin()?;
         let info = admin.describe_key(new_key)?;
-        if info.spec != "SYMMETRIC_DEFAULT" {
-            return Err(api(
-                "KMS.InvalidKeyUsageException",
-                format!(
-                    "key {} is {}, not a symmetric encryption key",
-                    info.arn, info.spec
-                ),
-            ));
-        }
-        if let Some((code, message)) = key_state_refusal(&info, "rewrap") {
-            return Err(api(&code, message));
-        }
+        check_new_key_info(&info, "rewrap")?;
         if info.arn == w.key_arn {
             return Err(api(
-                "InvalidParameterValuesException",
+                ApiErrorCode::InvalidParameterValues,
                 format!("WorkSpace {workspace_id} is already under {}", info.arn),
             ));
         }
@@ -103,7 +85,7 @@ impl Controller {
                 && crate::rekey::in_progress(&h)
             {
                 return Err(api(
-                    "InvalidResourceStateException",
+                    ApiErrorCode::InvalidResourceState,
                     format!(
                         "volume {} is being rekeyed; rewrap after the rekey finishes",
                         v.volume_id
@@ -112,7 +94,7 @@ impl Controller {
             }
         }
         let old_key = w.key_arn.clone();
-        let old_ws_grant = w.ws_grant_id.clone();
+        let old_ws_grant = w.ws_grant().map(str::to_string);
         // A WorkSpaces grant on the new key, for this user.
         let ws_grant = admin.create_grant(&workspaces_grant(
             &info.arn,
@@ -130,11 +112,11 @@ impl Controller {
         {
             let context = volume_context(&user.sid, &w.directory_id, &v.volume_id);
             let grant = service.create_grant(&ebs_grant(&info.arn, &context, &v.volume_id))?;
-            let mut header =
-                volume::read_header(&v.path).map_err(|e| ControllerError::Local(e.to_string()))?;
-            let token = header.kms_token().cloned().ok_or_else(|| {
-                ControllerError::Local(format!("volume {} has no KMS token", v.volume_id))
-            })?;
+            let mut header = volume::read_header(&v.path).map_err(ControllerError::from)?;
+            let token = header
+                .kms_token()
+                .cloned()
+                .ok_or_else(|| ControllerError::NoKmsToken(v.volume_id.clone()))?;
             let (blob, arn) = ebs.re_encrypt(
                 &token.ciphertext_blob,
                 &context,
@@ -151,18 +133,15 @@ impl Controller {
                 ciphertext_blob: blob,
                 ..token
             });
-            let backing = crate::backing::FileBacking::open(&v.path)
-                .map_err(|e| ControllerError::Local(e.to_string()))?;
-            header
-                .write(&backing)
-                .map_err(|e| ControllerError::Local(e.to_string()))?;
-            let old_grant = v.grant_id.clone();
+            let backing = crate::backing::FileBacking::open(&v.path).map_err(serving)?;
+            header.write(&backing).map_err(serving)?;
+            let old_grant = v.grant().map(str::to_string);
             self.reg.put_volume(&Volume {
                 key_arn: info.arn.clone(),
                 grant_id: grant.grant_id,
                 ..v
             })?;
-            if !old_grant.is_empty()
+            if let Some(old_grant) = old_grant
                 && let Err(e) = service.retire_grant(&old_key, &old_grant)
             {
                 tracing::warn!("retiring the old EBS grant {old_grant}: {e}");
@@ -171,7 +150,7 @@ impl Controller {
         w.key_arn = info.arn.clone();
         w.ws_grant_id = ws_grant.grant_id;
         self.reg.update_workspace(&w)?;
-        if !old_ws_grant.is_empty()
+        if let Some(old_ws_grant) = old_ws_grant
             && let Err(e) = service.retire_grant(&old_key, &old_ws_grant)
         {
             tracing::warn!("retiring the old WorkSpaces grant {old_ws_grant}: {e}");
@@ -197,26 +176,25 @@ impl Controller {
     ) -> Result<Vec<(String, crate::rekey::RekeyReport)>, ControllerError> {
         let mut w = self.reg.workspace(workspace_id)?.ok_or_else(|| {
             api(
-                "ResourceNotFoundException",
+                ApiErrorCode::ResourceNotFound,
                 format!("WorkSpace {workspace_id} does not exist"),
             )
         })?;
         self.refresh(&mut w);
         if !matches!(w.state, WorkspaceState::Available | WorkspaceState::Stopped) {
             return Err(api(
-                "InvalidResourceStateException",
+                ApiErrorCode::InvalidResourceState,
                 format!(
                     "cannot rekey WorkSpace {workspace_id} while it is {}",
                     w.state
                 ),
             ));
         }
-        self.require_usable_key(&w, "rekey")
-            .map_err(|(code, message)| api(&code, message))?;
+        self.require_usable_key(&w, "rekey")?;
         let user = self
             .reg
             .user(&w.directory_id, &w.user_name)?
-            .ok_or_else(|| ControllerError::Local(format!("user {} vanished", w.user_name)))?;
+            .ok_or_else(|| ControllerError::UserVanished(w.user_name.clone()))?;
         let vols: Vec<Volume> = self
             .reg
             .volumes(Some(workspace_id))?
@@ -225,7 +203,7 @@ impl Controller {
             .collect();
         if vols.is_empty() {
             return Err(api(
-                "ResourceNotFoundException",
+                ApiErrorCode::ResourceNotFound,
                 format!(
                     "no encrypted volume {} in WorkSpace {workspace_id}",
                     volume_id.unwrap_or("")
@@ -238,10 +216,9 @@ impl Controller {
         for v in vols {
             // An interrupted rekey continues to the key in its checkpoint; otherwise EBS
             // makes a fresh one.
-            let header =
-                volume::read_header(&v.path).map_err(|e| ControllerError::Local(e.to_string()))?;
+            let header = volume::read_header(&v.path).map_err(ControllerError::from)?;
             let pending = crate::rekey::state(&header)
-                .map_err(|e| ControllerError::Local(e.to_string()))?
+                .map_err(serving)?
                 .and_then(|st| st.new_kms_token);
             let (new_key, token) = match pending {
                 Some(token) => {
@@ -269,12 +246,13 @@ impl Controller {
                 crate::control::request_online(&paths.fuse_dir, &req, |p| {
                     progress(&v.volume_id, p);
                 })
-                .map_err(|e| ControllerError::Local(e.to_string()))?
+                .map_err(serving)?
             } else {
                 let ebs = self.ebs()?;
-                let old_token = header.kms_token().cloned().ok_or_else(|| {
-                    ControllerError::Local(format!("volume {} has no KMS token", v.volume_id))
-                })?;
+                let old_token = header
+                    .kms_token()
+                    .cloned()
+                    .ok_or_else(|| ControllerError::NoKmsToken(v.volume_id.clone()))?;
                 let context = volume_context(&user.sid, &w.directory_id, &v.volume_id);
                 let old_key = ebs.decrypt_volume_key(
                     &old_token.ciphertext_blob,
@@ -290,7 +268,7 @@ impl Controller {
                 crate::rekey::rekey_detached(&v.path, &old_key, &new_key, &opts, |p| {
                     progress(&v.volume_id, p)
                 })
-                .map_err(|e| ControllerError::Local(e.to_string()))?
+                .map_err(serving)?
             };
             out.push((v.volume_id.clone(), report));
         }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use super::agent::AgentPaths;
 use super::api::SnapshotView;
-use super::error::{ControllerError, api};
+use super::error::{ApiErrorCode, ControllerError, api};
 use super::ids;
 use super::registry::{Registry, Snapshot};
 use super::state::WorkspaceState;
@@ -23,7 +23,7 @@ impl Controller {
     ) -> Result<Vec<SnapshotView>, ControllerError> {
         let mut w = self.reg.workspace(workspace_id)?.ok_or_else(|| {
             api(
-                "ResourceNotFoundException",
+                ApiErrorCode::ResourceNotFound,
                 format!("WorkSpace {workspace_id} does not exist"),
             )
         })?;
@@ -33,7 +33,7 @@ impl Controller {
             WorkspaceState::Available | WorkspaceState::Stopped | WorkspaceState::Impaired
         ) {
             return Err(api(
-                "InvalidResourceStateException",
+                ApiErrorCode::InvalidResourceState,
                 format!(
                     "cannot snapshot WorkSpace {workspace_id} while it is {}",
                     w.state
@@ -49,7 +49,7 @@ impl Controller {
         };
         for m in &frozen {
             crate::host::run("fsfreeze", &["-f", &m.display().to_string()])
-                .map_err(|e| ControllerError::Local(e.to_string()))?;
+                .map_err(ControllerError::from)?;
         }
         let copies: Result<Vec<SnapshotView>, ControllerError> = self
             .reg
@@ -109,13 +109,13 @@ impl Controller {
     ) -> Result<serde_json::Value, ControllerError> {
         let w = self.reg.workspace(workspace_id)?.ok_or_else(|| {
             api(
-                "ResourceNotFoundException",
+                ApiErrorCode::ResourceNotFound,
                 format!("WorkSpace {workspace_id} does not exist"),
             )
         })?;
         if w.root_encrypted || w.user_encrypted {
             return Err(api(
-                "OperationNotSupportedException",
+                ApiErrorCode::OperationNotSupported,
                 format!(
                     "WorkSpace {workspace_id} has encrypted volumes; images cannot be created from encrypted WorkSpaces"
                 ),
@@ -123,7 +123,7 @@ impl Controller {
         }
         if !matches!(w.state, WorkspaceState::Available | WorkspaceState::Stopped) {
             return Err(api(
-                "InvalidResourceStateException",
+                ApiErrorCode::InvalidResourceState,
                 format!("WorkSpace {workspace_id} is {}", w.state),
             ));
         }
@@ -132,7 +132,7 @@ impl Controller {
             .volumes(Some(workspace_id))?
             .into_iter()
             .find(|v| v.kind == "root")
-            .ok_or_else(|| ControllerError::Local("no root volume".into()))?;
+            .ok_or_else(|| ControllerError::NoRootVolume)?;
         let image_id = ids::image_id();
         let path = self
             .cfg

@@ -44,7 +44,7 @@ pub(super) fn copy_sparse(from: &Path, to: &Path) -> Result<(), ControllerError>
         ],
     )
     .map(|_| ())
-    .map_err(|e| ControllerError::Local(e.to_string()))
+    .map_err(ControllerError::from)
 }
 
 impl Controller {
@@ -65,7 +65,7 @@ impl Controller {
             "mnt",
         ] {
             crate::private_file::ensure_dir(&cfg.state_dir.join(sub))
-                .map_err(|e| ControllerError::Local(e.to_string()))?;
+                .map_err(ControllerError::from)?;
         }
         let reg = Registry::open(&cfg.state_dir)?;
         Ok(Self { cfg, reg })
@@ -116,14 +116,14 @@ impl Controller {
             user_name: w.user_name.clone(),
             state: w.state,
             bundle_id: w.bundle_id.clone(),
-            volume_encryption_key: (!w.key_arn.is_empty()).then(|| w.key_arn.clone()),
+            volume_encryption_key: w.key().map(str::to_string),
             root_volume_encryption_enabled: w.root_encrypted,
             user_volume_encryption_enabled: w.user_encrypted,
             workspace_properties: WorkspaceProperties {
                 root_volume_size_gib: w.root_size_gib,
                 user_volume_size_gib: w.user_size_gib,
             },
-            error_message: (!w.error.is_empty()).then(|| w.error.clone()),
+            error_message: w.error().map(str::to_string),
             mount_point: w
                 .state
                 .is_running()
@@ -162,16 +162,16 @@ impl Controller {
         let vols = self.reg.volumes(Some(&ws.workspace_id)).unwrap_or_default();
         if let Ok(service) = self.service() {
             for v in &vols {
-                if !v.grant_id.is_empty()
-                    && let Err(e) = service.retire_grant(&v.key_arn, &v.grant_id)
+                if let Some(grant) = v.grant()
+                    && let Err(e) = service.retire_grant(&v.key_arn, grant)
                 {
-                    tracing::warn!("retiring EBS grant {} of {}: {e}", v.grant_id, v.volume_id);
+                    tracing::warn!("retiring EBS grant {grant} of {}: {e}", v.volume_id);
                 }
             }
-            if !ws.ws_grant_id.is_empty()
-                && let Err(e) = service.retire_grant(&ws.key_arn, &ws.ws_grant_id)
+            if let Some(grant) = ws.ws_grant()
+                && let Err(e) = service.retire_grant(&ws.key_arn, grant)
             {
-                tracing::warn!("retiring WorkSpaces grant {}: {e}", ws.ws_grant_id);
+                tracing::warn!("retiring WorkSpaces grant {grant}: {e}");
             }
         }
         for v in &vols {
@@ -223,9 +223,9 @@ impl Controller {
                 continue;
             }
             self.refresh(&mut w);
-            let key = match (&client, w.key_arn.is_empty(), w.state) {
-                (Some(c), false, s) if s != WorkspaceState::Terminated => {
-                    c.describe_key(&w.key_arn).ok()
+            let key = match (&client, w.key(), w.state) {
+                (Some(c), Some(arn), s) if s != WorkspaceState::Terminated => {
+                    c.describe_key(arn).ok()
                 }
                 _ => None,
             };
@@ -250,12 +250,13 @@ impl Controller {
                 let ctx = volume::read_header(&v.path)
                     .ok()
                     .and_then(|h| h.kms_token().map(|t| t.encryption_context.clone()));
+                let kms_key_id = v.key().map(str::to_string);
                 VolumeView {
                     volume_id: v.volume_id,
                     workspace_id: v.workspace_id,
                     kind: v.kind,
                     encrypted: v.encrypted,
-                    kms_key_id: (!v.key_arn.is_empty()).then_some(v.key_arn),
+                    kms_key_id,
                     size_gib: v.size_gib,
                     path: v.path.display().to_string(),
                     encryption_context: ctx,
@@ -275,6 +276,6 @@ impl Controller {
         on_ready: impl FnOnce(Result<(), String>) + Send + 'static,
     ) -> Result<(), ControllerError> {
         agent::run(state_dir, workspace_id, ebs_profile, on_ready)
-            .map_err(|e| ControllerError::Local(e.to_string()))
+            .map_err(|e| ControllerError::Agent(Box::new(e)))
     }
 }
