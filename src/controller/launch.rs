@@ -317,17 +317,19 @@ impl Controller {
                 None => volume::open_plain(&v.path),
             }
             .map_err(ControllerError::from)?;
-            fill_from_image(&opened.device, &bundle.image_path)?;
+            let progress = self.fill_progress.as_deref().unwrap_or(&|_, _| {});
+            fill_from_image(&opened.device, &bundle.image_path, progress)?;
         }
         Ok(())
     }
 }
 
 /// Copies an image into a device, skipping all-zero chunks (they are holes already), with a
-/// progress bar on a terminal.
+/// `progress` told (bytes done, total) as it goes.
 pub(super) fn fill_from_image(
     device: &crate::device::Device,
     image: &Path,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
 ) -> Result<(), ControllerError> {
     use std::os::unix::fs::FileExt;
     let file = std::fs::File::open(image).map_err(|source| ControllerError::Io {
@@ -347,17 +349,7 @@ pub(super) fn fill_from_image(
             len,
         });
     }
-    let bar = indicatif::ProgressBar::with_draw_target(
-        Some(len),
-        indicatif::ProgressDrawTarget::stderr(),
-    );
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.set_message("filling root volume from bundle");
+    progress(0, len);
     let started = Instant::now();
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0u64;
@@ -374,10 +366,9 @@ pub(super) fn fill_from_image(
                 .map_err(ControllerError::from)?;
         }
         off += n as u64;
-        bar.set_position(off);
+        progress(off, len);
     }
     device.flush().map_err(ControllerError::from)?;
-    bar.finish_and_clear();
     tracing::info!("filled {} bytes in {:?}", len, started.elapsed());
     Ok(())
 }

@@ -27,10 +27,24 @@ pub struct ControllerConfig {
 }
 
 /// The controller.
-#[derive(Debug)]
 pub struct Controller {
     pub(super) cfg: ControllerConfig,
     pub(super) reg: Registry,
+    /// Told (bytes done, total) while a root volume is filled from its bundle.
+    pub(super) fill_progress: Option<FillProgress>,
+}
+
+/// A callback told (bytes done, total bytes) while a root volume is filled from its
+/// bundle image; the caller draws (or not), the controller never does.
+pub type FillProgress = Box<dyn Fn(u64, u64) + Send + Sync>;
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("cfg", &self.cfg)
+            .field("reg", &self.reg)
+            .finish_non_exhaustive()
+    }
 }
 
 pub(super) fn copy_sparse(from: &Path, to: &Path) -> Result<(), ControllerError> {
@@ -68,7 +82,16 @@ impl Controller {
                 .map_err(ControllerError::from)?;
         }
         let reg = Registry::open(&cfg.state_dir)?;
-        Ok(Self { cfg, reg })
+        Ok(Self {
+            cfg,
+            reg,
+            fill_progress: None,
+        })
+    }
+
+    /// Reports the progress of filling root volumes from bundles (launch, rebuild) to `f`.
+    pub fn on_fill_progress(&mut self, f: FillProgress) {
+        self.fill_progress = Some(f);
     }
 
     /// The registry.
