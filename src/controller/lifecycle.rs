@@ -78,9 +78,7 @@ impl Controller {
     ) -> Result<(), ApiError> {
         w.state = pending;
         w.error.clear();
-        self.reg
-            .update_workspace(w)
-            .map_err(|e| ApiError::internal(e))?;
+        self.reg.update_workspace(w).map_err(ApiError::internal)?;
         agent::stop(&AgentPaths::new(&self.cfg.state_dir, &w.workspace_id));
         self.bring_up(w)
     }
@@ -88,13 +86,8 @@ impl Controller {
     pub(super) fn bring_up(&self, w: &mut Workspace) -> Result<(), ApiError> {
         match self.start_agent(&w.workspace_id) {
             Ok(()) => {
-                w.state = w
-                    .state
-                    .on(Event::Attached)
-                    .map_err(|e| ApiError::internal(e))?;
-                self.reg
-                    .update_workspace(w)
-                    .map_err(|e| ApiError::internal(e))
+                w.state = w.state.on(Event::Attached).map_err(ApiError::internal)?;
+                self.reg.update_workspace(w).map_err(ApiError::internal)
             }
             Err(e) => {
                 if let Ok(next) = w.state.on(Event::AttachFailed) {
@@ -126,16 +119,11 @@ impl Controller {
     pub fn stop(&self, ids: &[String]) -> Result<BatchResult, ControllerError> {
         self.batch(ids, |c, w| {
             w.state = Self::transition(w, Event::Stop)?;
-            c.reg
-                .update_workspace(w)
-                .map_err(|e| ApiError::internal(e))?;
+            c.reg.update_workspace(w).map_err(ApiError::internal)?;
             agent::stop(&AgentPaths::new(&c.cfg.state_dir, &w.workspace_id));
-            w.state = w
-                .state
-                .on(Event::Detached)
-                .map_err(|e| ApiError::internal(e))?;
+            w.state = w.state.on(Event::Detached).map_err(ApiError::internal)?;
             w.error.clear();
-            c.reg.update_workspace(w).map_err(|e| ApiError::internal(e))
+            c.reg.update_workspace(w).map_err(ApiError::internal)
         })
     }
 
@@ -159,16 +147,11 @@ impl Controller {
     pub fn terminate(&self, ids: &[String]) -> Result<BatchResult, ControllerError> {
         self.batch(ids, |c, w| {
             w.state = Self::transition(w, Event::Terminate)?;
-            c.reg
-                .update_workspace(w)
-                .map_err(|e| ApiError::internal(e))?;
+            c.reg.update_workspace(w).map_err(ApiError::internal)?;
             c.teardown(w);
-            w.state = w
-                .state
-                .on(Event::Deleted)
-                .map_err(|e| ApiError::internal(e))?;
+            w.state = w.state.on(Event::Deleted).map_err(ApiError::internal)?;
             w.error.clear();
-            c.reg.update_workspace(w).map_err(|e| ApiError::internal(e))
+            c.reg.update_workspace(w).map_err(ApiError::internal)
         })
     }
 
@@ -226,8 +209,6 @@ impl Controller {
             c.bring_up(w)
         })
     }
-
-    /// A fresh data key for an existing volume id (same context, same EBS grant).
 
     /// `restore-workspace`: both volumes from their latest snapshots, as new volumes; each
     /// encrypted blob is re-encrypted to the new volume's context (ReEncrypt under a new

@@ -15,6 +15,7 @@ use super::state::WorkspaceState;
 use super::workspaces::Controller;
 
 impl Controller {
+    /// A fresh data key for an existing volume id (same context, same EBS grant).
     pub(super) fn new_data_key(
         &self,
         w: &Workspace,
