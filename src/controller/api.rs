@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::registry::VolumeKind;
 use super::state::WorkspaceState;
 
 /// Batch verbs take at most this many ids (as the API).
@@ -119,7 +120,7 @@ pub struct VolumeView {
     /// Owning WorkSpace.
     pub workspace_id: String,
     /// `root`/`user`.
-    pub kind: String,
+    pub kind: VolumeKind,
     /// Encrypted.
     pub encrypted: bool,
     /// Key ARN.
@@ -143,7 +144,7 @@ pub struct SnapshotView {
     /// Source volume.
     pub volume_id: String,
     /// `root`/`user`.
-    pub kind: String,
+    pub kind: VolumeKind,
     /// Still encrypted under the same data key.
     pub encrypted: bool,
 }

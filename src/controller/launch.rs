@@ -18,7 +18,7 @@ use super::binding::{
 };
 use super::error::{ApiError, ApiErrorCode, ControllerError, api};
 use super::ids;
-use super::registry::{Bundle, RegistryError, User, Volume, Workspace};
+use super::registry::{Bundle, RegistryError, User, Volume, VolumeKind, Workspace};
 use super::state::{Event, WorkspaceState};
 use super::workspaces::Controller;
 
@@ -231,8 +231,8 @@ impl Controller {
             None
         };
         for (kind, encrypted, size_gib) in [
-            ("root", ws.root_encrypted, ws.root_size_gib),
-            ("user", ws.user_encrypted, ws.user_size_gib),
+            (VolumeKind::Root, ws.root_encrypted, ws.root_size_gib),
+            (VolumeKind::User, ws.user_encrypted, ws.user_size_gib),
         ] {
             let volume_id = ids::volume_id();
             let path = self
@@ -243,13 +243,13 @@ impl Controller {
             let mut row = Volume {
                 volume_id: volume_id.clone(),
                 workspace_id: ws.workspace_id.clone(),
-                kind: kind.into(),
+                kind: kind.as_str().into(),
                 path: path.clone(),
                 encrypted,
                 key_arn: String::new(),
                 grant_id: String::new(),
                 size_gib,
-                formatted: kind == "root",
+                formatted: kind == VolumeKind::Root,
             };
             let data_key = match (encrypted, key, service.as_ref(), ebs.as_ref()) {
                 (true, Some(key), Some(service), Some(ebs)) => {
@@ -269,7 +269,7 @@ impl Controller {
                         directory_id: &ws.directory_id,
                         workspace_id: &ws.workspace_id,
                         volume_id: &volume_id,
-                        kind,
+                        kind: kind.as_str(),
                     };
                     Some(
                         new_data_key(ebs, &binding, &[grant.grant_token])
@@ -282,7 +282,7 @@ impl Controller {
             self.make_volume(
                 &row,
                 data_key.as_ref().map(|(k, t)| (k, t.clone())),
-                (kind == "root").then_some(bundle),
+                (kind == VolumeKind::Root).then_some(bundle),
             )
             .map_err(ApiError::internal)?;
         }

@@ -9,7 +9,7 @@ use super::api::{BatchResult, FailedRequest, MAX_BATCH};
 use super::binding::{check_key_usable, ebs_grant};
 use super::error::{ApiError, ApiErrorCode, ControllerError, api};
 use super::ids;
-use super::registry::{Snapshot, User, Volume, Workspace};
+use super::registry::{Snapshot, User, Volume, VolumeKind, Workspace};
 use super::state::{Event, IllegalTransition, WorkspaceState};
 use super::workspaces::{Controller, copy_sparse};
 
@@ -187,7 +187,7 @@ impl Controller {
                 .volumes(Some(&w.workspace_id))
                 .map_err(ApiError::internal)?;
             for v in vols {
-                if v.kind == "root" {
+                if v.volume_kind() == VolumeKind::Root {
                     let key = if v.encrypted {
                         Some(
                             c.new_data_key(w, &user, &v)
@@ -199,7 +199,7 @@ impl Controller {
                     c.make_volume(&v, key.as_ref().map(|(k, t)| (k, t.clone())), Some(&bundle))
                         .map_err(ApiError::internal)?;
                 } else if let Some(snap) = c
-                    .latest_snapshot(&w.workspace_id, "user")
+                    .latest_snapshot(&w.workspace_id, VolumeKind::User)
                     .map_err(ApiError::internal)?
                     && snap.volume_id == v.volume_id
                 {
@@ -224,7 +224,7 @@ impl Controller {
             let mut plan = Vec::new();
             for v in &vols {
                 let snap = c
-                    .latest_snapshot(&w.workspace_id, &v.kind)
+                    .latest_snapshot(&w.workspace_id, v.volume_kind())
                     .map_err(ApiError::internal)?
                     .ok_or_else(|| ApiError::new(ApiErrorCode::InvalidResourceState, format!("no snapshot of the {} volume to restore from (create-snapshot first)", v.kind)))?;
                 plan.push((v.clone(), snap));

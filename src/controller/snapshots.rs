@@ -6,7 +6,7 @@ use super::agent::AgentPaths;
 use super::api::SnapshotView;
 use super::error::{ApiErrorCode, ControllerError, api};
 use super::ids;
-use super::registry::{Registry, Snapshot};
+use super::registry::{Registry, Snapshot, VolumeKind};
 use super::state::WorkspaceState;
 use super::workspaces::{Controller, copy_sparse};
 
@@ -57,6 +57,7 @@ impl Controller {
             .into_iter()
             .map(|v| {
                 let snapshot_id = ids::snapshot_id();
+                let kind = v.volume_kind();
                 let path = self
                     .cfg
                     .state_dir
@@ -74,7 +75,7 @@ impl Controller {
                 Ok(SnapshotView {
                     snapshot_id,
                     volume_id: v.volume_id,
-                    kind: v.kind,
+                    kind,
                     encrypted: v.encrypted,
                 })
             })
@@ -88,13 +89,13 @@ impl Controller {
     pub(super) fn latest_snapshot(
         &self,
         workspace_id: &str,
-        kind: &str,
+        kind: VolumeKind,
     ) -> Result<Option<Snapshot>, ControllerError> {
         Ok(self
             .reg
             .snapshots(workspace_id)?
             .into_iter()
-            .find(|s| s.kind == kind))
+            .find(|s| VolumeKind::from_stored(&s.kind) == kind))
     }
 
     /// `create-workspace-image`: refused for encrypted WorkSpaces (as the API does).
@@ -131,7 +132,7 @@ impl Controller {
             .reg
             .volumes(Some(workspace_id))?
             .into_iter()
-            .find(|v| v.kind == "root")
+            .find(|v| v.volume_kind() == VolumeKind::Root)
             .ok_or_else(|| ControllerError::NoRootVolume)?;
         let image_id = ids::image_id();
         let path = self

@@ -274,10 +274,11 @@ impl Controller {
                     .ok()
                     .and_then(|h| h.kms_token().map(|t| t.encryption_context.clone()));
                 let kms_key_id = v.key().map(str::to_string);
+                let kind = v.volume_kind();
                 VolumeView {
                     volume_id: v.volume_id,
                     workspace_id: v.workspace_id,
-                    kind: v.kind,
+                    kind,
                     encrypted: v.encrypted,
                     kms_key_id,
                     size_gib: v.size_gib,
