@@ -7,7 +7,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod output;
+mod progress;
 mod workspaces;
+
+use output::{emit, print_json};
 
 use crate::agent::{self, AttachError};
 use crate::fuse::Export;
@@ -237,10 +241,6 @@ fn init_tracing() {
         .try_init();
 }
 
-fn print_json<T: serde::Serialize>(v: &T) {
-    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
-}
-
 /// Dispatches a parsed command. Every verb first hardens the process
 /// ([`crate::secret::harden_process`]: no core dumps, not dumpable, no ptrace by other
 /// users): most verbs unwrap or hold a data key (create-volume, attach, rekey-volume,
@@ -373,9 +373,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 return Err(CliError::Usage("--seconds must be in (0, 600]".into()));
             }
             let figures = crate::bench::cipher_figures(Duration::from_secs_f64(seconds));
-            if output == Output::Json {
-                print_json(&figures);
-            } else {
+            emit(output, &figures, || {
                 println!(
                     "{:<18} {:>8} {:>8} {:>8} {:>8} {:>12}",
                     "cipher", "key", "sector", "threads", "op", "MB/s"
@@ -386,7 +384,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                         f.cipher, f.key_bits, f.sector_size, f.threads, f.op, f.mb_per_s
                     );
                 }
-            }
+            });
             Ok(())
         }
     }
@@ -520,16 +518,9 @@ fn rekey_volume(
 ) -> Result<(), CliError> {
     use crate::agent::ControlRequest;
     use crate::rekey::Progress;
-    let bar = indicatif::ProgressBar::new(0).with_style(
-        indicatif::ProgressStyle::with_template(
-            "rekey {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("static template"),
-    );
-    let update = |p: Progress| {
-        bar.set_length(p.total);
-        bar.set_position(p.done);
-    };
+    let bar =
+        progress::ByteBar::new("rekey {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}");
+    let update = |p: Progress| bar.update(p.done, p.total);
     let (report, target) = match (path, mountpoint) {
         (Some(path), _) => {
             let old = VolumeKey::from_file(
@@ -562,20 +553,20 @@ fn rekey_volume(
             ));
         }
     };
-    bar.finish_and_clear();
-    if output == Output::Json {
-        print_json(&report);
-    } else if report.already_done {
-        println!("{target}: already under the new key; nothing to do");
-    } else {
-        println!(
-            "{target}: rekeyed {} bytes{} in {:.1} s ({:.1} MB/s)",
-            report.bytes_this_run,
-            if report.resumed { " (resumed)" } else { "" },
-            report.seconds,
-            report.mb_per_s
-        );
-    }
+    bar.finish();
+    emit(output, &report, || {
+        if report.already_done {
+            println!("{target}: already under the new key; nothing to do");
+        } else {
+            println!(
+                "{target}: rekeyed {} bytes{} in {:.1} s ({:.1} MB/s)",
+                report.bytes_this_run,
+                if report.resumed { " (resumed)" } else { "" },
+                report.seconds,
+                report.mb_per_s
+            );
+        }
+    });
     Ok(())
 }
 

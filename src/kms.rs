@@ -595,3 +595,103 @@ impl KmsClient {
         Ok((blob.into_inner(), out.key_id.unwrap_or_default()))
     }
 }
+
+/// The KMS calls the controller makes, in front of [`KmsClient`] so that the controller's
+/// decisions (key checks, grant specs, contexts, what a refusal becomes) can be tested
+/// with an in-memory fake instead of a daemon.
+pub trait Kms {
+    /// DescribeKey.
+    ///
+    /// # Errors
+    /// The service's refusal or transport failure.
+    fn describe_key(&self, key_id: &str) -> Result<KeyInfo, KmsError>;
+    /// CreateGrant.
+    ///
+    /// # Errors
+    /// The service's refusal or transport failure.
+    fn create_grant(&self, spec: &GrantSpec) -> Result<Grant, KmsError>;
+    /// RetireGrant.
+    ///
+    /// # Errors
+    /// The service's refusal or transport failure.
+    fn retire_grant(&self, key_id: &str, grant_id: &str) -> Result<(), KmsError>;
+    /// GenerateDataKeyWithoutPlaintext (64 bytes); returns (blob, key ARN).
+    ///
+    /// # Errors
+    /// The service's refusal or transport failure.
+    fn generate_data_key_without_plaintext(
+        &self,
+        key_id: &str,
+        context: &EncryptionContext,
+        grant_tokens: &[String],
+    ) -> Result<(Vec<u8>, String), KmsError>;
+    /// Decrypt of a data-key blob into a [`VolumeKey`].
+    ///
+    /// # Errors
+    /// The service's refusal (wrong context, no grant, disabled key) or a bad key.
+    fn decrypt_volume_key(
+        &self,
+        blob: &[u8],
+        context: &EncryptionContext,
+        key_id: Option<&str>,
+        grant_tokens: &[String],
+    ) -> Result<VolumeKey, KmsError>;
+    /// ReEncrypt of a blob to another key and/or context; returns (blob, key ARN).
+    ///
+    /// # Errors
+    /// The service's refusal or transport failure.
+    fn re_encrypt(
+        &self,
+        blob: &[u8],
+        source_context: &EncryptionContext,
+        destination_key: &str,
+        destination_context: &EncryptionContext,
+        grant_tokens: &[String],
+    ) -> Result<(Vec<u8>, String), KmsError>;
+}
+
+impl Kms for KmsClient {
+    fn describe_key(&self, key_id: &str) -> Result<KeyInfo, KmsError> {
+        KmsClient::describe_key(self, key_id)
+    }
+    fn create_grant(&self, spec: &GrantSpec) -> Result<Grant, KmsError> {
+        KmsClient::create_grant(self, spec)
+    }
+    fn retire_grant(&self, key_id: &str, grant_id: &str) -> Result<(), KmsError> {
+        KmsClient::retire_grant(self, key_id, grant_id)
+    }
+    fn generate_data_key_without_plaintext(
+        &self,
+        key_id: &str,
+        context: &EncryptionContext,
+        grant_tokens: &[String],
+    ) -> Result<(Vec<u8>, String), KmsError> {
+        KmsClient::generate_data_key_without_plaintext(self, key_id, context, grant_tokens)
+    }
+    fn decrypt_volume_key(
+        &self,
+        blob: &[u8],
+        context: &EncryptionContext,
+        key_id: Option<&str>,
+        grant_tokens: &[String],
+    ) -> Result<VolumeKey, KmsError> {
+        KmsClient::decrypt_volume_key(self, blob, context, key_id, grant_tokens)
+    }
+    fn re_encrypt(
+        &self,
+        blob: &[u8],
+        source_context: &EncryptionContext,
+        destination_key: &str,
+        destination_context: &EncryptionContext,
+        grant_tokens: &[String],
+    ) -> Result<(Vec<u8>, String), KmsError> {
+        KmsClient::re_encrypt(
+            self,
+            blob,
+            source_context,
+            destination_key,
+            destination_context,
+            grant_tokens,
+        )
+    }
+}

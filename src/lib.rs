@@ -6,11 +6,9 @@
 //! that Linux attaches with a loop device.
 
 pub mod agent;
-pub mod attach;
 pub mod backing;
 pub mod bench;
 pub mod cli;
-pub mod control;
 pub mod controller;
 pub mod crashsim;
 pub mod device;

@@ -2,11 +2,14 @@
 //! kebab-case flags of the API field names, `--output json|table`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 
-use super::{CliError, Output, print_json};
-use crate::controller::workspaces::{
+use super::output::{emit, print_json};
+use super::progress::ByteBar;
+use super::{CliError, Output};
+use crate::controller::api::{
     BatchResult, CreateResult, WorkspaceProperties, WorkspaceRequest, WorkspaceView,
 };
 use crate::controller::{Controller, ControllerConfig};
@@ -39,6 +42,18 @@ impl Profiles {
     }
 }
 
+/// A controller whose bundle fills (launch, rebuild) draw a bar on a terminal; finish
+/// the bar when the verb returns.
+fn with_fill_bar(mut c: Controller) -> (Controller, Arc<ByteBar>) {
+    let bar = Arc::new(ByteBar::new(
+        "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+    ));
+    bar.message("filling root volume from bundle");
+    let drawn = Arc::clone(&bar);
+    c.on_fill_progress(Box::new(move |done, total| drawn.update(done, total)));
+    (c, bar)
+}
+
 /// [`Profiles`] plus the output format.
 #[derive(Debug, Clone, Args)]
 pub struct Common {
@@ -67,24 +82,16 @@ pub fn rekey(
     hotzone_bytes: Option<u64>,
     output: Output,
 ) -> Result<(), CliError> {
-    let bar = indicatif::ProgressBar::new(0).with_style(
-        indicatif::ProgressStyle::with_template(
-            "rekey {msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("static template"),
-    );
+    let bar = ByteBar::new("rekey {msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}");
     let reports =
         profiles
             .controller()?
             .rekey(workspace_id, volume_id, hotzone_bytes, |vol, p| {
-                bar.set_message(vol.to_string());
-                bar.set_length(p.total);
-                bar.set_position(p.done);
+                bar.message(vol);
+                bar.update(p.done, p.total);
             })?;
-    bar.finish_and_clear();
-    if output == Output::Json {
-        print_json(&serde_json::json!({ "Volumes": reports }));
-    } else {
+    bar.finish();
+    emit(output, &serde_json::json!({ "Volumes": reports }), || {
         for (vol, r) in &reports {
             println!(
                 "{vol}: rekeyed {} bytes{} in {:.1} s ({:.1} MB/s)",
@@ -94,7 +101,7 @@ pub fn rekey(
                 r.mb_per_s
             );
         }
-    }
+    });
     Ok(())
 }
 
@@ -353,11 +360,10 @@ fn print_workspaces(views: &[WorkspaceView]) {
 }
 
 fn print_batch(verb: &str, r: &BatchResult, output: Output) -> Result<(), CliError> {
-    if output == Output::Json {
-        print_json(r);
-    } else if r.failed_requests.is_empty() {
-        println!("{verb}: all requests accepted");
-    } else {
+    emit(output, r, || {
+        if r.failed_requests.is_empty() {
+            println!("{verb}: all requests accepted");
+        }
         for f in &r.failed_requests {
             println!(
                 "FAILED {} {}: {}",
@@ -366,7 +372,7 @@ fn print_batch(verb: &str, r: &BatchResult, output: Output) -> Result<(), CliErr
                 f.error_message
             );
         }
-    }
+    });
     if r.failed_requests.is_empty() {
         Ok(())
     } else {
@@ -385,9 +391,8 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
             common,
         } => {
             let new = common.controller()?.register_directory(&directory_id)?;
-            if common.output == Output::Json {
-                print_json(&serde_json::json!({"DirectoryId": directory_id, "Created": new}));
-            } else {
+            let doc = serde_json::json!({"DirectoryId": directory_id, "Created": new});
+            emit(common.output, &doc, || {
                 println!(
                     "directory {directory_id} {}",
                     if new {
@@ -396,7 +401,7 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
                         "was already registered"
                     }
                 );
-            }
+            });
         }
         WorkspaceCmd::CreateUser {
             directory_id,
@@ -407,13 +412,10 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
             let u = common
                 .controller()?
                 .create_user(&directory_id, &user_name, sid.as_deref())?;
-            if common.output == Output::Json {
-                print_json(
-                    &serde_json::json!({"DirectoryId": u.directory_id, "UserName": u.user_name, "Sid": u.sid}),
-                );
-            } else {
+            let doc = serde_json::json!({"DirectoryId": u.directory_id, "UserName": u.user_name, "Sid": u.sid});
+            emit(common.output, &doc, || {
                 println!("user {} in {}: SID {}", u.user_name, u.directory_id, u.sid);
-            }
+            });
         }
         WorkspaceCmd::CreateBundle {
             bundle_id,
@@ -424,18 +426,15 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
             let b = common
                 .controller()?
                 .create_bundle(&bundle_id, &from_dir, size_gib)?;
-            if common.output == Output::Json {
-                print_json(
-                    &serde_json::json!({"BundleId": b.bundle_id, "ImagePath": b.image_path, "SizeGib": b.size_gib}),
-                );
-            } else {
+            let doc = serde_json::json!({"BundleId": b.bundle_id, "ImagePath": b.image_path, "SizeGib": b.size_gib});
+            emit(common.output, &doc, || {
                 println!(
                     "bundle {} ({} GiB ext4 image at {})",
                     b.bundle_id,
                     b.size_gib,
                     b.image_path.display()
                 );
-            }
+            });
         }
         WorkspaceCmd::CreateWorkspaces {
             directory_id,
@@ -470,15 +469,16 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
                     user_volume_size_gib,
                 }),
             };
-            let r: CreateResult = c.create_workspaces(vec![req])?;
-            if common.output == Output::Json {
-                print_json(&r);
-            } else {
+            let (c, bar) = with_fill_bar(c);
+            let r = c.create_workspaces(vec![req]);
+            bar.finish();
+            let r: CreateResult = r?;
+            emit(common.output, &r, || {
                 print_workspaces(&r.pending_requests);
                 for f in &r.failed_requests {
                     println!("FAILED {}: {}", f.error_code, f.error_message);
                 }
-            }
+            });
             if !r.failed_requests.is_empty() {
                 return Err(CliError::Failed(r.failed_requests.len()));
             }
@@ -490,11 +490,11 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
             let views = common
                 .controller()?
                 .describe_workspaces(&workspace_ids, true)?;
-            if common.output == Output::Json {
-                print_json(&serde_json::json!({ "Workspaces": views }));
-            } else {
-                print_workspaces(&views);
-            }
+            emit(
+                common.output,
+                &serde_json::json!({ "Workspaces": views }),
+                || print_workspaces(&views),
+            );
         }
         WorkspaceCmd::DescribeVolumes {
             workspace_id,
@@ -503,32 +503,37 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
             let vols = common
                 .controller()?
                 .describe_volumes(workspace_id.as_deref())?;
-            if common.output == Output::Json {
-                print_json(&serde_json::json!({ "Volumes": vols }));
-            } else {
-                println!(
-                    "{:<22} {:<13} {:<5} {:<10} {:>8}  Key",
-                    "VolumeId", "WorkspaceId", "Kind", "Encrypted", "SizeGiB"
-                );
-                for v in vols {
+            emit(
+                common.output,
+                &serde_json::json!({ "Volumes": vols }),
+                || {
                     println!(
-                        "{:<22} {:<13} {:<5} {:<10} {:>8}  {}",
-                        v.volume_id,
-                        v.workspace_id,
-                        v.kind,
-                        if v.encrypted { "yes" } else { "no" },
-                        v.size_gib,
-                        v.kms_key_id.as_deref().unwrap_or("-")
+                        "{:<22} {:<13} {:<5} {:<10} {:>8}  Key",
+                        "VolumeId", "WorkspaceId", "Kind", "Encrypted", "SizeGiB"
                     );
-                }
-            }
+                    for v in &vols {
+                        println!(
+                            "{:<22} {:<13} {:<5} {:<10} {:>8}  {}",
+                            v.volume_id,
+                            v.workspace_id,
+                            v.kind,
+                            if v.encrypted { "yes" } else { "no" },
+                            v.size_gib,
+                            v.kms_key_id.as_deref().unwrap_or("-")
+                        );
+                    }
+                },
+            );
         }
         WorkspaceCmd::RebootWorkspaces(ids) => {
             let r = ids.common.controller()?.reboot(&ids.workspace_ids)?;
             print_batch("reboot-workspaces", &r, ids.common.output)?;
         }
         WorkspaceCmd::RebuildWorkspaces(ids) => {
-            let r = ids.common.controller()?.rebuild(&ids.workspace_ids)?;
+            let (c, bar) = with_fill_bar(ids.common.controller()?);
+            let r = c.rebuild(&ids.workspace_ids);
+            bar.finish();
+            let r = r?;
             print_batch("rebuild-workspaces", &r, ids.common.output)?;
         }
         WorkspaceCmd::StopWorkspaces(ids) => {
@@ -555,23 +560,25 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
             common,
         } => {
             let snaps = common.controller()?.create_snapshot(&workspace_id)?;
-            if common.output == Output::Json {
-                print_json(&serde_json::json!({ "Snapshots": snaps }));
-            } else {
-                for s in snaps {
-                    println!(
-                        "{} of {} ({} volume, {})",
-                        s.snapshot_id,
-                        s.volume_id,
-                        s.kind,
-                        if s.encrypted {
-                            "encrypted"
-                        } else {
-                            "unencrypted"
-                        }
-                    );
-                }
-            }
+            emit(
+                common.output,
+                &serde_json::json!({ "Snapshots": snaps }),
+                || {
+                    for s in &snaps {
+                        println!(
+                            "{} of {} ({} volume, {})",
+                            s.snapshot_id,
+                            s.volume_id,
+                            s.kind,
+                            if s.encrypted {
+                                "encrypted"
+                            } else {
+                                "unencrypted"
+                            }
+                        );
+                    }
+                },
+            );
         }
         WorkspaceCmd::CreateWorkspaceImage {
             workspace_id,
@@ -605,18 +612,20 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
             let vols = common
                 .controller()?
                 .rewrap(&workspace_id, &volume_encryption_key)?;
-            if common.output == Output::Json {
-                print_json(&serde_json::json!({ "Volumes": vols }));
-            } else {
-                for v in vols.iter().filter(|v| v.encrypted) {
-                    println!(
-                        "{} ({}) now wrapped under {}",
-                        v.volume_id,
-                        v.kind,
-                        v.kms_key_id.as_deref().unwrap_or("-")
-                    );
-                }
-            }
+            emit(
+                common.output,
+                &serde_json::json!({ "Volumes": vols }),
+                || {
+                    for v in vols.iter().filter(|v| v.encrypted) {
+                        println!(
+                            "{} ({}) now wrapped under {}",
+                            v.volume_id,
+                            v.kind,
+                            v.kms_key_id.as_deref().unwrap_or("-")
+                        );
+                    }
+                },
+            );
         }
         WorkspaceCmd::Agent {
             state_dir,
@@ -624,13 +633,8 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
             ebs_profile,
         } => {
             Controller::run_agent(&state_dir, &workspace_id, &ebs_profile, |r| match r {
-                Ok(()) => {
-                    println!("{}", crate::attach::READY_LINE);
-                    if let Ok(null) = std::fs::File::open("/dev/null") {
-                        let _ = nix::unistd::dup2_stdout(null);
-                    }
-                }
-                Err(e) => println!("{}{e}", crate::attach::ERROR_PREFIX),
+                Ok(()) => crate::agent::report_ready(),
+                Err(e) => crate::agent::report_error(&e),
             })?;
         }
     }

@@ -9,9 +9,18 @@
 //! under one grant per volume, constrained to that volume's full encryption context.
 
 pub mod agent;
+pub mod api;
+pub mod binding;
+mod directory;
+pub mod error;
 pub mod ids;
+mod launch;
+mod lifecycle;
 pub mod registry;
+mod rewrap;
+mod snapshots;
 pub mod state;
 pub mod workspaces;
 
-pub use workspaces::{Controller, ControllerConfig, ControllerError};
+pub use error::ControllerError;
+pub use workspaces::{Controller, ControllerConfig};

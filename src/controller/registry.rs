@@ -82,6 +82,26 @@ pub struct Workspace {
     pub error: String,
 }
 
+impl Workspace {
+    /// The KMS key ARN, if any volume is encrypted.
+    #[must_use]
+    pub fn key(&self) -> Option<&str> {
+        present(&self.key_arn)
+    }
+
+    /// The WorkSpaces service's grant, if it has one.
+    #[must_use]
+    pub fn ws_grant(&self) -> Option<&str> {
+        present(&self.ws_grant_id)
+    }
+
+    /// The last error, if any.
+    #[must_use]
+    pub fn error(&self) -> Option<&str> {
+        present(&self.error)
+    }
+}
+
 /// A volume row.
 #[derive(Debug, Clone)]
 pub struct Volume {
@@ -103,6 +123,64 @@ pub struct Volume {
     pub size_gib: u64,
     /// Whether the user volume already holds a filesystem.
     pub formatted: bool,
+}
+
+/// Which of a WorkSpace's two volumes; stored and shown as `root` / `user`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeKind {
+    /// The root volume, filled from the bundle.
+    Root,
+    /// The user volume, mounted at /home.
+    User,
+}
+
+impl VolumeKind {
+    /// `root` or `user`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Root => "root",
+            Self::User => "user",
+        }
+    }
+
+    /// The kind of a stored `kind` column: `root`, else the user volume.
+    #[must_use]
+    pub fn from_stored(s: &str) -> Self {
+        if s == "root" { Self::Root } else { Self::User }
+    }
+}
+
+impl std::fmt::Display for VolumeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// The empty string the registry stores for "none", as an `Option`.
+fn present(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+impl Volume {
+    /// Root or user volume.
+    #[must_use]
+    pub fn volume_kind(&self) -> VolumeKind {
+        VolumeKind::from_stored(&self.kind)
+    }
+
+    /// The KMS key ARN, if the volume is encrypted.
+    #[must_use]
+    pub fn key(&self) -> Option<&str> {
+        present(&self.key_arn)
+    }
+
+    /// The volume's EBS grant, if it has one.
+    #[must_use]
+    pub fn grant(&self) -> Option<&str> {
+        present(&self.grant_id)
+    }
 }
 
 /// A snapshot row.

@@ -62,6 +62,8 @@ pub enum Event {
     Detached,
     /// Terminate finished.
     Deleted,
+    /// The agent did not come up after a reboot, start, rebuild or restore.
+    AttachFailed,
     /// The agent died.
     AgentLost,
     /// An operation failed.
@@ -91,6 +93,7 @@ impl fmt::Display for Event {
             Self::Attached => "finish attaching",
             Self::Detached => "finish detaching",
             Self::Deleted => "finish terminating",
+            Self::AttachFailed => "fail to attach",
             Self::AgentLost => "lose the agent of",
             Self::Failed => "fail",
         };
@@ -120,6 +123,9 @@ impl WorkspaceState {
             (s, E::Terminate) if !matches!(s, S::Terminating | S::Terminated) => S::Terminating,
             (S::Rebooting | S::Starting | S::Rebuilding | S::Restoring, E::Attached) => {
                 S::Available
+            }
+            (S::Rebooting | S::Starting | S::Rebuilding | S::Restoring, E::AttachFailed) => {
+                S::Unhealthy
             }
             (S::Stopping, E::Detached) => S::Stopped,
             (S::Terminating, E::Deleted) => S::Terminated,
@@ -234,6 +240,15 @@ mod tests {
             S::Stopped.on(E::Reboot).expect_err("illegal").to_string(),
             "cannot reboot a WorkSpace that is STOPPED"
         );
+    }
+
+    #[test]
+    fn failures_have_their_own_transitions() {
+        assert_eq!(S::Pending.on(E::Failed), Ok(S::Error));
+        assert_eq!(S::Rebooting.on(E::AttachFailed), Ok(S::Unhealthy));
+        assert_eq!(S::Restoring.on(E::AttachFailed), Ok(S::Unhealthy));
+        assert!(S::Available.on(E::AttachFailed).is_err());
+        assert!(S::Terminated.on(E::Failed).is_err());
     }
 
     #[test]
