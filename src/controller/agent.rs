@@ -18,6 +18,8 @@ use crate::host::{self, HostError};
 use crate::kms::{EncryptionContext, KmsClient, KmsError};
 use crate::volume::{self, VolumeError};
 
+use super::binding::volume_context;
+use super::kind::VolumeKind;
 use super::registry::{Registry, RegistryError, Volume};
 
 /// Agent errors.
@@ -31,8 +33,8 @@ pub enum AgentError {
     Unwrap {
         /// Volume id.
         volume_id: String,
-        /// `root`/`user`.
-        kind: String,
+        /// Root or user volume.
+        kind: VolumeKind,
         /// The KMS error.
         source: KmsError,
     },
@@ -89,18 +91,6 @@ impl AgentPaths {
     }
 }
 
-/// The encryption context of a volume, as bound at launch.
-#[must_use]
-pub fn volume_context(sid: &str, directory_id: &str, volume_id: &str) -> EncryptionContext {
-    let mut c = EncryptionContext::new();
-    c.insert(
-        "aws:workspaces:sid-directoryid".into(),
-        format!("{sid}@{directory_id}"),
-    );
-    c.insert("aws:ebs:id".into(), volume_id.into());
-    c
-}
-
 fn unwrap(
     ebs: &KmsClient,
     v: &Volume,
@@ -113,7 +103,7 @@ fn unwrap(
     ebs.decrypt_volume_key(&token.ciphertext_blob, context, Some(&token.key_arn), &[])
         .map_err(|source| AgentError::Unwrap {
             volume_id: v.volume_id.clone(),
-            kind: v.kind.clone(),
+            kind: v.kind,
             source,
         })
 }
@@ -193,14 +183,14 @@ pub fn run(
     for v in &vols {
         let context = volume_context(&user.sid, &ws.directory_id, &v.volume_id);
         let opened = open_volume(v, &context, ebs.as_ref())?;
-        if v.kind == "user" && !v.formatted {
+        if v.kind == VolumeKind::User && !v.formatted {
             needs_mkfs.push(v.volume_id.clone());
         }
         if opened.resume_rekey {
-            resume.push(v.kind.clone());
+            resume.push(v.kind.to_string());
         }
         exports.push(Export {
-            name: v.kind.clone(),
+            name: v.kind.to_string(),
             device: opened.volume.device,
         });
     }

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::registry::VolumeKind;
+use super::kind::VolumeKind;
 use super::state::WorkspaceState;
 
 /// Batch verbs take at most this many ids (as the API).

@@ -2,12 +2,12 @@
 //! encryption-context constraints) and how a key's state or a KMS failure becomes an API
 //! error code.
 
-use crate::kms::{GrantSpec, KeyInfo, Kms, KmsError};
+use crate::kms::{EncryptionContext, GrantSpec, KeyInfo, Kms, KmsError};
 use crate::luks2::KmsToken;
 use crate::secret::VolumeKey;
 
-use super::agent::volume_context;
 use super::error::{ApiError, ApiErrorCode};
+use super::kind::VolumeKind;
 
 /// The WorkSpaces service principal.
 pub const WORKSPACES_SERVICE: &str = "workspaces.amazonaws.com";
@@ -156,8 +156,20 @@ pub(super) struct VolumeBinding<'a> {
     pub workspace_id: &'a str,
     /// The volume.
     pub volume_id: &'a str,
-    /// `root` or `user`.
-    pub kind: &'a str,
+    /// Root or user volume.
+    pub kind: VolumeKind,
+}
+
+/// The encryption context of a volume, as bound at launch.
+#[must_use]
+pub fn volume_context(sid: &str, directory_id: &str, volume_id: &str) -> EncryptionContext {
+    let mut c = EncryptionContext::new();
+    c.insert(
+        "aws:workspaces:sid-directoryid".into(),
+        format!("{sid}@{directory_id}"),
+    );
+    c.insert("aws:ebs:id".into(), volume_id.into());
+    c
 }
 
 /// A fresh data key for a volume: EBS generates it without plaintext under the volume's

@@ -213,7 +213,7 @@ fn a_new_data_key_is_bound_to_the_volume_context() {
         directory_id: "d-0123456789",
         workspace_id: "ws-abc",
         volume_id: "vol-9",
-        kind: "user",
+        kind: VolumeKind::User,
     };
     let (_key, token) = new_data_key(&kms, &b, &[]).expect("data key");
     assert_eq!(

@@ -9,16 +9,17 @@ use crate::secret::VolumeKey;
 use crate::volume::{self, CreateParams, Encryption, GIB};
 use crate::xts::SectorSize;
 
-use super::agent::volume_context;
 use super::api::{
     CreateResult, FailedRequest, MAX_BATCH, WorkspaceProperties, WorkspaceRequest, WorkspaceView,
 };
+use super::binding::volume_context;
 use super::binding::{
     DEFAULT_KEY_ALIAS, VolumeBinding, check_new_key, ebs_grant, new_data_key, workspaces_grant,
 };
 use super::error::{ApiError, ApiErrorCode, ControllerError, api};
 use super::ids;
-use super::registry::{Bundle, RegistryError, User, Volume, VolumeKind, Workspace};
+use super::kind::VolumeKind;
+use super::registry::{Bundle, RegistryError, User, Volume, Workspace};
 use super::state::{Event, WorkspaceState};
 use super::workspaces::Controller;
 
@@ -243,7 +244,7 @@ impl Controller {
             let mut row = Volume {
                 volume_id: volume_id.clone(),
                 workspace_id: ws.workspace_id.clone(),
-                kind: kind.as_str().into(),
+                kind,
                 path: path.clone(),
                 encrypted,
                 key_arn: String::new(),
@@ -269,7 +270,7 @@ impl Controller {
                         directory_id: &ws.directory_id,
                         workspace_id: &ws.workspace_id,
                         volume_id: &volume_id,
-                        kind: kind.as_str(),
+                        kind,
                     };
                     Some(
                         new_data_key(ebs, &binding, &[grant.grant_token])

@@ -4,12 +4,14 @@
 use crate::luks2::KmsToken;
 use crate::volume;
 
-use super::agent::{self, AgentPaths, volume_context};
+use super::agent::{self, AgentPaths};
 use super::api::{BatchResult, FailedRequest, MAX_BATCH};
+use super::binding::volume_context;
 use super::binding::{check_key_usable, ebs_grant};
 use super::error::{ApiError, ApiErrorCode, ControllerError, api};
 use super::ids;
-use super::registry::{Snapshot, User, Volume, VolumeKind, Workspace};
+use super::kind::VolumeKind;
+use super::registry::{Snapshot, User, Volume, Workspace};
 use super::state::{Event, IllegalTransition, WorkspaceState};
 use super::workspaces::{Controller, copy_sparse};
 
@@ -187,7 +189,7 @@ impl Controller {
                 .volumes(Some(&w.workspace_id))
                 .map_err(ApiError::internal)?;
             for v in vols {
-                if v.volume_kind() == VolumeKind::Root {
+                if v.kind == VolumeKind::Root {
                     let key = if v.encrypted {
                         Some(
                             c.new_data_key(w, &user, &v)
@@ -224,7 +226,7 @@ impl Controller {
             let mut plan = Vec::new();
             for v in &vols {
                 let snap = c
-                    .latest_snapshot(&w.workspace_id, v.volume_kind())
+                    .latest_snapshot(&w.workspace_id, v.kind)
                     .map_err(ApiError::internal)?
                     .ok_or_else(|| ApiError::new(ApiErrorCode::InvalidResourceState, format!("no snapshot of the {} volume to restore from (create-snapshot first)", v.kind)))?;
                 plan.push((v.clone(), snap));

@@ -14,6 +14,7 @@ pub mod binding;
 mod directory;
 pub mod error;
 pub mod ids;
+pub mod kind;
 mod launch;
 mod lifecycle;
 pub mod registry;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::kind::VolumeKind;
 use super::state::WorkspaceState;
 
 /// Registry errors.
@@ -109,8 +110,8 @@ pub struct Volume {
     pub volume_id: String,
     /// Owning workspace.
     pub workspace_id: String,
-    /// `root` or `user`.
-    pub kind: String,
+    /// Root or user volume.
+    pub kind: VolumeKind,
     /// Volume file.
     pub path: PathBuf,
     /// Encrypted.
@@ -125,51 +126,12 @@ pub struct Volume {
     pub formatted: bool,
 }
 
-/// Which of a WorkSpace's two volumes; stored and shown as `root` / `user`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VolumeKind {
-    /// The root volume, filled from the bundle.
-    Root,
-    /// The user volume, mounted at /home.
-    User,
-}
-
-impl VolumeKind {
-    /// `root` or `user`.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Root => "root",
-            Self::User => "user",
-        }
-    }
-
-    /// The kind of a stored `kind` column: `root`, else the user volume.
-    #[must_use]
-    pub fn from_stored(s: &str) -> Self {
-        if s == "root" { Self::Root } else { Self::User }
-    }
-}
-
-impl std::fmt::Display for VolumeKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.pad(self.as_str())
-    }
-}
-
 /// The empty string the registry stores for "none", as an `Option`.
 fn present(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
 
 impl Volume {
-    /// Root or user volume.
-    #[must_use]
-    pub fn volume_kind(&self) -> VolumeKind {
-        VolumeKind::from_stored(&self.kind)
-    }
-
     /// The KMS key ARN, if the volume is encrypted.
     #[must_use]
     pub fn key(&self) -> Option<&str> {
@@ -192,8 +154,8 @@ pub struct Snapshot {
     pub volume_id: String,
     /// Source workspace.
     pub workspace_id: String,
-    /// `root` or `user`.
-    pub kind: String,
+    /// Which volume it copies.
+    pub kind: VolumeKind,
     /// Snapshot file (ciphertext + header).
     pub path: PathBuf,
     /// Unix seconds.

@@ -6,8 +6,9 @@ use crate::luks2::KmsToken;
 use crate::secret::VolumeKey;
 use crate::volume;
 
-use super::agent::{AgentPaths, volume_context};
+use super::agent::AgentPaths;
 use super::api::VolumeView;
+use super::binding::volume_context;
 use super::binding::{self, VolumeBinding, check_new_key_info, ebs_grant, workspaces_grant};
 use super::error::{ApiErrorCode, ControllerError, api, serving};
 use super::registry::{User, Volume, Workspace};
@@ -29,7 +30,7 @@ impl Controller {
             directory_id: &w.directory_id,
             workspace_id: &w.workspace_id,
             volume_id: &v.volume_id,
-            kind: &v.kind,
+            kind: v.kind,
         };
         binding::new_data_key(&ebs, &binding, &[])
     }
@@ -238,7 +239,7 @@ impl Controller {
                 // The key goes to the agent over its uid-checked control socket, never
                 // through a file.
                 let req = crate::agent::ControlRequest::Rekey {
-                    export: Some(v.kind.clone()),
+                    export: Some(v.kind.to_string()),
                     new_volume_key: new_key,
                     hotzone_bytes,
                     new_kms_token: Some(token),

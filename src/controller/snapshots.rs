@@ -6,7 +6,8 @@ use super::agent::AgentPaths;
 use super::api::SnapshotView;
 use super::error::{ApiErrorCode, ControllerError, api};
 use super::ids;
-use super::registry::{Registry, Snapshot, VolumeKind};
+use super::kind::VolumeKind;
+use super::registry::{Registry, Snapshot};
 use super::state::WorkspaceState;
 use super::workspaces::{Controller, copy_sparse};
 
@@ -57,7 +58,7 @@ impl Controller {
             .into_iter()
             .map(|v| {
                 let snapshot_id = ids::snapshot_id();
-                let kind = v.volume_kind();
+                let kind = v.kind;
                 let path = self
                     .cfg
                     .state_dir
@@ -95,7 +96,7 @@ impl Controller {
             .reg
             .snapshots(workspace_id)?
             .into_iter()
-            .find(|s| VolumeKind::from_stored(&s.kind) == kind))
+            .find(|s| s.kind == kind))
     }
 
     /// `create-workspace-image`: refused for encrypted WorkSpaces (as the API does).
@@ -132,7 +133,7 @@ impl Controller {
             .reg
             .volumes(Some(workspace_id))?
             .into_iter()
-            .find(|v| v.volume_kind() == VolumeKind::Root)
+            .find(|v| v.kind == VolumeKind::Root)
             .ok_or_else(|| ControllerError::NoRootVolume)?;
         let image_id = ids::image_id();
         let path = self

@@ -274,7 +274,7 @@ impl Controller {
                     .ok()
                     .and_then(|h| h.kms_token().map(|t| t.encryption_context.clone()));
                 let kms_key_id = v.key().map(str::to_string);
-                let kind = v.volume_kind();
+                let kind = v.kind;
                 VolumeView {
                     volume_id: v.volume_id,
                     workspace_id: v.workspace_id,
