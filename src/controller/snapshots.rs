@@ -69,7 +69,7 @@ impl Controller {
                     snapshot_id: snapshot_id.clone(),
                     volume_id: v.volume_id.clone(),
                     workspace_id: workspace_id.into(),
-                    kind: v.kind.clone(),
+                    kind: v.kind,
                     path,
                     created: Registry::now(),
                 })?;
