@@ -100,12 +100,13 @@ fn unwrap(
     // The context is the one this volume must have (from the registry), never the one the
     // header claims: KMS authenticates it against the blob, so a volume file copied from
     // another WorkSpace or edited to another user's context cannot be unwrapped here.
-    ebs.decrypt_volume_key(&token.ciphertext_blob, context, Some(&token.key_arn), &[])
-        .map_err(|source| AgentError::Unwrap {
+    super::binding::unwrap_volume_key(ebs, token, context, &[]).map_err(|source| {
+        AgentError::Unwrap {
             volume_id: v.volume_id.clone(),
             kind: v.kind,
             source,
-        })
+        }
+    })
 }
 
 fn open_volume(

@@ -185,7 +185,6 @@ pub(super) fn new_data_key(
 ) -> Result<(VolumeKey, KmsToken), KmsError> {
     let context = volume_context(b.sid, b.directory_id, b.volume_id);
     let (blob, arn) = ebs.generate_data_key_without_plaintext(b.key_arn, &context, grant_tokens)?;
-    let key = ebs.decrypt_volume_key(&blob, &context, Some(b.key_arn), grant_tokens)?;
     let token = KmsToken {
         key_arn: if arn.is_empty() {
             b.key_arn.to_string()
@@ -193,12 +192,35 @@ pub(super) fn new_data_key(
             arn
         },
         ciphertext_blob: blob,
-        encryption_context: context,
+        encryption_context: context.clone(),
         volume_kind: b.kind.to_string(),
         volume_id: b.volume_id.to_string(),
         workspace_id: b.workspace_id.to_string(),
     };
+    let key = unwrap_volume_key(ebs, &token, &context, grant_tokens)?;
     Ok((key, token))
+}
+
+/// The one data-key unwrap: Decrypt of `token`'s blob under its key, with the `context`
+/// this volume must have according to the registry ([`volume_context`]), never the
+/// context the header's token claims. KMS authenticates the context against the blob, so
+/// a volume file copied from another WorkSpace, or edited to another user's context,
+/// cannot be unwrapped.
+///
+/// # Errors
+/// The KMS's refusal (wrong context, no grant, disabled key) or a bad key.
+pub(super) fn unwrap_volume_key(
+    kms: &impl Kms,
+    token: &KmsToken,
+    context: &EncryptionContext,
+    grant_tokens: &[String],
+) -> Result<VolumeKey, KmsError> {
+    kms.decrypt_volume_key(
+        &token.ciphertext_blob,
+        context,
+        Some(&token.key_arn),
+        grant_tokens,
+    )
 }
 
 #[cfg(test)]

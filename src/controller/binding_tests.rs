@@ -236,3 +236,28 @@ fn a_new_data_key_is_bound_to_the_volume_context() {
     let e = new_data_key(&refusing, &b, &[]).expect_err("refused");
     assert_eq!(e.code(), Some("DisabledException"));
 }
+
+#[test]
+fn a_volume_key_is_unwrapped_under_the_registry_context_not_the_headers() {
+    let kms = FakeKms::with_key("Enabled", "SYMMETRIC_DEFAULT");
+    let registry = volume_context("S-1-5-21-1-2-3-1001", "d-0123456789", "vol-9");
+    let other = volume_context("S-1-5-21-1-2-3-1002", "d-0123456789", "vol-7");
+    let token = |blob_ctx: &EncryptionContext, header_ctx: &EncryptionContext| KmsToken {
+        key_arn: ARN.into(),
+        ciphertext_blob: FakeKms::blob(ARN, blob_ctx),
+        encryption_context: header_ctx.clone(),
+        volume_kind: "user".into(),
+        volume_id: "vol-9".into(),
+        workspace_id: "ws-abc".into(),
+    };
+    // A header whose claimed context was edited: the blob still opens under the context
+    // the registry gives this volume.
+    let edited = token(&registry, &other);
+    unwrap_volume_key(&kms, &edited, &registry, &[]).expect("registry context unwraps");
+    // A volume file copied from another user's WorkSpace, header and all: its own context
+    // would unwrap it, the registry's must not.
+    let copied = token(&other, &other);
+    let e = unwrap_volume_key(&kms, &copied, &registry, &[]).expect_err("foreign volume");
+    assert_eq!(e.code(), Some("InvalidCiphertextException"));
+    assert_eq!(kms.calls.borrow().as_slice(), ["Decrypt", "Decrypt"]);
+}

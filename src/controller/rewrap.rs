@@ -8,8 +8,8 @@ use crate::volume;
 
 use super::agent::AgentPaths;
 use super::api::VolumeView;
-use super::binding::volume_context;
 use super::binding::{self, VolumeBinding, check_new_key_info, ebs_grant, workspaces_grant};
+use super::binding::{unwrap_volume_key, volume_context};
 use super::error::{ApiErrorCode, ControllerError, api, serving};
 use super::registry::{User, Volume, Workspace};
 use super::state::WorkspaceState;
@@ -225,12 +225,7 @@ impl Controller {
             let (new_key, token) = match pending {
                 Some(token) => {
                     let context = volume_context(&user.sid, &w.directory_id, &v.volume_id);
-                    let key = self.ebs()?.decrypt_volume_key(
-                        &token.ciphertext_blob,
-                        &context,
-                        Some(&token.key_arn),
-                        &[],
-                    )?;
+                    let key = unwrap_volume_key(&self.ebs()?, &token, &context, &[])?;
                     (key, token)
                 }
                 None => self.new_data_key(&w, &user, &v)?,
@@ -256,12 +251,7 @@ impl Controller {
                     .cloned()
                     .ok_or_else(|| ControllerError::NoKmsToken(v.volume_id.clone()))?;
                 let context = volume_context(&user.sid, &w.directory_id, &v.volume_id);
-                let old_key = ebs.decrypt_volume_key(
-                    &old_token.ciphertext_blob,
-                    &context,
-                    Some(&old_token.key_arn),
-                    &[],
-                )?;
+                let old_key = unwrap_volume_key(&ebs, &old_token, &context, &[])?;
                 let opts = crate::rekey::RekeyOptions {
                     hotzone_bytes,
                     new_kms_token: Some(token),
