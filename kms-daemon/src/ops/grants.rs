@@ -9,7 +9,7 @@ use crate::authz::Ask;
 use crate::authz::{Verdict, grantee_names};
 use crate::blob::fill_random;
 use crate::error::OpError;
-use crate::keys::{GRANT_OPERATIONS, GrantRecord, is_cryptographic_operation};
+use crate::keys::{GrantOperation, GrantRecord};
 use crate::principal::Caller;
 use crate::principal::{Principal, is_service_principal};
 use crate::wire::*;
@@ -82,13 +82,17 @@ impl Kms {
                 "Operations must name at least one operation".into(),
             ));
         }
-        for op in &r.operations {
-            if !GRANT_OPERATIONS.contains(&op.as_str()) {
-                return Err(OpError::Validation(format!(
-                    "Value '{op}' at 'operations' failed to satisfy constraint"
-                )));
-            }
-        }
+        let operations = r
+            .operations
+            .iter()
+            .map(|op| {
+                GrantOperation::from_name(op).ok_or_else(|| {
+                    OpError::Validation(format!(
+                        "Value '{op}' at 'operations' failed to satisfy constraint"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let constraints = r.constraints.unwrap_or_default();
         if constraints.subset.is_some() && constraints.equals.is_some() {
             return Err(OpError::Validation(
@@ -96,9 +100,11 @@ impl Kms {
             ));
         }
         if !constraints.is_empty()
-            && r.operations
-                .iter()
-                .any(|o| !is_cryptographic_operation(o) && o != "CreateGrant" && o != "RetireGrant")
+            && operations.iter().any(|&o| {
+                !o.is_cryptographic()
+                    && o != GrantOperation::CreateGrant
+                    && o != GrantOperation::RetireGrant
+            })
         {
             return Err(OpError::Validation(
                 "Grant constraints are not supported for the non-cryptographic operations listed"
@@ -128,7 +134,10 @@ impl Kms {
             context: None,
             grant_tokens: &tokens,
             extra,
-            extra_multi: vec![("kms:GrantOperations", r.operations.clone())],
+            extra_multi: vec![(
+                "kms:GrantOperations",
+                operations.iter().map(|o| o.as_str().to_owned()).collect(),
+            )],
             grants_apply: false,
         };
         let verdict = match self.authz.evaluate(caller, &key, &ask)? {
@@ -137,7 +146,7 @@ impl Kms {
             Verdict::NotAllowed
                 if self
                     .authz
-                    .parent_grant_allows(caller, &key, &r.operations, &constraints)? =>
+                    .parent_grant_allows(caller, &key, &operations, &constraints)? =>
             {
                 Verdict::Allowed
             }
@@ -160,7 +169,7 @@ impl Kms {
             name: r.name.unwrap_or_default(),
             grantee,
             retiring,
-            operations: r.operations,
+            operations,
             constraints,
             issuing_account: format!("arn:aws:iam::{}:root", self.account),
             created: self.clock.now(),
@@ -277,7 +286,7 @@ impl Kms {
         let account_root = format!("arn:aws:iam::{}:root", self.account);
         let allowed = grant.retiring.as_ref().is_some_and(|rp| names.contains(rp))
             || (names.contains(&grant.grantee)
-                && grant.operations.iter().any(|o| o == "RetireGrant"))
+                && grant.operations.contains(&GrantOperation::RetireGrant))
             || names.contains(&account_root);
         if !allowed {
             return Err(OpError::AccessDenied(format!(
