@@ -1,9 +1,10 @@
 //! Grants: CreateGrant, ListGrants, ListRetirableGrants, RetireGrant, RevokeGrant.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::MAX_GRANTS_PER_KEY;
 use super::checks::*;
+use super::responses::{CreateGrantResponse, Empty, GrantListEntry, to_value};
 use super::{Kms, Touched};
 use crate::authz::Ask;
 use crate::authz::{Verdict, grantee_names};
@@ -179,21 +180,25 @@ impl Kms {
             },
         };
         self.store.insert_grant(&grant)?;
-        Ok(json!({"GrantToken": grant.token, "GrantId": grant.id}))
+        to_value(CreateGrantResponse {
+            grant_token: &grant.token,
+            grant_id: &grant.id,
+        })
     }
 
-    fn grant_json(g: &GrantRecord, key_arn: &str) -> Value {
-        let mut v = json!({
-            "KeyId": key_arn, "GrantId": g.id, "Name": g.name, "CreationDate": g.created,
-            "GranteePrincipal": g.grantee, "IssuingAccount": g.issuing_account, "Operations": g.operations,
-        });
-        if let Some(r) = &g.retiring {
-            v["RetiringPrincipal"] = json!(r);
+    /// One entry of a grant listing.
+    fn grant_entry<'a>(g: &'a GrantRecord, key_arn: &'a str) -> GrantListEntry<'a> {
+        GrantListEntry {
+            key_id: key_arn,
+            grant_id: &g.id,
+            name: &g.name,
+            creation_date: g.created,
+            grantee_principal: &g.grantee,
+            issuing_account: &g.issuing_account,
+            operations: &g.operations,
+            retiring_principal: g.retiring.as_deref(),
+            constraints: &g.constraints,
         }
-        if !g.constraints.is_empty() {
-            v["Constraints"] = serde_json::to_value(&g.constraints).unwrap_or(Value::Null);
-        }
-        v
     }
 
     pub(super) fn list_grants(
@@ -212,16 +217,15 @@ impl Kms {
             },
             touched,
         )?;
-        let items: Vec<Value> = self
-            .store
-            .grants_for_key(&key.id)?
+        let grants = self.store.grants_for_key(&key.id)?;
+        let items: Vec<GrantListEntry<'_>> = grants
             .iter()
             .filter(|g| r.grant_id.as_ref().is_none_or(|id| *id == g.id))
             .filter(|g| r.grantee_principal.as_ref().is_none_or(|p| *p == g.grantee))
-            .map(|g| Self::grant_json(g, &key.arn))
+            .map(|g| Self::grant_entry(g, &key.arn))
             .collect();
         let (items, next) = page(items, r.limit, r.marker.as_deref())?;
-        Ok(paged(json!({}), "Grants", items, next))
+        paged("Grants", items, next)
     }
 
     pub(super) fn list_retirable(
@@ -235,14 +239,15 @@ impl Kms {
             self.authz
                 .authorize_account_action(caller, "ListRetirableGrants")?;
         }
-        let items: Vec<Value> = self
-            .store
-            .retirable_grants(&r.retiring_principal)?
+        let grants = self.store.retirable_grants(&r.retiring_principal)?;
+        let arns: Vec<String> = grants.iter().map(|g| self.key_arn(&g.key_id)).collect();
+        let items: Vec<GrantListEntry<'_>> = grants
             .iter()
-            .map(|g| Self::grant_json(g, &self.key_arn(&g.key_id)))
+            .zip(&arns)
+            .map(|(g, arn)| Self::grant_entry(g, arn))
             .collect();
         let (items, next) = page(items, r.limit, r.marker.as_deref())?;
-        Ok(paged(json!({}), "Grants", items, next))
+        paged("Grants", items, next)
     }
 
     pub(super) fn retire_grant(
@@ -297,7 +302,7 @@ impl Kms {
         }
         dry_run(r.dry_run)?;
         self.store.delete_grant(&grant.id)?;
-        Ok(json!({}))
+        to_value(Empty {})
     }
 
     pub(super) fn revoke_grant(
@@ -334,6 +339,6 @@ impl Kms {
         }
         dry_run(r.dry_run)?;
         self.store.delete_grant(&r.grant_id)?;
-        Ok(json!({}))
+        to_value(Empty {})
     }
 }
