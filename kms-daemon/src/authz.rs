@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::context::EncryptionContext;
 use crate::error::OpError;
-use crate::keys::{GrantConstraints, KeyRecord};
+use crate::keys::{GrantConstraints, GrantOperation, KeyRecord};
 use crate::policy::{ConditionContext, Decision, PolicyDocument, PolicyError, Request};
 use crate::principal::{Caller, Principal};
 use crate::store::KeyStore;
@@ -227,10 +227,15 @@ impl Authorizer {
         ask: &Ask<'_>,
     ) -> Result<bool, OpError> {
         let names = grantee_names(caller);
-        Ok(self.store.grants_for_key(&key.id)?.iter().any(|g| {
+        let grants = self.store.grants_for_key(&key.id)?;
+        // An operation no grant may name (ListGrants, ...) is never granted.
+        let Some(operation) = GrantOperation::from_name(ask.operation) else {
+            return Ok(false);
+        };
+        Ok(grants.iter().any(|g| {
             names
                 .iter()
-                .any(|n| g.authorizes(n, ask.operation, ask.context))
+                .any(|n| g.authorizes(n, operation, ask.context))
         }))
     }
 
@@ -291,13 +296,13 @@ impl Authorizer {
         &self,
         caller: &Caller,
         key: &KeyRecord,
-        operations: &[String],
+        operations: &[GrantOperation],
         constraints: &GrantConstraints,
     ) -> Result<bool, OpError> {
         let names = grantee_names(caller);
         Ok(self.store.grants_for_key(&key.id)?.iter().any(|g| {
             names.contains(&g.grantee)
-                && g.operations.iter().any(|o| o == "CreateGrant")
+                && g.operations.contains(&GrantOperation::CreateGrant)
                 && operations.iter().all(|o| g.operations.contains(o))
                 && g.constraints.is_narrowed_by(constraints)
         }))

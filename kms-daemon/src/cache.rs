@@ -236,7 +236,7 @@ mod tests {
             name: String::new(),
             grantee: "ebs.amazonaws.com".into(),
             retiring: None,
-            operations: vec!["Decrypt".into()],
+            operations: vec![crate::keys::GrantOperation::Decrypt],
             constraints: GrantConstraints::default(),
             issuing_account: "111122223333".into(),
             created: 0,

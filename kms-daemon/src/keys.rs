@@ -331,8 +331,8 @@ pub struct GrantRecord {
     pub grantee: String,
     /// Retiring principal.
     pub retiring: Option<String>,
-    /// Allowed operations (AWS operation names).
-    pub operations: Vec<String>,
+    /// Allowed operations.
+    pub operations: Vec<GrantOperation>,
     /// Constraints.
     pub constraints: GrantConstraints,
     /// Account that created the grant.
@@ -348,10 +348,10 @@ impl GrantRecord {
     pub fn authorizes(
         &self,
         principal: &str,
-        operation: &str,
+        operation: GrantOperation,
         ctx: Option<&EncryptionContext>,
     ) -> bool {
-        if self.grantee != principal || !self.operations.iter().any(|o| o == operation) {
+        if self.grantee != principal || !self.operations.contains(&operation) {
             return false;
         }
         match ctx {
@@ -361,40 +361,89 @@ impl GrantRecord {
     }
 }
 
-/// Operations a grant may name.
-pub const GRANT_OPERATIONS: &[&str] = &[
-    "Decrypt",
-    "Encrypt",
-    "GenerateDataKey",
-    "GenerateDataKeyWithoutPlaintext",
-    "ReEncryptFrom",
-    "ReEncryptTo",
-    "Sign",
-    "Verify",
-    "GetPublicKey",
-    "CreateGrant",
-    "RetireGrant",
-    "DescribeKey",
-    "GenerateDataKeyPair",
-    "GenerateDataKeyPairWithoutPlaintext",
-    "GenerateMac",
-    "VerifyMac",
-    "DeriveSharedSecret",
-];
+/// Declares [`GrantOperation`]: each variant's name is its AWS name, on the wire and in
+/// the store (serde writes the variant name).
+macro_rules! grant_operations {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        /// An operation a grant may name: exactly the set AWS accepts in CreateGrant.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum GrantOperation { $($(#[$doc])* $name,)* }
 
-/// Grant operations that take an encryption context (constraints apply to them).
-pub fn is_cryptographic_operation(op: &str) -> bool {
-    matches!(
-        op,
-        "Decrypt"
-            | "Encrypt"
-            | "GenerateDataKey"
-            | "GenerateDataKeyWithoutPlaintext"
-            | "ReEncryptFrom"
-            | "ReEncryptTo"
-            | "GenerateDataKeyPair"
-            | "GenerateDataKeyPairWithoutPlaintext"
-    )
+        impl GrantOperation {
+            /// Every grant operation, in AWS's documentation order.
+            pub const ALL: &[GrantOperation] = &[$(GrantOperation::$name,)*];
+
+            /// The AWS operation name (as stored and sent).
+            pub fn as_str(self) -> &'static str {
+                match self { $(GrantOperation::$name => stringify!($name),)* }
+            }
+
+            /// Parses an AWS operation name; `None` for anything a grant may not name.
+            pub fn from_name(name: &str) -> Option<Self> {
+                match name { $(stringify!($name) => Some(GrantOperation::$name),)* _ => None }
+            }
+        }
+    };
+}
+
+grant_operations! {
+    /// kms:Decrypt.
+    Decrypt,
+    /// kms:Encrypt.
+    Encrypt,
+    /// kms:GenerateDataKey.
+    GenerateDataKey,
+    /// kms:GenerateDataKeyWithoutPlaintext.
+    GenerateDataKeyWithoutPlaintext,
+    /// The source side of kms:ReEncrypt.
+    ReEncryptFrom,
+    /// The destination side of kms:ReEncrypt.
+    ReEncryptTo,
+    /// kms:Sign (accepted in grants; the daemon has no asymmetric keys).
+    Sign,
+    /// kms:Verify (accepted in grants).
+    Verify,
+    /// kms:GetPublicKey (accepted in grants).
+    GetPublicKey,
+    /// kms:CreateGrant: the grantee may create narrower grants.
+    CreateGrant,
+    /// kms:RetireGrant: the grantee may retire this grant.
+    RetireGrant,
+    /// kms:DescribeKey.
+    DescribeKey,
+    /// kms:GenerateDataKeyPair (accepted in grants).
+    GenerateDataKeyPair,
+    /// kms:GenerateDataKeyPairWithoutPlaintext (accepted in grants).
+    GenerateDataKeyPairWithoutPlaintext,
+    /// kms:GenerateMac (accepted in grants).
+    GenerateMac,
+    /// kms:VerifyMac (accepted in grants).
+    VerifyMac,
+    /// kms:DeriveSharedSecret (accepted in grants).
+    DeriveSharedSecret,
+}
+
+impl GrantOperation {
+    /// Whether the operation takes an encryption context (constraints apply to it).
+    pub fn is_cryptographic(self) -> bool {
+        matches!(
+            self,
+            Self::Decrypt
+                | Self::Encrypt
+                | Self::GenerateDataKey
+                | Self::GenerateDataKeyWithoutPlaintext
+                | Self::ReEncryptFrom
+                | Self::ReEncryptTo
+                | Self::GenerateDataKeyPair
+                | Self::GenerateDataKeyPairWithoutPlaintext
+        )
+    }
+}
+
+impl std::fmt::Display for GrantOperation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[cfg(test)]
@@ -412,7 +461,10 @@ mod tests {
             name: String::new(),
             grantee: "ebs.amazonaws.com".into(),
             retiring: None,
-            operations: vec!["Decrypt".into(), "GenerateDataKeyWithoutPlaintext".into()],
+            operations: vec![
+                GrantOperation::Decrypt,
+                GrantOperation::GenerateDataKeyWithoutPlaintext,
+            ],
             constraints,
             issuing_account: "111122223333".into(),
             created: 0,
@@ -427,21 +479,45 @@ mod tests {
             subset: None,
         });
         let good = ctx(&[("AWS:EBS:ID", "vol-1"), ("sid", "S@d-1")]);
-        assert!(g.authorizes("ebs.amazonaws.com", "Decrypt", Some(&good)));
-        assert!(!g.authorizes("workspaces.amazonaws.com", "Decrypt", Some(&good)));
-        assert!(!g.authorizes("ebs.amazonaws.com", "Encrypt", Some(&good)));
+        assert!(g.authorizes("ebs.amazonaws.com", GrantOperation::Decrypt, Some(&good)));
+        assert!(!g.authorizes(
+            "workspaces.amazonaws.com",
+            GrantOperation::Decrypt,
+            Some(&good)
+        ));
+        assert!(!g.authorizes("ebs.amazonaws.com", GrantOperation::Encrypt, Some(&good)));
         assert!(!g.authorizes(
             "ebs.amazonaws.com",
-            "Decrypt",
+            GrantOperation::Decrypt,
             Some(&ctx(&[("aws:ebs:id", "vol-1")]))
         ));
         assert!(!g.authorizes(
             "ebs.amazonaws.com",
-            "Decrypt",
+            GrantOperation::Decrypt,
             Some(&ctx(&[("aws:ebs:id", "VOL-1"), ("sid", "S@d-1")]))
         ));
         let extra = ctx(&[("aws:ebs:id", "vol-1"), ("sid", "S@d-1"), ("x", "y")]);
-        assert!(!g.authorizes("ebs.amazonaws.com", "Decrypt", Some(&extra)));
+        assert!(!g.authorizes("ebs.amazonaws.com", GrantOperation::Decrypt, Some(&extra)));
+    }
+
+    #[test]
+    fn grant_operations_round_trip_as_their_aws_names() {
+        for &op in GrantOperation::ALL {
+            assert_eq!(GrantOperation::from_name(op.as_str()), Some(op));
+            assert_eq!(
+                serde_json::to_string(&op).expect("serializes"),
+                format!("\"{op}\"")
+            );
+        }
+        assert_eq!(GrantOperation::ALL.len(), 17);
+        assert_eq!(GrantOperation::from_name("decrypt"), None);
+        assert_eq!(GrantOperation::from_name("ListGrants"), None);
+        let stored: Vec<GrantOperation> =
+            serde_json::from_str(r#"["Decrypt","ReEncryptTo"]"#).expect("parses");
+        assert_eq!(
+            stored,
+            [GrantOperation::Decrypt, GrantOperation::ReEncryptTo]
+        );
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Aliases: CreateAlias, UpdateAlias, ListAliases, DeleteAlias.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::checks::*;
+use super::responses::{AliasListEntry, Empty, to_value};
 use super::{Kms, Touched, simple_ask};
 use crate::error::OpError;
 use crate::principal::Caller;
@@ -67,7 +68,7 @@ impl Kms {
                 )),
                 other => other.into(),
             })?;
-        Ok(json!({}))
+        to_value(Empty {})
     }
 
     pub(super) fn update_alias(
@@ -98,7 +99,7 @@ impl Kms {
             key_id: key.id,
             created: existing.created,
         })?;
-        Ok(json!({}))
+        to_value(Empty {})
     }
 
     pub(super) fn list_aliases(
@@ -117,14 +118,20 @@ impl Kms {
                 None
             }
         };
-        let items: Vec<Value> = self
+        let items: Vec<AliasListEntry> = self
             .store
             .list_aliases(key_filter.as_deref())?
             .into_iter()
-            .map(|a| json!({"AliasName": a.name, "AliasArn": self.alias_arn(&a.name), "TargetKeyId": a.key_id, "CreationDate": a.created, "LastUpdatedDate": a.created}))
+            .map(|a| AliasListEntry {
+                alias_arn: self.alias_arn(&a.name),
+                alias_name: a.name,
+                target_key_id: a.key_id,
+                creation_date: a.created,
+                last_updated_date: a.created,
+            })
             .collect();
         let (items, next) = page(items, r.limit, r.marker.as_deref())?;
-        Ok(paged(json!({}), "Aliases", items, next))
+        paged("Aliases", items, next)
     }
 
     pub(super) fn delete_alias(
@@ -150,6 +157,6 @@ impl Kms {
         self.authz
             .authorize_alias_action(caller, &self.alias_arn(&r.alias_name), "DeleteAlias")?;
         self.store.delete_alias(&r.alias_name)?;
-        Ok(json!({}))
+        to_value(Empty {})
     }
 }

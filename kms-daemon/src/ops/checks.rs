@@ -1,8 +1,9 @@
 //! Checks and helpers the operations share: request limits, key-state requirements,
 //! paging.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
+use super::responses::to_value;
 use crate::blob::fill_random;
 use crate::context::EncryptionContext;
 use crate::error::OpError;
@@ -70,14 +71,20 @@ pub(super) fn page<T>(
     ))
 }
 
-/// `out` with `items` under `field`, `Truncated` and the next marker.
-pub(super) fn paged(mut out: Value, field: &str, items: Vec<Value>, next: Option<String>) -> Value {
-    out[field] = Value::Array(items);
-    out["Truncated"] = json!(next.is_some());
+/// A list response: `items` under `field`, `Truncated` and the next marker (absent on
+/// the last page).
+pub(super) fn paged<T: serde::Serialize>(
+    field: &str,
+    items: Vec<T>,
+    next: Option<String>,
+) -> Result<Value, OpError> {
+    let mut out = serde_json::Map::new();
+    out.insert(field.to_owned(), to_value(items)?);
+    out.insert("Truncated".to_owned(), Value::Bool(next.is_some()));
     if let Some(n) = next {
-        out["NextMarker"] = json!(n);
+        out.insert("NextMarker".to_owned(), Value::String(n));
     }
-    out
+    Ok(Value::Object(out))
 }
 
 /// `n` random bytes, hex-encoded.

@@ -1,15 +1,16 @@
 //! Grants: CreateGrant, ListGrants, ListRetirableGrants, RetireGrant, RevokeGrant.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::MAX_GRANTS_PER_KEY;
 use super::checks::*;
+use super::responses::{CreateGrantResponse, Empty, GrantListEntry, to_value};
 use super::{Kms, Touched};
 use crate::authz::Ask;
 use crate::authz::{Verdict, grantee_names};
 use crate::blob::fill_random;
 use crate::error::OpError;
-use crate::keys::{GRANT_OPERATIONS, GrantRecord, is_cryptographic_operation};
+use crate::keys::{GrantOperation, GrantRecord};
 use crate::principal::Caller;
 use crate::principal::{Principal, is_service_principal};
 use crate::wire::*;
@@ -82,13 +83,17 @@ impl Kms {
                 "Operations must name at least one operation".into(),
             ));
         }
-        for op in &r.operations {
-            if !GRANT_OPERATIONS.contains(&op.as_str()) {
-                return Err(OpError::Validation(format!(
-                    "Value '{op}' at 'operations' failed to satisfy constraint"
-                )));
-            }
-        }
+        let operations = r
+            .operations
+            .iter()
+            .map(|op| {
+                GrantOperation::from_name(op).ok_or_else(|| {
+                    OpError::Validation(format!(
+                        "Value '{op}' at 'operations' failed to satisfy constraint"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let constraints = r.constraints.unwrap_or_default();
         if constraints.subset.is_some() && constraints.equals.is_some() {
             return Err(OpError::Validation(
@@ -96,9 +101,11 @@ impl Kms {
             ));
         }
         if !constraints.is_empty()
-            && r.operations
-                .iter()
-                .any(|o| !is_cryptographic_operation(o) && o != "CreateGrant" && o != "RetireGrant")
+            && operations.iter().any(|&o| {
+                !o.is_cryptographic()
+                    && o != GrantOperation::CreateGrant
+                    && o != GrantOperation::RetireGrant
+            })
         {
             return Err(OpError::Validation(
                 "Grant constraints are not supported for the non-cryptographic operations listed"
@@ -128,7 +135,10 @@ impl Kms {
             context: None,
             grant_tokens: &tokens,
             extra,
-            extra_multi: vec![("kms:GrantOperations", r.operations.clone())],
+            extra_multi: vec![(
+                "kms:GrantOperations",
+                operations.iter().map(|o| o.as_str().to_owned()).collect(),
+            )],
             grants_apply: false,
         };
         let verdict = match self.authz.evaluate(caller, &key, &ask)? {
@@ -137,7 +147,7 @@ impl Kms {
             Verdict::NotAllowed
                 if self
                     .authz
-                    .parent_grant_allows(caller, &key, &r.operations, &constraints)? =>
+                    .parent_grant_allows(caller, &key, &operations, &constraints)? =>
             {
                 Verdict::Allowed
             }
@@ -160,7 +170,7 @@ impl Kms {
             name: r.name.unwrap_or_default(),
             grantee,
             retiring,
-            operations: r.operations,
+            operations,
             constraints,
             issuing_account: format!("arn:aws:iam::{}:root", self.account),
             created: self.clock.now(),
@@ -170,21 +180,25 @@ impl Kms {
             },
         };
         self.store.insert_grant(&grant)?;
-        Ok(json!({"GrantToken": grant.token, "GrantId": grant.id}))
+        to_value(CreateGrantResponse {
+            grant_token: &grant.token,
+            grant_id: &grant.id,
+        })
     }
 
-    fn grant_json(g: &GrantRecord, key_arn: &str) -> Value {
-        let mut v = json!({
-            "KeyId": key_arn, "GrantId": g.id, "Name": g.name, "CreationDate": g.created,
-            "GranteePrincipal": g.grantee, "IssuingAccount": g.issuing_account, "Operations": g.operations,
-        });
-        if let Some(r) = &g.retiring {
-            v["RetiringPrincipal"] = json!(r);
+    /// One entry of a grant listing.
+    fn grant_entry<'a>(g: &'a GrantRecord, key_arn: &'a str) -> GrantListEntry<'a> {
+        GrantListEntry {
+            key_id: key_arn,
+            grant_id: &g.id,
+            name: &g.name,
+            creation_date: g.created,
+            grantee_principal: &g.grantee,
+            issuing_account: &g.issuing_account,
+            operations: &g.operations,
+            retiring_principal: g.retiring.as_deref(),
+            constraints: &g.constraints,
         }
-        if !g.constraints.is_empty() {
-            v["Constraints"] = serde_json::to_value(&g.constraints).unwrap_or(Value::Null);
-        }
-        v
     }
 
     pub(super) fn list_grants(
@@ -203,16 +217,15 @@ impl Kms {
             },
             touched,
         )?;
-        let items: Vec<Value> = self
-            .store
-            .grants_for_key(&key.id)?
+        let grants = self.store.grants_for_key(&key.id)?;
+        let items: Vec<GrantListEntry<'_>> = grants
             .iter()
             .filter(|g| r.grant_id.as_ref().is_none_or(|id| *id == g.id))
             .filter(|g| r.grantee_principal.as_ref().is_none_or(|p| *p == g.grantee))
-            .map(|g| Self::grant_json(g, &key.arn))
+            .map(|g| Self::grant_entry(g, &key.arn))
             .collect();
         let (items, next) = page(items, r.limit, r.marker.as_deref())?;
-        Ok(paged(json!({}), "Grants", items, next))
+        paged("Grants", items, next)
     }
 
     pub(super) fn list_retirable(
@@ -226,14 +239,15 @@ impl Kms {
             self.authz
                 .authorize_account_action(caller, "ListRetirableGrants")?;
         }
-        let items: Vec<Value> = self
-            .store
-            .retirable_grants(&r.retiring_principal)?
+        let grants = self.store.retirable_grants(&r.retiring_principal)?;
+        let arns: Vec<String> = grants.iter().map(|g| self.key_arn(&g.key_id)).collect();
+        let items: Vec<GrantListEntry<'_>> = grants
             .iter()
-            .map(|g| Self::grant_json(g, &self.key_arn(&g.key_id)))
+            .zip(&arns)
+            .map(|(g, arn)| Self::grant_entry(g, arn))
             .collect();
         let (items, next) = page(items, r.limit, r.marker.as_deref())?;
-        Ok(paged(json!({}), "Grants", items, next))
+        paged("Grants", items, next)
     }
 
     pub(super) fn retire_grant(
@@ -277,7 +291,7 @@ impl Kms {
         let account_root = format!("arn:aws:iam::{}:root", self.account);
         let allowed = grant.retiring.as_ref().is_some_and(|rp| names.contains(rp))
             || (names.contains(&grant.grantee)
-                && grant.operations.iter().any(|o| o == "RetireGrant"))
+                && grant.operations.contains(&GrantOperation::RetireGrant))
             || names.contains(&account_root);
         if !allowed {
             return Err(OpError::AccessDenied(format!(
@@ -288,7 +302,7 @@ impl Kms {
         }
         dry_run(r.dry_run)?;
         self.store.delete_grant(&grant.id)?;
-        Ok(json!({}))
+        to_value(Empty {})
     }
 
     pub(super) fn revoke_grant(
@@ -325,6 +339,6 @@ impl Kms {
         }
         dry_run(r.dry_run)?;
         self.store.delete_grant(&r.grant_id)?;
-        Ok(json!({}))
+        to_value(Empty {})
     }
 }

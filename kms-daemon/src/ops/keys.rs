@@ -4,7 +4,10 @@
 use serde_json::{Value, json};
 
 use super::checks::*;
-use super::responses::{KeyMetadata, KeyMetadataResponse, to_value};
+use super::responses::{
+    Empty, KeyIdResponse, KeyListEntry, KeyMetadata, KeyMetadataResponse, ScheduleDeletionResponse,
+    to_value,
+};
 use super::{DAY, WORKSPACES_ALIAS, WORKSPACES_SERVICE};
 use super::{Kms, Touched, simple_ask};
 use crate::authz::Ask;
@@ -221,10 +224,13 @@ impl Kms {
             {
                 continue;
             }
-            items.push(json!({"KeyId": id, "KeyArn": arn}));
+            items.push(KeyListEntry {
+                key_id: id,
+                key_arn: arn,
+            });
         }
         let (items, next) = page(items, r.limit, r.marker.as_deref())?;
-        Ok(paged(json!({}), "Keys", items, next))
+        paged("Keys", items, next)
     }
 
     /// EnableKey.
@@ -269,7 +275,7 @@ impl Kms {
             // A rotation that fell due while disabled happens now.
             self.refresh(key)?;
         }
-        Ok(json!({}))
+        to_value(Empty {})
     }
 
     pub(super) fn schedule_deletion(
@@ -297,9 +303,12 @@ impl Kms {
         key.deletion_date = Some(when);
         key.pending_window_days = Some(days);
         self.store.update_key(&key)?;
-        Ok(
-            json!({"KeyId": key.arn, "DeletionDate": when, "KeyState": "PendingDeletion", "PendingWindowInDays": days}),
-        )
+        to_value(ScheduleDeletionResponse {
+            key_id: &key.arn,
+            deletion_date: when,
+            key_state: "PendingDeletion",
+            pending_window_in_days: days,
+        })
     }
 
     pub(super) fn cancel_deletion(
@@ -321,6 +330,6 @@ impl Kms {
         key.deletion_date = None;
         key.pending_window_days = None;
         self.store.update_key(&key)?;
-        Ok(json!({"KeyId": key.arn}))
+        to_value(KeyIdResponse { key_id: &key.arn })
     }
 }

@@ -1,8 +1,9 @@
 //! Key policies: GetKeyPolicy, PutKeyPolicy, ListKeyPolicies.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::checks::*;
+use super::responses::{Empty, KeyPolicyNamesResponse, KeyPolicyResponse, to_value};
 use super::{Kms, Touched, simple_ask};
 use crate::error::OpError;
 use crate::policy::PolicyDocument;
@@ -25,7 +26,10 @@ impl Kms {
     ) -> Result<Value, OpError> {
         let key = self.authorized_key(caller, &r.key_id, &simple_ask("GetKeyPolicy"), touched)?;
         Self::policy_name(r.policy_name.as_deref())?;
-        Ok(json!({"Policy": key.policy, "PolicyName": "default"}))
+        to_value(KeyPolicyResponse {
+            policy: &key.policy,
+            policy_name: "default",
+        })
     }
 
     pub(super) fn list_key_policies(
@@ -39,7 +43,10 @@ impl Kms {
             .clone()
             .ok_or_else(|| OpError::Validation("KeyId is required".into()))?;
         self.authorized_key(caller, &key_id, &simple_ask("ListKeyPolicies"), touched)?;
-        Ok(json!({"PolicyNames": ["default"], "Truncated": false}))
+        to_value(KeyPolicyNamesResponse {
+            policy_names: ["default"],
+            truncated: false,
+        })
     }
 
     pub(super) fn put_key_policy(
@@ -61,6 +68,6 @@ impl Kms {
         require_not_pending(&key)?;
         key.policy = r.policy;
         self.store.update_key(&key)?;
-        Ok(json!({}))
+        to_value(Empty {})
     }
 }

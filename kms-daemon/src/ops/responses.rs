@@ -7,6 +7,7 @@ use serde_json::Value;
 use zeroize::Zeroizing;
 
 use crate::error::OpError;
+use crate::keys::{GrantConstraints, GrantOperation};
 use crate::wire::b64;
 
 /// The only encryption algorithm of symmetric keys.
@@ -180,4 +181,108 @@ pub(super) struct KeyMetadata {
 pub(super) struct KeyMetadataResponse {
     /// The key's metadata.
     pub key_metadata: KeyMetadata,
+}
+
+/// An operation that answers with an empty object (`{}`).
+#[derive(Serialize)]
+pub(super) struct Empty {}
+
+/// Responses that name only the key: CancelKeyDeletion, RotateKeyOnDemand.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct KeyIdResponse<'a> {
+    pub key_id: &'a str,
+}
+
+/// ScheduleKeyDeletion.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct ScheduleDeletionResponse<'a> {
+    pub key_id: &'a str,
+    pub deletion_date: i64,
+    pub key_state: &'static str,
+    pub pending_window_in_days: i64,
+}
+
+/// One entry of ListKeys.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct KeyListEntry {
+    pub key_id: String,
+    pub key_arn: String,
+}
+
+/// One entry of ListAliases.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct AliasListEntry {
+    pub alias_name: String,
+    pub alias_arn: String,
+    pub target_key_id: String,
+    pub creation_date: i64,
+    pub last_updated_date: i64,
+}
+
+/// CreateGrant.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct CreateGrantResponse<'a> {
+    pub grant_token: &'a str,
+    pub grant_id: &'a str,
+}
+
+/// One entry of ListGrants and ListRetirableGrants.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct GrantListEntry<'a> {
+    pub key_id: &'a str,
+    pub grant_id: &'a str,
+    pub name: &'a str,
+    pub creation_date: i64,
+    pub grantee_principal: &'a str,
+    pub issuing_account: &'a str,
+    pub operations: &'a [GrantOperation],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retiring_principal: Option<&'a str>,
+    #[serde(skip_serializing_if = "GrantConstraints::is_empty")]
+    pub constraints: &'a GrantConstraints,
+}
+
+/// GetKeyRotationStatus. The period and next date appear together or not at all.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct RotationStatusResponse<'a> {
+    pub key_id: &'a str,
+    pub key_rotation_enabled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rotation_period_in_days: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_rotation_date: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_demand_rotation_start_date: Option<i64>,
+}
+
+/// One entry of ListKeyRotations.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct RotationListEntry<'a> {
+    pub key_id: &'a str,
+    pub rotation_date: i64,
+    pub rotation_type: &'static str,
+}
+
+/// GetKeyPolicy.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct KeyPolicyResponse<'a> {
+    pub policy: &'a str,
+    pub policy_name: &'static str,
+}
+
+/// ListKeyPolicies: the one policy every key has.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct KeyPolicyNamesResponse {
+    pub policy_names: [&'static str; 1],
+    pub truncated: bool,
 }

@@ -1,10 +1,11 @@
 //! Key rotation: Enable/DisableKeyRotation, GetKeyRotationStatus, RotateKeyOnDemand,
 //! ListKeyRotations.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::DAY;
 use super::checks::*;
+use super::responses::{Empty, KeyIdResponse, RotationListEntry, RotationStatusResponse, to_value};
 use super::{Kms, Touched, simple_ask};
 use crate::error::OpError;
 use crate::keys::{KeyRecord, KeySpec};
@@ -47,7 +48,7 @@ impl Kms {
         key.rotation_period_days = Some(days);
         key.next_rotation = Some(self.clock.now() + days * DAY);
         self.store.update_key(&key)?;
-        Ok(json!({}))
+        to_value(Empty {})
     }
 
     pub(super) fn disable_rotation(
@@ -62,7 +63,7 @@ impl Kms {
         key.rotation_period_days = None;
         key.next_rotation = None;
         self.store.update_key(&key)?;
-        Ok(json!({}))
+        to_value(Empty {})
     }
 
     pub(super) fn rotation_status(
@@ -73,16 +74,14 @@ impl Kms {
     ) -> Result<Value, OpError> {
         let key = self.rotation_target(caller, &r.key_id, "GetKeyRotationStatus", touched)?;
         require_not_pending(&key)?;
-        let mut out =
-            json!({"KeyId": key.arn, "KeyRotationEnabled": key.rotation_period_days.is_some()});
-        if let (Some(p), Some(n)) = (key.rotation_period_days, key.next_rotation) {
-            out["RotationPeriodInDays"] = json!(p);
-            out["NextRotationDate"] = json!(n);
-        }
-        if let Some(d) = key.on_demand_rotation {
-            out["OnDemandRotationStartDate"] = json!(d);
-        }
-        Ok(out)
+        let scheduled = key.rotation_period_days.zip(key.next_rotation);
+        to_value(RotationStatusResponse {
+            key_id: &key.arn,
+            key_rotation_enabled: key.rotation_period_days.is_some(),
+            rotation_period_in_days: scheduled.map(|(p, _)| p),
+            next_rotation_date: scheduled.map(|(_, n)| n),
+            on_demand_rotation_start_date: key.on_demand_rotation,
+        })
     }
 
     pub(super) fn rotate_on_demand(
@@ -99,7 +98,7 @@ impl Kms {
         key.current_version = version;
         key.on_demand_rotation = Some(self.clock.now());
         self.store.rotate(&key, &m)?;
-        Ok(json!({"KeyId": key.arn}))
+        to_value(KeyIdResponse { key_id: &key.arn })
     }
 
     pub(super) fn list_rotations(
@@ -113,7 +112,7 @@ impl Kms {
             .clone()
             .ok_or_else(|| OpError::Validation("KeyId is required".into()))?;
         let key = self.rotation_target(caller, &key_id, "ListKeyRotations", touched)?;
-        let items: Vec<Value> = self
+        let items: Vec<RotationListEntry<'_>> = self
             .store
             .materials(&key.id)?
             .into_iter()
@@ -124,10 +123,14 @@ impl Kms {
                 } else {
                     "AUTOMATIC"
                 };
-                json!({"KeyId": key.arn, "RotationDate": m.created, "RotationType": kind})
+                RotationListEntry {
+                    key_id: &key.arn,
+                    rotation_date: m.created,
+                    rotation_type: kind,
+                }
             })
             .collect();
         let (items, next) = page(items, r.limit, r.marker.as_deref())?;
-        Ok(paged(json!({}), "Rotations", items, next))
+        paged("Rotations", items, next)
     }
 }
