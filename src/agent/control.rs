@@ -342,14 +342,7 @@ impl ServerInner {
                 let job = Job::default();
                 let total = device.size();
                 job.update(|s| {
-                    s.result = Some(Ok(RekeyReport {
-                        total_bytes: total,
-                        bytes_this_run: 0,
-                        resumed: false,
-                        already_done: true,
-                        seconds: 0.0,
-                        mb_per_s: 0.0,
-                    }));
+                    s.result = Some(Ok(RekeyReport::already_done(total)));
                 });
                 return Ok(Arc::new(job));
             }

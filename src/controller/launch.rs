@@ -236,11 +236,7 @@ impl Controller {
             (VolumeKind::User, ws.user_encrypted, ws.user_size_gib),
         ] {
             let volume_id = ids::volume_id();
-            let path = self
-                .cfg
-                .state_dir
-                .join("volumes")
-                .join(format!("{volume_id}.img"));
+            let path = self.volume_path(&volume_id);
             let mut row = Volume {
                 volume_id: volume_id.clone(),
                 workspace_id: ws.workspace_id.clone(),

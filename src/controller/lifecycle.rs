@@ -250,11 +250,7 @@ impl Controller {
         snap: &Snapshot,
     ) -> Result<(), ApiError> {
         let volume_id = ids::volume_id();
-        let path = self
-            .cfg
-            .state_dir
-            .join("volumes")
-            .join(format!("{volume_id}.img"));
+        let path = self.volume_path(&volume_id);
         copy_sparse(&snap.path, &path).map_err(ApiError::internal)?;
         let mut row = Volume {
             volume_id: volume_id.clone(),
@@ -319,12 +315,7 @@ impl Controller {
         root: Option<bool>,
         user: Option<bool>,
     ) -> Result<(), ControllerError> {
-        let w = self.reg.workspace(workspace_id)?.ok_or_else(|| {
-            api(
-                ApiErrorCode::ResourceNotFound,
-                format!("WorkSpace {workspace_id} does not exist"),
-            )
-        })?;
+        let w = self.existing_workspace(workspace_id)?;
         let enabling =
             root == Some(true) && !w.root_encrypted || user == Some(true) && !w.user_encrypted;
         let disabling =

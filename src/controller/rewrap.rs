@@ -48,12 +48,7 @@ impl Controller {
         workspace_id: &str,
         new_key: &str,
     ) -> Result<Vec<VolumeView>, ControllerError> {
-        let mut w = self.reg.workspace(workspace_id)?.ok_or_else(|| {
-            api(
-                ApiErrorCode::ResourceNotFound,
-                format!("WorkSpace {workspace_id} does not exist"),
-            )
-        })?;
+        let mut w = self.existing_workspace(workspace_id)?;
         if w.key().is_none() {
             return Err(api(
                 ApiErrorCode::InvalidResourceState,
@@ -176,12 +171,7 @@ impl Controller {
         hotzone_bytes: Option<u64>,
         mut progress: impl FnMut(&str, crate::rekey::Progress),
     ) -> Result<Vec<(String, crate::rekey::RekeyReport)>, ControllerError> {
-        let mut w = self.reg.workspace(workspace_id)?.ok_or_else(|| {
-            api(
-                ApiErrorCode::ResourceNotFound,
-                format!("WorkSpace {workspace_id} does not exist"),
-            )
-        })?;
+        let mut w = self.existing_workspace(workspace_id)?;
         self.refresh(&mut w);
         if !matches!(w.state, WorkspaceState::Available | WorkspaceState::Stopped) {
             return Err(api(

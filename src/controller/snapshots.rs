@@ -22,12 +22,7 @@ impl Controller {
         &self,
         workspace_id: &str,
     ) -> Result<Vec<SnapshotView>, ControllerError> {
-        let mut w = self.reg.workspace(workspace_id)?.ok_or_else(|| {
-            api(
-                ApiErrorCode::ResourceNotFound,
-                format!("WorkSpace {workspace_id} does not exist"),
-            )
-        })?;
+        let mut w = self.existing_workspace(workspace_id)?;
         self.refresh(&mut w);
         if !matches!(
             w.state,
@@ -109,12 +104,7 @@ impl Controller {
         name: &str,
         description: &str,
     ) -> Result<serde_json::Value, ControllerError> {
-        let w = self.reg.workspace(workspace_id)?.ok_or_else(|| {
-            api(
-                ApiErrorCode::ResourceNotFound,
-                format!("WorkSpace {workspace_id} does not exist"),
-            )
-        })?;
+        let w = self.existing_workspace(workspace_id)?;
         if w.root_encrypted || w.user_encrypted {
             return Err(api(
                 ApiErrorCode::OperationNotSupported,

@@ -9,7 +9,7 @@ use crate::volume;
 
 use super::agent::{self, AgentPaths};
 use super::api::{VolumeView, WorkspaceProperties, WorkspaceView};
-use super::error::ControllerError;
+use super::error::{ApiErrorCode, ControllerError, api};
 use super::registry::{Registry, Workspace};
 use super::state::{Event, WorkspaceState};
 
@@ -160,6 +160,27 @@ impl Controller {
                 })
             }),
         }
+    }
+
+    /// The WorkSpace `workspace_id`, or the API's ResourceNotFound refusal.
+    pub(super) fn existing_workspace(
+        &self,
+        workspace_id: &str,
+    ) -> Result<Workspace, ControllerError> {
+        self.reg.workspace(workspace_id)?.ok_or_else(|| {
+            api(
+                ApiErrorCode::ResourceNotFound,
+                format!("WorkSpace {workspace_id} does not exist"),
+            )
+        })
+    }
+
+    /// Where the file of volume `volume_id` lives.
+    pub(super) fn volume_path(&self, volume_id: &str) -> PathBuf {
+        self.cfg
+            .state_dir
+            .join("volumes")
+            .join(format!("{volume_id}.img"))
     }
 
     pub(super) fn start_agent(&self, workspace_id: &str) -> Result<(), String> {

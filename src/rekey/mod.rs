@@ -316,6 +316,21 @@ pub struct RekeyReport {
     pub mb_per_s: f64,
 }
 
+impl RekeyReport {
+    /// The report of a rekey with nothing to do: the volume is already under the new key.
+    #[must_use]
+    pub fn already_done(total_bytes: u64) -> Self {
+        Self {
+            total_bytes,
+            bytes_this_run: 0,
+            resumed: false,
+            already_done: true,
+            seconds: 0.0,
+            mb_per_s: 0.0,
+        }
+    }
+}
+
 /// The report of a run that started at `start` from boundary `from` of `total` bytes.
 pub(crate) fn report(start: Instant, from: u64, total: u64, resumed: bool) -> RekeyReport {
     let seconds = start.elapsed().as_secs_f64();

@@ -169,14 +169,7 @@ pub fn rekey_detached(
     } else {
         if header.verify_key(new).is_ok() {
             let total = header.data_size(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0));
-            return Ok(RekeyReport {
-                total_bytes: total,
-                bytes_this_run: 0,
-                resumed: false,
-                already_done: true,
-                seconds: 0.0,
-                mb_per_s: 0.0,
-            });
+            return Ok(RekeyReport::already_done(total));
         }
         let vol = volume::open_encrypted(path, old).map_err(|e| match e {
             VolumeError::WrongKey { .. } => RekeyError::WrongOldKey,
