@@ -156,13 +156,13 @@ impl Controller {
             user_name: req.user_name.clone(),
             bundle_id: req.bundle_id.clone(),
             state: WorkspaceState::Pending,
-            key_arn: key.as_ref().map(|k| k.arn.clone()).unwrap_or_default(),
+            key_arn: key.as_ref().map(|k| k.arn.clone()),
             root_encrypted: req.root_volume_encryption_enabled,
             user_encrypted: req.user_volume_encryption_enabled,
             root_size_gib: props.root_volume_size_gib,
             user_size_gib: props.user_volume_size_gib,
-            ws_grant_id: String::new(),
-            error: String::new(),
+            ws_grant_id: None,
+            error: None,
         };
         self.reg.insert_workspace(&ws).map_err(reg_err)?;
         let outcome =
@@ -173,7 +173,7 @@ impl Controller {
             if let Ok(next) = ws.state.on(Event::Failed) {
                 ws.state = next;
             }
-            ws.error = format!("{}: {}", e.code, e.message);
+            ws.error = Some(format!("{}: {}", e.code, e.message));
             let _ = self.reg.update_workspace(&ws);
             return Err(e);
         }
@@ -190,7 +190,7 @@ impl Controller {
                 if let Ok(next) = ws.state.on(Event::Failed) {
                     ws.state = next;
                 }
-                ws.error = e.clone();
+                ws.error = Some(e.clone());
                 let _ = self.reg.update_workspace(&ws);
                 Err(ApiError::new(ApiErrorCode::InternalError, e))
             }
@@ -217,7 +217,7 @@ impl Controller {
                     &ws.workspace_id,
                 ))
                 .map_err(|e| ApiError::from_kms(&e))?;
-            ws.ws_grant_id = grant.grant_id;
+            ws.ws_grant_id = Some(grant.grant_id);
             ws_grant_token.push(grant.grant_token);
             self.reg.update_workspace(ws).map_err(ApiError::internal)?;
         }
@@ -243,8 +243,8 @@ impl Controller {
                 kind,
                 path: path.clone(),
                 encrypted,
-                key_arn: String::new(),
-                grant_id: String::new(),
+                key_arn: None,
+                grant_id: None,
                 size_gib,
                 formatted: kind == VolumeKind::Root,
             };
@@ -255,8 +255,8 @@ impl Controller {
                     let grant = service
                         .create_grant(&ebs_grant(&key.arn, &context, &volume_id))
                         .map_err(|e| ApiError::from_kms(&e))?;
-                    row.key_arn = key.arn.clone();
-                    row.grant_id = grant.grant_id.clone();
+                    row.key_arn = Some(key.arn.clone());
+                    row.grant_id = Some(grant.grant_id.clone());
                     self.reg.put_volume(&row).map_err(ApiError::internal)?;
                     // Steps 4–5: EBS generates the data key without plaintext, then
                     // unwraps it (as it does at attach) to write the header digest.

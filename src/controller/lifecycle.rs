@@ -64,7 +64,7 @@ impl Controller {
 
     /// Refuses when an encrypted WorkSpace's key is not Enabled.
     pub(super) fn require_usable_key(&self, w: &Workspace, verb: &str) -> Result<(), ApiError> {
-        let Some(key_arn) = w.key() else {
+        let Some(key_arn) = w.key_arn.as_deref() else {
             return Ok(());
         };
         let client = self
@@ -79,7 +79,7 @@ impl Controller {
         pending: WorkspaceState,
     ) -> Result<(), ApiError> {
         w.state = pending;
-        w.error.clear();
+        w.error = None;
         self.reg.update_workspace(w).map_err(ApiError::internal)?;
         agent::stop(&AgentPaths::new(&self.cfg.state_dir, &w.workspace_id));
         self.bring_up(w)
@@ -95,7 +95,7 @@ impl Controller {
                 if let Ok(next) = w.state.on(Event::AttachFailed) {
                     w.state = next;
                 }
-                w.error = e.clone();
+                w.error = Some(e.clone());
                 let _ = self.reg.update_workspace(w);
                 Err(ApiError::new(ApiErrorCode::AttachFailed, e))
             }
@@ -124,7 +124,7 @@ impl Controller {
             c.reg.update_workspace(w).map_err(ApiError::internal)?;
             agent::stop(&AgentPaths::new(&c.cfg.state_dir, &w.workspace_id));
             w.state = w.state.on(Event::Detached).map_err(ApiError::internal)?;
-            w.error.clear();
+            w.error = None;
             c.reg.update_workspace(w).map_err(ApiError::internal)
         })
     }
@@ -152,7 +152,7 @@ impl Controller {
             c.reg.update_workspace(w).map_err(ApiError::internal)?;
             c.teardown(w);
             w.state = w.state.on(Event::Deleted).map_err(ApiError::internal)?;
-            w.error.clear();
+            w.error = None;
             c.reg.update_workspace(w).map_err(ApiError::internal)
         })
     }
@@ -255,18 +255,24 @@ impl Controller {
         let mut row = Volume {
             volume_id: volume_id.clone(),
             path: path.clone(),
-            grant_id: String::new(),
+            grant_id: None,
             ..old.clone()
         };
         if old.encrypted {
+            let old_key = old.key_arn.as_deref().ok_or_else(|| {
+                ApiError::internal(format!(
+                    "volume {} is encrypted but has no KMS key",
+                    old.volume_id
+                ))
+            })?;
             let service = self.service().map_err(ApiError::internal)?;
             let ebs = self.ebs().map_err(ApiError::internal)?;
             let new_ctx = volume_context(&user.sid, &w.directory_id, &volume_id);
             let old_ctx = volume_context(&user.sid, &w.directory_id, &old.volume_id);
             let grant = service
-                .create_grant(&ebs_grant(&old.key_arn, &new_ctx, &volume_id))
+                .create_grant(&ebs_grant(old_key, &new_ctx, &volume_id))
                 .map_err(|e| ApiError::from_kms(&e))?;
-            row.grant_id = grant.grant_id.clone();
+            row.grant_id = Some(grant.grant_id.clone());
             let mut header = volume::read_header(&path).map_err(ApiError::internal)?;
             let token = header.kms_token().cloned().ok_or_else(|| {
                 ApiError::internal(format!("snapshot {} has no KMS token", snap.snapshot_id))
@@ -275,14 +281,14 @@ impl Controller {
                 .re_encrypt(
                     &token.ciphertext_blob,
                     &old_ctx,
-                    &old.key_arn,
+                    old_key,
                     &new_ctx,
                     &[grant.grant_token],
                 )
                 .map_err(|e| ApiError::from_kms(&e))?;
             header.set_kms_token(KmsToken {
                 key_arn: if arn.is_empty() {
-                    old.key_arn.clone()
+                    old_key.to_string()
                 } else {
                     arn
                 },
@@ -293,8 +299,8 @@ impl Controller {
             });
             let backing = crate::backing::FileBacking::open(&path).map_err(ApiError::internal)?;
             header.write(&backing).map_err(ApiError::internal)?;
-            if let Some(grant) = old.grant() {
-                let _ = service.retire_grant(&old.key_arn, grant);
+            if let Some(grant) = old.grant_id.as_deref() {
+                let _ = service.retire_grant(old_key, grant);
             }
         }
         self.reg.put_volume(&row).map_err(ApiError::internal)?;

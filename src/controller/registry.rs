@@ -67,8 +67,8 @@ pub struct Workspace {
     pub bundle_id: String,
     /// Lifecycle state.
     pub state: WorkspaceState,
-    /// KMS key ARN (empty when nothing is encrypted).
-    pub key_arn: String,
+    /// KMS key ARN (`None` when nothing is encrypted).
+    pub key_arn: Option<String>,
     /// Root volume encrypted.
     pub root_encrypted: bool,
     /// User volume encrypted.
@@ -77,30 +77,10 @@ pub struct Workspace {
     pub root_size_gib: u64,
     /// User size.
     pub user_size_gib: u64,
-    /// The WorkSpaces service grant on the key.
-    pub ws_grant_id: String,
+    /// The WorkSpaces service grant on the key, if it has one.
+    pub ws_grant_id: Option<String>,
     /// Last error message, if any.
-    pub error: String,
-}
-
-impl Workspace {
-    /// The KMS key ARN, if any volume is encrypted.
-    #[must_use]
-    pub fn key(&self) -> Option<&str> {
-        present(&self.key_arn)
-    }
-
-    /// The WorkSpaces service's grant, if it has one.
-    #[must_use]
-    pub fn ws_grant(&self) -> Option<&str> {
-        present(&self.ws_grant_id)
-    }
-
-    /// The last error, if any.
-    #[must_use]
-    pub fn error(&self) -> Option<&str> {
-        present(&self.error)
-    }
+    pub error: Option<String>,
 }
 
 /// A volume row.
@@ -116,33 +96,14 @@ pub struct Volume {
     pub path: PathBuf,
     /// Encrypted.
     pub encrypted: bool,
-    /// KMS key ARN.
-    pub key_arn: String,
-    /// The EBS grant for this volume's context.
-    pub grant_id: String,
+    /// KMS key ARN (`None` when the volume is not encrypted).
+    pub key_arn: Option<String>,
+    /// The EBS grant for this volume's context, if it has one.
+    pub grant_id: Option<String>,
     /// Size.
     pub size_gib: u64,
     /// Whether the user volume already holds a filesystem.
     pub formatted: bool,
-}
-
-/// The empty string the registry stores for "none", as an `Option`.
-fn present(s: &str) -> Option<&str> {
-    (!s.is_empty()).then_some(s)
-}
-
-impl Volume {
-    /// The KMS key ARN, if the volume is encrypted.
-    #[must_use]
-    pub fn key(&self) -> Option<&str> {
-        present(&self.key_arn)
-    }
-
-    /// The volume's EBS grant, if it has one.
-    #[must_use]
-    pub fn grant(&self) -> Option<&str> {
-        present(&self.grant_id)
-    }
 }
 
 /// A snapshot row.
@@ -200,6 +161,17 @@ fn to_u64(v: i64) -> u64 {
 
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// An optional text column as stored: the columns are `NOT NULL` and hold "" for "none"
+/// (the on-disk format predates the `Option` fields), so `None` is written as "".
+fn to_column(v: Option<&str>) -> &str {
+    v.unwrap_or("")
+}
+
+/// An optional text column as read: "" is `None`.
+fn from_column(v: String) -> Option<String> {
+    (!v.is_empty()).then_some(v)
 }
 
 /// Creates the database file 0600 before SQLite opens it (SQLite would create it with the
@@ -372,13 +344,13 @@ impl Registry {
                     w.user_name,
                     w.bundle_id,
                     w.state.as_str(),
-                    w.key_arn,
+                    to_column(w.key_arn.as_deref()),
                     w.root_encrypted,
                     w.user_encrypted,
                     to_i64(w.root_size_gib),
                     to_i64(w.user_size_gib),
-                    w.ws_grant_id,
-                    w.error,
+                    to_column(w.ws_grant_id.as_deref()),
+                    to_column(w.error.as_deref()),
                     now()
                 ],
             )
@@ -394,13 +366,19 @@ impl Registry {
         self.conn
             .execute(
                 "UPDATE workspaces SET state = ?2, key_arn = ?3, ws_grant_id = ?4, error = ?5 WHERE workspace_id = ?1",
-                params![w.workspace_id, w.state.as_str(), w.key_arn, w.ws_grant_id, w.error],
+                params![
+                    w.workspace_id,
+                    w.state.as_str(),
+                    to_column(w.key_arn.as_deref()),
+                    to_column(w.ws_grant_id.as_deref()),
+                    to_column(w.error.as_deref())
+                ],
             )
             .map(|_| ())
             .map_err(self.err())
     }
 
-    /// Sets a workspace's state.
+    /// Sets a workspace's state and its last error (`None` clears it).
     ///
     /// # Errors
     /// SQLite failure.
@@ -408,12 +386,12 @@ impl Registry {
         &self,
         id: &str,
         state: WorkspaceState,
-        error: &str,
+        error: Option<&str>,
     ) -> Result<(), RegistryError> {
         self.conn
             .execute(
                 "UPDATE workspaces SET state = ?2, error = ?3 WHERE workspace_id = ?1",
-                params![id, state.as_str(), error],
+                params![id, state.as_str(), to_column(error)],
             )
             .map(|_| ())
             .map_err(self.err())
@@ -428,13 +406,13 @@ impl Registry {
                 user_name: r.get(2)?,
                 bundle_id: r.get(3)?,
                 state: WorkspaceState::Error,
-                key_arn: r.get(5)?,
+                key_arn: from_column(r.get(5)?),
                 root_encrypted: r.get(6)?,
                 user_encrypted: r.get(7)?,
                 root_size_gib: to_u64(r.get(8)?),
                 user_size_gib: to_u64(r.get(9)?),
-                ws_grant_id: r.get(10)?,
-                error: r.get(11)?,
+                ws_grant_id: from_column(r.get(10)?),
+                error: from_column(r.get(11)?),
             },
             state,
         ))
@@ -490,8 +468,8 @@ impl Registry {
                     v.kind,
                     v.path.display().to_string(),
                     v.encrypted,
-                    v.key_arn,
-                    v.grant_id,
+                    to_column(v.key_arn.as_deref()),
+                    to_column(v.grant_id.as_deref()),
                     to_i64(v.size_gib),
                     v.formatted
                 ],
@@ -531,8 +509,8 @@ impl Registry {
                     kind: r.get(2)?,
                     path: PathBuf::from(r.get::<_, String>(3)?),
                     encrypted: r.get(4)?,
-                    key_arn: r.get(5)?,
-                    grant_id: r.get(6)?,
+                    key_arn: from_column(r.get(5)?),
+                    grant_id: from_column(r.get(6)?),
                     size_gib: to_u64(r.get(7)?),
                     formatted: r.get(8)?,
                 })
@@ -654,16 +632,16 @@ mod tests {
             user_name: "bob".into(),
             bundle_id: "wsb-1".into(),
             state: WorkspaceState::Pending,
-            key_arn: "arn:k".into(),
+            key_arn: Some("arn:k".into()),
             root_encrypted: true,
             user_encrypted: false,
             root_size_gib: 10,
             user_size_gib: 10,
-            ws_grant_id: "g".into(),
-            error: String::new(),
+            ws_grant_id: Some("g".into()),
+            error: None,
         };
         r.insert_workspace(&w).expect("insert");
-        r.set_state("ws-abc", WorkspaceState::Available, "")
+        r.set_state("ws-abc", WorkspaceState::Available, None)
             .expect("state");
         let got = r.workspace("ws-abc").expect("get").expect("present");
         assert_eq!(got.state, WorkspaceState::Available);
@@ -672,5 +650,109 @@ mod tests {
         // Durable across reopen.
         let r = Registry::open(dir.path()).expect("reopen");
         assert_eq!(r.workspaces().expect("list").len(), 1);
+    }
+
+    fn workspace(
+        id: &str,
+        key: Option<&str>,
+        grant: Option<&str>,
+        error: Option<&str>,
+    ) -> Workspace {
+        Workspace {
+            workspace_id: id.into(),
+            directory_id: "d-1234567890".into(),
+            user_name: "bob".into(),
+            bundle_id: "wsb-1".into(),
+            state: WorkspaceState::Pending,
+            key_arn: key.map(str::to_string),
+            root_encrypted: key.is_some(),
+            user_encrypted: false,
+            root_size_gib: 10,
+            user_size_gib: 10,
+            ws_grant_id: grant.map(str::to_string),
+            error: error.map(str::to_string),
+        }
+    }
+
+    fn volume(id: &str, key: Option<&str>, grant: Option<&str>) -> Volume {
+        Volume {
+            volume_id: id.into(),
+            workspace_id: "ws-opt".into(),
+            kind: VolumeKind::Root,
+            path: PathBuf::from(format!("/v/{id}")),
+            encrypted: key.is_some(),
+            key_arn: key.map(str::to_string),
+            grant_id: grant.map(str::to_string),
+            size_gib: 10,
+            formatted: false,
+        }
+    }
+
+    #[test]
+    fn optional_fields_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = Registry::open(dir.path()).expect("open");
+        r.insert_workspace(&workspace("ws-none", None, None, None))
+            .expect("insert none");
+        r.insert_workspace(&workspace(
+            "ws-some",
+            Some("arn:k"),
+            Some("g-1"),
+            Some("boom"),
+        ))
+        .expect("insert some");
+        let none = r.workspace("ws-none").expect("get").expect("present");
+        assert_eq!(
+            (none.key_arn, none.ws_grant_id, none.error),
+            (None, None, None)
+        );
+        let mut some = r.workspace("ws-some").expect("get").expect("present");
+        assert_eq!(some.key_arn.as_deref(), Some("arn:k"));
+        assert_eq!(some.ws_grant_id.as_deref(), Some("g-1"));
+        assert_eq!(some.error.as_deref(), Some("boom"));
+
+        // update_workspace and set_state write None and Some too.
+        some.error = None;
+        some.ws_grant_id = None;
+        r.update_workspace(&some).expect("update");
+        let got = r.workspace("ws-some").expect("get").expect("present");
+        assert_eq!((got.ws_grant_id, got.error), (None, None));
+        assert_eq!(got.key_arn.as_deref(), Some("arn:k"));
+        r.set_state("ws-some", WorkspaceState::Error, Some("bad"))
+            .expect("state");
+        let got = r.workspace("ws-some").expect("get").expect("present");
+        assert_eq!(got.error.as_deref(), Some("bad"));
+        r.set_state("ws-some", WorkspaceState::Error, None)
+            .expect("state");
+        let got = r.workspace("ws-some").expect("get").expect("present");
+        assert_eq!(got.error, None);
+
+        r.put_volume(&volume("vol-none", None, None))
+            .expect("put none");
+        r.put_volume(&volume("vol-some", Some("arn:k"), Some("g-2")))
+            .expect("put some");
+        let vols = r.volumes(Some("ws-opt")).expect("volumes");
+        let find = |id: &str| vols.iter().find(|v| v.volume_id == id).expect("volume row");
+        let none = find("vol-none");
+        assert_eq!(
+            (none.key_arn.as_deref(), none.grant_id.as_deref()),
+            (None, None)
+        );
+        let some = find("vol-some");
+        assert_eq!(
+            (some.key_arn.as_deref(), some.grant_id.as_deref()),
+            (Some("arn:k"), Some("g-2"))
+        );
+
+        // The columns keep their on-disk form: "" stands for none.
+        let raw: (String, String, String) = r
+            .conn
+            .query_row(
+                "SELECT key_arn, ws_grant_id, error FROM workspaces WHERE workspace_id = 'ws-none'",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .expect("raw row");
+        assert_eq!(raw, (String::new(), String::new(), String::new()));
     }
 }

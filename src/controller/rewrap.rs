@@ -25,7 +25,8 @@ impl Controller {
     ) -> Result<(VolumeKey, KmsToken), KmsError> {
         let ebs = KmsClient::connect(&self.cfg.ebs_profile)?;
         let binding = VolumeBinding {
-            key_arn: &v.key_arn,
+            // An encrypted volume always has a key; the KMS refuses an empty one.
+            key_arn: v.key_arn.as_deref().unwrap_or_default(),
             sid: &user.sid,
             directory_id: &w.directory_id,
             workspace_id: &w.workspace_id,
@@ -49,12 +50,12 @@ impl Controller {
         new_key: &str,
     ) -> Result<Vec<VolumeView>, ControllerError> {
         let mut w = self.existing_workspace(workspace_id)?;
-        if w.key().is_none() {
+        let Some(old_key) = w.key_arn.clone() else {
             return Err(api(
                 ApiErrorCode::InvalidResourceState,
                 format!("WorkSpace {workspace_id} has no encrypted volume to rewrap"),
             ));
-        }
+        };
         if matches!(
             w.state,
             WorkspaceState::Terminating | WorkspaceState::Terminated | WorkspaceState::Pending
@@ -71,7 +72,7 @@ impl Controller {
         let admin = self.service_for_admin()?;
         let info = admin.describe_key(new_key)?;
         check_new_key_info(&info, "rewrap")?;
-        if info.arn == w.key_arn {
+        if info.arn == old_key {
             return Err(api(
                 ApiErrorCode::InvalidParameterValues,
                 format!("WorkSpace {workspace_id} is already under {}", info.arn),
@@ -90,8 +91,7 @@ impl Controller {
                 ));
             }
         }
-        let old_key = w.key_arn.clone();
-        let old_ws_grant = w.ws_grant().map(str::to_string);
+        let old_ws_grant = w.ws_grant_id.clone();
         // A WorkSpaces grant on the new key, for this user.
         let ws_grant = admin.create_grant(&workspaces_grant(
             &info.arn,
@@ -132,10 +132,10 @@ impl Controller {
             });
             let backing = crate::backing::FileBacking::open(&v.path).map_err(serving)?;
             header.write(&backing).map_err(serving)?;
-            let old_grant = v.grant().map(str::to_string);
+            let old_grant = v.grant_id.clone();
             self.reg.put_volume(&Volume {
-                key_arn: info.arn.clone(),
-                grant_id: grant.grant_id,
+                key_arn: Some(info.arn.clone()),
+                grant_id: Some(grant.grant_id),
                 ..v
             })?;
             if let Some(old_grant) = old_grant
@@ -144,8 +144,8 @@ impl Controller {
                 tracing::warn!("retiring the old EBS grant {old_grant}: {e}");
             }
         }
-        w.key_arn = info.arn.clone();
-        w.ws_grant_id = ws_grant.grant_id;
+        w.key_arn = Some(info.arn.clone());
+        w.ws_grant_id = Some(ws_grant.grant_id);
         self.reg.update_workspace(&w)?;
         if let Some(old_ws_grant) = old_ws_grant
             && let Err(e) = service.retire_grant(&old_key, &old_ws_grant)

@@ -139,14 +139,14 @@ impl Controller {
             user_name: w.user_name.clone(),
             state: w.state,
             bundle_id: w.bundle_id.clone(),
-            volume_encryption_key: w.key().map(str::to_string),
+            volume_encryption_key: w.key_arn.clone(),
             root_volume_encryption_enabled: w.root_encrypted,
             user_volume_encryption_enabled: w.user_encrypted,
             workspace_properties: WorkspaceProperties {
                 root_volume_size_gib: w.root_size_gib,
                 user_volume_size_gib: w.user_size_gib,
             },
-            error_message: w.error().map(str::to_string),
+            error_message: w.error.clone(),
             mount_point: w
                 .state
                 .is_running()
@@ -206,14 +206,14 @@ impl Controller {
         let vols = self.reg.volumes(Some(&ws.workspace_id)).unwrap_or_default();
         if let Ok(service) = self.service() {
             for v in &vols {
-                if let Some(grant) = v.grant()
-                    && let Err(e) = service.retire_grant(&v.key_arn, grant)
+                if let (Some(key), Some(grant)) = (v.key_arn.as_deref(), v.grant_id.as_deref())
+                    && let Err(e) = service.retire_grant(key, grant)
                 {
                     tracing::warn!("retiring EBS grant {grant} of {}: {e}", v.volume_id);
                 }
             }
-            if let Some(grant) = ws.ws_grant()
-                && let Err(e) = service.retire_grant(&ws.key_arn, grant)
+            if let (Some(key), Some(grant)) = (ws.key_arn.as_deref(), ws.ws_grant_id.as_deref())
+                && let Err(e) = service.retire_grant(key, grant)
             {
                 tracing::warn!("retiring WorkSpaces grant {grant}: {e}");
             }
@@ -239,7 +239,8 @@ impl Controller {
             && let Ok(next) = w.state.on(Event::AgentLost)
         {
             w.state = next;
-            w.error = "the WorkSpace's agent is not running; reboot-workspaces recovers it".into();
+            w.error =
+                Some("the WorkSpace's agent is not running; reboot-workspaces recovers it".into());
             let _ = self.reg.update_workspace(w);
         }
     }
@@ -267,7 +268,7 @@ impl Controller {
                 continue;
             }
             self.refresh(&mut w);
-            let key = match (&client, w.key(), w.state) {
+            let key = match (&client, w.key_arn.as_deref(), w.state) {
                 (Some(c), Some(arn), s) if s != WorkspaceState::Terminated => {
                     c.describe_key(arn).ok()
                 }
@@ -294,7 +295,7 @@ impl Controller {
                 let ctx = volume::read_header(&v.path)
                     .ok()
                     .and_then(|h| h.kms_token().map(|t| t.encryption_context.clone()));
-                let kms_key_id = v.key().map(str::to_string);
+                let kms_key_id = v.key_arn.clone();
                 let kind = v.kind;
                 VolumeView {
                     volume_id: v.volume_id,
