@@ -45,6 +45,35 @@ impl Kms {
         self.data_key(caller, r, false, touched)
     }
 
+    /// The key a new blob is sealed under (Encrypt, GenerateDataKey*, the destination of
+    /// ReEncrypt): resolved and authorized for `operation` under `context`, grants
+    /// included, then required enabled and symmetric.
+    fn sealing_key(
+        &self,
+        caller: &Caller,
+        key_id: &str,
+        operation: &str,
+        context: &EncryptionContext,
+        tokens: &[String],
+        touched: &mut Touched,
+    ) -> Result<KeyRecord, OpError> {
+        let key = self.authorized_key(
+            caller,
+            key_id,
+            &Ask {
+                operation,
+                context: Some(context),
+                grant_tokens: tokens,
+                grants_apply: true,
+                ..Ask::default()
+            },
+            touched,
+        )?;
+        require_enabled(&key)?;
+        require_symmetric(&key)?;
+        Ok(key)
+    }
+
     /// A new data key sealed under the key, with or without its plaintext.
     fn data_key(
         &self,
@@ -90,20 +119,7 @@ impl Kms {
         }
         let ctx = ctx_of(r.encryption_context)?;
         let tokens = r.grant_tokens.unwrap_or_default();
-        let key = self.authorized_key(
-            caller,
-            &r.key_id,
-            &Ask {
-                operation: op,
-                context: Some(&ctx),
-                grant_tokens: &tokens,
-                grants_apply: true,
-                ..Ask::default()
-            },
-            touched,
-        )?;
-        require_enabled(&key)?;
-        require_symmetric(&key)?;
+        let key = self.sealing_key(caller, &r.key_id, op, &ctx, &tokens, touched)?;
         dry_run(r.dry_run)?;
         let mut plaintext = zeroize::Zeroizing::new(vec![0u8; n]);
         fill_random(&mut plaintext);
@@ -129,20 +145,7 @@ impl Kms {
         check_algorithm(r.encryption_algorithm.as_deref())?;
         let ctx = ctx_of(r.encryption_context)?;
         let tokens = r.grant_tokens.unwrap_or_default();
-        let key = self.authorized_key(
-            caller,
-            &r.key_id,
-            &Ask {
-                operation: "Encrypt",
-                context: Some(&ctx),
-                grant_tokens: &tokens,
-                grants_apply: true,
-                ..Ask::default()
-            },
-            touched,
-        )?;
-        require_enabled(&key)?;
-        require_symmetric(&key)?;
+        let key = self.sealing_key(caller, &r.key_id, "Encrypt", &ctx, &tokens, touched)?;
         dry_run(r.dry_run)?;
         let blob = self.seal_for(&key, &ctx, &r.plaintext.0)?;
         to_value(EncryptResponse::new(blob, key.arn))
@@ -251,20 +254,14 @@ impl Kms {
             },
             touched,
         )?;
-        let dst = self.authorized_key(
+        let dst = self.sealing_key(
             caller,
             &r.destination_key_id,
-            &Ask {
-                operation: "ReEncryptTo",
-                context: Some(&dst_ctx),
-                grant_tokens: &tokens,
-                grants_apply: true,
-                ..Ask::default()
-            },
+            "ReEncryptTo",
+            &dst_ctx,
+            &tokens,
             touched,
         )?;
-        require_enabled(&dst)?;
-        require_symmetric(&dst)?;
         dry_run(r.dry_run)?;
         let blob = self.seal_for(&dst, &dst_ctx, &plaintext)?;
         to_value(ReEncryptResponse::new(blob, src.arn, dst.arn))
