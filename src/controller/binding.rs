@@ -25,6 +25,15 @@ pub(super) fn ctx_subset(sid: &str, directory_id: &str) -> crate::kms::Encryptio
     c
 }
 
+/// What a volume's data key needs from the KMS key: make it, unwrap it, rewrap it. Both
+/// services' grants allow these; only the WorkSpaces service may also create grants.
+const VOLUME_KEY_OPERATIONS: [&str; 4] = [
+    "Decrypt",
+    "GenerateDataKeyWithoutPlaintext",
+    "ReEncryptFrom",
+    "ReEncryptTo",
+];
+
 /// The WorkSpaces service's grant on `key`: everything it needs, only within this user's
 /// `sid-directoryid` context (CreateGrant lets it hand narrower grants to EBS).
 pub(super) fn workspaces_grant(
@@ -37,13 +46,7 @@ pub(super) fn workspaces_grant(
         key_id: key.into(),
         grantee: WORKSPACES_SERVICE.into(),
         retiring: Some(WORKSPACES_SERVICE.into()),
-        operations: vec![
-            "Decrypt",
-            "GenerateDataKeyWithoutPlaintext",
-            "ReEncryptFrom",
-            "ReEncryptTo",
-            "CreateGrant",
-        ],
+        operations: [VOLUME_KEY_OPERATIONS.as_slice(), &["CreateGrant"]].concat(),
         context_equals: None,
         context_subset: Some(ctx_subset(sid, directory_id)),
         name: Some(format!("workspaces-{workspace_id}")),
@@ -60,12 +63,7 @@ pub(super) fn ebs_grant(
         key_id: key.into(),
         grantee: EBS_SERVICE.into(),
         retiring: Some(WORKSPACES_SERVICE.into()),
-        operations: vec![
-            "Decrypt",
-            "GenerateDataKeyWithoutPlaintext",
-            "ReEncryptFrom",
-            "ReEncryptTo",
-        ],
+        operations: VOLUME_KEY_OPERATIONS.to_vec(),
         context_equals: Some(context.clone()),
         context_subset: None,
         name: Some(format!("ebs-{volume_id}")),
