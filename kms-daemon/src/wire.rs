@@ -91,6 +91,18 @@ pub struct PageRequest {
     pub marker: Option<String>,
 }
 
+impl PageRequest {
+    /// The `KeyId` of a listing that is about one key (ListKeyPolicies, ListKeyRotations).
+    ///
+    /// # Errors
+    /// ValidationException when it is missing.
+    pub fn required_key_id(&self) -> Result<String, crate::error::OpError> {
+        self.key_id
+            .clone()
+            .ok_or_else(|| crate::error::OpError::Validation("KeyId is required".into()))
+    }
+}
+
 /// ListKeys.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "PascalCase")]

@@ -38,10 +38,7 @@ impl Kms {
         r: PageRequest,
         touched: &mut Touched,
     ) -> Result<Value, OpError> {
-        let key_id = r
-            .key_id
-            .clone()
-            .ok_or_else(|| OpError::Validation("KeyId is required".into()))?;
+        let key_id = r.required_key_id()?;
         self.authorized_key(caller, &key_id, &simple_ask("ListKeyPolicies"), touched)?;
         to_value(KeyPolicyNamesResponse {
             policy_names: ["default"],

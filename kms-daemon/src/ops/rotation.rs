@@ -107,10 +107,7 @@ impl Kms {
         r: PageRequest,
         touched: &mut Touched,
     ) -> Result<Value, OpError> {
-        let key_id = r
-            .key_id
-            .clone()
-            .ok_or_else(|| OpError::Validation("KeyId is required".into()))?;
+        let key_id = r.required_key_id()?;
         let key = self.rotation_target(caller, &key_id, "ListKeyRotations", touched)?;
         let items: Vec<RotationListEntry<'_>> = self
             .store
