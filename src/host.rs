@@ -47,6 +47,9 @@ pub struct MountEntry {
     pub fstype: String,
     /// What is mounted (a device, or the FUSE source name).
     pub source: String,
+    /// The mount's device number as the kernel writes it (`major:minor`); a FUSE
+    /// connection's directory under `/sys/fs/fuse/connections` is named after it.
+    pub dev: String,
 }
 
 fn unescape_mount(s: &str) -> String {
@@ -63,7 +66,9 @@ pub fn mounts() -> Vec<MountEntry> {
     text.lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
-            let target = left.split(' ').nth(4)?;
+            let mut l = left.split(' ');
+            let dev = l.nth(2)?;
+            let target = l.nth(1)?;
             let mut r = right.split(' ');
             let fstype = r.next()?;
             let source = r.next()?;
@@ -71,6 +76,7 @@ pub fn mounts() -> Vec<MountEntry> {
                 target: PathBuf::from(unescape_mount(target)),
                 fstype: fstype.into(),
                 source: unescape_mount(source),
+                dev: dev.into(),
             })
         })
         .collect()
@@ -114,6 +120,35 @@ pub fn release_loops(file: &Path) -> Result<(), HostError> {
             left.join(" ")
         ),
     })
+}
+
+/// The filesystems mounted on loop devices backed by `file`.
+///
+/// # Errors
+/// `losetup` failed.
+pub fn filesystems_on(file: &Path) -> Result<Vec<PathBuf>, HostError> {
+    let devs = loops_backed_by(file)?;
+    Ok(mounts()
+        .into_iter()
+        .filter(|m| devs.contains(&m.source))
+        .map(|m| m.target)
+        .collect())
+}
+
+/// The last resort of a bounded shutdown: lazily unmounts (`MNT_DETACH`) the filesystems
+/// on loop devices backed by `file` and marks those loops for release, whoever still
+/// uses them. Their later I/O fails; call it only after the filesystems were synced.
+pub fn force_release_loops(file: &Path) {
+    for dev in loops_backed_by(file).unwrap_or_default() {
+        for m in mounts().iter().filter(|m| m.source == dev) {
+            if let Err(e) = nix::mount::umount2(&m.target, nix::mount::MntFlags::MNT_DETACH) {
+                tracing::error!("lazy unmount of {}: {e}", m.target.display());
+            }
+        }
+        if let Err(e) = run("losetup", &["-d", &dev]) {
+            tracing::error!("{e}");
+        }
+    }
 }
 
 fn loops_backed_by(file: &Path) -> Result<Vec<String>, HostError> {

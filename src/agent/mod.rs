@@ -7,6 +7,8 @@
 //! - [`process`]: spawning an agent in the background, its ready/error line, waiting for
 //!   it to exit or stopping it;
 //! - [`serve`]: the serve loop (FUSE session, signals, ordered teardown) and `detach`;
+//! - [`shutdown`]: the orderly, bounded teardown on SIGTERM (sync, release, unmount; forced
+//!   after a timeout);
 //! - [`open`]: opening a volume for serving, resuming an interrupted rekey, and the
 //!   offline rekey that refuses a volume an agent is serving.
 //!
@@ -22,6 +24,7 @@ pub mod open;
 pub mod process;
 pub mod registry;
 pub mod serve;
+pub mod shutdown;
 
 pub use control::{ControlReply, ControlRequest, ControlServer, request_online};
 pub use open::{Opened, open_for_serving, rekey_offline};

@@ -1,5 +1,6 @@
 //! The serve loop: mounts FUSE over the exports, records the agent, serves its control
-//! socket, waits for a termination signal, and tears down in order; and `detach`, the
+//! socket, waits for a termination signal, and tears down in order
+//! ([`super::shutdown`]: sync, release, bounded by a timeout); and `detach`, the
 //! other end. Detach order (DESIGN §5): unmount filesystems on loop devices over the
 //! served files, detach those loops, unmount FUSE, then wait for the agent to flush, wipe
 //! its keys and exit.
@@ -13,6 +14,7 @@ use super::AttachError;
 use super::control::ControlServer;
 use super::process::wait_for_exit;
 use super::registry::{AgentRecord, canonical_mountpoint, read_record, record_path, write_record};
+use super::shutdown::{Teardown, stop_timeout};
 use crate::fuse::{Export, VolumeFs, mount_config};
 use crate::host::{is_mountpoint, mounts, release_loops};
 
@@ -84,28 +86,17 @@ pub fn serve_with(
     write_record(&rec_path, &record)?;
 
     let mut unmounter = session.unmount_callable();
-    let mp = mountpoint.clone();
-    let served = record.files.clone();
+    let teardown = Teardown {
+        mountpoint: mountpoint.clone(),
+        files: record.files.iter().map(|(name, _)| name.clone()).collect(),
+        timeout: stop_timeout(),
+    };
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            loop {
-                let Ok(sig) = signals.wait() else { return };
-                tracing::info!("{sig:?}: unmounting {}", mp.display());
-                // Filesystems and loop devices over our files go first (DESIGN §5 order);
-                // later exports may be mounted inside earlier ones, so go in reverse.
-                for (name, _) in served.iter().rev() {
-                    if let Err(e) = release_loops(&mp.join(name)) {
-                        tracing::error!("{e}");
-                    }
-                }
-                match unmounter.unmount() {
-                    Ok(()) => return,
-                    Err(e) => tracing::error!(
-                        "cannot unmount {} on {sig:?}: {e} (still in use?)",
-                        mp.display()
-                    ),
-                }
+            if let Ok(sig) = signals.wait() {
+                tracing::info!("{sig:?}: stopping {}", teardown.mountpoint.display());
+                teardown.run(|| unmounter.unmount());
             }
         })
         .map_err(|e| AttachError::State {
