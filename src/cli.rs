@@ -212,6 +212,21 @@ pub enum CliError {
     /// A batch verb had refused items (already printed).
     #[error("{0} request(s) failed")]
     Failed(usize),
+    /// `recover-workspaces` left WorkSpaces down (already printed, with the reasons).
+    #[error("{0} WorkSpace(s) could not be recovered (see the reasons above)")]
+    LeftDown(usize),
+}
+
+impl CliError {
+    /// The process exit status: 3 when recovery left WorkSpaces down (the others are up:
+    /// a service manager may treat it as success), 1 for every other failure.
+    #[must_use]
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Self::LeftDown(_) => ExitCode::from(3),
+            _ => ExitCode::FAILURE,
+        }
+    }
 }
 
 /// Runs the CLI; maps errors to a message on stderr and exit code 1.
@@ -227,7 +242,7 @@ pub fn main() -> ExitCode {
                 agent::report_error(&e);
             }
             eprintln!("sealvol: error: {e}");
-            ExitCode::FAILURE
+            e.exit_code()
         }
     }
 }

@@ -55,8 +55,11 @@ pub fn process_is_agent(pid: i32, started: Option<u64>) -> bool {
     if pid <= 0 || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
         return false;
     }
+    let Some(now) = start_time(pid) else {
+        return false;
+    };
     match started {
-        Some(t) => start_time(pid) == Some(t),
+        Some(t) => now == t,
         None => std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
             cmdline
                 .split(|&b| b == 0)
@@ -66,14 +69,19 @@ pub fn process_is_agent(pid: i32, started: Option<u64>) -> bool {
 }
 
 /// The start time of process `pid` in clock ticks since boot (field 22 of its
-/// `/proc/PID/stat`), if it exists.
+/// `/proc/PID/stat`), if it exists and has not exited: a zombie (state `Z`, or `X` while
+/// it is reaped) is a dead agent whose parent has not collected it yet, as happens when
+/// the reaper of orphans is slow (some container inits never reap).
 #[must_use]
 pub fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces or ')'.
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    // Fields from 3 on; the start time is field 22.
-    after_comm.split_whitespace().nth(22 - 3)?.parse().ok()
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    // Fields from 3 on: the state is field 3, the start time field 22.
+    if matches!(fields.next()?, "Z" | "X" | "x") {
+        return None;
+    }
+    fields.nth(22 - 4)?.parse().ok()
 }
 
 /// Directory for agent records and control sockets (`$SEALVOL_RUNTIME_DIR`, default
@@ -175,6 +183,27 @@ mod tests {
             ..me
         };
         assert!(!reused.is_live(), "a reused pid is not our agent");
+    }
+
+    #[test]
+    fn a_zombie_is_not_a_live_agent() {
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pid = i32::try_from(child.id()).expect("pid fits");
+        let started = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+        // Not reaped yet: the exited child stays a zombie until `wait`.
+        let zombie = crate::host::poll_until(std::time::Duration::from_secs(10), || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|f| f.trim_start().starts_with('Z'))
+            })
+        });
+        assert!(zombie, "the child did not become a zombie ({started:?})");
+        assert_eq!(start_time(pid), None);
+        assert!(!process_is_agent(pid, None));
+        let _ = child.wait();
     }
 
     #[test]

@@ -12,6 +12,7 @@ use super::{CliError, Output};
 use crate::controller::api::{
     BatchResult, CreateResult, WorkspaceProperties, WorkspaceRequest, WorkspaceView,
 };
+use crate::controller::recovery::RecoveryAction;
 use crate::controller::{Controller, ControllerConfig};
 
 /// Where the controller keeps state and which AWS profiles sign.
@@ -276,6 +277,15 @@ pub enum WorkspaceCmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Bring every WorkSpace that should be running back after a host reboot (agents,
+    /// volumes, interrupted rekeys, loop devices, mounts); those that cannot come back are
+    /// recorded UNHEALTHY or ERROR with the reason. Idempotent. Exit status 3 when some
+    /// are left down.
+    RecoverWorkspaces {
+        /// Common options.
+        #[command(flatten)]
+        common: Common,
+    },
     /// (internal) The per-WorkSpace agent the controller starts.
     #[command(hide = true)]
     Agent {
@@ -524,6 +534,39 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
                     }
                 },
             );
+        }
+        WorkspaceCmd::RecoverWorkspaces { common } => {
+            let results = common.controller()?.recover_workspaces()?;
+            emit(
+                common.output,
+                &serde_json::json!({ "Workspaces": results }),
+                || {
+                    println!(
+                        "{:<13} {:<11} {:<11} {:<16} Reason",
+                        "WorkspaceId", "Before", "State", "Action"
+                    );
+                    for r in &results {
+                        println!(
+                            "{:<13} {:<11} {:<11} {:<16} {}",
+                            r.workspace_id,
+                            r.previous_state,
+                            r.state,
+                            serde_json::to_value(r.action)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_owned))
+                                .unwrap_or_default(),
+                            r.reason.as_deref().unwrap_or("")
+                        );
+                    }
+                },
+            );
+            let down = results
+                .iter()
+                .filter(|r| r.action == RecoveryAction::LeftDown)
+                .count();
+            if down > 0 {
+                return Err(CliError::LeftDown(down));
+            }
         }
         WorkspaceCmd::RebootWorkspaces(ids) => {
             let r = ids.common.controller()?.reboot(&ids.workspace_ids)?;

@@ -17,6 +17,7 @@ pub mod ids;
 pub mod kind;
 mod launch;
 mod lifecycle;
+pub mod recovery;
 pub mod registry;
 mod rewrap;
 mod snapshots;

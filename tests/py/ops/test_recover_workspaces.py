@@ -1,0 +1,131 @@
+"""`sealvol recover-workspaces` after a simulated power loss (issue #16, part 1).
+
+Three WorkSpaces on one host: two running (each under its own KMS key), one stopped. The
+power goes: kill -9 every agent and the kms-daemon, lazily unmount every filesystem and
+FUSE mount, detach the loop devices. The daemon comes back; meanwhile the administrator
+disabled the second WorkSpace's key. Recovery must bring the first back to AVAILABLE with
+every fsync-acknowledged byte, record the second UNHEALTHY with the reason and leave it
+down, leave the stopped one stopped, and change nothing when run again; once the key is
+enabled again, the next run brings the second back too.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from sealvol_testing.kms import Daemon
+from sealvol_testing.sealvol import DIRECTORY, KEY_POLICY, SEALVOL, Sealvol, require_workspace_host
+
+
+def fsync_write(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def recover(sv):
+    r = subprocess.run([SEALVOL, "recover-workspaces", "--output", "json"], env=sv.env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode in (0, 3), f"recover-workspaces failed ({r.returncode}): {r.stderr}"
+    return r.returncode, {w["WorkspaceId"]: w for w in json.loads(r.stdout)["Workspaces"]}
+
+
+def power_loss(sv, daemon, ws_ids):
+    """kill -9 every agent and the daemon, then lazily unmount and detach everything."""
+    for ws in ws_ids:
+        pid_file = sv.state_dir / "agents" / f"{ws}.pid"
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    daemon.stop(signal.SIGKILL)
+    for ws in ws_ids:
+        for m in (sv.mnt(ws) / "home", sv.mnt(ws), sv.state_dir / "fuse" / ws):
+            subprocess.run(["umount", "-l", str(m)], capture_output=True)
+    out = subprocess.run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        cols = line.split()
+        if len(cols) == 2 and cols[1].startswith(str(sv.state_dir)):
+            subprocess.run(["losetup", "-d", cols[0]], capture_output=True)
+
+
+@pytest.fixture
+def world():
+    require_workspace_host()
+    root = Path(tempfile.mkdtemp(prefix="sealvol-recover-"))
+    (root / "kms").mkdir()
+    daemon = Daemon(root / "kms").start()
+    sv = Sealvol(root / "state", daemon)
+    try:
+        sv.run("register-directory", "--directory-id", DIRECTORY)
+        (root / "b" / "etc").mkdir(parents=True)
+        (root / "b" / "etc" / "hostname").write_text("recover\n")
+        sv.run("create-bundle", "--bundle-id", "wsb-test1", "--from-dir", str(root / "b"), "--size-gib", "1")
+        yield daemon, sv
+    finally:
+        if daemon.proc is None or daemon.proc.poll() is not None:
+            daemon.start()
+        sv.terminate_all()
+        daemon.stop(signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_power_loss_then_recover(world):
+    daemon, sv = world
+    admin = daemon.client("admin")
+    k1 = admin.create_key(Policy=KEY_POLICY)["KeyMetadata"]["Arn"]
+    k2 = admin.create_key(Policy=KEY_POLICY)["KeyMetadata"]["Arn"]
+    ws1 = sv.launch("ursula", key=k1)
+    ws2 = sv.launch("viktor", key=k2)
+    ws3 = sv.launch("wanda", key=k1)
+    assert sv.json("stop-workspaces", "--workspace-ids", ws3)["FailedRequests"] == []
+
+    data = {ws: os.urandom(2 * 1024 * 1024 + 77) for ws in (ws1, ws2)}
+    for ws, d in data.items():
+        fsync_write(sv.mnt(ws) / "home" / "acked.bin", d)
+    old_pid = sv.agent_pid(ws1)
+
+    power_loss(sv, daemon, [ws1, ws2, ws3])
+    daemon.start()
+    admin = daemon.client("admin")
+    admin.disable_key(KeyId=k2)
+
+    code, got = recover(sv)
+    assert code == 3, f"one WorkSpace was left down: exit status 3: {got}"
+    assert got[ws1]["Action"] == "RECOVERED" and got[ws1]["State"] == "AVAILABLE", got[ws1]
+    assert got[ws2]["Action"] == "LEFT_DOWN" and got[ws2]["State"] == "UNHEALTHY", got[ws2]
+    assert "Disabled" in got[ws2]["Reason"], got[ws2]["Reason"]
+    assert got[ws3]["Action"] == "UNCHANGED" and got[ws3]["State"] == "STOPPED", got[ws3]
+
+    assert sha(sv.mnt(ws1) / "home" / "acked.bin") == hashlib.sha256(data[ws1]).hexdigest()
+    assert sv.agent_pid(ws1) != old_pid
+    d2 = sv.describe(ws2)
+    assert d2["State"] == "UNHEALTHY" and "Disabled" in d2["ErrorMessage"], d2
+    assert not (sv.mnt(ws2) / "home" / "acked.bin").exists(), "a WorkSpace left down is not mounted"
+    assert sv.describe(ws3)["State"] == "STOPPED"
+
+    # Idempotent: nothing that is up is touched.
+    pid1 = sv.agent_pid(ws1)
+    code, again = recover(sv)
+    assert code == 3
+    assert again[ws1]["Action"] == "ALREADY_RUNNING" and again[ws1]["State"] == "AVAILABLE", again[ws1]
+    assert sv.agent_pid(ws1) == pid1, "recovery restarted a running WorkSpace"
+    assert again[ws2]["State"] == "UNHEALTHY" and again[ws3]["State"] == "STOPPED"
+
+    # The key is back: the next run recovers the second one, with its data.
+    admin.enable_key(KeyId=k2)
+    code, last = recover(sv)
+    assert code == 0, last
+    assert last[ws2]["Action"] == "RECOVERED" and last[ws2]["State"] == "AVAILABLE", last[ws2]
+    assert sha(sv.mnt(ws2) / "home" / "acked.bin") == hashlib.sha256(data[ws2]).hexdigest()
+    assert last[ws1]["Action"] == "ALREADY_RUNNING"
