@@ -15,6 +15,7 @@ use output::{emit, print_json};
 
 use crate::agent::{self, AttachError};
 use crate::fuse::Export;
+use crate::metrics::AgentMetrics;
 use crate::secret::{SecretError, VolumeKey};
 use crate::volume::{self, CreateParams, Encryption, GIB, VolumeError};
 use crate::xts::SectorSize;
@@ -451,12 +452,10 @@ fn attach_here(
         }
         (None, _) => volume::open_plain(path)?,
     };
-    let exports = vec![Export {
-        name: "disk".into(),
-        device: opened.device,
-    }];
+    let exports = vec![Export::new("disk", opened.device)];
+    let metrics = AgentMetrics::from_env(&[]).map_err(AttachError::from)?;
     let in_agent = std::env::var_os("SEALVOL_AGENT").is_some();
-    agent::serve_with(mountpoint, exports, threads, &resume, || {
+    agent::serve_with(mountpoint, exports, threads, &resume, metrics, || {
         if in_agent {
             agent::report_ready();
         } else {

@@ -13,6 +13,7 @@ use fuser::{
 };
 
 use crate::device::{Device, DeviceError};
+use crate::metrics::{InFlight, IoOp, VolumeIo};
 
 /// Largest write the kernel may send in one request.
 pub const MAX_WRITE: u32 = 1024 * 1024;
@@ -33,6 +34,30 @@ pub struct Export {
     pub name: String,
     /// The device behind it.
     pub device: Arc<Device>,
+    /// Its metrics counters, when the agent serves metrics.
+    pub io: Option<VolumeIo>,
+}
+
+impl Export {
+    /// An export without metrics.
+    #[must_use]
+    pub fn new(name: impl Into<String>, device: Arc<Device>) -> Self {
+        Self {
+            name: name.into(),
+            device,
+            io: None,
+        }
+    }
+
+    fn start(&self) -> Option<InFlight<'_>> {
+        self.io.as_ref().map(VolumeIo::start)
+    }
+
+    fn count(&self, op: IoOp, outcome: Result<u64, ()>) {
+        if let Some(io) = &self.io {
+            io.done(op, outcome);
+        }
+    }
 }
 
 /// The FUSE filesystem: a root directory holding one file per export.
@@ -239,14 +264,19 @@ impl Filesystem for VolumeFs {
             return reply.error(Errno::ENOENT);
         };
         let want = size.min(MAX_WRITE) as usize;
+        let _busy = e.start();
         READ_BUF.with_borrow_mut(|buf| {
             // Grown once per FUSE thread, then reused: no 1 MiB allocate-and-zero per read.
             if buf.len() < want {
                 buf.resize(want, 0);
             }
             match e.device.read(offset, &mut buf[..want]) {
-                Ok(n) => reply.data(&buf[..n]),
+                Ok(n) => {
+                    e.count(IoOp::Read, Ok(n as u64));
+                    reply.data(&buf[..n]);
+                }
                 Err(err) => {
+                    e.count(IoOp::Read, Err(()));
                     tracing::error!("read {}@{offset}+{size}: {err}", e.name);
                     reply.error(errno(&err));
                 }
@@ -269,10 +299,15 @@ impl Filesystem for VolumeFs {
         let Some(e) = self.export(ino) else {
             return reply.error(Errno::ENOENT);
         };
+        let _busy = e.start();
         match e.device.write(offset, data) {
             // `data` is at most MAX_WRITE bytes, so its length fits u32.
-            Ok(()) => reply.written(u32::try_from(data.len()).expect("bounded by max_write")),
+            Ok(()) => {
+                e.count(IoOp::Write, Ok(data.len() as u64));
+                reply.written(u32::try_from(data.len()).expect("bounded by max_write"));
+            }
             Err(err) => {
+                e.count(IoOp::Write, Err(()));
                 tracing::error!("write {}@{offset}+{}: {err}", e.name, data.len());
                 reply.error(errno(&err));
             }
@@ -301,9 +336,14 @@ impl Filesystem for VolumeFs {
         let Some(e) = self.export(ino) else {
             return reply.error(Errno::ENOENT);
         };
+        let _busy = e.start();
         match e.device.flush() {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                e.count(IoOp::Flush, Ok(0));
+                reply.ok();
+            }
             Err(err) => {
+                e.count(IoOp::Flush, Err(()));
                 tracing::error!("fsync {}: {err}", e.name);
                 reply.error(errno(&err));
             }
@@ -323,8 +363,13 @@ impl Filesystem for VolumeFs {
         let Some(e) = self.export(ino) else {
             return reply.error(Errno::ENOENT);
         };
+        let _busy = e.start();
         let result = match Fallocate::from(mode) {
-            Fallocate::Discard => e.device.discard(offset, length),
+            Fallocate::Discard => {
+                let r = e.device.discard(offset, length);
+                e.count(IoOp::Discard, r.as_ref().map(|()| length).map_err(|_| ()));
+                r
+            }
             // Preallocation inside the fixed size is a no-op; growing is not allowed.
             Fallocate::Preallocate => {
                 if offset

@@ -16,6 +16,7 @@ pub mod fuse;
 pub mod host;
 pub mod kms;
 pub mod luks2;
+pub mod metrics;
 pub mod private_file;
 pub mod rekey;
 pub mod secret;

@@ -81,6 +81,9 @@ pub enum AttachError {
     /// The runtime directory or a record in it cannot be kept private.
     #[error("runtime state: {0}")]
     Private(#[from] crate::private_file::PrivateFileError),
+    /// The metrics endpoint cannot be set up.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// Runtime state I/O.
     #[error("runtime state {path}: {source}")]
     State {

@@ -24,6 +24,9 @@ pub struct AgentRecord {
     pub mountpoint: PathBuf,
     /// Served files and their volume paths.
     pub files: Vec<(String, PathBuf)>,
+    /// Where the agent serves its Prometheus metrics, when it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
 }
 
 impl AgentRecord {
@@ -36,6 +39,7 @@ impl AgentRecord {
             start_time: start_time(pid),
             mountpoint,
             files,
+            metrics: None,
         }
     }
 

@@ -5,6 +5,7 @@
 //! served files, detach those loops, unmount FUSE, then wait for the agent to flush, wipe
 //! its keys and exit.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use super::registry::{AgentRecord, canonical_mountpoint, read_record, record_pat
 use super::shutdown::{Teardown, stop_timeout};
 use crate::fuse::{Export, VolumeFs, mount_config};
 use crate::host::{is_mountpoint, mounts, release_loops};
+use crate::metrics::AgentMetrics;
 
 /// Serves `exports` at `mountpoint` in this process until unmounted or signalled.
 ///
@@ -31,11 +33,14 @@ pub fn serve(
     threads: usize,
     on_ready: impl FnOnce(),
 ) -> Result<(), AttachError> {
-    serve_with(mountpoint, exports, threads, &[], on_ready)
+    serve_with(mountpoint, exports, threads, &[], None, on_ready)
 }
 
 /// [`serve`], then resumes the interrupted rekeys of the exports named in `resume_rekeys`
-/// (opened in rekey mode) in the background once the mount is live. Every agent listens
+/// (opened in rekey mode) in the background once the mount is live. With `metrics` (from
+/// [`AgentMetrics::from_env`]), every export is counted and the agent serves Prometheus
+/// metrics at the address, named in its record and in a `file_sd` target file
+/// ([`metrics_target_path`]). Every agent listens
 /// on its control socket ([`super::control_path`]) for online `rekey-volume` requests; pending
 /// rekeys stop at a hotzone boundary on unmount and resume on the next attach.
 ///
@@ -46,8 +51,10 @@ pub fn serve_with(
     exports: Vec<Export>,
     threads: usize,
     resume_rekeys: &[String],
+    metrics: Option<(AgentMetrics, SocketAddr)>,
     on_ready: impl FnOnce(),
 ) -> Result<(), AttachError> {
+    let mut exports = exports;
     let mountpoint = canonical_mountpoint(mountpoint)?;
     if is_mountpoint(&mountpoint) {
         return Err(AttachError::Mountpoint {
@@ -72,6 +79,19 @@ pub fn serve_with(
         .iter()
         .map(|e| (e.name.clone(), e.device.clone()))
         .collect();
+    let rec_path = record_path(&mountpoint);
+    let metrics_server = match metrics {
+        Some((mut m, addr)) => {
+            for e in &mut exports {
+                e.io = Some(m.volume_io(&e.name));
+            }
+            m.watch_devices(exports_named.clone());
+            let mut server = m.serve(addr)?;
+            server.publish_target(&metrics_target_path(&rec_path))?;
+            Some(server)
+        }
+        None => None,
+    };
     let fs = VolumeFs::new(exports);
     let mut session =
         fuser::Session::new(fs, &mountpoint, &mount_config(threads)).map_err(|source| {
@@ -81,8 +101,8 @@ pub fn serve_with(
             }
         })?;
 
-    let record = AgentRecord::of_this_process(mountpoint.clone(), files);
-    let rec_path = record_path(&mountpoint);
+    let mut record = AgentRecord::of_this_process(mountpoint.clone(), files);
+    record.metrics = metrics_server.as_ref().map(|m| m.addr().to_string());
     write_record(&rec_path, &record)?;
 
     let mut unmounter = session.unmount_callable();
@@ -125,10 +145,25 @@ pub fn serve_with(
         }
     }
     drop(devices);
+    drop(metrics_server);
     result.map_err(|source| AttachError::Mount {
         path: mountpoint,
         source,
     })
+}
+
+/// Where an agent publishes its metrics endpoint for Prometheus' file-based service
+/// discovery: `$SEALVOL_METRICS_SD_DIR` (point a `file_sd_configs` glob at it, e.g.
+/// `/run/sealvol-metrics/*.json`), else `metrics/` in the runtime directory; one file per
+/// agent, named like its record.
+#[must_use]
+pub fn metrics_target_path(record: &Path) -> PathBuf {
+    let dir = std::env::var_os("SEALVOL_METRICS_SD_DIR").map_or_else(
+        || super::registry::runtime_dir().join("metrics"),
+        PathBuf::from,
+    );
+    let name = record.file_name().unwrap_or(record.as_os_str());
+    dir.join(name)
 }
 
 /// Detaches whatever sealvol serves at `mountpoint`: unmounts filesystems on loop devices

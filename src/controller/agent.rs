@@ -16,7 +16,11 @@ use crate::agent::{self, AttachError, Opened};
 use crate::fuse::Export;
 use crate::host::{self, HostError};
 use crate::kms::{EncryptionContext, KmsClient, KmsError};
+use crate::metrics::AgentMetrics;
 use crate::volume::{self, VolumeError};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::gauge::ConstGauge;
 
 use super::binding::volume_context;
 use super::kind::VolumeKind;
@@ -190,10 +194,7 @@ pub fn run(
         if opened.resume_rekey {
             resume.push(v.kind.to_string());
         }
-        exports.push(Export {
-            name: v.kind.to_string(),
-            device: opened.volume.device,
-        });
+        exports.push(Export::new(v.kind.to_string(), opened.volume.device));
     }
     drop(ebs);
     std::fs::create_dir_all(&paths.fuse_dir)
@@ -204,7 +205,19 @@ pub fn run(
     let fuse_dir = paths.fuse_dir.clone();
     let mnt_dir = paths.mnt_dir.clone();
     let state_dir = state_dir.to_path_buf();
-    let result = agent::serve_with(&paths.fuse_dir, exports, 4, &resume, move || {
+    let metrics = match AgentMetrics::from_env(&[("workspace_id", workspace_id)])
+        .map_err(AttachError::from)?
+    {
+        Some((mut m, addr)) => {
+            m.add_collector(Box::new(LastSnapshot {
+                state_dir: state_dir.to_path_buf(),
+                workspace_id: workspace_id.to_string(),
+            }));
+            Some((m, addr))
+        }
+        None => None,
+    };
+    let result = agent::serve_with(&paths.fuse_dir, exports, 4, &resume, metrics, move || {
         std::thread::spawn(move || {
             let r = mount_filesystems(&state_dir, &fuse_dir, &mnt_dir, &needs_mkfs);
             if let Err(e) = &r {
@@ -220,6 +233,33 @@ pub fn run(
     });
     let _ = std::fs::remove_file(&paths.pid_file);
     Ok(result?)
+}
+
+/// `sealvol_last_snapshot_timestamp_seconds`: when the WorkSpace's latest snapshot was
+/// taken, read from the registry at scrape time (absent while it has none).
+#[derive(Debug)]
+struct LastSnapshot {
+    state_dir: PathBuf,
+    workspace_id: String,
+}
+
+impl Collector for LastSnapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let latest = Registry::open(&self.state_dir)
+            .and_then(|r| r.snapshots(&self.workspace_id))
+            .ok()
+            .and_then(|s| s.iter().map(|s| s.created).max());
+        if let Some(t) = latest {
+            let gauge = ConstGauge::new(t);
+            gauge.encode(encoder.encode_descriptor(
+                "sealvol_last_snapshot_timestamp_seconds",
+                "When the WorkSpace's latest snapshot was taken (Unix seconds).",
+                None,
+                gauge.metric_type(),
+            )?)?;
+        }
+        Ok(())
+    }
 }
 
 fn write_pid(path: &Path) -> Result<(), AgentError> {
