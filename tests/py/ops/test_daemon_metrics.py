@@ -4,6 +4,9 @@ histograms and auth failures are exactly what boto3 drove; the endpoint is apart
 KMS port and serves only GET /metrics; promtool accepts the exposition."""
 
 import json
+import re
+import socket
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -12,10 +15,13 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from sealvol_testing.kms import REGION, Daemon
+from sealvol_testing.kms import REGION, Daemon, wait_for
+from sealvol_testing.paths import KMS_DAEMON_BIN, require_binary
 from sealvol_testing.prometheus import Prometheus, check_metrics, require_prometheus, write_file_sd
 
 N_OK, M_DENIED, K_BAD_SIGNATURE = 7, 4, 5
+# kms_daemon::metrics::listener::MAX_CONNECTIONS_PER_PEER
+METRICS_CONNECTIONS_PER_PEER = 8
 
 
 @pytest.fixture
@@ -144,3 +150,95 @@ def test_metrics_are_off_without_the_flag(tmp_path):
         assert status == 404
     finally:
         assert d.stop() == 0
+
+
+def scrape(daemon):
+    """The daemon's metrics as {series: value} (series as written, labels included)."""
+    status, _, text = http("GET", metrics_url(daemon) + "/metrics")
+    assert status == 200, text
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            out[series] = float(value)
+    return out
+
+
+def connect(endpoint):
+    host, port = endpoint.split("://", 1)[1].rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=10)
+    return s
+
+
+def closed_at_once(s):
+    """Whether the server closed `s` without a word (reads EOF or a reset)."""
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_open_and_refused_by_the_peer_cap_are_counted(tmp_path):
+    d = Daemon(tmp_path / "state", ["--metrics-listen", "127.0.0.1:0", "--max-connections-per-peer", "2"]).start()
+    held = []
+    try:
+        assert scrape(d)["kms_open_connections"] == 0
+        held = [connect(d.endpoint) for _ in range(2)]
+        wait_for(lambda: scrape(d)["kms_open_connections"] == 2, what="two open connections counted")
+        third = connect(d.endpoint)
+        assert closed_at_once(third)
+        third.close()
+        wait_for(lambda: scrape(d).get('kms_connections_refused_total{reason="peer_cap"}') == 1,
+                 what="the refused connection counted")
+        for s in held:
+            s.close()
+        wait_for(lambda: scrape(d)["kms_open_connections"] == 0, what="closed connections uncounted")
+    finally:
+        for s in held:
+            s.close()
+        assert d.stop() == 0
+
+
+def test_idle_strangers_on_the_metrics_port_are_capped_and_kms_keeps_serving(daemon):
+    url = metrics_url(daemon)
+    admin = daemon.client("admin")
+    key = admin.create_key(Description="busy")["KeyMetadata"]["KeyId"]
+    idle = [connect(url) for _ in range(METRICS_CONNECTIONS_PER_PEER)]
+    try:
+        # The cap is decided right after accept: the next connection is closed at once.
+        extra = connect(url)
+        assert closed_at_once(extra), "a connection over the metrics port's per-peer cap must be closed"
+        extra.close()
+        for i in range(5):
+            admin.encrypt(KeyId=key, Plaintext=b"still served %d" % i)
+    finally:
+        for s in idle:
+            s.close()
+
+    def served_again():
+        # Until the daemon notices the strangers hung up, their slots are still held.
+        try:
+            return scrape(daemon).get('kms_requests_total{operation="Encrypt",outcome="ok"}') == 5
+        except (ConnectionError, urllib.error.URLError):
+            return False
+
+    wait_for(served_again, what="the metrics port serving again once the strangers left")
+
+
+def test_ready_line_and_help_name_the_metrics_endpoint(tmp_path):
+    bin_ = str(require_binary(KMS_DAEMON_BIN, "KMS_DAEMON_BIN"))
+    help_text = subprocess.run([bin_, "--help"], capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "--metrics-listen <ADDR>" in help_text
+    assert "bind to loopback or a private network" in " ".join(help_text.split()), help_text
+    p = subprocess.Popen([bin_, "--state-dir", str(tmp_path / "state"), "--listen", "127.0.0.1:0",
+                          "--metrics-listen", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         text=True)
+    try:
+        line = p.stdout.readline()
+        m = re.match(r"kms-daemon ready endpoint=(http://\S+) metrics=(http://127\.0\.0\.1:\d+) state_dir=", line)
+        assert m and m[1] != m[2], line
+        assert http("GET", m[2] + "/metrics")[0] == 200
+    finally:
+        p.terminate()
+        assert p.wait(timeout=30) == 0
+        p.stdout.close()
