@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
+use prometheus_client::metrics::histogram::Histogram;
 use serde_json::{Map, Value, json};
 use tokio::sync::oneshot;
 
@@ -49,6 +50,8 @@ pub struct AuditConfig {
     pub account: String,
     /// Region written into summary records.
     pub region: String,
+    /// Where the time of each append (write and fdatasync) is recorded, if anywhere.
+    pub append_seconds: Option<Histogram>,
 }
 
 impl Default for AuditConfig {
@@ -59,6 +62,7 @@ impl Default for AuditConfig {
             in_full_per_source: 10,
             account: String::new(),
             region: String::new(),
+            append_seconds: None,
         }
     }
 }
@@ -70,6 +74,7 @@ type Job = (Vec<u8>, oneshot::Sender<Result<(), String>>);
 pub struct AuditLog {
     tx: mpsc::Sender<Job>,
     flood: Arc<flood::FloodGate>,
+    append_seconds: Option<Histogram>,
 }
 
 const MAX_BATCH: usize = 4096;
@@ -182,11 +187,21 @@ impl AuditLog {
         Self {
             tx,
             flood: Arc::new(flood),
+            append_seconds: cfg.append_seconds.clone(),
         }
     }
 
     /// Appends one record; resolves once it is on stable storage.
     pub async fn append(&self, record: &Value) -> Result<(), AuditError> {
+        let started = std::time::Instant::now();
+        let result = self.append_line(record).await;
+        if let Some(h) = &self.append_seconds {
+            h.observe(started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    async fn append_line(&self, record: &Value) -> Result<(), AuditError> {
         let line = fit(record)?;
         let (done, wait) = oneshot::channel();
         self.tx

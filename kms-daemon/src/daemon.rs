@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::audit::{AuditConfig, AuditError, AuditLog, Rotation};
 use crate::clock::OffsetClock;
 use crate::limits::{ConnectionLimits, MAX_CONNECTIONS};
+use crate::metrics::Metrics;
 use crate::ops::Kms;
 use crate::server::{AppState, MAX_CONCURRENCY};
 use crate::sigv4::Verifier;
@@ -54,6 +55,8 @@ pub struct DaemonConfig {
     pub audit_rotation: Rotation,
     /// Open connections allowed per peer address.
     pub max_connections_per_peer: usize,
+    /// Where `GET /metrics` is served (unauthenticated; off when `None`).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Runs the daemon until `shutdown` resolves.
@@ -63,7 +66,9 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     let state = StateDir::open(&cfg.state_dir, &cfg.account, &cfg.region)?;
     let verifier = Verifier::new(&cfg.region, &cfg.account, state.verifier_keys()?);
+    let metrics = Metrics::new();
     let audit_cfg = AuditConfig {
+        append_seconds: Some(metrics.audit_append_seconds()),
         rotation: cfg.audit_rotation,
         account: cfg.account.clone(),
         region: cfg.region.clone(),
@@ -71,19 +76,15 @@ pub async fn run(
     };
     let audit = AuditLog::open_with(&cfg.state_dir.join("audit.log"), &audit_cfg)?;
     let max_connections = raise_open_files_limit(MAX_CONNECTIONS);
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| DaemonError::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| DaemonError::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
+    let (listener, addr) = bind(cfg.listen).await?;
     let endpoint = format!("http://{addr}");
+    let metrics_listener = match cfg.metrics_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    let metrics_endpoint = metrics_listener
+        .as_ref()
+        .map(|(_, a)| format!("http://{a}"));
     state.write_client_files(&cfg.region, &endpoint)?;
     let clock = Arc::new(OffsetClock::new(cfg.clock_offset_secs));
     let StateDir { store, root, dir } = state;
@@ -103,23 +104,43 @@ pub async fn run(
         clock,
         test_clock: cfg.test_clock,
         slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENCY)),
+        metrics: metrics.clone(),
     };
     let limits = ConnectionLimits::new(cfg.max_connections_per_peer, max_connections);
     if let Some(f) = &cfg.ready_file {
-        let body =
-            serde_json::json!({"endpoint": endpoint, "pid": std::process::id(), "state_dir": dir})
-                .to_string();
-        write_private(f, &body)?;
+        let mut body =
+            serde_json::json!({"endpoint": endpoint, "pid": std::process::id(), "state_dir": dir});
+        if let Some(m) = &metrics_endpoint {
+            body["metrics"] = m.clone().into();
+        }
+        write_private(f, &body.to_string())?;
     }
+    let metrics_word = metrics_endpoint
+        .as_ref()
+        .map(|m| format!(" metrics={m}"))
+        .unwrap_or_default();
     println!(
-        "kms-daemon ready endpoint={endpoint} state_dir={}",
+        "kms-daemon ready endpoint={endpoint}{metrics_word} state_dir={}",
         dir.display()
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    let exporter =
+        metrics_listener.map(|(l, _)| tokio::spawn(crate::metrics::listener::serve(l, metrics)));
     crate::server::serve(listener, app, limits, shutdown).await;
+    if let Some(e) = exporter {
+        e.abort();
+    }
     tracing::info!("kms-daemon stopped");
     Ok(())
+}
+
+/// Binds `addr` and says which address it got (port 0 picks a free port).
+async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), DaemonError> {
+    let fail = |source| DaemonError::Listen { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(fail)?;
+    let bound = listener.local_addr().map_err(fail)?;
+    Ok((listener, bound))
 }
 
 /// How often due deletions and rotations are applied to keys nobody touches.

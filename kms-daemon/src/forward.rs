@@ -85,6 +85,25 @@ pub enum ForwardError {
     NotYetValid(String),
 }
 
+impl ForwardError {
+    /// Why the token was refused, as one of a fixed set of snake_case words prefixed
+    /// `forward_token_` (the `reason` label of `kms_auth_failures_total`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "forward_token_malformed",
+            Self::NotForwarder(_) => "forward_token_not_forwarder",
+            Self::WrongDelegate { .. } => "forward_token_wrong_delegate",
+            Self::WrongAudience(_) => "forward_token_wrong_audience",
+            Self::UnknownSigner => "forward_token_unknown_signer",
+            Self::SignerIsService(_) => "forward_token_signer_is_service",
+            Self::ForeignAccount(_) => "forward_token_foreign_account",
+            Self::BadSignature => "forward_token_signature_mismatch",
+            Self::Expired(_) => "forward_token_expired",
+            Self::NotYetValid(_) => "forward_token_not_yet_valid",
+        }
+    }
+}
+
 /// The daemon's facts a token is checked against.
 #[derive(Debug, Clone, Copy)]
 pub struct Expectations<'a> {

@@ -9,7 +9,7 @@
 //! [`context`] (encryption-context encoding), [`audit`] (CloudTrail-shaped log),
 //! [`clock`] (injectable time), [`ops`] (the operation table and one handler per
 //! operation, by resource), [`server`]
-//! (HTTP), [`limits`] (connection caps, body limits), [`response`] (response bodies), [`state`] (state directory), [`daemon`] (start/stop).
+//! (HTTP), [`limits`] (connection caps, body limits), [`metrics`] (Prometheus metrics and their listener), [`response`] (response bodies), [`state`] (state directory), [`daemon`] (start/stop).
 
 #![forbid(unsafe_code)]
 
@@ -24,6 +24,7 @@ pub mod error;
 pub mod forward;
 pub mod keys;
 pub mod limits;
+pub mod metrics;
 pub mod ops;
 pub mod policy;
 pub mod principal;

@@ -158,6 +158,17 @@ pub enum ConnectionRefused {
     TotalCap,
 }
 
+impl ConnectionRefused {
+    /// Which cap refused it (the `reason` label of
+    /// `kms_connections_refused_total`).
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::PeerCap => "peer_cap",
+            Self::TotalCap => "total_cap",
+        }
+    }
+}
+
 /// One admitted connection; its slot is released on drop.
 #[derive(Debug)]
 pub struct ConnectionSlot {

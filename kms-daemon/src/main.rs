@@ -18,7 +18,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// credentials and config (AWS shared-file formats with profiles admin, alice,
 /// workspaces, ebs; config carries region and endpoint_url) and audit.log. Use them with
 /// AWS_SHARED_CREDENTIALS_FILE=DIR/credentials AWS_CONFIG_FILE=DIR/config aws --profile alice kms ...
-/// Prints "kms-daemon ready endpoint=http://ADDR ..." on stdout once listening; SIGTERM
+/// Prints "kms-daemon ready endpoint=http://ADDR [metrics=http://ADDR] ..." on stdout once listening; SIGTERM
 /// or SIGINT shut it down cleanly.
 #[derive(Debug, Parser)]
 #[command(name = "kms-daemon", version, args_conflicts_with_subcommands = true)]
@@ -43,7 +43,8 @@ struct ServeArgs {
     /// Region.
     #[arg(long, default_value = "us-east-1")]
     region: String,
-    /// Write {"endpoint":..,"pid":..} to this file once listening.
+    /// Write {"endpoint":..,"pid":..,"metrics":..} to this file once listening
+    /// ("metrics" only with --metrics-listen).
     #[arg(long)]
     ready_file: Option<PathBuf>,
     /// TEST ONLY: enable POST /_sealvol/test/clock {"AdvanceSeconds":N} (unsigned) to move
@@ -63,6 +64,11 @@ struct ServeArgs {
     /// Open connections allowed per peer address; more are closed at once.
     #[arg(long, default_value_t = kms_daemon::limits::MAX_CONNECTIONS_PER_PEER)]
     max_connections_per_peer: usize,
+    /// Serve Prometheus metrics (GET /metrics, OpenMetrics text) on this address; off
+    /// when absent. Unauthenticated like every Prometheus exporter: bind to loopback or a
+    /// private network. Port 0 picks a free port (see the ready line / ready file).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,6 +162,7 @@ fn main() -> anyhow::Result<()> {
                     keep: a.audit_keep,
                 },
                 max_connections_per_peer: a.max_connections_per_peer,
+                metrics_listen: a.metrics_listen,
             };
             let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
             rt.block_on(kms_daemon::run(cfg, shutdown_signal()))?;

@@ -105,21 +105,34 @@ pub fn json_response(status: StatusCode, body: &Value, request_id: &str) -> Resp
     with_headers(r, request_id)
 }
 
-/// `{"__type": code, "message": message}` with `status`.
-pub fn error_response(status: u16, code: &str, message: &str, request_id: &str) -> Response {
+/// The AWS error code an error response carries, kept beside it as a response
+/// extension so the server can count outcomes without parsing bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorCode(pub &'static str);
+
+/// `{"__type": code, "message": message}` with `status` (and `code` as an
+/// [`ErrorCode`] extension).
+pub fn error_response(
+    status: u16,
+    code: &'static str,
+    message: &str,
+    request_id: &str,
+) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
-    json_response(
+    let mut r = json_response(
         status,
         &json!({"__type": code, "message": message}),
         request_id,
-    )
+    );
+    r.extensions_mut().insert(ErrorCode(code));
+    r
 }
 
 /// [`error_response`] that also closes the connection (the request body was refused
 /// and may not have been read).
 pub fn closing_error_response(
     status: u16,
-    code: &str,
+    code: &'static str,
     message: &str,
     request_id: &str,
 ) -> Response {

@@ -20,8 +20,11 @@ use crate::audit::{self, AuditLog};
 use crate::clock::{OffsetClock, wall_clock_secs};
 use crate::error::OpError;
 use crate::limits::{self, BodyError, ConnectionLimits};
+use crate::metrics::{Metrics, OUTCOME_OK};
 use crate::ops::{Kms, Operation, Touched};
-use crate::response::{closing_error_response, error_response, json_response, secret_json};
+use crate::response::{
+    ErrorCode, closing_error_response, error_response, json_response, secret_json,
+};
 use crate::sigv4::Verifier;
 
 pub use crate::limits::BODY_LIMIT;
@@ -50,6 +53,8 @@ pub struct AppState {
     pub test_clock: bool,
     /// Operation slots ([`MAX_CONCURRENCY`]).
     pub slots: Arc<Semaphore>,
+    /// Where requests, auth failures and connections are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {
@@ -172,8 +177,14 @@ async fn handle(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request<Body>,
 ) -> Response {
+    let started = tokio::time::Instant::now();
     let (parts, mut body) = req.into_parts();
     let meta = RequestMeta::new(&parts, peer);
+    let counted = Counted {
+        metrics: st.metrics.clone(),
+        op: meta.op,
+        started,
+    };
     let declared = limits::declared_length(&parts.headers);
     let deadline = tokio::time::Instant::now() + limits::body_deadline(declared);
     let body = match limits::read_body(&mut body, declared, deadline).await {
@@ -182,7 +193,7 @@ async fn handle(
             if e == BodyError::TooLarge {
                 limits::drain(body);
             }
-            return spawn_detached(refuse(st, meta, e)).await;
+            return spawn_detached(counted, refuse(st, meta, e)).await;
         }
     };
     let Ok(slot) = st.slots.clone().acquire_owned().await else {
@@ -193,15 +204,37 @@ async fn handle(
             &meta.request_id,
         );
     };
-    spawn_detached(dispatch(st, meta, parts, body, slot)).await
+    spawn_detached(counted, dispatch(st, meta, parts, body, slot)).await
+}
+
+/// What [`spawn_detached`] records about a request once it is answered.
+struct Counted {
+    metrics: Arc<Metrics>,
+    op: Option<Operation>,
+    started: tokio::time::Instant,
 }
 
 /// Runs `work` in a task of its own: if the client goes away, the handler's future is
-/// dropped but the task (operation and audit record) runs to the end.
+/// dropped but the task (operation, audit record and metrics) runs to the end.
 async fn spawn_detached(
+    counted: Counted,
     work: impl std::future::Future<Output = Response> + Send + 'static,
 ) -> Response {
-    match tokio::spawn(work).await {
+    let task = async move {
+        let r = work.await;
+        let outcome = if r.status().is_success() {
+            OUTCOME_OK
+        } else {
+            r.extensions()
+                .get::<ErrorCode>()
+                .map_or("KMSInternalException", |c| c.0)
+        };
+        counted
+            .metrics
+            .observe_request(counted.op, outcome, counted.started.elapsed());
+        r
+    };
+    match tokio::spawn(task).await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "request task failed");
@@ -247,9 +280,11 @@ async fn dispatch(
     _slot: OwnedSemaphorePermit,
 ) -> Response {
     let request_id = meta.request_id.as_str();
+    let _in_flight = st.metrics.operation_started();
     let caller = match st.verifier.verify(&parts, &body, wall_clock_secs()) {
         Ok(c) => c,
         Err(e) if e.authenticated_signer().is_some() => {
+            st.metrics.auth_failure(e.reason());
             // The request's own signature verified; only the forward-access token it
             // carries was refused: audited one by one, under the service that signed.
             let event = meta.event(
@@ -265,6 +300,7 @@ async fn dispatch(
             return error_response(400, e.code(), &e.to_string(), request_id);
         }
         Err(e) => {
+            st.metrics.auth_failure(e.reason());
             let message = e.to_string();
             if !audit_stranger(&st, &meta, e.code(), &message).await {
                 return not_audited(request_id);
@@ -383,6 +419,7 @@ pub async fn serve(
         let slot = match limits.admit(peer.ip()) {
             Ok(s) => s,
             Err(refused) => {
+                state.metrics.connection_refused(refused.reason());
                 tracing::debug!(%peer, %refused, "connection closed at once");
                 drop(stream);
                 continue;
@@ -397,9 +434,11 @@ pub async fn serve(
             .service(app.clone());
         let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
         let conn = graceful.watch(conn);
+        let open = state.metrics.connection_opened();
         tokio::spawn(async move {
             let _ = conn.await;
             drop(slot);
+            drop(open);
         });
     }
     drop(listener);

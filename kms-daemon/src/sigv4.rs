@@ -63,6 +63,21 @@ impl AuthError {
         }
     }
 
+    /// Why authentication failed, as one of a fixed set of snake_case words (the
+    /// `reason` label of `kms_auth_failures_total`): finer than [`Self::code`], which
+    /// folds several causes into one AWS code.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Missing => "missing_auth",
+            Self::Incomplete(_) => "malformed_auth",
+            Self::UnknownAccessKey => "unknown_access_key",
+            Self::BadSignature => "signature_mismatch",
+            Self::Expired(..) => "expired_or_skewed_date",
+            Self::Scope => "wrong_scope",
+            Self::ForwardAccess { reason, .. } => reason.reason(),
+        }
+    }
+
     /// The signer, when the request's own signature verified (only a refused
     /// forward-access token fails after that): such refusals are audited under it.
     pub fn authenticated_signer(&self) -> Option<&Caller> {

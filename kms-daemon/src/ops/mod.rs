@@ -46,13 +46,16 @@ pub const AWS_MANAGED_ROTATION_DAYS: i64 = 3 * 365;
 macro_rules! operations {
     ($($name:ident => $handler:ident, $inline:literal, $read_only:literal;)*) => {
         /// The operations the daemon implements.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum Operation { $(
             #[doc = concat!("`TrentService.", stringify!($name), "`")]
             $name,
         )* }
 
         impl Operation {
+            /// Every operation, in table order.
+            pub const ALL: &'static [Self] = &[$(Self::$name,)*];
+
             /// Parses `TrentService.<Op>`.
             pub fn from_target(target: &str) -> Option<Self> {
                 match target.strip_prefix("TrentService.")? {
