@@ -99,6 +99,7 @@ def test_real_prometheus_counts_exactly_what_was_driven(daemon, tmp_path):
         # authentications are too, up to the flood gate's per-source allowance.
         audited = prom.query(f'kms_audit_append_duration_seconds_count{job}}}')
         assert len(audited) == 1 and audited[0][1] >= 1 + N_OK + M_DENIED, audited
+        assert prom.query(f'kms_audit_append_failures_total{job}}}')[0][1] == 0
         [(labels, _)] = prom.query(f'kms_build_info{job}}}')
         assert labels["version"], labels
         # The file_sd job scrapes the same daemon: the same answer through the other path.
