@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use serde_json::{Map, Value, json};
 use tokio::sync::oneshot;
@@ -52,6 +53,8 @@ pub struct AuditConfig {
     pub region: String,
     /// Where the time of each append (write and fdatasync) is recorded, if anywhere.
     pub append_seconds: Option<Histogram>,
+    /// Where appends that failed are counted, if anywhere.
+    pub append_failures: Option<Counter>,
 }
 
 impl Default for AuditConfig {
@@ -63,6 +66,7 @@ impl Default for AuditConfig {
             account: String::new(),
             region: String::new(),
             append_seconds: None,
+            append_failures: None,
         }
     }
 }
@@ -75,6 +79,7 @@ pub struct AuditLog {
     tx: mpsc::Sender<Job>,
     flood: Arc<flood::FloodGate>,
     append_seconds: Option<Histogram>,
+    append_failures: Option<Counter>,
 }
 
 const MAX_BATCH: usize = 4096;
@@ -188,6 +193,7 @@ impl AuditLog {
             tx,
             flood: Arc::new(flood),
             append_seconds: cfg.append_seconds.clone(),
+            append_failures: cfg.append_failures.clone(),
         }
     }
 
@@ -197,6 +203,9 @@ impl AuditLog {
         let result = self.append_line(record).await;
         if let Some(h) = &self.append_seconds {
             h.observe(started.elapsed().as_secs_f64());
+        }
+        if let (Err(_), Some(c)) = (&result, &self.append_failures) {
+            c.inc();
         }
         result
     }
@@ -507,6 +516,35 @@ mod tests {
         assert_eq!(v["userAgent"], "ua");
         let huge_ua = json!({"eventName": "X", "userAgent": big, "errorMessage": big});
         assert!(fit(&huge_ua).expect("fits").len() <= MAX_RECORD_BYTES);
+    }
+
+    #[tokio::test]
+    async fn appends_are_timed_and_failures_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = AuditConfig {
+            append_seconds: Some(Histogram::new([0.001])),
+            append_failures: Some(Counter::default()),
+            ..AuditConfig::default()
+        };
+        let log = AuditLog::open_with(&dir.path().join("audit.log"), &cfg).expect("opens");
+        log.append(&json!({"eventName": "Encrypt"}))
+            .await
+            .expect("written");
+        let (tx, rx) = mpsc::channel();
+        drop(rx);
+        let stopped = AuditLog::with_writer(tx, &cfg);
+        assert!(matches!(
+            stopped.append(&json!({"eventName": "Encrypt"})).await,
+            Err(AuditError::Stopped)
+        ));
+        assert_eq!(cfg.append_failures.as_ref().map(Counter::get), Some(1));
+        let mut text = String::new();
+        let mut registry = prometheus_client::registry::Registry::default();
+        if let Some(h) = cfg.append_seconds.clone() {
+            registry.register("append", "appends", h);
+        }
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        assert!(text.contains("append_count 2"), "{text}");
     }
 
     #[tokio::test]

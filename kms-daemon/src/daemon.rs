@@ -69,6 +69,7 @@ pub async fn run(
     let metrics = Metrics::new();
     let audit_cfg = AuditConfig {
         append_seconds: Some(metrics.audit_append_seconds()),
+        append_failures: Some(metrics.audit_append_failures()),
         rotation: cfg.audit_rotation,
         account: cfg.account.clone(),
         region: cfg.region.clone(),

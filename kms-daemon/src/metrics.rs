@@ -107,6 +107,7 @@ pub struct Metrics {
     /// `Operation as usize`: recording a success takes no lock, only atomic adds.
     by_operation: Vec<OperationSeries>,
     audit_append_seconds: Histogram,
+    audit_append_failures: Counter,
     auth_failures: Family<ReasonLabels, Counter>,
     open_connections: Gauge,
     refused_connections: Family<ReasonLabels, Counter>,
@@ -142,6 +143,13 @@ impl Metrics {
             Unit::Seconds,
             audit_append_seconds.clone(),
         );
+        let audit_append_failures = Counter::default();
+        registry.register(
+            "audit_append_failures",
+            "Audit records that could not be written or synced; each such request was \
+             answered KMSInternalException instead of its result",
+            audit_append_failures.clone(),
+        );
         let auth_failures = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "auth_failures",
@@ -166,7 +174,7 @@ impl Metrics {
         let in_flight = Gauge::default();
         registry.register(
             "operations_in_flight",
-            "Authenticated requests being executed and audited now",
+            "Requests with a complete body being authenticated, executed and audited now",
             in_flight.clone(),
         );
         // A gauge at 1 rather than an OpenMetrics `info`: the Prometheus text parser
@@ -206,6 +214,7 @@ impl Metrics {
             request_seconds,
             by_operation,
             audit_append_seconds,
+            audit_append_failures,
             auth_failures,
             open_connections,
             refused_connections,
@@ -245,6 +254,12 @@ impl Metrics {
     /// [`crate::audit::AuditConfig::append_seconds`]).
     pub fn audit_append_seconds(&self) -> Histogram {
         self.audit_append_seconds.clone()
+    }
+
+    /// The counter the audit log counts failed appends in (see
+    /// [`crate::audit::AuditConfig::append_failures`]).
+    pub fn audit_append_failures(&self) -> Counter {
+        self.audit_append_failures.clone()
     }
 
     /// Counts a request refused by authentication (`reason` from
@@ -337,6 +352,10 @@ mod tests {
         assert!(text.contains(r#"kms_connections_refused_total{reason="peer_cap"} 1"#));
         assert!(text.contains("kms_open_connections 1\n"), "{text}");
         assert!(text.contains("# TYPE kms_audit_append_duration_seconds histogram"));
+        assert!(
+            text.contains("kms_audit_append_failures_total 0\n"),
+            "{text}"
+        );
         assert!(text.contains(&format!(
             r#"kms_build_info{{version="{}"}} 1"#,
             env!("CARGO_PKG_VERSION")

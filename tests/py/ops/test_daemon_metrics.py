@@ -7,6 +7,8 @@ import json
 import re
 import socket
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -99,6 +101,7 @@ def test_real_prometheus_counts_exactly_what_was_driven(daemon, tmp_path):
         # authentications are too, up to the flood gate's per-source allowance.
         audited = prom.query(f'kms_audit_append_duration_seconds_count{job}}}')
         assert len(audited) == 1 and audited[0][1] >= 1 + N_OK + M_DENIED, audited
+        assert prom.query(f'kms_audit_append_failures_total{job}}}')[0][1] == 0
         [(labels, _)] = prom.query(f'kms_build_info{job}}}')
         assert labels["version"], labels
         # The file_sd job scrapes the same daemon: the same answer through the other path.
@@ -242,3 +245,35 @@ def test_ready_line_and_help_name_the_metrics_endpoint(tmp_path):
         p.terminate()
         assert p.wait(timeout=30) == 0
         p.stdout.close()
+
+
+def test_kms_requests_are_answered_while_the_metrics_port_is_hammered(daemon):
+    url = metrics_url(daemon) + "/metrics"
+    admin = daemon.client("admin")
+    key = admin.create_key(Description="hammered")["KeyMetadata"]["KeyId"]
+    stop = threading.Event()
+    scrapes = []
+
+    def hammer():
+        while not stop.is_set():
+            try:
+                scrapes.append(http("GET", url)[0])
+            except OSError:
+                scrapes.append("refused")
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        slowest = 0.0
+        for i in range(30):
+            t0 = time.monotonic()
+            admin.encrypt(KeyId=key, Plaintext=b"%d" % i)
+            slowest = max(slowest, time.monotonic() - t0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert scrapes.count(200) >= 10, f"the hammer barely ran: {len(scrapes)} scrapes"
+    # Generous bound for a shared 2-core machine: a stall would take seconds.
+    assert slowest < 2.0, f"an Encrypt took {slowest:.2f}s while /metrics was hammered"
