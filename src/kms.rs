@@ -28,7 +28,7 @@ mod target;
 
 use forward_access::ForwardAccess;
 pub use forward_access::ForwardAccessToken;
-pub use target::KmsTarget;
+pub use target::{KmsTarget, parse_endpoint_url};
 
 /// The signed header that carries a user's forward-access token.
 pub const FORWARD_ACCESS_HEADER: &str = "x-sealvol-forward-access";

@@ -27,7 +27,7 @@ pub struct GlobalOptions {
     pub region: Option<String>,
     /// KMS endpoint, e.g. http://127.0.0.1:4599 (without it: AWS_ENDPOINT_URL_KMS, else
     /// the profile's endpoint_url, else AWS KMS in the region).
-    #[arg(long, global = true, value_name = "URL")]
+    #[arg(long, global = true, value_name = "URL", value_parser = crate::kms::parse_endpoint_url)]
     pub endpoint_url: Option<String>,
     /// Controller state directory (controller.db, volumes, snapshots, agents, mounts).
     #[arg(

@@ -264,3 +264,20 @@ fn version_prints_the_name_and_the_crate_version() {
         format!("sealvol {}\n", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn an_unusable_endpoint_url_is_a_usage_error_naming_it() {
+    let e = Cli::try_parse_from([
+        "sealvol",
+        "--endpoint-url",
+        "localhost:4599",
+        "describe-workspaces",
+    ])
+    .expect_err("no scheme");
+    assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+    let msg = e.to_string();
+    assert!(
+        msg.contains("localhost:4599") && msg.contains("--endpoint-url"),
+        "{msg}"
+    );
+}

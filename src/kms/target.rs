@@ -44,20 +44,29 @@ impl KmsTarget {
                 let region = sdk.region().map_or("us-east-1", |r| r.as_ref());
                 format!("https://kms.{region}.amazonaws.com")
             });
-        let bad = |why: &str| {
-            KmsError::Setup(format!(
-                "endpoint URL {url:?} {why}; give an absolute URL such as http://127.0.0.1:4599 (--endpoint-url, AWS_ENDPOINT_URL_KMS or the profile's endpoint_url)"
-            ))
-        };
-        let uri: http::Uri = url.parse().map_err(|_| bad("is not a URL"))?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) {
-            return Err(bad("does not start with http:// or https://"));
-        }
-        if uri.authority().is_none() {
-            return Err(bad("names no host"));
-        }
-        Ok(url)
+        parse_endpoint_url(&url)
     }
+}
+
+/// `url` if it is an absolute http(s) URL naming a host, as `--endpoint-url` (and the
+/// environment's and profile's endpoint) must be; otherwise an error naming it.
+///
+/// # Errors
+/// [`KmsError::Setup`] naming the URL and what is wrong with it.
+pub fn parse_endpoint_url(url: &str) -> Result<String, KmsError> {
+    let bad = |why: &str| {
+        KmsError::Setup(format!(
+            "endpoint URL {url:?} {why}; give an absolute URL such as http://127.0.0.1:4599 (--endpoint-url, AWS_ENDPOINT_URL_KMS or the profile's endpoint_url)"
+        ))
+    };
+    let uri: http::Uri = url.parse().map_err(|_| bad("is not a URL"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(bad("does not start with http:// or https://"));
+    }
+    if uri.authority().is_none() {
+        return Err(bad("names no host"));
+    }
+    Ok(url.to_owned())
 }
 
 /// The host (and port) of an endpoint URL that [`KmsTarget::endpoint`] accepted.
