@@ -7,9 +7,12 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod global;
 mod output;
 mod progress;
 mod workspaces;
+
+pub use global::GlobalOptions;
 
 use output::{emit, print_json};
 
@@ -45,6 +48,9 @@ pub enum ResilienceArg {
 #[derive(Debug, Parser)]
 #[command(name = "sealvol", version, about, long_about = None)]
 pub struct Cli {
+    /// Options every verb takes, before or after it.
+    #[command(flatten)]
+    pub global: GlobalOptions,
     /// What to do.
     #[command(subcommand)]
     pub command: Cmd,
@@ -77,9 +83,6 @@ pub enum Cmd {
         /// Replace an existing file.
         #[arg(long)]
         force: bool,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Serve a volume as DIR/disk through FUSE (then: losetup, mkfs.ext4, mount).
     Attach {
@@ -126,9 +129,6 @@ pub enum Cmd {
         /// With --workspace-id: only this volume.
         #[arg(long, requires = "workspace_id")]
         volume_id: Option<String>,
-        /// With --workspace-id: controller state and AWS profiles.
-        #[command(flatten)]
-        workspace: workspaces::Profiles,
         /// The mountpoint of a volume attached with `attach` (the agent does the rekey).
         #[arg(long)]
         mountpoint: Option<PathBuf>,
@@ -156,9 +156,6 @@ pub enum Cmd {
         /// Served file to rekey with --mountpoint (default: the only one).
         #[arg(long, requires = "mountpoint")]
         file: Option<String>,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Unmount filesystems and loop devices over an attached volume, unmount FUSE, wipe keys.
     Detach {
@@ -171,18 +168,12 @@ pub enum Cmd {
         /// The volume file.
         #[arg(long)]
         path: PathBuf,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t)]
-        output: Output,
     },
     /// Measure cipher throughput (aes-xts-plain64, 512/4096-byte sectors, 1 and all threads).
     Bench {
         /// Seconds per figure.
         #[arg(long, default_value_t = 1.0)]
         seconds: f64,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t)]
-        output: Output,
     },
     /// WorkSpaces lifecycle verbs.
     #[command(flatten)]
@@ -267,6 +258,8 @@ fn init_tracing() {
 /// Whatever the command fails with.
 pub fn run(cli: Cli) -> Result<(), CliError> {
     crate::secret::harden_process();
+    let global = cli.global;
+    let output = global.output;
     match cli.command {
         Cmd::CreateVolume {
             path,
@@ -275,7 +268,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             volume_key_file,
             unencrypted: _,
             force,
-            output,
         } => {
             let sector_size =
                 SectorSize::try_from(sector_size).map_err(|e| CliError::Usage(e.to_string()))?;
@@ -338,7 +330,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             path,
             workspace_id,
             volume_id,
-            workspace,
             mountpoint,
             volume_key_file,
             new_volume_key_file,
@@ -346,7 +337,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             hotzone_mib,
             resilience,
             file,
-            output,
         } => {
             let hotzone_bytes = hotzone_mib
                 .map(|m| {
@@ -356,7 +346,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 .transpose()?;
             if let Some(ws) = workspace_id {
                 return workspaces::rekey(
-                    &workspace,
+                    &global,
                     &ws,
                     volume_id.as_deref(),
                     hotzone_bytes,
@@ -382,9 +372,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 output,
             )
         }
-        Cmd::Workspace(cmd) => workspaces::run(cmd),
-        Cmd::DescribeVolume { path, output } => describe(&path, output),
-        Cmd::Bench { seconds, output } => {
+        Cmd::Workspace(cmd) => workspaces::run(cmd, &global),
+        Cmd::DescribeVolume { path } => describe(&path, output),
+        Cmd::Bench { seconds } => {
             if !(seconds > 0.0 && seconds <= 600.0) {
                 return Err(CliError::Usage("--seconds must be in (0, 600]".into()));
             }
@@ -585,14 +575,4 @@ fn rekey_volume(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::CommandFactory;
-
-    /// Every subcommand's arguments are consistent (unique names, valid relations): clap
-    /// checks this only when a subcommand is parsed, so check them all here.
-    #[test]
-    fn cli_definitions_are_consistent() {
-        Cli::command().debug_assert();
-    }
-}
+mod tests;

@@ -10,17 +10,25 @@
 //! `x-sealvol-forward-access` on the service's own requests. The daemon checks the
 //! user's signature; nothing here ever names a user by ARN.
 //!
+//! A [`KmsTarget`] carries the command line's `--region` and `--endpoint-url`, which win
+//! over both (flag > environment > profile, as in the AWS CLI).
+//!
 //! The API is blocking: each client owns a small current-thread Tokio runtime.
 
 use std::collections::BTreeMap;
 
-use aws_sdk_kms::config::interceptors::BeforeTransmitInterceptorContextMut;
-use aws_sdk_kms::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{GrantConstraints, GrantOperation, KeyManagerType, KeySpec, KeyState};
 
 use crate::secret::{SecretError, VolumeKey};
+
+mod forward_access;
+mod target;
+
+use forward_access::ForwardAccess;
+pub use forward_access::ForwardAccessToken;
+pub use target::{KmsTarget, parse_endpoint_url};
 
 /// The signed header that carries a user's forward-access token.
 pub const FORWARD_ACCESS_HEADER: &str = "x-sealvol-forward-access";
@@ -47,12 +55,12 @@ pub enum KmsError {
     },
     /// The request did not reach the service or the answer was unreadable.
     #[error(
-        "KMS {op} failed: {detail} (is kms-daemon running and AWS_CONFIG_FILE/AWS_SHARED_CREDENTIALS_FILE set?)"
+        "KMS {op} failed: {detail} (is kms-daemon running there? The endpoint comes from --endpoint-url, else AWS_ENDPOINT_URL_KMS, else the profile's endpoint_url in AWS_CONFIG_FILE)"
     )]
     Transport {
         /// The operation.
         op: &'static str,
-        /// What went wrong.
+        /// What went wrong, naming the endpoint the request went to.
         detail: String,
     },
     /// The answer lacked a field or held a bad key.
@@ -89,7 +97,7 @@ impl KmsError {
     }
 }
 
-fn sdk_err<E, R>(op: &'static str, e: SdkError<E, R>) -> KmsError
+fn sdk_err<E, R>(op: &'static str, endpoint: &str, e: SdkError<E, R>) -> KmsError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
@@ -102,19 +110,8 @@ where
         },
         None => KmsError::Transport {
             op,
-            detail: DisplayErrorContext(&e).to_string(),
+            detail: format!("cannot use {endpoint}: {}", DisplayErrorContext(&e)),
         },
-    }
-}
-
-/// A user's short-lived, signed permission for [`FORWARDING_SERVICE`] to act for them:
-/// a SigV4 presigned URL (query-string signature by the user's own secret). It is a
-/// bearer credential until it expires, so it is wiped on drop and never printed.
-pub struct ForwardAccessToken(zeroize::Zeroizing<String>);
-
-impl std::fmt::Debug for ForwardAccessToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ForwardAccessToken { .. }")
     }
 }
 
@@ -123,137 +120,6 @@ fn runtime() -> Result<tokio::runtime::Runtime, KmsError> {
         .enable_all()
         .build()
         .map_err(|e| KmsError::Setup(e.to_string()))
-}
-
-/// The host (and port) KMS requests of `sdk` go to: `AWS_ENDPOINT_URL_KMS`, else the
-/// profile's or environment's `endpoint_url`, else AWS KMS in the region.
-fn kms_host(sdk: &aws_config::SdkConfig) -> Result<String, KmsError> {
-    let url = std::env::var("AWS_ENDPOINT_URL_KMS")
-        .ok()
-        .or_else(|| sdk.endpoint_url().map(str::to_owned))
-        .unwrap_or_else(|| {
-            let region = sdk.region().map_or("us-east-1", |r| r.as_ref());
-            format!("https://kms.{region}.amazonaws.com")
-        });
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e| KmsError::Setup(format!("endpoint URL {url:?}: {e}")))?;
-    uri.authority()
-        .map(|a| a.as_str().to_owned())
-        .ok_or_else(|| KmsError::Setup(format!("endpoint URL {url:?} names no host")))
-}
-
-impl ForwardAccessToken {
-    /// Signs a token with the credentials of `user_profile` (from the standard AWS
-    /// sources: profile files, environment, credential process), naming `delegate`, for
-    /// the KMS endpoint that profile talks to.
-    ///
-    /// # Errors
-    /// [`KmsError::NoCredentials`] when the profile has none; set-up failures.
-    pub fn presign(user_profile: &str, delegate: &str) -> Result<Self, KmsError> {
-        use aws_credential_types::provider::ProvideCredentials;
-        let rt = runtime()?;
-        let sdk = rt.block_on(
-            aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .profile_name(user_profile)
-                .load(),
-        );
-        let no_creds = |detail: String| KmsError::NoCredentials {
-            profile: user_profile.to_owned(),
-            detail,
-        };
-        let provider = sdk
-            .credentials_provider()
-            .ok_or_else(|| no_creds("no credential provider".into()))?;
-        let creds = rt
-            .block_on(provider.provide_credentials())
-            .map_err(|e| no_creds(DisplayErrorContext(&e).to_string()))?;
-        let region = sdk
-            .region()
-            .map(|r| r.as_ref().to_owned())
-            .ok_or_else(|| KmsError::Setup(format!("profile {user_profile:?} names no region")))?;
-        let host = kms_host(&sdk)?;
-        Self::sign(
-            &creds,
-            &region,
-            &host,
-            delegate,
-            std::time::SystemTime::now(),
-        )
-    }
-
-    fn sign(
-        creds: &aws_credential_types::Credentials,
-        region: &str,
-        host: &str,
-        delegate: &str,
-        time: std::time::SystemTime,
-    ) -> Result<Self, KmsError> {
-        use aws_sigv4::http_request::{
-            SignableBody, SignableRequest, SignatureLocation, SigningSettings, sign,
-        };
-        let mut nonce = [0u8; 16];
-        rand::fill(&mut nonce);
-        let url = format!(
-            "http://{host}/?Action=ForwardAccess&X-Sealvol-Delegate={delegate}&X-Sealvol-Nonce={}",
-            hex::encode(nonce)
-        );
-        let setup = |e: &dyn std::fmt::Display| KmsError::Setup(format!("presigning: {e}"));
-        let signable = SignableRequest::new(
-            "GET",
-            &url,
-            std::iter::once(("host", host)),
-            SignableBody::Bytes(&[]),
-        )
-        .map_err(|e| setup(&e))?;
-        let identity: aws_smithy_runtime_api::client::identity::Identity = creds.clone().into();
-        let mut settings = SigningSettings::default();
-        settings.signature_location = SignatureLocation::QueryParams;
-        settings.expires_in = Some(FORWARD_ACCESS_TTL);
-        let params = aws_sigv4::sign::v4::SigningParams::builder()
-            .identity(&identity)
-            .region(region)
-            .name("kms")
-            .time(time)
-            .settings(settings)
-            .build()
-            .map_err(|e| setup(&e))?
-            .into();
-        let (instructions, _) = sign(signable, &params).map_err(|e| setup(&e))?.into_parts();
-        let mut token = url;
-        for (k, v) in instructions.params() {
-            token.push('&');
-            token.push_str(k);
-            token.push('=');
-            token.extend(percent_encoding::utf8_percent_encode(
-                v,
-                percent_encoding::NON_ALPHANUMERIC,
-            ));
-        }
-        Ok(Self(zeroize::Zeroizing::new(token)))
-    }
-}
-
-#[derive(Debug)]
-struct ForwardAccess(zeroize::Zeroizing<String>);
-
-impl Intercept for ForwardAccess {
-    fn name(&self) -> &'static str {
-        "SealvolForwardAccess"
-    }
-
-    fn modify_before_signing(
-        &self,
-        context: &mut BeforeTransmitInterceptorContextMut<'_>,
-        _rc: &RuntimeComponents,
-        _cfg: &mut ConfigBag,
-    ) -> Result<(), aws_sdk_kms::error::BoxError> {
-        context
-            .request_mut()
-            .headers_mut()
-            .insert(FORWARD_ACCESS_HEADER, self.0.as_str().to_owned());
-        Ok(())
-    }
 }
 
 /// Facts about a key from DescribeKey.
@@ -313,34 +179,52 @@ pub struct KmsClient {
     rt: tokio::runtime::Runtime,
     client: aws_sdk_kms::Client,
     profile: String,
+    /// The endpoint URL requests go to (named in transport errors).
+    endpoint: String,
 }
 
 impl KmsClient {
-    /// A client that signs as `profile` and acts for itself.
+    /// A client that signs as `profile` and acts for itself, with region and endpoint
+    /// from the standard AWS sources only (no command-line overrides).
     ///
     /// # Errors
-    /// Runtime creation failure.
+    /// Runtime creation failure; an unusable endpoint URL.
     pub fn connect(profile: &str) -> Result<Self, KmsError> {
-        Self::build(profile, None)
+        Self::connect_to(profile, &KmsTarget::default())
+    }
+
+    /// A client that signs as `profile` and acts for itself, sending to `target`'s region
+    /// and endpoint where set.
+    ///
+    /// # Errors
+    /// Runtime creation failure; an unusable endpoint URL.
+    pub fn connect_to(profile: &str, target: &KmsTarget) -> Result<Self, KmsError> {
+        Self::build(profile, target, None)
     }
 
     /// A client that signs as the service `profile` and acts for the user whose
     /// `token` it carries; the daemon evaluates the user's permissions via the service.
     ///
     /// # Errors
-    /// Runtime creation failure.
-    pub fn connect_forwarding(profile: &str, token: &ForwardAccessToken) -> Result<Self, KmsError> {
-        Self::build(profile, Some(token.0.as_str()))
+    /// Runtime creation failure; an unusable endpoint URL.
+    pub fn connect_forwarding(
+        profile: &str,
+        token: &ForwardAccessToken,
+        target: &KmsTarget,
+    ) -> Result<Self, KmsError> {
+        Self::build(profile, target, Some(token.0.as_str()))
     }
 
-    fn build(profile: &str, token: Option<&str>) -> Result<Self, KmsError> {
+    fn build(profile: &str, target: &KmsTarget, token: Option<&str>) -> Result<Self, KmsError> {
         let rt = runtime()?;
-        let sdk = rt.block_on(
-            aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .profile_name(profile)
-                .load(),
-        );
+        let sdk = target.load(&rt, profile);
+        let endpoint = target.endpoint(&sdk)?;
         let mut conf = aws_sdk_kms::config::Builder::from(&sdk);
+        if let Some(u) = &target.endpoint_url {
+            // The service builder prefers AWS_ENDPOINT_URL_KMS over the loader's endpoint;
+            // the flag must win over both.
+            conf = conf.endpoint_url(u);
+        }
         if let Some(t) = token {
             conf = conf.interceptor(ForwardAccess(zeroize::Zeroizing::new(t.to_owned())));
         }
@@ -349,6 +233,7 @@ impl KmsClient {
             rt,
             client,
             profile: profile.to_string(),
+            endpoint,
         })
     }
 
@@ -367,7 +252,7 @@ impl KmsClient {
         self.rt
             .block_on(self.client.list_aliases().limit(1).send())
             .map(|_| ())
-            .map_err(|e| sdk_err("ListAliases", e))
+            .map_err(|e| sdk_err("ListAliases", &self.endpoint, e))
     }
 
     /// DescribeKey.
@@ -378,7 +263,7 @@ impl KmsClient {
         let out = self
             .rt
             .block_on(self.client.describe_key().key_id(key_id).send())
-            .map_err(|e| sdk_err("DescribeKey", e))?;
+            .map_err(|e| sdk_err("DescribeKey", &self.endpoint, e))?;
         let md = out.key_metadata.ok_or_else(|| KmsError::BadAnswer {
             op: "DescribeKey",
             detail: "no KeyMetadata".into(),
@@ -436,7 +321,7 @@ impl KmsClient {
         let out = self
             .rt
             .block_on(req.send())
-            .map_err(|e| sdk_err("CreateGrant", e))?;
+            .map_err(|e| sdk_err("CreateGrant", &self.endpoint, e))?;
         Ok(Grant {
             grant_id: out.grant_id.unwrap_or_default(),
             grant_token: out.grant_token.unwrap_or_default(),
@@ -457,7 +342,7 @@ impl KmsClient {
                     .send(),
             )
             .map(|_| ())
-            .map_err(|e| sdk_err("RetireGrant", e))
+            .map_err(|e| sdk_err("RetireGrant", &self.endpoint, e))
     }
 
     /// RevokeGrant by key and grant id.
@@ -474,7 +359,7 @@ impl KmsClient {
                     .send(),
             )
             .map(|_| ())
-            .map_err(|e| sdk_err("RevokeGrant", e))
+            .map_err(|e| sdk_err("RevokeGrant", &self.endpoint, e))
     }
 
     /// Grant ids on a key.
@@ -485,7 +370,7 @@ impl KmsClient {
         let out = self
             .rt
             .block_on(self.client.list_grants().key_id(key_id).send())
-            .map_err(|e| sdk_err("ListGrants", e))?;
+            .map_err(|e| sdk_err("ListGrants", &self.endpoint, e))?;
         Ok(out
             .grants
             .unwrap_or_default()
@@ -515,7 +400,7 @@ impl KmsClient {
                     .set_grant_tokens(Some(grant_tokens.to_vec()).filter(|t| !t.is_empty()))
                     .send(),
             )
-            .map_err(|e| sdk_err("GenerateDataKeyWithoutPlaintext", e))?;
+            .map_err(|e| sdk_err("GenerateDataKeyWithoutPlaintext", &self.endpoint, e))?;
         let blob = out.ciphertext_blob.ok_or_else(|| KmsError::BadAnswer {
             op: "GenerateDataKeyWithoutPlaintext",
             detail: "no CiphertextBlob".into(),
@@ -545,7 +430,7 @@ impl KmsClient {
                     .set_grant_tokens(Some(grant_tokens.to_vec()).filter(|t| !t.is_empty()))
                     .send(),
             )
-            .map_err(|e| sdk_err("Decrypt", e))?;
+            .map_err(|e| sdk_err("Decrypt", &self.endpoint, e))?;
         let mut plain = out
             .plaintext
             .ok_or_else(|| KmsError::BadAnswer {
@@ -587,7 +472,7 @@ impl KmsClient {
                     .set_grant_tokens(Some(grant_tokens.to_vec()).filter(|t| !t.is_empty()))
                     .send(),
             )
-            .map_err(|e| sdk_err("ReEncrypt", e))?;
+            .map_err(|e| sdk_err("ReEncrypt", &self.endpoint, e))?;
         let blob = out.ciphertext_blob.ok_or_else(|| KmsError::BadAnswer {
             op: "ReEncrypt",
             detail: "no CiphertextBlob".into(),

@@ -1,5 +1,6 @@
 //! CLI verbs of the lifecycle controller, mirroring the AWS CLI (`aws workspaces ...`):
-//! kebab-case flags of the API field names, `--output json|table`.
+//! kebab-case flags of the API field names. The state directory, the profiles and
+//! `--output` are [`GlobalOptions`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,40 +9,12 @@ use clap::{Args, Subcommand};
 
 use super::output::{emit, print_json};
 use super::progress::ByteBar;
-use super::{CliError, Output};
+use super::{CliError, GlobalOptions, Output};
+use crate::controller::Controller;
 use crate::controller::api::{
     BatchResult, CreateResult, WorkspaceProperties, WorkspaceRequest, WorkspaceView,
 };
 use crate::controller::recovery::RecoveryAction;
-use crate::controller::{Controller, ControllerConfig};
-
-/// Where the controller keeps state and which AWS profiles sign.
-#[derive(Debug, Clone, Args)]
-pub struct Profiles {
-    /// State directory (controller.db, volumes, snapshots, agents, mounts).
-    #[arg(long, env = "SEALVOL_STATE_DIR", default_value = "/var/lib/sealvol")]
-    pub state_dir: PathBuf,
-    /// The administrator's AWS profile (as `aws --profile`).
-    #[arg(long, env = "AWS_PROFILE", default_value = "default")]
-    pub profile: String,
-    /// Profile of the WorkSpaces service principal.
-    #[arg(long, env = "SEALVOL_SERVICE_PROFILE", default_value = "workspaces")]
-    pub service_profile: String,
-    /// Profile of the EBS service principal (the attach agent).
-    #[arg(long, env = "SEALVOL_EBS_PROFILE", default_value = "ebs")]
-    pub ebs_profile: String,
-}
-
-impl Profiles {
-    fn controller(&self) -> Result<Controller, CliError> {
-        Ok(Controller::open(ControllerConfig {
-            state_dir: self.state_dir.clone(),
-            admin_profile: self.profile.clone(),
-            service_profile: self.service_profile.clone(),
-            ebs_profile: self.ebs_profile.clone(),
-        })?)
-    }
-}
 
 /// A controller whose bundle fills (launch, rebuild) draw a bar on a terminal; finish
 /// the bar when the verb returns.
@@ -55,29 +28,12 @@ fn with_fill_bar(mut c: Controller) -> (Controller, Arc<ByteBar>) {
     (c, bar)
 }
 
-/// [`Profiles`] plus the output format.
-#[derive(Debug, Clone, Args)]
-pub struct Common {
-    /// State and profiles.
-    #[command(flatten)]
-    pub profiles: Profiles,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t)]
-    pub output: Output,
-}
-
-impl Common {
-    fn controller(&self) -> Result<Controller, CliError> {
-        self.profiles.controller()
-    }
-}
-
 /// `rekey-volume --workspace-id`: new data keys from the KMS for a WorkSpace's volumes.
 ///
 /// # Errors
 /// Controller or rekey failure.
 pub fn rekey(
-    profiles: &Profiles,
+    global: &GlobalOptions,
     workspace_id: &str,
     volume_id: Option<&str>,
     hotzone_bytes: Option<u64>,
@@ -85,7 +41,7 @@ pub fn rekey(
 ) -> Result<(), CliError> {
     let bar = ByteBar::new("rekey {msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}");
     let reports =
-        profiles
+        global
             .controller()?
             .rekey(workspace_id, volume_id, hotzone_bytes, |vol, p| {
                 bar.message(vol);
@@ -112,9 +68,6 @@ pub struct Ids {
     /// WorkSpace ids (1 to 25).
     #[arg(long, num_args = 1.., required = true)]
     pub workspace_ids: Vec<String>,
-    /// Common options.
-    #[command(flatten)]
-    pub common: Common,
 }
 
 /// Lifecycle verbs.
@@ -125,9 +78,6 @@ pub enum WorkspaceCmd {
         /// Directory id.
         #[arg(long)]
         directory_id: String,
-        /// Common options.
-        #[command(flatten)]
-        common: Common,
     },
     /// Create a directory user with a stable SID.
     CreateUser {
@@ -140,9 +90,6 @@ pub enum WorkspaceCmd {
         /// Use this SID instead of assigning one (S-1-5-21-a-b-c-RID).
         #[arg(long)]
         sid: Option<String>,
-        /// Common options.
-        #[command(flatten)]
-        common: Common,
     },
     /// Create a bundle: an ext4 root image built from a directory (mkfs.ext4 -d).
     CreateBundle {
@@ -155,9 +102,6 @@ pub enum WorkspaceCmd {
         /// Image size in GiB.
         #[arg(long, default_value_t = 1)]
         size_gib: u64,
-        /// Common options.
-        #[command(flatten)]
-        common: Common,
     },
     /// Launch a WorkSpace (root volume from the bundle, empty user volume), optionally encrypted.
     CreateWorkspaces {
@@ -185,27 +129,18 @@ pub enum WorkspaceCmd {
         /// User volume size.
         #[arg(long, default_value_t = 10)]
         user_volume_size_gib: u64,
-        /// Common options.
-        #[command(flatten)]
-        common: Common,
     },
     /// Describe WorkSpaces (all, or the given ids).
     DescribeWorkspaces {
         /// Only these WorkSpaces.
         #[arg(long, num_args = 1..)]
         workspace_ids: Vec<String>,
-        /// Common options.
-        #[command(flatten)]
-        common: Common,
     },
     /// Describe the volumes behind WorkSpaces.
     DescribeVolumes {
         /// Only this WorkSpace's volumes.
         #[arg(long)]
         workspace_id: Option<String>,
-        /// Common options.
-        #[command(flatten)]
-        common: Common,
     },
     /// Reboot WorkSpaces (refused while an encrypted WorkSpace's key is not Enabled).
     RebootWorkspaces(Ids),
@@ -222,18 +157,12 @@ pub enum WorkspaceCmd {
         /// WorkSpace id.
         #[arg(long)]
         workspace_id: String,
-        /// Common options.
-        #[command(flatten)]
-        common: Common,
     },
     /// Snapshot both volumes of a WorkSpace (they stay encrypted under the same data key).
     CreateSnapshot {
         /// WorkSpace id.
         #[arg(long)]
         workspace_id: String,
-        /// Common options.
-        #[command(flatten)]
-        common: Common,
     },
     /// Create an image from an unencrypted WorkSpace (refused for encrypted ones).
     CreateWorkspaceImage {
@@ -246,9 +175,6 @@ pub enum WorkspaceCmd {
         /// Image description.
         #[arg(long, default_value = "")]
         description: String,
-        /// Common options.
-        #[command(flatten)]
-        common: Common,
     },
     /// Change WorkSpace properties; changing volume encryption is refused.
     ModifyWorkspaceProperties {
@@ -261,9 +187,6 @@ pub enum WorkspaceCmd {
         /// Requested user volume encryption.
         #[arg(long)]
         user_volume_encryption_enabled: Option<bool>,
-        /// Common options.
-        #[command(flatten)]
-        common: Common,
     },
     /// Re-encrypt a WorkSpace's data-key blobs under another KMS key (no data rewritten).
     RewrapVolume {
@@ -273,31 +196,19 @@ pub enum WorkspaceCmd {
         /// The new KMS key (id, ARN or alias).
         #[arg(long)]
         volume_encryption_key: String,
-        /// Common options.
-        #[command(flatten)]
-        common: Common,
     },
     /// Bring every WorkSpace that should be running back after a host reboot (agents,
     /// volumes, interrupted rekeys, loop devices, mounts); those that cannot come back are
     /// recorded UNHEALTHY or ERROR with the reason. Idempotent. Exit status 3 when some
     /// are left down.
-    RecoverWorkspaces {
-        /// Common options.
-        #[command(flatten)]
-        common: Common,
-    },
-    /// (internal) The per-WorkSpace agent the controller starts.
+    RecoverWorkspaces,
+    /// (internal) The per-WorkSpace agent the controller starts (with the global
+    /// --state-dir, --ebs-profile, --region and --endpoint-url).
     #[command(hide = true)]
     Agent {
-        /// State directory.
-        #[arg(long)]
-        state_dir: PathBuf,
         /// WorkSpace id.
         #[arg(long)]
         workspace_id: String,
-        /// EBS profile.
-        #[arg(long, default_value = "ebs")]
-        ebs_profile: String,
     },
 }
 
@@ -394,15 +305,13 @@ fn print_batch(verb: &str, r: &BatchResult, output: Output) -> Result<(), CliErr
 ///
 /// # Errors
 /// Controller errors; batch verbs with failed items exit non-zero after printing them.
-pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
+pub fn run(cmd: WorkspaceCmd, global: &GlobalOptions) -> Result<(), CliError> {
+    let output = global.output;
     match cmd {
-        WorkspaceCmd::RegisterDirectory {
-            directory_id,
-            common,
-        } => {
-            let new = common.controller()?.register_directory(&directory_id)?;
+        WorkspaceCmd::RegisterDirectory { directory_id } => {
+            let new = global.controller()?.register_directory(&directory_id)?;
             let doc = serde_json::json!({"DirectoryId": directory_id, "Created": new});
-            emit(common.output, &doc, || {
+            emit(output, &doc, || {
                 println!(
                     "directory {directory_id} {}",
                     if new {
@@ -417,13 +326,12 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
             directory_id,
             user_name,
             sid,
-            common,
         } => {
-            let u = common
+            let u = global
                 .controller()?
                 .create_user(&directory_id, &user_name, sid.as_deref())?;
             let doc = serde_json::json!({"DirectoryId": u.directory_id, "UserName": u.user_name, "Sid": u.sid});
-            emit(common.output, &doc, || {
+            emit(output, &doc, || {
                 println!("user {} in {}: SID {}", u.user_name, u.directory_id, u.sid);
             });
         }
@@ -431,13 +339,12 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
             bundle_id,
             from_dir,
             size_gib,
-            common,
         } => {
-            let b = common
+            let b = global
                 .controller()?
                 .create_bundle(&bundle_id, &from_dir, size_gib)?;
             let doc = serde_json::json!({"BundleId": b.bundle_id, "ImagePath": b.image_path, "SizeGib": b.size_gib});
-            emit(common.output, &doc, || {
+            emit(output, &doc, || {
                 println!(
                     "bundle {} ({} GiB ext4 image at {})",
                     b.bundle_id,
@@ -455,9 +362,8 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
             user_volume_encryption_enabled,
             root_volume_size_gib,
             user_volume_size_gib,
-            common,
         } => {
-            let c = common.controller()?;
+            let c = global.controller()?;
             let root_size = match root_volume_size_gib {
                 Some(s) => s,
                 None => c
@@ -483,7 +389,7 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
             let r = c.create_workspaces(vec![req]);
             bar.finish();
             let r: CreateResult = r?;
-            emit(common.output, &r, || {
+            emit(output, &r, || {
                 print_workspaces(&r.pending_requests);
                 for f in &r.failed_requests {
                     println!("FAILED {}: {}", f.error_code, f.error_message);
@@ -493,52 +399,40 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
                 return Err(CliError::Failed(r.failed_requests.len()));
             }
         }
-        WorkspaceCmd::DescribeWorkspaces {
-            workspace_ids,
-            common,
-        } => {
-            let views = common
+        WorkspaceCmd::DescribeWorkspaces { workspace_ids } => {
+            let views = global
                 .controller()?
                 .describe_workspaces(&workspace_ids, true)?;
-            emit(
-                common.output,
-                &serde_json::json!({ "Workspaces": views }),
-                || print_workspaces(&views),
-            );
+            emit(output, &serde_json::json!({ "Workspaces": views }), || {
+                print_workspaces(&views)
+            });
         }
-        WorkspaceCmd::DescribeVolumes {
-            workspace_id,
-            common,
-        } => {
-            let vols = common
+        WorkspaceCmd::DescribeVolumes { workspace_id } => {
+            let vols = global
                 .controller()?
                 .describe_volumes(workspace_id.as_deref())?;
-            emit(
-                common.output,
-                &serde_json::json!({ "Volumes": vols }),
-                || {
+            emit(output, &serde_json::json!({ "Volumes": vols }), || {
+                println!(
+                    "{:<22} {:<13} {:<5} {:<10} {:>8}  Key",
+                    "VolumeId", "WorkspaceId", "Kind", "Encrypted", "SizeGiB"
+                );
+                for v in &vols {
                     println!(
-                        "{:<22} {:<13} {:<5} {:<10} {:>8}  Key",
-                        "VolumeId", "WorkspaceId", "Kind", "Encrypted", "SizeGiB"
+                        "{:<22} {:<13} {:<5} {:<10} {:>8}  {}",
+                        v.volume_id,
+                        v.workspace_id,
+                        v.kind,
+                        if v.encrypted { "yes" } else { "no" },
+                        v.size_gib,
+                        v.kms_key_id.as_deref().unwrap_or("-")
                     );
-                    for v in &vols {
-                        println!(
-                            "{:<22} {:<13} {:<5} {:<10} {:>8}  {}",
-                            v.volume_id,
-                            v.workspace_id,
-                            v.kind,
-                            if v.encrypted { "yes" } else { "no" },
-                            v.size_gib,
-                            v.kms_key_id.as_deref().unwrap_or("-")
-                        );
-                    }
-                },
-            );
+                }
+            });
         }
-        WorkspaceCmd::RecoverWorkspaces { common } => {
-            let results = common.controller()?.recover_workspaces()?;
+        WorkspaceCmd::RecoverWorkspaces => {
+            let results = global.controller()?.recover_workspaces()?;
             emit(
-                common.output,
+                global.output,
                 &serde_json::json!({ "Workspaces": results }),
                 || {
                     println!(
@@ -569,67 +463,56 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
             }
         }
         WorkspaceCmd::RebootWorkspaces(ids) => {
-            let r = ids.common.controller()?.reboot(&ids.workspace_ids)?;
-            print_batch("reboot-workspaces", &r, ids.common.output)?;
+            let r = global.controller()?.reboot(&ids.workspace_ids)?;
+            print_batch("reboot-workspaces", &r, output)?;
         }
         WorkspaceCmd::RebuildWorkspaces(ids) => {
-            let (c, bar) = with_fill_bar(ids.common.controller()?);
+            let (c, bar) = with_fill_bar(global.controller()?);
             let r = c.rebuild(&ids.workspace_ids);
             bar.finish();
             let r = r?;
-            print_batch("rebuild-workspaces", &r, ids.common.output)?;
+            print_batch("rebuild-workspaces", &r, output)?;
         }
         WorkspaceCmd::StopWorkspaces(ids) => {
-            let r = ids.common.controller()?.stop(&ids.workspace_ids)?;
-            print_batch("stop-workspaces", &r, ids.common.output)?;
+            let r = global.controller()?.stop(&ids.workspace_ids)?;
+            print_batch("stop-workspaces", &r, output)?;
         }
         WorkspaceCmd::StartWorkspaces(ids) => {
-            let r = ids.common.controller()?.start(&ids.workspace_ids)?;
-            print_batch("start-workspaces", &r, ids.common.output)?;
+            let r = global.controller()?.start(&ids.workspace_ids)?;
+            print_batch("start-workspaces", &r, output)?;
         }
         WorkspaceCmd::TerminateWorkspaces(ids) => {
-            let r = ids.common.controller()?.terminate(&ids.workspace_ids)?;
-            print_batch("terminate-workspaces", &r, ids.common.output)?;
+            let r = global.controller()?.terminate(&ids.workspace_ids)?;
+            print_batch("terminate-workspaces", &r, output)?;
         }
-        WorkspaceCmd::RestoreWorkspace {
-            workspace_id,
-            common,
-        } => {
-            let r = common.controller()?.restore(&workspace_id)?;
-            print_batch("restore-workspace", &r, common.output)?;
+        WorkspaceCmd::RestoreWorkspace { workspace_id } => {
+            let r = global.controller()?.restore(&workspace_id)?;
+            print_batch("restore-workspace", &r, output)?;
         }
-        WorkspaceCmd::CreateSnapshot {
-            workspace_id,
-            common,
-        } => {
-            let snaps = common.controller()?.create_snapshot(&workspace_id)?;
-            emit(
-                common.output,
-                &serde_json::json!({ "Snapshots": snaps }),
-                || {
-                    for s in &snaps {
-                        println!(
-                            "{} of {} ({} volume, {})",
-                            s.snapshot_id,
-                            s.volume_id,
-                            s.kind,
-                            if s.encrypted {
-                                "encrypted"
-                            } else {
-                                "unencrypted"
-                            }
-                        );
-                    }
-                },
-            );
+        WorkspaceCmd::CreateSnapshot { workspace_id } => {
+            let snaps = global.controller()?.create_snapshot(&workspace_id)?;
+            emit(output, &serde_json::json!({ "Snapshots": snaps }), || {
+                for s in &snaps {
+                    println!(
+                        "{} of {} ({} volume, {})",
+                        s.snapshot_id,
+                        s.volume_id,
+                        s.kind,
+                        if s.encrypted {
+                            "encrypted"
+                        } else {
+                            "unencrypted"
+                        }
+                    );
+                }
+            });
         }
         WorkspaceCmd::CreateWorkspaceImage {
             workspace_id,
             name,
             description,
-            common,
         } => {
-            let img = common
+            let img = global
                 .controller()?
                 .create_image(&workspace_id, &name, &description)?;
             print_json(&img);
@@ -638,9 +521,8 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
             workspace_id,
             root_volume_encryption_enabled,
             user_volume_encryption_enabled,
-            common,
         } => {
-            common.controller()?.modify_encryption(
+            global.controller()?.modify_encryption(
                 &workspace_id,
                 root_volume_encryption_enabled,
                 user_volume_encryption_enabled,
@@ -650,35 +532,32 @@ pub fn run(cmd: WorkspaceCmd) -> Result<(), CliError> {
         WorkspaceCmd::RewrapVolume {
             workspace_id,
             volume_encryption_key,
-            common,
         } => {
-            let vols = common
+            let vols = global
                 .controller()?
                 .rewrap(&workspace_id, &volume_encryption_key)?;
-            emit(
-                common.output,
-                &serde_json::json!({ "Volumes": vols }),
-                || {
-                    for v in vols.iter().filter(|v| v.encrypted) {
-                        println!(
-                            "{} ({}) now wrapped under {}",
-                            v.volume_id,
-                            v.kind,
-                            v.kms_key_id.as_deref().unwrap_or("-")
-                        );
-                    }
-                },
-            );
+            emit(output, &serde_json::json!({ "Volumes": vols }), || {
+                for v in vols.iter().filter(|v| v.encrypted) {
+                    println!(
+                        "{} ({}) now wrapped under {}",
+                        v.volume_id,
+                        v.kind,
+                        v.kms_key_id.as_deref().unwrap_or("-")
+                    );
+                }
+            });
         }
-        WorkspaceCmd::Agent {
-            state_dir,
-            workspace_id,
-            ebs_profile,
-        } => {
-            Controller::run_agent(&state_dir, &workspace_id, &ebs_profile, |r| match r {
-                Ok(()) => crate::agent::report_ready(),
-                Err(e) => crate::agent::report_error(&e),
-            })?;
+        WorkspaceCmd::Agent { workspace_id } => {
+            Controller::run_agent(
+                &global.state_dir,
+                &workspace_id,
+                &global.ebs_profile,
+                &global.kms_target(),
+                |r| match r {
+                    Ok(()) => crate::agent::report_ready(),
+                    Err(e) => crate::agent::report_error(&e),
+                },
+            )?;
         }
     }
     Ok(())

@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::agent::{self, AttachError, Opened};
 use crate::fuse::Export;
 use crate::host::{self, HostError};
-use crate::kms::{EncryptionContext, KmsClient, KmsError};
+use crate::kms::{EncryptionContext, KmsClient, KmsError, KmsTarget};
 use crate::metrics::AgentMetrics;
 use crate::volume::{self, VolumeError};
 use prometheus_client::collector::Collector;
@@ -162,6 +162,7 @@ pub fn run(
     state_dir: &Path,
     workspace_id: &str,
     ebs_profile: &str,
+    kms: &KmsTarget,
     on_ready: impl FnOnce(Result<(), String>) + Send + 'static,
 ) -> Result<(), AgentError> {
     crate::secret::harden_process();
@@ -178,7 +179,7 @@ pub fn run(
     let vols = reg.volumes(Some(workspace_id))?;
     let paths = AgentPaths::new(state_dir, workspace_id);
     let ebs = if vols.iter().any(|v| v.encrypted) {
-        Some(KmsClient::connect(ebs_profile)?)
+        Some(KmsClient::connect_to(ebs_profile, kms)?)
     } else {
         None
     };

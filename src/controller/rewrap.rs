@@ -23,7 +23,7 @@ impl Controller {
         user: &User,
         v: &Volume,
     ) -> Result<(VolumeKey, KmsToken), KmsError> {
-        let ebs = KmsClient::connect(&self.cfg.ebs_profile)?;
+        let ebs = KmsClient::connect_to(&self.cfg.ebs_profile, &self.cfg.kms)?;
         let binding = VolumeBinding {
             // An encrypted volume always has a key; the KMS refuses an empty one.
             key_arn: v.key_arn.as_deref().unwrap_or_default(),

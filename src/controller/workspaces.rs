@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::kms::{FORWARDING_SERVICE, ForwardAccessToken, KeyInfo, KmsClient};
+use crate::kms::{FORWARDING_SERVICE, ForwardAccessToken, KeyInfo, KmsClient, KmsTarget};
 use crate::volume;
 
 use super::agent::{self, AgentPaths};
@@ -24,6 +24,9 @@ pub struct ControllerConfig {
     pub service_profile: String,
     /// The EBS service's profile.
     pub ebs_profile: String,
+    /// Region and endpoint overrides (`--region`, `--endpoint-url`) for every KMS client
+    /// the controller builds and every agent it starts.
+    pub kms: KmsTarget,
 }
 
 /// The controller.
@@ -109,10 +112,15 @@ impl Controller {
     /// The WorkSpaces service acting for the administrator, carrying a forward-access
     /// token the administrator's own credentials signed (no credentials, no client).
     pub(super) fn service_for_admin(&self) -> Result<KmsClient, ControllerError> {
-        let token = ForwardAccessToken::presign(&self.cfg.admin_profile, FORWARDING_SERVICE)?;
+        let token = ForwardAccessToken::presign(
+            &self.cfg.admin_profile,
+            FORWARDING_SERVICE,
+            &self.cfg.kms,
+        )?;
         Ok(KmsClient::connect_forwarding(
             &self.cfg.service_profile,
             &token,
+            &self.cfg.kms,
         )?)
     }
 
@@ -124,11 +132,14 @@ impl Controller {
     }
 
     pub(super) fn service(&self) -> Result<KmsClient, ControllerError> {
-        Ok(KmsClient::connect(&self.cfg.service_profile)?)
+        Ok(KmsClient::connect_to(
+            &self.cfg.service_profile,
+            &self.cfg.kms,
+        )?)
     }
 
     pub(super) fn ebs(&self) -> Result<KmsClient, ControllerError> {
-        Ok(KmsClient::connect(&self.cfg.ebs_profile)?)
+        Ok(KmsClient::connect_to(&self.cfg.ebs_profile, &self.cfg.kms)?)
     }
 
     pub(super) fn view(&self, w: &Workspace, key: Option<&KeyInfo>) -> WorkspaceView {
@@ -186,7 +197,7 @@ impl Controller {
     pub(super) fn start_agent(&self, workspace_id: &str) -> Result<(), String> {
         let paths = AgentPaths::new(&self.cfg.state_dir, workspace_id);
         agent::force_cleanup(&paths);
-        let args: Vec<std::ffi::OsString> = vec![
+        let mut args: Vec<std::ffi::OsString> = vec![
             "agent".into(),
             "--state-dir".into(),
             self.cfg.state_dir.clone().into(),
@@ -195,6 +206,14 @@ impl Controller {
             "--ebs-profile".into(),
             self.cfg.ebs_profile.clone().into(),
         ];
+        // The agent's own KMS client goes where ours do (the rest of its environment,
+        // AWS_* included, is inherited).
+        if let Some(r) = &self.cfg.kms.region {
+            args.extend(["--region".into(), r.into()]);
+        }
+        if let Some(u) = &self.cfg.kms.endpoint_url {
+            args.extend(["--endpoint-url".into(), u.into()]);
+        }
         crate::agent::spawn_agent(&args, Some(&paths.log))
             .map(|_| ())
             .map_err(|e| e.to_string())
@@ -319,9 +338,10 @@ impl Controller {
         state_dir: &Path,
         workspace_id: &str,
         ebs_profile: &str,
+        kms: &crate::kms::KmsTarget,
         on_ready: impl FnOnce(Result<(), String>) + Send + 'static,
     ) -> Result<(), ControllerError> {
-        agent::run(state_dir, workspace_id, ebs_profile, on_ready)
+        agent::run(state_dir, workspace_id, ebs_profile, kms, on_ready)
             .map_err(|e| ControllerError::Agent(Box::new(e)))
     }
 }
