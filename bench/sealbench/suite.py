@@ -14,6 +14,7 @@ TARGET_LABELS = {
     "raw": "raw backing file (host fs, O_DIRECT)",
     "sealvol-plain": "sealvol unencrypted volume (FUSE)",
     "sealvol-enc": "sealvol encrypted volume (FUSE)",
+    "sealvol-enc-metrics": "sealvol encrypted volume, metrics on and scraped every second",
     "qsd-luks": "qemu-storage-daemon LUKS FUSE export",
     "ext4-sealvol-plain": "loop + ext4 on sealvol unencrypted",
     "ext4-sealvol-enc": "loop + ext4 on sealvol encrypted",
@@ -22,6 +23,33 @@ TARGET_LABELS = {
 REQUEST_SIZES = ["4k", "16k", "64k", "256k", "1M"]
 THREADS = [1, 2, 4]
 RSS_SIZES_GIB = [1, 10, 100]
+
+
+class Scraper:
+    """Scrapes an agent's /metrics every second, as Prometheus would, while fio runs."""
+
+    def __init__(self, addr):
+        import threading
+        self.addr, self.count, self.failures = addr, 0, 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        if addr:
+            self.thread.start()
+
+    def _run(self):
+        import urllib.request
+        while not self.done.wait(1.0):
+            try:
+                with urllib.request.urlopen(f"http://{self.addr}/metrics", timeout=5) as r:
+                    r.read()
+                self.count += 1
+            except OSError:
+                self.failures += 1
+
+    def stop(self):
+        self.done.set()
+        if self.thread.is_alive():
+            self.thread.join()
 
 
 def _timed(fn):
@@ -39,6 +67,11 @@ def run_fio_section(a, work, cl, res, log):
     for name, enc in (("sealvol-plain", False), ("sealvol-enc", True)):
         t[name] = SealvolVolume(a.sealvol, work, name, a.size_gib, encrypted=enc)
         cl.callback(t[name].close)
+    t["sealvol-enc-metrics"] = SealvolVolume(a.sealvol, work, "sealvol-enc-metrics", a.size_gib, encrypted=True,
+                                             metrics=True)
+    cl.callback(t["sealvol-enc-metrics"].close)
+    scraper = Scraper(t["sealvol-enc-metrics"].metrics_addr())
+    cl.callback(scraper.stop)
     t["qsd-luks"] = QsdLuks(work, "qsd", size)
     cl.callback(t["qsd-luks"].close)
     for name, enc in (("ext4-sealvol-plain", False), ("ext4-sealvol-enc", True)):
@@ -92,6 +125,8 @@ def run_fio_section(a, work, cl, res, log):
     rss["after_load"] = {n: v.agent_rss_kib() for n, v in t.items() if isinstance(v, SealvolVolume)}
     rss["after_load"]["qsd-luks"] = t["qsd-luks"].rss_kib()
     res["rss_fio_targets_kib"] = rss
+    scraper.stop()
+    res["metrics_scrapes"] = {"count": scraper.count, "failures": scraper.failures}
     for n in reversed(names):
         t[n].close()
         if isinstance(t[n], LoopExt4):

@@ -1,5 +1,6 @@
 """What fio runs against. Each target exposes `path` (the file fio opens) and `close()`;
 the caller registers `close` on the cleanup stack right after construction."""
+import json
 import os
 import subprocess
 
@@ -22,8 +23,12 @@ class RawFile:
 class SealvolVolume:
     """A sealvol volume file attached through the FUSE agent (`MNT/disk`)."""
 
-    def __init__(self, sealvol, workdir, name, size_gib, encrypted, threads=4):
+    def __init__(self, sealvol, workdir, name, size_gib, encrypted, threads=4, metrics=False):
         self.sealvol, self.encrypted = sealvol, encrypted
+        # metrics: the agent counts every request and serves Prometheus metrics on a free
+        # loopback port (SEALVOL_METRICS_LISTEN), to measure what counting costs.
+        self.env = dict(os.environ, SEALVOL_METRICS_LISTEN="127.0.0.1:0",
+                        SEALVOL_METRICS_SD_DIR=os.path.join(workdir, name + ".sd")) if metrics else None
         self.mnt = os.path.join(workdir, name + ".mnt")
         self.vol = os.path.join(workdir, name + ".vol")
         self.key = os.path.join(workdir, name + ".key")
@@ -43,9 +48,19 @@ class SealvolVolume:
     def attach(self, threads):
         cmd = [self.sealvol, "attach", "--path", self.vol, "--mountpoint", self.mnt, "--threads", threads]
         cmd += ["--volume-key-file", self.key] if self.encrypted else ["--unencrypted"]
-        sh(*cmd)
+        sh(*cmd, env=self.env)
         wait_for(lambda: is_mounted(self.mnt), f"FUSE mount at {self.mnt}", timeout=20)
         self.threads = threads
+
+    def metrics_addr(self):
+        """The agent's metrics address (from the target file it publishes), if it serves any."""
+        if not self.env:
+            return None
+        sd = self.env["SEALVOL_METRICS_SD_DIR"]
+        for f in os.listdir(sd) if os.path.isdir(sd) else []:
+            with open(os.path.join(sd, f)) as fh:
+                return json.load(fh)[0]["targets"][0]
+        return None
 
     def detach(self):
         if is_mounted(self.mnt):

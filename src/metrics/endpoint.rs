@@ -7,8 +7,10 @@
 //! path (the FUSE threads never touch this thread). Bind it to loopback or a private
 //! network: like every exporter it is unauthenticated.
 
+use std::fs::Permissions;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,11 +128,15 @@ impl MetricsServer {
             path: path.to_path_buf(),
             source,
         };
-        if let Some(dir) = path.parent() {
+        // Explicit modes: the agent's umask (0077 under the systemd unit) must not hide the
+        // target from a Prometheus running as its own user.
+        if let Some(dir) = path.parent().filter(|d| !d.exists()) {
             std::fs::create_dir_all(dir).map_err(err)?;
+            std::fs::set_permissions(dir, Permissions::from_mode(0o755)).map_err(err)?;
         }
         let tmp = path.with_extension("json.tmp");
         std::fs::write(&tmp, doc.to_string()).map_err(err)?;
+        std::fs::set_permissions(&tmp, Permissions::from_mode(0o644)).map_err(err)?;
         std::fs::rename(&tmp, path).map_err(err)?;
         self.target_file = Some(path.to_path_buf());
         Ok(())

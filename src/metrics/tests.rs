@@ -165,6 +165,13 @@ fn the_target_file_names_the_bound_address_and_goes_away_with_the_server() {
         serde_json::from_slice(&std::fs::read(&path).expect("written")).expect("json");
     assert_eq!(doc[0]["targets"][0], server.addr().to_string());
     assert_eq!(doc[0]["labels"]["workspace_id"], "ws-1");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+    assert_eq!(
+        mode & 0o777,
+        0o644,
+        "Prometheus (another user) must read the target"
+    );
     drop(server);
     assert!(!path.exists(), "the target outlived its server");
 }
