@@ -3,7 +3,7 @@
 //! progress; for a WorkSpace, the time of its last snapshot. Encoded by the
 //! `prometheus-client` crate, served over HTTP by [`endpoint`].
 //!
-//! Off unless `SEALVOL_METRICS_LISTEN` (or `attach --metrics-listen`) names an address:
+//! Off unless `SEALVOL_METRICS_LISTEN` names an address (the controller's agents inherit it):
 //! an exporter is unauthenticated, so it binds where the operator says (loopback or a
 //! private network). Counting is one relaxed atomic add per counter on the I/O path, and
 //! nothing at all when metrics are off (`Export::io` is `None`).

@@ -350,11 +350,14 @@ pub fn live_pid(paths: &AgentPaths) -> Option<i32> {
     agent::live_at(&paths.fuse_dir).map(|rec| rec.pid)
 }
 
-/// Stops the agent (SIGTERM, then SIGKILL after a deadline) and removes any mounts and
-/// loop devices a dead agent left behind.
+/// Stops the agent (SIGTERM: its orderly, bounded shutdown; SIGKILL only if it outlives
+/// that) and removes any mounts and loop devices a dead agent left behind.
 pub fn stop(paths: &AgentPaths) {
     if let Some(pid) = live_pid(paths) {
-        agent::terminate(pid, Duration::from_secs(30), || live_pid(paths).is_some());
+        // The agent's own bounded shutdown, plus room for a loop device to let go, before
+        // SIGKILL (which would skip the final flush and leave the key to the kernel).
+        let grace = agent::shutdown::stop_timeout() + Duration::from_secs(20);
+        agent::terminate(pid, grace, || live_pid(paths).is_some());
     }
     force_cleanup(paths);
 }
