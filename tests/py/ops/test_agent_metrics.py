@@ -10,20 +10,13 @@ snapshot's time.
 
 import json
 import os
-import shutil
-import signal
 import subprocess
-import tempfile
 import time
-from pathlib import Path
-
-import pytest
 
 from sealvol_testing.ci import require
-from sealvol_testing.kms import Daemon
 from sealvol_testing.paths import SEALVOL_BIN
 from sealvol_testing.prometheus import Prometheus, check_metrics, require_prometheus
-from sealvol_testing.sealvol import DIRECTORY, KEY_POLICY, Sealvol, require_workspace_host
+from sealvol_testing.sealvol import own_world
 
 GIB = 1 << 30
 BLOCK = 64 * 1024
@@ -105,19 +98,10 @@ def test_a_bad_metrics_address_refuses_to_attach(tmp_path):
 
 
 def test_workspace_agent_labels_and_last_snapshot(tmp_path):
-    require_workspace_host()
     require_prometheus()
-    root = Path(tempfile.mkdtemp(prefix="sealvol-metrics-ws-"))
-    (root / "kms").mkdir()
-    daemon = Daemon(root / "kms").start()
-    sv = Sealvol(root / "state", daemon)
-    sd = root / "sd"
-    sv.env.update(SEALVOL_METRICS_LISTEN="127.0.0.1:0", SEALVOL_METRICS_SD_DIR=str(sd))
-    try:
-        sv.run("register-directory", "--directory-id", DIRECTORY)
-        (root / "b" / "etc").mkdir(parents=True)
-        sv.run("create-bundle", "--bundle-id", "wsb-test1", "--from-dir", str(root / "b"), "--size-gib", "1")
-        key = daemon.client("admin").create_key(Policy=KEY_POLICY)["KeyMetadata"]["Arn"]
+    with own_world(prefix="sealvol-metrics-ws-") as (daemon, sv, key):
+        sd = tmp_path / "sd"
+        sv.env.update(SEALVOL_METRICS_LISTEN="127.0.0.1:0", SEALVOL_METRICS_SD_DIR=str(sd))
         ws = sv.launch("xena", key=key)
         before = int(time.time())
         sv.run("create-snapshot", "--workspace-id", ws)
@@ -132,7 +116,3 @@ def test_workspace_agent_labels_and_last_snapshot(tmp_path):
             assert sorted(l["volume"] for l, _ in vols) == ["root", "user"]
             # ext4 on the user volume wrote through the agent (mkfs, mount, journal).
             prom.wait_for_value(f'sealvol_volume_written_bytes_total{{workspace_id="{ws}",volume="user"}} > bool 0', 1)
-    finally:
-        sv.terminate_all()
-        daemon.stop(signal.SIGKILL)
-        shutil.rmtree(root, ignore_errors=True)

@@ -12,16 +12,13 @@ enabled again, the next run brings the second back too.
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from sealvol_testing.kms import Daemon
-from sealvol_testing.sealvol import DIRECTORY, KEY_POLICY, SEALVOL, Sealvol, require_workspace_host
+from sealvol_testing.sealvol import KEY_POLICY, SEALVOL, own_world
 
 
 def fsync_write(path, data):
@@ -61,23 +58,8 @@ def power_loss(sv, daemon, ws_ids):
 
 @pytest.fixture
 def world():
-    require_workspace_host()
-    root = Path(tempfile.mkdtemp(prefix="sealvol-recover-"))
-    (root / "kms").mkdir()
-    daemon = Daemon(root / "kms").start()
-    sv = Sealvol(root / "state", daemon)
-    try:
-        sv.run("register-directory", "--directory-id", DIRECTORY)
-        (root / "b" / "etc").mkdir(parents=True)
-        (root / "b" / "etc" / "hostname").write_text("recover\n")
-        sv.run("create-bundle", "--bundle-id", "wsb-test1", "--from-dir", str(root / "b"), "--size-gib", "1")
+    with own_world(prefix="sealvol-recover-") as (daemon, sv, _key):
         yield daemon, sv
-    finally:
-        if daemon.proc is None or daemon.proc.poll() is not None:
-            daemon.start()
-        sv.terminate_all()
-        daemon.stop(signal.SIGKILL)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_power_loss_then_recover(world):

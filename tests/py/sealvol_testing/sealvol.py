@@ -2,9 +2,13 @@
 runner bound to one controller state directory and one kms-daemon (its profiles), used by
 the WorkSpaces suites."""
 
+import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 from sealvol_testing.ci import require
@@ -81,3 +85,30 @@ class Sealvol:
             return
         if ids:
             self.run("terminate-workspaces", "--workspace-ids", *ids, check=False)
+
+
+@contextlib.contextmanager
+def own_world(prefix="sealvol-world-", bundle_id="wsb-test1"):
+    """A kms-daemon and a sealvol state of the test's own (for tests that kill the daemon
+    or the agents), with a registered directory, a bundle and a key; everything is torn
+    down on exit. Yields (daemon, sv, key)."""
+    from sealvol_testing.kms import Daemon
+
+    require_workspace_host()
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    (root / "kms").mkdir()
+    daemon = Daemon(root / "kms").start()
+    sv = Sealvol(root / "state", daemon)
+    try:
+        sv.run("register-directory", "--directory-id", DIRECTORY)
+        (root / "b" / "etc").mkdir(parents=True)
+        (root / "b" / "etc" / "hostname").write_text("workspace\n")
+        sv.run("create-bundle", "--bundle-id", bundle_id, "--from-dir", str(root / "b"), "--size-gib", "1")
+        key = daemon.client("admin").create_key(Policy=KEY_POLICY)["KeyMetadata"]["Arn"]
+        yield daemon, sv, key
+    finally:
+        if daemon.proc is None or daemon.proc.poll() is not None:
+            daemon.start()  # the teardown needs the KMS to retire grants
+        sv.terminate_all()
+        daemon.stop(signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)

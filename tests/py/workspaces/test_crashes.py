@@ -3,18 +3,19 @@ online KMS rekey (the next attach unwraps both keys and resumes), and kill -9 th
 kms-daemon mid-rekey and between launches (acknowledged keys and grants survive; the
 WorkSpace reboots once the daemon is back)."""
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
-from pathlib import Path
 
-from sealvol_testing.kms import Daemon, wait_for
-from sealvol_testing.sealvol import DIRECTORY, KEY_POLICY, require_workspace_host, SEALVOL, Sealvol
+from sealvol_testing.kms import wait_for
+from sealvol_testing.sealvol import DIRECTORY, SEALVOL, own_world as _own_world
+
+
+def own_world():
+    """The crash tests' world: its own daemon (they kill it) and bundle wsb-crash1."""
+    return _own_world(prefix="sealvol-crash-", bundle_id="wsb-crash1")
 
 
 def fill(path, mib):
@@ -39,28 +40,6 @@ def digest(path):
 
 def rekey_state(sv, path):
     return json.loads(sv.run("describe-volume", "--path", path, "--output", "json").stdout).get("RekeyInProgress")
-
-
-@contextlib.contextmanager
-def own_world():
-    """A kms-daemon and a sealvol state of the test's own (it kills the daemon), with a
-    bundle and a key; everything is torn down on exit. Yields (daemon, sv, key)."""
-    require_workspace_host()
-    root = Path(tempfile.mkdtemp(prefix="sealvol-crash-"))
-    (root / "kms").mkdir()
-    daemon = Daemon(root / "kms").start()
-    sv = Sealvol(root / "state", daemon)
-    try:
-        sv.run("register-directory", "--directory-id", DIRECTORY)
-        (root / "b" / "etc").mkdir(parents=True)
-        (root / "b" / "etc" / "hostname").write_text("crash\n")
-        sv.run("create-bundle", "--bundle-id", "wsb-crash1", "--from-dir", str(root / "b"), "--size-gib", "1")
-        key = daemon.client("admin").create_key(Policy=KEY_POLICY)["KeyMetadata"]["Arn"]
-        yield daemon, sv, key
-    finally:
-        sv.terminate_all()
-        daemon.stop(signal.SIGKILL)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def launch(sv, user, key):
