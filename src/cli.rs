@@ -221,7 +221,7 @@ impl CliError {
     }
 }
 
-/// Runs the CLI; maps errors to a message on stderr and exit code 1.
+/// Runs the CLI; maps errors to a message on stderr and an exit status ([`CliError::exit_code`]).
 #[must_use]
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
