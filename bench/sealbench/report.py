@@ -172,11 +172,6 @@ def markdown(res, png_name="report.png"):
             w(f"| {k} | {_cell(v)} |")
         w("")
 
-    for row, e in f.items():
-        t = e["targets"]
-        if "4k" in row and t.get("sealvol-enc-metrics"):
-            rows.append((f"{row}: metrics on and scraped / off (encrypted, FUSE)",
-                         _ratio(t.get("sealvol-enc-metrics"), t.get("sealvol-enc")), 0.95))
     k = res.get("kms")
     if k:
         w("## KMS: Decrypt\n")
@@ -309,11 +304,6 @@ def chart(res, path):
                 "sealvol decrypt": ["sealvol-4096-1t-decrypt", "sealvol-512-1t-decrypt", f"sealvol-4096-{cores}t-decrypt"],
                 "openssl speed": ["openssl-4096-1t", "openssl-512-1t", f"openssl-4096-{cores}t"]}
         bars(axes[2], groups, list(keys), lambda g, s: c.get(keys[s][groups.index(g)]), "MB/s", "XTS-AES-256 cipher alone")
-    for row, e in f.items():
-        t = e["targets"]
-        if "4k" in row and t.get("sealvol-enc-metrics"):
-            rows.append((f"{row}: metrics on and scraped / off (encrypted, FUSE)",
-                         _ratio(t.get("sealvol-enc-metrics"), t.get("sealvol-enc")), 0.95))
     k = res.get("kms")
     if k:
         bars(axes[3], ["1 client", "16 clients"], ["kms-daemon", "moto_server"],
