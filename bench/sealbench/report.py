@@ -3,8 +3,7 @@ import os
 
 from .suite import REQUEST_SIZES, RSS_SIZES_GIB, THREADS
 
-FIO_MAIN = ["raw", "sealvol-plain", "sealvol-enc", "sealvol-enc-metrics", "qsd-luks", "ext4-sealvol-plain",
-            "ext4-sealvol-enc"]
+FIO_MAIN = ["raw", "sealvol-plain", "sealvol-enc", "qsd-luks", "ext4-sealvol-plain", "ext4-sealvol-enc"]
 SEQ_ROWS = ("seq-read-1M-qd4", "seq-write-1M-qd4")
 
 
@@ -55,11 +54,9 @@ def targets_table(res):
         t = e["targets"]
         goal = 3.0 if row in SEQ_ROWS else 2.0
         rows.append((f"{row}: encrypted volume / qemu-storage-daemon LUKS", _ratio(t.get("sealvol-enc"), t.get("qsd-luks")), goal))
-    for row, e in f.items():
-        t = e["targets"]
-        if "4k" in row and t.get("sealvol-enc-metrics"):
-            rows.append((f"{row}: metrics on and scraped / off (encrypted, FUSE)",
-                         _ratio(t.get("sealvol-enc-metrics"), t.get("sealvol-enc")), 0.95))
+    for row, v in res.get("metrics_overhead_iops", {}).items():
+        rows.append((f"{row}: agent metrics on and scraped / off (same encrypted volume)",
+                     _ratio(v.get("on"), v.get("off")), 0.95))
     k = res.get("kms")
     if k:
         for cl in (16, 1):

@@ -8,13 +8,12 @@ from . import fio, peers
 from .targets import LoopExt4, QsdLuks, RawFile, SealvolVolume
 from .util import Cleanup, machine_facts, rotated, summary
 
-SECTIONS = ("cipher", "fio", "scaling", "rss", "kms", "rekey")
+SECTIONS = ("cipher", "fio", "metrics", "scaling", "rss", "kms", "rekey")
 
 TARGET_LABELS = {
     "raw": "raw backing file (host fs, O_DIRECT)",
     "sealvol-plain": "sealvol unencrypted volume (FUSE)",
     "sealvol-enc": "sealvol encrypted volume (FUSE)",
-    "sealvol-enc-metrics": "sealvol encrypted volume, metrics on and scraped every second",
     "qsd-luks": "qemu-storage-daemon LUKS FUSE export",
     "ext4-sealvol-plain": "loop + ext4 on sealvol unencrypted",
     "ext4-sealvol-enc": "loop + ext4 on sealvol encrypted",
@@ -67,11 +66,7 @@ def run_fio_section(a, work, cl, res, log):
     for name, enc in (("sealvol-plain", False), ("sealvol-enc", True)):
         t[name] = SealvolVolume(a.sealvol, work, name, a.size_gib, encrypted=enc)
         cl.callback(t[name].close)
-    t["sealvol-enc-metrics"] = SealvolVolume(a.sealvol, work, "sealvol-enc-metrics", a.size_gib, encrypted=True,
-                                             metrics=True)
-    cl.callback(t["sealvol-enc-metrics"].close)
-    scraper = Scraper(t["sealvol-enc-metrics"].metrics_addr())
-    cl.callback(scraper.stop)
+
     t["qsd-luks"] = QsdLuks(work, "qsd", size)
     cl.callback(t["qsd-luks"].close)
     for name, enc in (("ext4-sealvol-plain", False), ("ext4-sealvol-enc", True)):
@@ -125,8 +120,6 @@ def run_fio_section(a, work, cl, res, log):
     rss["after_load"] = {n: v.agent_rss_kib() for n, v in t.items() if isinstance(v, SealvolVolume)}
     rss["after_load"]["qsd-luks"] = t["qsd-luks"].rss_kib()
     res["rss_fio_targets_kib"] = rss
-    scraper.stop()
-    res["metrics_scrapes"] = {"count": scraper.count, "failures": scraper.failures}
     for n in reversed(names):
         t[n].close()
         if isinstance(t[n], LoopExt4):
@@ -158,6 +151,40 @@ def run_thread_scaling(a, work, cl, res, log):
     vol.close()
 
 
+def run_metrics_overhead(a, work, cl, res, log):
+    """What the agent's metrics cost on the 4 KiB rows: ONE encrypted volume (same backing
+    file, so file layout and host caching cannot differ), attached alternately with metrics
+    off and on (SEALVOL_METRICS_LISTEN, scraped every second as Prometheus would), in
+    rotated order; twice the usual repetitions, since the difference sought is small."""
+    ws = a.working_set_mib << 20
+    vol = SealvolVolume(a.sealvol, work, "metrics", a.size_gib, encrypted=True, metrics=True)
+    cl.callback(vol.close)
+    env_on = vol.env
+    fio.fill(vol.path, ws)
+    vol.detach()
+    jobs = [(row, rw, bs, qd) for row, rw, bs, qd, _ in fio.ROWS if bs == "4k"]
+    per = {(row, mode): [] for row, *_ in jobs for mode in ("off", "on")}
+    scrapes = 0
+    for rep in range(a.reps * 2):
+        for mode in rotated(["off", "on"], rep):
+            vol.env = env_on if mode == "on" else None
+            vol.attach(4)
+            scraper = Scraper(vol.metrics_addr()) if mode == "on" else None
+            got = fio.run_batch(vol.path, jobs, a.runtime, ws, a.ramp)
+            if scraper:
+                scraper.stop()
+                scrapes += scraper.count
+            for row, *_ in jobs:
+                per[(row, mode)].append(got[row]["iops"])
+            vol.detach()
+    out = {row: {mode: summary(per[(row, mode)]) for mode in ("off", "on")} for row, *_ in jobs}
+    res["metrics_overhead_iops"] = out
+    res["metrics_overhead_scrapes"] = scrapes
+    log("metrics off/on, same encrypted volume (IOPS): " + "; ".join(
+        f"{row} {v['off']['median']:.0f}/{v['on']['median']:.0f}" for row, v in out.items()) + f"; {scrapes} scrapes")
+    vol.close()
+
+
 def run_rss_scaling(a, work, cl, res, log):
     """Agent RSS as the (sparse) volume grows: right after attach, and after random 4 KiB
     writes then reads spread over the whole volume."""
@@ -186,6 +213,7 @@ def run(a, log):
         steps = {
             "cipher": lambda: res.__setitem__("cipher", peers.cipher(a.sealvol, a.reps, a.cipher_seconds, log)),
             "fio": lambda: run_fio_section(a, work, cl, res, log),
+            "metrics": lambda: run_metrics_overhead(a, work, cl, res, log),
             "scaling": lambda: run_thread_scaling(a, work, cl, res, log),
             "rss": lambda: run_rss_scaling(a, work, cl, res, log),
             "kms": lambda: res.__setitem__("kms", peers.kms(a.kms_daemon, a.kms_load, a.moto_server, work, cl, a.reps,

@@ -40,21 +40,20 @@ pub fn serve(
 /// (opened in rekey mode) in the background once the mount is live. With `metrics` (from
 /// [`AgentMetrics::from_env`]), every export is counted and the agent serves Prometheus
 /// metrics at the address, named in its record and in a `file_sd` target file
-/// ([`metrics_target_path`]). Every agent listens
-/// on its control socket ([`super::control_path`]) for online `rekey-volume` requests; pending
-/// rekeys stop at a hotzone boundary on unmount and resume on the next attach.
+/// ([`metrics_target_path`]). Every agent listens on its control socket
+/// ([`super::control_path`]) for online `rekey-volume` requests; pending rekeys stop at a
+/// hotzone boundary on unmount and resume on the next attach.
 ///
 /// # Errors
 /// Mountpoint problems, mount failure.
 pub fn serve_with(
     mountpoint: &Path,
-    exports: Vec<Export>,
+    mut exports: Vec<Export>,
     threads: usize,
     resume_rekeys: &[String],
     metrics: Option<(AgentMetrics, SocketAddr)>,
     on_ready: impl FnOnce(),
 ) -> Result<(), AttachError> {
-    let mut exports = exports;
     let mountpoint = canonical_mountpoint(mountpoint)?;
     if is_mountpoint(&mountpoint) {
         return Err(AttachError::Mountpoint {

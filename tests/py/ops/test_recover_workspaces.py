@@ -1,12 +1,13 @@
 """`sealvol recover-workspaces` after a simulated power loss (issue #16, part 1).
 
-Three WorkSpaces on one host: two running (each under its own KMS key), one stopped. The
-power goes: kill -9 every agent and the kms-daemon, lazily unmount every filesystem and
-FUSE mount, detach the loop devices. The daemon comes back; meanwhile the administrator
-disabled the second WorkSpace's key. Recovery must bring the first back to AVAILABLE with
-every fsync-acknowledged byte, record the second UNHEALTHY with the reason and leave it
-down, leave the stopped one stopped, and change nothing when run again; once the key is
-enabled again, the next run brings the second back too.
+Five WorkSpaces on one host, one of them stopped. The power goes: kill -9 every agent and
+the kms-daemon, lazily unmount every filesystem and FUSE mount, detach the loop devices.
+The daemon comes back; meanwhile the administrator disabled the second WorkSpace's key,
+revoked the EBS grants of the fourth, and the fifth lost its user volume file. Recovery
+must bring the first back to AVAILABLE with every fsync-acknowledged byte, record the
+second, fourth and fifth UNHEALTHY with the reason and leave them down, leave the stopped
+one stopped, and change nothing when run again; once the key is enabled again, the next
+run brings the second back too.
 """
 
 import hashlib
@@ -67,9 +68,12 @@ def test_power_loss_then_recover(world):
     admin = daemon.client("admin")
     k1 = admin.create_key(Policy=KEY_POLICY)["KeyMetadata"]["Arn"]
     k2 = admin.create_key(Policy=KEY_POLICY)["KeyMetadata"]["Arn"]
+    k4 = admin.create_key(Policy=KEY_POLICY)["KeyMetadata"]["Arn"]
     ws1 = sv.launch("ursula", key=k1)
     ws2 = sv.launch("viktor", key=k2)
     ws3 = sv.launch("wanda", key=k1)
+    ws4 = sv.launch("xaver", key=k4)
+    ws5 = sv.launch("yvonne", key=k1)
     assert sv.json("stop-workspaces", "--workspace-ids", ws3)["FailedRequests"] == []
 
     data = {ws: os.urandom(2 * 1024 * 1024 + 77) for ws in (ws1, ws2)}
@@ -77,10 +81,17 @@ def test_power_loss_then_recover(world):
         fsync_write(sv.mnt(ws) / "home" / "acked.bin", d)
     old_pid = sv.agent_pid(ws1)
 
-    power_loss(sv, daemon, [ws1, ws2, ws3])
+    power_loss(sv, daemon, [ws1, ws2, ws3, ws4, ws5])
     daemon.start()
     admin = daemon.client("admin")
     admin.disable_key(KeyId=k2)
+    # ws4: the EBS grants on its volumes are revoked; ws5: its user volume file is gone.
+    ebs_grants = [g for g in admin.list_grants(KeyId=k4)["Grants"] if "ebs" in g["GranteePrincipal"].lower()]
+    assert len(ebs_grants) == 2, ebs_grants
+    for g in ebs_grants:
+        admin.revoke_grant(KeyId=k4, GrantId=g["GrantId"])
+    user_vol = next(v for v in sv.json("describe-volumes", "--workspace-id", ws5)["Volumes"] if v["Kind"] == "user")
+    os.unlink(user_vol["Path"])
 
     code, got = recover(sv)
     assert code == 3, f"one WorkSpace was left down: exit status 3: {got}"
@@ -88,6 +99,12 @@ def test_power_loss_then_recover(world):
     assert got[ws2]["Action"] == "LEFT_DOWN" and got[ws2]["State"] == "UNHEALTHY", got[ws2]
     assert "Disabled" in got[ws2]["Reason"], got[ws2]["Reason"]
     assert got[ws3]["Action"] == "UNCHANGED" and got[ws3]["State"] == "STOPPED", got[ws3]
+    assert got[ws4]["Action"] == "LEFT_DOWN" and got[ws4]["State"] == "UNHEALTHY", got[ws4]
+    assert "AccessDenied" in got[ws4]["Reason"], got[ws4]["Reason"]
+    assert got[ws5]["Action"] == "LEFT_DOWN" and got[ws5]["State"] == "UNHEALTHY", got[ws5]
+    assert "missing" in got[ws5]["Reason"] and user_vol["VolumeId"] in got[ws5]["Reason"], got[ws5]["Reason"]
+    for ws in (ws4, ws5):
+        assert not (sv.mnt(ws) / "home").is_mount(), f"{ws} was left down but is mounted"
 
     assert sha(sv.mnt(ws1) / "home" / "acked.bin") == hashlib.sha256(data[ws1]).hexdigest()
     assert sv.agent_pid(ws1) != old_pid
@@ -104,10 +121,12 @@ def test_power_loss_then_recover(world):
     assert sv.agent_pid(ws1) == pid1, "recovery restarted a running WorkSpace"
     assert again[ws2]["State"] == "UNHEALTHY" and again[ws3]["State"] == "STOPPED"
 
-    # The key is back: the next run recovers the second one, with its data.
+    # The key is back: the next run recovers the second one, with its data; the two whose
+    # grant or volume is gone stay down.
     admin.enable_key(KeyId=k2)
     code, last = recover(sv)
-    assert code == 0, last
+    assert code == 3, last
+    assert last[ws4]["State"] == "UNHEALTHY" and last[ws5]["State"] == "UNHEALTHY", last
     assert last[ws2]["Action"] == "RECOVERED" and last[ws2]["State"] == "AVAILABLE", last[ws2]
     assert sha(sv.mnt(ws2) / "home" / "acked.bin") == hashlib.sha256(data[ws2]).hexdigest()
     assert last[ws1]["Action"] == "ALREADY_RUNNING"
