@@ -443,8 +443,8 @@ pub fn run(cmd: WorkspaceCmd, global: &GlobalOptions) -> Result<(), CliError> {
                         println!(
                             "{:<13} {:<11} {:<11} {:<16} {}",
                             r.workspace_id,
-                            r.previous_state,
-                            r.state,
+                            r.previous_state.as_str(),
+                            r.state.as_str(),
                             serde_json::to_value(r.action)
                                 .ok()
                                 .and_then(|v| v.as_str().map(str::to_owned))

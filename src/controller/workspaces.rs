@@ -259,7 +259,7 @@ impl Controller {
         {
             w.state = next;
             w.error =
-                Some("the WorkSpace's agent is not running; reboot-workspaces recovers it".into());
+                Some("the WorkSpace's agent is not running; reboot-workspaces (or recover-workspaces, for every WorkSpace after a host restart) brings it back".into());
             let _ = self.reg.update_workspace(w);
         }
     }
