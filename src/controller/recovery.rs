@@ -20,6 +20,9 @@
 //! registry already says runs, with the host's own service credentials, and KMS decides
 //! every unwrap as at any attach.
 
+use std::os::unix::fs::OpenOptionsExt;
+
+use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 
 use super::agent::{self, AgentPaths};
@@ -67,6 +70,10 @@ impl Controller {
     /// # Errors
     /// Only a registry failure; each WorkSpace's own failure is in its result.
     pub fn recover_workspaces(&self) -> Result<Vec<RecoveryResult>, ControllerError> {
+        // One recovery at a time (the boot unit and an operator, say): a second one waits,
+        // then finds the WorkSpaces up instead of cleaning up the mounts of agents the
+        // first just started.
+        let _one_at_a_time = self.recovery_lock()?;
         let mut results = Vec::new();
         for mut w in self.reg.workspaces()? {
             if w.state == WorkspaceState::Terminated {
@@ -83,6 +90,22 @@ impl Controller {
             });
         }
         Ok(results)
+    }
+
+    fn recovery_lock(&self) -> Result<Flock<std::fs::File>, ControllerError> {
+        let path = self.cfg.state_dir.join("recover.lock");
+        let io = |source| ControllerError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| io(e.into()))
     }
 
     fn recover_one(&self, w: &mut Workspace) -> (RecoveryAction, Option<String>) {

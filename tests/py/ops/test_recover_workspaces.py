@@ -130,3 +130,22 @@ def test_power_loss_then_recover(world):
     assert last[ws2]["Action"] == "RECOVERED" and last[ws2]["State"] == "AVAILABLE", last[ws2]
     assert sha(sv.mnt(ws2) / "home" / "acked.bin") == hashlib.sha256(data[ws2]).hexdigest()
     assert last[ws1]["Action"] == "ALREADY_RUNNING"
+
+
+def test_two_recoveries_at_once_start_one_agent(world):
+    """The boot unit and an operator run recovery together: the second waits for the
+    first, then finds the WorkSpace up (it must not clean up the fresh agent's mounts)."""
+    daemon, sv = world
+    key = daemon.client("admin").create_key(Policy=KEY_POLICY)["KeyMetadata"]["Arn"]
+    ws = sv.launch("zora", key=key)
+    data = os.urandom(1024 * 1024)
+    fsync_write(sv.mnt(ws) / "home" / "acked.bin", data)
+    os.kill(sv.agent_pid(ws), signal.SIGKILL)
+    procs = [subprocess.Popen([SEALVOL, "recover-workspaces", "--output", "json"], env=sv.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    actions = sorted(json.loads(o)["Workspaces"][0]["Action"] for o, _ in outs)
+    assert actions == ["ALREADY_RUNNING", "RECOVERED"], actions
+    assert sv.describe(ws)["State"] == "AVAILABLE"
+    assert sha(sv.mnt(ws) / "home" / "acked.bin") == hashlib.sha256(data).hexdigest()
