@@ -165,22 +165,30 @@ fn main() -> anyhow::Result<()> {
                 metrics_listen: a.metrics_listen,
             };
             let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
-            rt.block_on(kms_daemon::run(cfg, shutdown_signal()))?;
+            let shutdown = {
+                let _in_runtime = rt.enter();
+                shutdown_signal()
+            };
+            rt.block_on(kms_daemon::run(cfg, shutdown))?;
             Ok(())
         }
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called (inside
+/// the runtime), before the daemon reports ready: a signal that arrives right after the
+/// ready line must take the graceful path, not the default action that kills the process.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let (Ok(mut term), Ok(mut int)) = (term, int) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
     }
 }
