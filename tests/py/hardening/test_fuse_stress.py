@@ -18,12 +18,12 @@ import os
 import random
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from sealvol_testing.ci import env_int, skip_or_fail
+from sealvol_testing.host import loops_under, mounts_under, run, wait_until
 from sealvol_testing.paths import SEALVOL_BIN
 
 FSX_OPS = env_int("HARDENING_FSX_OPS", 2000)
@@ -51,33 +51,6 @@ def require_privileges():
         skip_or_fail("/dev/fuse is missing")
     if not SEALVOL_BIN.exists():
         pytest.fail(f"sealvol binary not found at {SEALVOL_BIN}; build it or set SEALVOL_BIN")
-
-
-def run(*args, check=True, timeout=600):
-    p = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed ({p.returncode}): {p.stderr}{p.stdout}")
-    return p
-
-
-def mounts_under(path):
-    path = str(path)
-    with open("/proc/self/mounts") as f:
-        return [line.split()[1] for line in f if line.split()[1].startswith(path)]
-
-
-def loops_under(path):
-    """Loop devices whose backing file lies under `path`."""
-    out = run("losetup", "-l", "-n", "-O", "NAME,BACK-FILE", check=False).stdout
-    return [l for l in out.splitlines() if str(path) in l]
-
-
-def wait_until(what, pred, timeout=20):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class Volume:

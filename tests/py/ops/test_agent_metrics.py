@@ -14,6 +14,7 @@ import subprocess
 import time
 
 from sealvol_testing.ci import require
+from sealvol_testing.host import run
 from sealvol_testing.paths import SEALVOL_BIN
 from sealvol_testing.prometheus import Prometheus, check_metrics, require_prometheus
 from sealvol_testing.sealvol import own_world
@@ -21,12 +22,6 @@ from sealvol_testing.sealvol import own_world
 GIB = 1 << 30
 BLOCK = 64 * 1024
 WRITES, READS = 10, 5
-
-
-def run(*args, env=None):
-    p = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0, f"{' '.join(map(str, args))} failed ({p.returncode}): {p.stderr}{p.stdout}"
-    return p
 
 
 def scrape(addr):

@@ -13,31 +13,13 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from sealvol_testing.ci import require
+from sealvol_testing.host import is_mounted, loop_devices_under, run
 from sealvol_testing.paths import SEALVOL_BIN
 
-GIB = 1 << 30
-
-
-def run(*args, check=True, env=None, timeout=300):
-    p = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed ({p.returncode}): {p.stderr}{p.stdout}")
-    return p
-
-
-def mounted(path):
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == str(path) for line in f)
-
-
-def loops_on(path):
-    out = run("losetup", "-l", "-n", "-O", "NAME,BACK-FILE", check=False).stdout
-    return [l.split()[0] for l in out.splitlines() if str(path) in l]
 
 
 def pid_exists(pid):
@@ -63,9 +45,9 @@ def volume(tmp_path):
     state = {"vol": vol, "key": key, "env": env, "mnt": mnt, "fs": fs, "tmp": tmp_path}
     yield state
     for p in (fs, mnt):
-        if mounted(p):
+        if is_mounted(p):
             run("umount", "-l", p, check=False)
-    for dev in loops_on(mnt):
+    for dev in loop_devices_under(mnt):
         run("losetup", "-d", dev, check=False)
 
 
@@ -98,8 +80,8 @@ def test_sigterm_syncs_unmounts_and_keeps_unsynced_writes(volume):
     # Written through the page cache and never fsynced by the writer.
     (v["fs"] / "unsynced.bin").write_bytes(data)
     took = sigterm_and_wait(pid, limit=30)
-    assert not mounted(v["fs"]) and not mounted(v["mnt"]), "SIGTERM left a mount behind"
-    assert not loops_on(v["mnt"]), "SIGTERM left a loop device behind"
+    assert not is_mounted(v["fs"]) and not is_mounted(v["mnt"]), "SIGTERM left a mount behind"
+    assert not loop_devices_under(v["mnt"]), "SIGTERM left a loop device behind"
     print(f"orderly shutdown took {took:.2f} s")
 
     attach_and_mount(v, mkfs=False)
@@ -121,14 +103,14 @@ def test_sigterm_is_bounded_when_a_program_keeps_the_filesystem_busy(volume):
         # Stop timeout 2 s, plus up to 10 s for a loop device to let go: well under 30.
         took = sigterm_and_wait(pid, limit=30)
         assert took >= 1.5, f"the agent did not wait for the busy filesystem ({took:.2f} s)"
-        assert not mounted(v["fs"]) and not mounted(v["mnt"]), "a forced shutdown left a mount"
+        assert not is_mounted(v["fs"]) and not is_mounted(v["mnt"]), "a forced shutdown left a mount"
     finally:
         holder.kill()
         holder.wait()
     deadline = time.monotonic() + 20
-    while loops_on(v["mnt"]) and time.monotonic() < deadline:
+    while loop_devices_under(v["mnt"]) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not loops_on(v["mnt"]), "a forced shutdown left a loop device behind"
+    assert not loop_devices_under(v["mnt"]), "a forced shutdown left a loop device behind"
     log = (v["tmp"] / "agent.log").read_text()
     assert "forcing the unmount" in log, log
 

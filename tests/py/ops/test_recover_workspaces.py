@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from sealvol_testing.host import loop_devices_under
 from sealvol_testing.sealvol import KEY_POLICY, SEALVOL, own_world
 
 
@@ -50,11 +51,8 @@ def power_loss(sv, daemon, ws_ids):
     for ws in ws_ids:
         for m in (sv.mnt(ws) / "home", sv.mnt(ws), sv.state_dir / "fuse" / ws):
             subprocess.run(["umount", "-l", str(m)], capture_output=True)
-    out = subprocess.run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        cols = line.split()
-        if len(cols) == 2 and cols[1].startswith(str(sv.state_dir)):
-            subprocess.run(["losetup", "-d", cols[0]], capture_output=True)
+    for dev in loop_devices_under(sv.state_dir):
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
 
 
 @pytest.fixture
