@@ -260,32 +260,21 @@ impl VolumeIo {
     /// Records a finished request of `op` that moved `bytes` (`Err`: it failed).
     pub fn done(&self, op: IoOp, outcome: Result<u64, ()>) {
         let c = &self.0;
-        match (op, outcome) {
-            (IoOp::Read, Ok(n)) => {
-                c.reads.inc();
-                c.read_bytes.inc_by(n);
+        let (requests, bytes, errors) = match op {
+            IoOp::Read => (&c.reads, Some(&c.read_bytes), &c.read_errors),
+            IoOp::Write => (&c.writes, Some(&c.written_bytes), &c.write_errors),
+            IoOp::Flush => (&c.flushes, None, &c.flush_errors),
+            IoOp::Discard => (&c.discards, None, &c.discard_errors),
+        };
+        match outcome {
+            Ok(n) => {
+                requests.inc();
+                if let Some(bytes) = bytes {
+                    bytes.inc_by(n);
+                }
             }
-            (IoOp::Write, Ok(n)) => {
-                c.writes.inc();
-                c.written_bytes.inc_by(n);
-            }
-            (IoOp::Flush, Ok(_)) => {
-                c.flushes.inc();
-            }
-            (IoOp::Discard, Ok(_)) => {
-                c.discards.inc();
-            }
-            (IoOp::Read, Err(())) => {
-                c.read_errors.inc();
-            }
-            (IoOp::Write, Err(())) => {
-                c.write_errors.inc();
-            }
-            (IoOp::Flush, Err(())) => {
-                c.flush_errors.inc();
-            }
-            (IoOp::Discard, Err(())) => {
-                c.discard_errors.inc();
+            Err(()) => {
+                errors.inc();
             }
         }
     }
