@@ -131,7 +131,7 @@ fn abort_fuse(mountpoint: &Path) {
     else {
         return;
     };
-    if !Path::new(FUSECTL).join("version").exists() && !host::is_mountpoint(Path::new(FUSECTL)) {
+    if !host::is_mountpoint(Path::new(FUSECTL)) {
         let _ = nix::mount::mount(
             Some("fusectl"),
             FUSECTL,
