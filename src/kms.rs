@@ -184,15 +184,6 @@ pub struct KmsClient {
 }
 
 impl KmsClient {
-    /// A client that signs as `profile` and acts for itself, with region and endpoint
-    /// from the standard AWS sources only (no command-line overrides).
-    ///
-    /// # Errors
-    /// Runtime creation failure; an unusable endpoint URL.
-    pub fn connect(profile: &str) -> Result<Self, KmsError> {
-        Self::connect_to(profile, &KmsTarget::default())
-    }
-
     /// A client that signs as `profile` and acts for itself, sending to `target`'s region
     /// and endpoint where set.
     ///
