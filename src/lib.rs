@@ -20,5 +20,6 @@ pub mod metrics;
 pub mod private_file;
 pub mod rekey;
 pub mod secret;
+pub mod snapshot;
 pub mod volume;
 pub mod xts;

@@ -1,0 +1,1 @@
+//! The persisted dirty-chunk map (filled in by the dirty-map work).
