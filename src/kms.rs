@@ -370,6 +370,23 @@ impl KmsClient {
             .collect())
     }
 
+    /// Grants on a key as (grant id, grant name) pairs.
+    ///
+    /// # Errors
+    /// The service's refusal or transport failure.
+    pub fn list_named_grants(&self, key_id: &str) -> Result<Vec<(String, String)>, KmsError> {
+        let out = self
+            .rt
+            .block_on(self.client.list_grants().key_id(key_id).send())
+            .map_err(|e| sdk_err("ListGrants", &self.endpoint, e))?;
+        Ok(out
+            .grants
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|g| Some((g.grant_id?, g.name.unwrap_or_default())))
+            .collect())
+    }
+
     /// GenerateDataKeyWithoutPlaintext, 64 bytes (XTS-AES-256). Returns (blob, key ARN).
     ///
     /// # Errors

@@ -7,7 +7,11 @@
 //! written last: a snapshot exists only once complete.
 
 pub mod dirty;
+pub mod download;
+pub mod manifest;
+pub mod retention;
 pub mod store;
+pub mod upload;
 
 /// Chunk size: EBS snapshots track 512 KiB blocks. A multiple of every sector size and of
 /// the device's lock stripes, and LUKS2 data offsets are multiples of it.

@@ -70,5 +70,7 @@ pub fn rekey_offline(
     if let Some(mountpoint) = super::attached_at(path) {
         return Err(RekeyError::Attached(path.to_path_buf(), mountpoint));
     }
+    // Every chunk is rewritten: what changed since the last snapshot is no longer known.
+    let _ = std::fs::remove_file(crate::snapshot::dirty::DirtyMap::path_for(path));
     crate::rekey::rekey_detached(path, old, new, opts, progress)
 }

@@ -3,11 +3,13 @@
 //! once; `sealvol --help` lists them under "Global options".
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
 
 use super::{CliError, Output};
-use crate::controller::{Controller, ControllerConfig};
+use crate::controller::{Controller, ControllerConfig, SnapshotConfig};
+use crate::snapshot::store::StoreUrl;
 use crate::kms::KmsTarget;
 
 /// Options accepted anywhere on the command line (clap `global = true`). Given both
@@ -53,6 +55,71 @@ pub struct GlobalOptions {
         default_value = "ebs"
     )]
     pub ebs_profile: String,
+    /// Where snapshots go: file://DIR or s3://BUCKET/PREFIX (DESIGN §11). Default:
+    /// file://<state-dir>/snapshots.
+    #[arg(long, global = true, env = "SEALVOL_SNAPSHOT_STORE", value_name = "URL")]
+    pub snapshot_store: Option<StoreUrl>,
+    /// AWS profile whose credentials reach an s3:// snapshot store (default: the service
+    /// profile); the endpoint comes from AWS_ENDPOINT_URL_S3 or that profile's config.
+    #[arg(
+        long,
+        global = true,
+        env = "SEALVOL_SNAPSHOT_STORE_PROFILE",
+        value_name = "PROFILE"
+    )]
+    pub snapshot_store_profile: Option<String>,
+    /// Automatic snapshots of running WorkSpaces: the first soon after launch or start,
+    /// then this often (e.g. 12h, 30m, 45s; 0 turns them off).
+    #[arg(
+        long,
+        global = true,
+        env = "SEALVOL_SNAPSHOT_INTERVAL",
+        default_value = "12h",
+        value_parser = parse_duration
+    )]
+    pub snapshot_interval: Duration,
+    /// Snapshots kept per volume; older ones are deleted and their unreferenced chunks
+    /// collected.
+    #[arg(
+        long,
+        global = true,
+        env = "SEALVOL_SNAPSHOT_RETENTION",
+        default_value_t = 4,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub snapshot_retention: u32,
+    /// Unreferenced chunks younger than this are kept (they may belong to a snapshot
+    /// still uploading, whose manifest is written last).
+    #[arg(
+        long,
+        global = true,
+        env = "SEALVOL_SNAPSHOT_GC_GRACE",
+        default_value = "1h",
+        value_parser = parse_duration
+    )]
+    pub snapshot_gc_grace: Duration,
+}
+
+/// Parses `45s`, `30m`, `12h`, `2d` or plain seconds.
+///
+/// # Errors
+/// Anything else, with the accepted forms.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 45s, 30m, 12h, 2d)"))?;
+    let secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    n.checked_mul(secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is too long"))
 }
 
 impl GlobalOptions {
@@ -75,6 +142,18 @@ impl GlobalOptions {
             service_profile: self.service_profile.clone(),
             ebs_profile: self.ebs_profile.clone(),
             kms: self.kms_target(),
+            snapshots: SnapshotConfig {
+                store: self.snapshot_store.clone().unwrap_or_else(|| {
+                    StoreUrl::File(self.state_dir.join("snapshots"))
+                }),
+                store_profile: self
+                    .snapshot_store_profile
+                    .clone()
+                    .unwrap_or_else(|| self.service_profile.clone()),
+                interval: self.snapshot_interval,
+                keep: self.snapshot_retention as usize,
+                gc_grace: self.snapshot_gc_grace,
+            },
         }
     }
 

@@ -150,7 +150,8 @@ pub enum WorkspaceCmd {
     StopWorkspaces(Ids),
     /// Start stopped WorkSpaces.
     StartWorkspaces(Ids),
-    /// Terminate WorkSpaces: grants retired, volumes and snapshots deleted.
+    /// Terminate WorkSpaces: grants retired, volumes deleted (their snapshots stay in the
+    /// snapshot store, where another host can import the WorkSpace from).
     TerminateWorkspaces(Ids),
     /// Restore a WorkSpace's volumes from their latest snapshots (as new volumes).
     RestoreWorkspace {
@@ -158,8 +159,27 @@ pub enum WorkspaceCmd {
         #[arg(long)]
         workspace_id: String,
     },
-    /// Snapshot both volumes of a WorkSpace (they stay encrypted under the same data key).
+    /// Snapshot both volumes of a WorkSpace into the snapshot store (only the user volume
+    /// while it is UNHEALTHY): incremental, still encrypted, crash-consistent while it runs.
     CreateSnapshot {
+        /// WorkSpace id.
+        #[arg(long)]
+        workspace_id: String,
+        /// Mark the snapshot as taken by the schedule (the agent's automatic snapshots).
+        #[arg(long)]
+        automatic: bool,
+    },
+    /// The snapshots a rebuild (user volume) and a restore (both volumes) can use, newest
+    /// first.
+    DescribeWorkspaceSnapshots {
+        /// WorkSpace id.
+        #[arg(long)]
+        workspace_id: String,
+    },
+    /// Take a WorkSpace from its latest snapshots in the shared snapshot store and serve it
+    /// on this host (new volume ids, data keys re-bound through grants). Refused while
+    /// another host holds it.
+    ImportWorkspace {
         /// WorkSpace id.
         #[arg(long)]
         workspace_id: String,
@@ -489,12 +509,17 @@ pub fn run(cmd: WorkspaceCmd, global: &GlobalOptions) -> Result<(), CliError> {
             let r = global.controller()?.restore(&workspace_id)?;
             print_batch("restore-workspace", &r, output)?;
         }
-        WorkspaceCmd::CreateSnapshot { workspace_id } => {
-            let snaps = global.controller()?.create_snapshot(&workspace_id)?;
+        WorkspaceCmd::CreateSnapshot {
+            workspace_id,
+            automatic,
+        } => {
+            let snaps = global
+                .controller()?
+                .create_snapshot(&workspace_id, automatic)?;
             emit(output, &serde_json::json!({ "Snapshots": snaps }), || {
                 for s in &snaps {
                     println!(
-                        "{} of {} ({} volume, {})",
+                        "{} of {} ({} volume, {}) at {}: {} of {} chunks read, {} uploaded ({} bytes)",
                         s.snapshot_id,
                         s.volume_id,
                         s.kind,
@@ -502,10 +527,23 @@ pub fn run(cmd: WorkspaceCmd, global: &GlobalOptions) -> Result<(), CliError> {
                             "encrypted"
                         } else {
                             "unencrypted"
-                        }
+                        },
+                        s.snapshot_time,
+                        s.upload.chunks_read,
+                        s.upload.chunks,
+                        s.upload.chunks_uploaded,
+                        s.upload.bytes_uploaded
                     );
                 }
             });
+        }
+        WorkspaceCmd::DescribeWorkspaceSnapshots { workspace_id } => {
+            let v = global.controller()?.describe_snapshots(&workspace_id)?;
+            print_json(&v);
+        }
+        WorkspaceCmd::ImportWorkspace { workspace_id } => {
+            let view = global.controller()?.import_workspace(&workspace_id)?;
+            print_json(&serde_json::json!({ "Workspace": view }));
         }
         WorkspaceCmd::CreateWorkspaceImage {
             workspace_id,
@@ -553,6 +591,10 @@ pub fn run(cmd: WorkspaceCmd, global: &GlobalOptions) -> Result<(), CliError> {
                 &workspace_id,
                 &global.ebs_profile,
                 &global.kms_target(),
+                crate::controller::schedule::Schedule::new(
+                    &global.state_dir,
+                    &global.controller_config().snapshots,
+                ),
                 |r| match r {
                     Ok(()) => crate::agent::report_ready(),
                     Err(e) => crate::agent::report_error(&e),

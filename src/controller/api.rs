@@ -147,4 +147,12 @@ pub struct SnapshotView {
     pub kind: VolumeKind,
     /// Still encrypted under the same data key.
     pub encrypted: bool,
+    /// When it was taken (also its manifest's name in the store).
+    pub snapshot_time: String,
+    /// The manifest's key in the snapshot store.
+    pub manifest: String,
+    /// Taken by the schedule.
+    pub automatic: bool,
+    /// What it cost: chunks read, uploaded, bytes uploaded, holes.
+    pub upload: crate::snapshot::upload::UploadStats,
 }

@@ -51,6 +51,12 @@ pub enum ApiErrorCode {
     KmsInvalidKeyUsage,
     /// `KMS.<code>`: a refusal passed on from the KMS with the code it returned.
     Kms(String),
+    /// `ResourceInUseException`: another host serves the WorkSpace.
+    ResourceInUse,
+    /// `SnapshotStore.Unavailable`: the snapshot store could not be reached or refused.
+    SnapshotStoreUnavailable,
+    /// `SnapshotStore.Corrupted`: a manifest or chunk failed its BLAKE3 check or is missing.
+    SnapshotCorrupted,
 }
 
 impl ApiErrorCode {
@@ -73,6 +79,9 @@ impl ApiErrorCode {
             Self::KmsDisabled => "KMS.DisabledException",
             Self::KmsInvalidState => "KMS.KMSInvalidStateException",
             Self::KmsInvalidKeyUsage => "KMS.InvalidKeyUsageException",
+            Self::ResourceInUse => "ResourceInUseException",
+            Self::SnapshotStoreUnavailable => "SnapshotStore.Unavailable",
+            Self::SnapshotCorrupted => "SnapshotStore.Corrupted",
             Self::Kms(code) => return format!("KMS.{code}").into(),
         };
         s.into()

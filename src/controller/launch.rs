@@ -294,6 +294,9 @@ impl Controller {
         key: Option<(&VolumeKey, KmsToken)>,
         bundle: Option<&Bundle>,
     ) -> Result<(), ControllerError> {
+        // The file is rewritten behind any agent's back: changes since the last snapshot
+        // are unknown from here on.
+        let _ = std::fs::remove_file(crate::snapshot::dirty::DirtyMap::path_for(&v.path));
         let size = v.size_gib * GIB;
         let encryption = key.as_ref().map(|(k, t)| Encryption {
             key: k,

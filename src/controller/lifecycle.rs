@@ -1,7 +1,11 @@
 //! Lifecycle verbs over a batch of WorkSpaces: reboot, stop, start, terminate, rebuild,
 //! restore; and the refusal to change encryption after launch.
 
+use std::path::Path;
+
 use crate::luks2::KmsToken;
+use crate::snapshot::manifest::Manifest;
+use crate::snapshot::store::SnapshotStore;
 use crate::volume;
 
 use super::agent::{self, AgentPaths};
@@ -11,9 +15,10 @@ use super::binding::{check_key_usable, ebs_grant};
 use super::error::{ApiError, ApiErrorCode, ControllerError, api};
 use super::ids;
 use super::kind::VolumeKind;
-use super::registry::{Snapshot, User, Volume, Workspace};
+use super::registry::{User, Volume, Workspace};
+use super::snapshots::check_owner;
 use super::state::{Event, IllegalTransition, WorkspaceState};
-use super::workspaces::{Controller, copy_sparse};
+use super::workspaces::Controller;
 
 impl Controller {
     /// Runs `op` for each id with per-item failures (at most 25 ids).
@@ -181,13 +186,26 @@ impl Controller {
                 .user(&w.directory_id, &w.user_name)
                 .map_err(ApiError::internal)?
                 .ok_or_else(|| ApiError::new(ApiErrorCode::UserNotFound, w.user_name.clone()))?;
-            w.state = next;
-            c.reg.update_workspace(w).map_err(ApiError::internal)?;
-            agent::stop(&AgentPaths::new(&c.cfg.state_dir, &w.workspace_id));
             let vols = c
                 .reg
                 .volumes(Some(&w.workspace_id))
                 .map_err(ApiError::internal)?;
+            // The user volume comes from its latest snapshot, fetched before anything
+            // changes: a store failure leaves the WorkSpace as it was.
+            let store = c.snapshot_store()?;
+            let staged = match (
+                c.latest_snapshot(store.as_ref(), w, &user, VolumeKind::User)?,
+                vols.iter().find(|v| v.kind == VolumeKind::User),
+            ) {
+                (Some(m), Some(old)) => {
+                    let mut staged = c.stage(store.as_ref(), &[(old.clone(), m)])?;
+                    staged.pop()
+                }
+                _ => None,
+            };
+            w.state = next;
+            c.reg.update_workspace(w).map_err(ApiError::internal)?;
+            agent::stop(&AgentPaths::new(&c.cfg.state_dir, &w.workspace_id));
             for v in vols {
                 if v.kind == VolumeKind::Root {
                     let key = if v.encrypted {
@@ -200,13 +218,10 @@ impl Controller {
                     };
                     c.make_volume(&v, key.as_ref().map(|(k, t)| (k, t.clone())), Some(&bundle))
                         .map_err(ApiError::internal)?;
-                } else if let Some(snap) = c
-                    .latest_snapshot(&w.workspace_id, VolumeKind::User)
-                    .map_err(ApiError::internal)?
-                    && snap.volume_id == v.volume_id
-                {
-                    copy_sparse(&snap.path, &v.path).map_err(ApiError::internal)?;
                 }
+            }
+            if let Some((old, new_id, m)) = staged {
+                c.restore_volume(w, &user, &old, &new_id, &m)?;
             }
             c.bring_up(w)
         })
@@ -222,93 +237,138 @@ impl Controller {
         self.batch(&[workspace_id.to_string()], |c, w| {
             let next = Self::transition(w, Event::Restore)?;
             c.require_usable_key(w, "restore")?;
+            let user = c.reg.user(&w.directory_id, &w.user_name).map_err(ApiError::internal)?.ok_or_else(|| ApiError::new(ApiErrorCode::UserNotFound, w.user_name.clone()))?;
+            let store = c.snapshot_store()?;
+            let (root, home) = c
+                .latest_restore_point(store.as_ref(), &w.workspace_id)?
+                .ok_or_else(|| ApiError::new(ApiErrorCode::InvalidResourceState, format!("WorkSpace {} has no snapshot of both volumes to restore from (create-snapshot first)", w.workspace_id)))?;
+            check_owner(&root, w, &user)?;
+            check_owner(&home, w, &user)?;
             let vols = c.reg.volumes(Some(&w.workspace_id)).map_err(ApiError::internal)?;
             let mut plan = Vec::new();
-            for v in &vols {
-                let snap = c
-                    .latest_snapshot(&w.workspace_id, v.kind)
-                    .map_err(ApiError::internal)?
-                    .ok_or_else(|| ApiError::new(ApiErrorCode::InvalidResourceState, format!("no snapshot of the {} volume to restore from (create-snapshot first)", v.kind)))?;
-                plan.push((v.clone(), snap));
+            for (kind, m) in [(VolumeKind::Root, root), (VolumeKind::User, home)] {
+                let old = vols.iter().find(|v| v.kind == kind).ok_or_else(|| ApiError::internal(format!("WorkSpace {} has no {kind} volume", w.workspace_id)))?;
+                plan.push((old.clone(), m));
             }
-            let user = c.reg.user(&w.directory_id, &w.user_name).map_err(ApiError::internal)?.ok_or_else(|| ApiError::new(ApiErrorCode::UserNotFound, w.user_name.clone()))?;
+            // Every volume is fetched and checked before the WorkSpace is touched.
+            let staged = c.stage(store.as_ref(), &plan)?;
             w.state = next;
             c.reg.update_workspace(w).map_err(ApiError::internal)?;
             agent::stop(&AgentPaths::new(&c.cfg.state_dir, &w.workspace_id));
-            for (old, snap) in plan {
-                c.restore_volume(w, &user, &old, &snap)?;
+            for (old, new_id, m) in staged {
+                c.restore_volume(w, &user, &old, &new_id, &m)?;
             }
             c.bring_up(w)
         })
     }
 
+    /// Fetches each snapshot into the file of a new volume id. All or nothing: on any
+    /// failure the files fetched so far are removed.
+    pub(super) fn stage(
+        &self,
+        store: &dyn SnapshotStore,
+        plan: &[(Volume, Manifest)],
+    ) -> Result<Vec<(Volume, String, Manifest)>, ApiError> {
+        let mut staged: Vec<(Volume, String, Manifest)> = Vec::new();
+        for (old, m) in plan {
+            let volume_id = ids::volume_id();
+            if let Err(e) = self.fetch_volume(store, m, &self.volume_path(&volume_id)) {
+                for (_, id, _) in &staged {
+                    let path = self.volume_path(id);
+                    let _ = std::fs::remove_file(crate::snapshot::dirty::DirtyMap::path_for(&path));
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(e);
+            }
+            staged.push((old.clone(), volume_id, m.clone()));
+        }
+        Ok(staged)
+    }
+
+    /// Makes the fetched file of `volume_id` the WorkSpace's volume in place of `old`: an
+    /// encrypted blob is re-encrypted from the snapshot's context to the new volume's
+    /// (ReEncrypt under a new EBS grant, as EBS does), the old volume's grant retired.
     pub(super) fn restore_volume(
         &self,
         w: &Workspace,
         user: &User,
         old: &Volume,
-        snap: &Snapshot,
+        volume_id: &str,
+        snap: &Manifest,
     ) -> Result<(), ApiError> {
-        let volume_id = ids::volume_id();
-        let path = self.volume_path(&volume_id);
-        copy_sparse(&snap.path, &path).map_err(ApiError::internal)?;
+        let path = self.volume_path(volume_id);
         let mut row = Volume {
-            volume_id: volume_id.clone(),
+            volume_id: volume_id.to_string(),
             path: path.clone(),
             grant_id: None,
             ..old.clone()
         };
-        if old.encrypted {
-            let old_key = old.key_arn.as_deref().ok_or_else(|| {
-                ApiError::internal(format!(
-                    "volume {} is encrypted but has no KMS key",
-                    old.volume_id
-                ))
+        if snap.encrypted {
+            let token = snap.kms.clone().ok_or_else(|| {
+                ApiError::internal(format!("snapshot {} has no KMS token", snap.own_key()))
             })?;
-            let service = self.service().map_err(ApiError::internal)?;
-            let ebs = self.ebs().map_err(ApiError::internal)?;
-            let new_ctx = volume_context(&user.sid, &w.directory_id, &volume_id);
-            let old_ctx = volume_context(&user.sid, &w.directory_id, &old.volume_id);
-            let grant = service
-                .create_grant(&ebs_grant(old_key, &new_ctx, &volume_id))
-                .map_err(|e| ApiError::from_kms(&e))?;
-            row.grant_id = Some(grant.grant_id.clone());
-            let mut header = volume::read_header(&path).map_err(ApiError::internal)?;
-            let token = header.kms_token().cloned().ok_or_else(|| {
-                ApiError::internal(format!("snapshot {} has no KMS token", snap.snapshot_id))
-            })?;
-            let (blob, arn) = ebs
-                .re_encrypt(
-                    &token.ciphertext_blob,
-                    &old_ctx,
-                    old_key,
-                    &new_ctx,
-                    &[grant.grant_token],
-                )
-                .map_err(|e| ApiError::from_kms(&e))?;
-            header.set_kms_token(KmsToken {
-                key_arn: if arn.is_empty() {
-                    old_key.to_string()
-                } else {
-                    arn
-                },
-                ciphertext_blob: blob,
-                encryption_context: new_ctx,
-                volume_id: volume_id.clone(),
-                ..token
-            });
-            let backing = crate::backing::FileBacking::open(&path).map_err(ApiError::internal)?;
-            header.write(&backing).map_err(ApiError::internal)?;
-            if let Some(grant) = old.grant_id.as_deref() {
-                let _ = service.retire_grant(old_key, grant);
-            }
+            row.grant_id = Some(self.rebind(w, user, &path, volume_id, token)?);
+            row.key_arn = w.key_arn.clone().or_else(|| old.key_arn.clone());
         }
         self.reg.put_volume(&row).map_err(ApiError::internal)?;
-        self.reg
-            .delete_volume(&old.volume_id)
-            .map_err(ApiError::internal)?;
-        let _ = std::fs::remove_file(&old.path);
+        // An imported volume's predecessor lives on another host: nothing of it is here.
+        if old.volume_id != volume_id && !old.path.as_os_str().is_empty() {
+            if let (Some(key), Some(grant)) = (old.key_arn.as_deref(), old.grant_id.as_deref())
+                && let Ok(service) = self.service()
+            {
+                let _ = service.retire_grant(key, grant);
+            }
+            self.reg
+                .delete_volume(&old.volume_id)
+                .map_err(ApiError::internal)?;
+            let _ = std::fs::remove_file(crate::snapshot::dirty::DirtyMap::path_for(&old.path));
+            let _ = std::fs::remove_file(&old.path);
+        }
         Ok(())
+    }
+
+    /// Re-binds the data key in the header of `path` (from a snapshot) to `volume_id`'s
+    /// context under a new EBS grant; returns the grant id.
+    pub(super) fn rebind(
+        &self,
+        w: &Workspace,
+        user: &User,
+        path: &Path,
+        volume_id: &str,
+        token: KmsToken,
+    ) -> Result<String, ApiError> {
+        let key = token.key_arn.clone();
+        let service = self.service().map_err(ApiError::internal)?;
+        let ebs = self.ebs().map_err(ApiError::internal)?;
+        let new_ctx = volume_context(&user.sid, &w.directory_id, volume_id);
+        let grant = service
+            .create_grant(&ebs_grant(&key, &new_ctx, volume_id))
+            .map_err(|e| ApiError::from_kms(&e))?;
+        let rebound = ebs
+            .re_encrypt(
+                &token.ciphertext_blob,
+                &token.encryption_context,
+                &key,
+                &new_ctx,
+                std::slice::from_ref(&grant.grant_token),
+            )
+            .map_err(|e| {
+                let _ = service.retire_grant(&key, &grant.grant_id);
+                ApiError::from_kms(&e)
+            })?;
+        let (blob, arn) = rebound;
+        let mut header = volume::read_header(path).map_err(ApiError::internal)?;
+        header.set_kms_token(KmsToken {
+            key_arn: if arn.is_empty() { key } else { arn },
+            ciphertext_blob: blob,
+            encryption_context: new_ctx,
+            volume_id: volume_id.to_string(),
+            workspace_id: w.workspace_id.clone(),
+            ..token
+        });
+        let backing = crate::backing::FileBacking::open(path).map_err(ApiError::internal)?;
+        header.write(&backing).map_err(ApiError::internal)?;
+        Ok(grant.grant_id)
     }
 
     /// `modify-workspace-properties` for encryption: refused (encryption is chosen at launch).

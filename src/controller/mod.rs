@@ -20,9 +20,11 @@ mod lifecycle;
 pub mod recovery;
 pub mod registry;
 mod rewrap;
+mod import;
+pub mod schedule;
 mod snapshots;
 pub mod state;
 pub mod workspaces;
 
 pub use error::ControllerError;
-pub use workspaces::{Controller, ControllerConfig};
+pub use workspaces::{Controller, ControllerConfig, SnapshotConfig};

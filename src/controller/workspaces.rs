@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::kms::{FORWARDING_SERVICE, ForwardAccessToken, KeyInfo, KmsClient, KmsTarget};
+use crate::snapshot::store::StoreUrl;
 use crate::volume;
 
 use super::agent::{self, AgentPaths};
@@ -27,6 +28,43 @@ pub struct ControllerConfig {
     /// Region and endpoint overrides (`--region`, `--endpoint-url`) for every KMS client
     /// the controller builds and every agent it starts.
     pub kms: KmsTarget,
+    /// The snapshot store and schedule.
+    pub snapshots: SnapshotConfig,
+}
+
+/// Where snapshots go and how often they are taken (DESIGN §11).
+#[derive(Debug, Clone)]
+pub struct SnapshotConfig {
+    /// The store.
+    pub store: StoreUrl,
+    /// AWS profile for an `s3://` store.
+    pub store_profile: String,
+    /// Automatic snapshot interval (zero: none).
+    pub interval: std::time::Duration,
+    /// Snapshots kept per volume.
+    pub keep: usize,
+    /// Unreferenced chunks younger than this survive garbage collection.
+    pub gc_grace: std::time::Duration,
+}
+
+impl SnapshotConfig {
+    /// The command-line options that reproduce this configuration (for the agent and
+    /// the automatic snapshots it starts).
+    #[must_use]
+    pub fn args(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "--snapshot-store".into(),
+            self.store.to_string().into(),
+            "--snapshot-store-profile".into(),
+            self.store_profile.clone().into(),
+            "--snapshot-interval".into(),
+            self.interval.as_secs().to_string().into(),
+            "--snapshot-retention".into(),
+            self.keep.to_string().into(),
+            "--snapshot-gc-grace".into(),
+            self.gc_grace.as_secs().to_string().into(),
+        ]
+    }
 }
 
 /// The controller.
@@ -214,6 +252,7 @@ impl Controller {
         if let Some(u) = &self.cfg.kms.endpoint_url {
             args.extend(["--endpoint-url".into(), u.into()]);
         }
+        args.extend(self.cfg.snapshots.args());
         crate::agent::spawn_agent(&args, Some(&paths.log))
             .map(|_| ())
             .map_err(|e| e.to_string())
@@ -241,9 +280,8 @@ impl Controller {
             let _ = std::fs::remove_file(&v.path);
             let _ = self.reg.delete_volume(&v.volume_id);
         }
-        for s in self.reg.snapshots(&ws.workspace_id).unwrap_or_default() {
-            let _ = std::fs::remove_file(&s.path);
-        }
+        // The store's snapshots stay: they belong to the service, another host may import
+        // the WorkSpace from them, and retention collects them. Only this host's rows go.
         let _ = self.reg.delete_snapshots(&ws.workspace_id);
         let _ = std::fs::remove_dir(&paths.mnt_dir);
         let _ = std::fs::remove_dir(&paths.fuse_dir);
@@ -339,8 +377,16 @@ impl Controller {
         workspace_id: &str,
         ebs_profile: &str,
         kms: &crate::kms::KmsTarget,
+        schedule: Option<super::schedule::Schedule>,
         on_ready: impl FnOnce(Result<(), String>) + Send + 'static,
     ) -> Result<(), ControllerError> {
+        let ws = workspace_id.to_string();
+        let on_ready = move |r: Result<(), String>| {
+            if let (Ok(()), Some(s)) = (&r, schedule) {
+                s.spawn(ws);
+            }
+            on_ready(r);
+        };
         agent::run(state_dir, workspace_id, ebs_profile, kms, on_ready)
             .map_err(|e| ControllerError::Agent(Box::new(e)))
     }
