@@ -52,6 +52,9 @@ def parse(argv):
     a.kms_duration = 1 if q else 4
     a.kms_warmup = 0 if q else 1
     a.rekey_size_gib = 1
+    a.snapshot_size_gib = 1 if q else 10
+    a.snapshot_change_mib = 128 if q else 1024
+    a.snapshot_seed_mib = 128 if q else 2048
     # Quick mode is a smoke test: the slow sections (1 GiB rekeys, re-attaching for each
     # thread count) run once, and the RSS-vs-size check only reads (writes make detach flush).
     a.rekey_reps = 1 if q else a.reps
@@ -60,6 +63,8 @@ def parse(argv):
     a.only = [s for s in a.only.split(",") if s]
     if q and a.only_default:
         a.only.remove("rekey")  # two 1 GiB re-encryptions do not fit in quick's 3 minutes
+    if a.only_default:
+        a.only.remove("snapshots")  # needs Garage and a WorkSpace: ask for it with --only snapshots
     bad = set(a.only) - set(suite.SECTIONS)
     if bad:
         ap.error(f"unknown sections: {bad}")

@@ -214,6 +214,29 @@ def markdown(res, png_name="report.png"):
             w(f"| longest single I/O during rekey, ms | {_cell(o['during_max_latency_ms'], 1)} |")
             w("")
 
+    sn = res.get("snapshots")
+    if sn:
+        r = sn["ratios"]
+        w("## Snapshots into S3 (Garage, one node on loopback; `scripts/bench --only snapshots`)\n")
+        w(f"An encrypted WorkSpace with a {sn['volume_gib']} GiB user volume: a first snapshot, then "
+          f"{sn['written_mib']:.0f} MiB of random 4 KiB writes (every block of a new file once, in random "
+          "order), then a second snapshot. The yardstick is `aws s3 cp` of the whole volume file to and "
+          "from the same bucket in the same run. One run each.\n")
+        w("| figure | value | target |\n|---|---|---|")
+        w(f"| first snapshot, s (MiB uploaded) | {sn['first']['seconds']:.1f} ({sn['first']['bytes_uploaded'] / 2**20:.0f}) | |")
+        w(f"| second snapshot, s | {sn['second']['seconds']:.1f} | |")
+        w(f"| second: MiB uploaded / MiB in changed chunks | {sn['second']['bytes_uploaded'] / 2**20:.0f} / "
+          f"{sn['second']['changed_chunk_bytes'] / 2**20:.0f} = {r['uploaded_over_changed']:.2f} | <= 1.1 |")
+        w(f"| `aws s3 cp` up of the {sn['volume_file_bytes'] / 2**30:.0f} GiB file, s | {sn['aws_s3_cp_up_seconds']:.1f} | |")
+        w(f"| second snapshot speed-up vs `aws s3 cp` up | {r['second_snapshot_speedup_vs_cp']:.1f}x | >= 5x |")
+        w(f"| restore-workspace, MB/s of chunks (s) | {r['restore_mb_s']:.0f} ({sn['restore']['seconds']:.1f}) | |")
+        w(f"| `aws s3 cp` down, MB/s | {r['cp_down_mb_s']:.0f} | |")
+        w(f"| restore / `aws s3 cp` down | {r['restore_over_cp_down']:.2f} | >= 1 |")
+        w(f"| foreground 4 KiB randwrite QD16 IOPS alone | {_cell(sn['fg_iops_alone'])} | |")
+        w(f"| ... while a snapshot uploads | {_cell(sn['fg_iops_during_snapshot'])} | |")
+        w(f"| during / alone | {r['fg_iops_during_over_alone']:.2f} | >= 0.9 |")
+        w("")
+
     s = res.get("scaling", {})
     if s:
         w("## Scaling\n")

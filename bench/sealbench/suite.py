@@ -4,11 +4,11 @@ import os
 import tempfile
 import time
 
-from . import fio, peers
+from . import fio, peers, snapshots
 from .targets import LoopExt4, QsdLuks, RawFile, SealvolVolume
 from .util import Cleanup, machine_facts, rotated, summary
 
-SECTIONS = ("cipher", "fio", "metrics", "scaling", "rss", "kms", "rekey")
+SECTIONS = ("cipher", "fio", "metrics", "scaling", "rss", "kms", "rekey", "snapshots")
 
 TARGET_LABELS = {
     "raw": "raw backing file (host fs, O_DIRECT)",
@@ -219,6 +219,7 @@ def run(a, log):
             "kms": lambda: res.__setitem__("kms", peers.kms(a.kms_daemon, a.kms_load, a.moto_server, work, cl, a.reps,
                                                             a.kms_duration, a.kms_warmup, log)),
             "rekey": lambda: res.__setitem__("rekey", peers.rekey(a.sealvol, work, a.rekey_reps, a.rekey_size_gib, log)),
+            "snapshots": lambda: res.__setitem__("snapshots", snapshots.run(a, work, cl, log)),
         }
         for name in a.only:
             t0 = time.monotonic()

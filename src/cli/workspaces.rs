@@ -28,6 +28,17 @@ fn with_fill_bar(mut c: Controller) -> (Controller, Arc<ByteBar>) {
     (c, bar)
 }
 
+/// A controller whose snapshot uploads and fetches draw a bar on a terminal.
+fn with_snapshot_bar(mut c: Controller, what: &str) -> (Controller, Arc<ByteBar>) {
+    let bar = Arc::new(ByteBar::new(
+        "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+    ));
+    bar.message(what);
+    let drawn = Arc::clone(&bar);
+    c.on_snapshot_progress(Box::new(move |done, total| drawn.update(done, total)));
+    (c, bar)
+}
+
 /// `rekey-volume --workspace-id`: new data keys from the KMS for a WorkSpace's volumes.
 ///
 /// # Errors
@@ -506,16 +517,19 @@ pub fn run(cmd: WorkspaceCmd, global: &GlobalOptions) -> Result<(), CliError> {
             print_batch("terminate-workspaces", &r, output)?;
         }
         WorkspaceCmd::RestoreWorkspace { workspace_id } => {
-            let r = global.controller()?.restore(&workspace_id)?;
-            print_batch("restore-workspace", &r, output)?;
+            let (c, bar) = with_snapshot_bar(global.controller()?, "fetching and verifying chunks");
+            let r = c.restore(&workspace_id);
+            bar.finish();
+            print_batch("restore-workspace", &r?, output)?;
         }
         WorkspaceCmd::CreateSnapshot {
             workspace_id,
             automatic,
         } => {
-            let snaps = global
-                .controller()?
-                .create_snapshot(&workspace_id, automatic)?;
+            let (c, bar) = with_snapshot_bar(global.controller()?, "reading and uploading changed chunks");
+            let snaps = c.create_snapshot(&workspace_id, automatic);
+            bar.finish();
+            let snaps = snaps?;
             emit(output, &serde_json::json!({ "Snapshots": snaps }), || {
                 for s in &snaps {
                     println!(
@@ -542,7 +556,10 @@ pub fn run(cmd: WorkspaceCmd, global: &GlobalOptions) -> Result<(), CliError> {
             print_json(&v);
         }
         WorkspaceCmd::ImportWorkspace { workspace_id } => {
-            let view = global.controller()?.import_workspace(&workspace_id)?;
+            let (c, bar) = with_snapshot_bar(global.controller()?, "fetching and verifying chunks");
+            let view = c.import_workspace(&workspace_id);
+            bar.finish();
+            let view = view?;
             print_json(&serde_json::json!({ "Workspace": view }));
         }
         WorkspaceCmd::CreateWorkspaceImage {

@@ -322,8 +322,14 @@ impl Controller {
             changed: changed.as_deref(),
             always,
         };
+        let progress = self.snapshot_progress.as_deref();
+        let report = move |done: u64, total: u64| {
+            if let Some(p) = progress {
+                p(done * CHUNK_BYTES, total * CHUNK_BYTES);
+            }
+        };
         let (chunks, stats) =
-            upload::upload(store, source.chunks(), &plan, &|_, _| {}).map_err(ApiError::from)?;
+            upload::upload(store, source.chunks(), &plan, &report).map_err(ApiError::from)?;
         let file_size = source.chunks().file_size();
         Ok((
             Manifest {
@@ -416,7 +422,14 @@ impl Controller {
         m: &Manifest,
         dest: &Path,
     ) -> Result<(), ApiError> {
-        download::download(store, m, dest, &|_, _| {})?;
+        let progress = self.snapshot_progress.as_deref();
+        let chunk = m.chunk_bytes;
+        let report = move |done: u64, total: u64| {
+            if let Some(p) = progress {
+                p(done * chunk, total * chunk);
+            }
+        };
+        download::download(store, m, dest, &report)?;
         DirtyMap::reset(dest, m.chunks.len() as u64, &m.own_key()).map_err(ApiError::internal)
     }
 

@@ -73,6 +73,8 @@ pub struct Controller {
     pub(super) reg: Registry,
     /// Told (bytes done, total) while a root volume is filled from its bundle.
     pub(super) fill_progress: Option<FillProgress>,
+    /// Told (bytes done, total) while a snapshot is read and uploaded, or fetched.
+    pub(super) snapshot_progress: Option<FillProgress>,
 }
 
 /// A callback told (bytes done, total bytes) while a root volume is filled from its
@@ -127,12 +129,18 @@ impl Controller {
             cfg,
             reg,
             fill_progress: None,
+            snapshot_progress: None,
         })
     }
 
     /// Reports the progress of filling root volumes from bundles (launch, rebuild) to `f`.
     pub fn on_fill_progress(&mut self, f: FillProgress) {
         self.fill_progress = Some(f);
+    }
+
+    /// Reports the progress of snapshot uploads and fetches (bytes of chunks) to `f`.
+    pub fn on_snapshot_progress(&mut self, f: FillProgress) {
+        self.snapshot_progress = Some(f);
     }
 
     /// The registry.
