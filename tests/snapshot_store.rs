@@ -1,0 +1,221 @@
+//! The S3 snapshot store against a real S3-compatible server: a single-node Garage on
+//! loopback started by each test (tests/support/garage.rs). Without garage installed these
+//! tests skip, saying so, outside CI; under CI=true they fail.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use sealvol::snapshot::store::{self, S3Settings, SnapshotStore, StoreError, StoreUrl};
+
+#[path = "support/garage.rs"]
+mod garage;
+
+use garage::Garage;
+
+fn settings(
+    config: std::path::PathBuf,
+    credentials: std::path::PathBuf,
+    profile: &str,
+) -> S3Settings {
+    S3Settings {
+        profile: Some(profile.to_owned()),
+        config_file: Some(config),
+        credentials_file: Some(credentials),
+    }
+}
+
+/// Opens `url` on `g` with a correct profile.
+fn open(g: &Garage, url: &str) -> Box<dyn SnapshotStore> {
+    let (config, creds) = g.write_profile("store", &g.endpoint, &g.secret_key);
+    let url: StoreUrl = url.parse().expect("url");
+    store::open_with(&url, &settings(config, creds, "store"))
+        .unwrap_or_else(|e| panic!("open {url}: {e}\ngarage log:\n{}", g.log()))
+}
+
+#[test]
+fn s3_store_puts_gets_lists_past_one_page_and_deletes() {
+    let Some(g) = Garage::start_or_skip("s3_store_puts_gets_lists_past_one_page_and_deletes")
+    else {
+        return;
+    };
+    let s = open(&g, &format!("s3://{}/site-a", g.bucket));
+    assert!(
+        s.describe().starts_with("s3://snapshots/site-a"),
+        "{}",
+        s.describe()
+    );
+    assert!(s.describe().contains(&g.endpoint), "{}", s.describe());
+
+    // Round trip, overwrite, exists, NotFound.
+    assert!(!s.exists("workspaces/ws-1/user/t.json").expect("exists"));
+    match s.get("workspaces/ws-1/user/t.json") {
+        Err(StoreError::NotFound { key }) => assert_eq!(key, "workspaces/ws-1/user/t.json"),
+        other => panic!("{other:?}"),
+    }
+    s.put("workspaces/ws-1/user/t.json", b"{\"v\":1}")
+        .expect("put");
+    s.put("workspaces/ws-1/user/t.json", b"{\"v\":2}")
+        .expect("overwrite");
+    assert!(s.exists("workspaces/ws-1/user/t.json").expect("exists"));
+    assert_eq!(
+        s.get("workspaces/ws-1/user/t.json").expect("get"),
+        b"{\"v\":2}"
+    );
+    let big: Vec<u8> = (0..512 * 1024u32).map(|i| (i % 251) as u8).collect();
+    s.put("chunks/big", &big).expect("put a whole chunk");
+    assert_eq!(s.get("chunks/big").expect("get"), big);
+
+    // More keys than one ListObjectsV2 page (1000), written from 16 threads at once.
+    let keys: Vec<String> = (0..1100).map(|i| format!("chunks/{i:05x}")).collect();
+    std::thread::scope(|scope| {
+        for part in keys.chunks(keys.len().div_ceil(16)) {
+            let s = &s;
+            scope.spawn(move || {
+                for k in part {
+                    s.put(k, k.as_bytes()).expect("put");
+                }
+            });
+        }
+    });
+    let listed = s.list("chunks/").expect("list");
+    let mut want: Vec<String> = keys.clone();
+    want.push("chunks/big".into());
+    want.sort();
+    assert_eq!(
+        listed.iter().map(|o| o.key.clone()).collect::<Vec<_>>(),
+        want
+    );
+    assert!(
+        listed
+            .iter()
+            .filter(|o| o.key != "chunks/big")
+            .all(|o| o.size == o.key.len() as u64)
+    );
+    assert_eq!(s.list("chunks/big").expect("list")[0].size, 512 * 1024);
+    assert_eq!(s.list("").expect("list all").len(), want.len() + 1);
+    assert_eq!(s.list("workspaces/").expect("list").len(), 1);
+
+    // The prefix isolates: the bucket's root sees the keys under site-a/, another prefix
+    // sees none of them.
+    let root = open(&g, &format!("s3://{}", g.bucket));
+    assert!(root.exists("site-a/chunks/00000").expect("exists"));
+    let other = open(&g, &format!("s3://{}/site-b", g.bucket));
+    assert!(other.list("").expect("list").is_empty());
+
+    // Delete is idempotent.
+    s.delete("chunks/00000").expect("delete");
+    s.delete("chunks/00000").expect("delete again");
+    assert!(!s.exists("chunks/00000").expect("exists"));
+    assert!(matches!(
+        s.get("chunks/00000"),
+        Err(StoreError::NotFound { .. })
+    ));
+    let after: BTreeSet<String> = s
+        .list("chunks/")
+        .expect("list")
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(after.len(), want.len() - 1);
+
+    // Bad keys never reach the server.
+    assert!(matches!(
+        s.put("../escape", b"x"),
+        Err(StoreError::BadKey { .. })
+    ));
+}
+
+#[test]
+fn an_unreachable_endpoint_fails_open_quickly() {
+    // Nothing listens on this port: no Garage is needed.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dead = format!("http://127.0.0.1:{}", garage::free_port());
+    let config = dir.path().join("config");
+    let creds = dir.path().join("credentials");
+    std::fs::write(
+        &config,
+        format!("[profile dead]\nregion = garage\nendpoint_url = {dead}\n"),
+    )
+    .expect("config");
+    std::fs::write(
+        &creds,
+        "[dead]\naws_access_key_id = GK000000000000000000000000\naws_secret_access_key = 00\n",
+    )
+    .expect("credentials");
+    let url: StoreUrl = "s3://snapshots/p".parse().expect("url");
+    let started = Instant::now();
+    let Err(e) = store::open_with(&url, &settings(config, creds, "dead")) else {
+        panic!("opened a store at {dead}, where nothing listens");
+    };
+    let took = started.elapsed();
+    match &e {
+        StoreError::Unreachable { store, .. } => assert!(store.contains(&dead), "{store}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(took < Duration::from_secs(10), "took {took:?}: {e}");
+    let msg = e.to_string();
+    assert!(msg.contains("AWS_ENDPOINT_URL_S3"), "{msg}");
+}
+
+#[test]
+fn a_wrong_bucket_is_no_such_bucket() {
+    let Some(g) = Garage::start_or_skip("a_wrong_bucket_is_no_such_bucket") else {
+        return;
+    };
+    let (config, creds) = g.write_profile("store", &g.endpoint, &g.secret_key);
+    let url: StoreUrl = "s3://no-such-bucket/p".parse().expect("url");
+    match store::open_with(&url, &settings(config, creds, "store")) {
+        Err(StoreError::NoSuchBucket { bucket }) => assert_eq!(bucket, "no-such-bucket"),
+        Err(other) => panic!("{other:?}"),
+        Ok(s) => panic!("opened {}", s.describe()),
+    }
+}
+
+#[test]
+fn a_bucket_the_key_may_not_use_is_access_denied() {
+    let Some(g) = Garage::start_or_skip("a_bucket_the_key_may_not_use_is_access_denied") else {
+        return;
+    };
+    g.create_bucket("someone-else");
+    let (config, creds) = g.write_profile("store", &g.endpoint, &g.secret_key);
+    let url: StoreUrl = "s3://someone-else".parse().expect("url");
+    match store::open_with(&url, &settings(config, creds, "store")) {
+        Err(StoreError::AccessDenied { detail, .. }) => assert!(detail.contains("403"), "{detail}"),
+        Err(other) => panic!("{other:?}"),
+        Ok(s) => panic!("opened {}", s.describe()),
+    }
+}
+
+#[test]
+fn a_wrong_secret_is_access_denied() {
+    let Some(g) = Garage::start_or_skip("a_wrong_secret_is_access_denied") else {
+        return;
+    };
+    let wrong = "f".repeat(64);
+    let (config, creds) = g.write_profile("wrong", &g.endpoint, &wrong);
+    let url: StoreUrl = format!("s3://{}/p", g.bucket).parse().expect("url");
+    match store::open_with(&url, &settings(config, creds, "wrong")) {
+        Err(e @ StoreError::AccessDenied { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("--snapshot-store-profile"), "{msg}");
+            assert!(
+                !msg.contains(&wrong),
+                "the secret must never be printed: {msg}"
+            );
+        }
+        Err(other) => panic!("{other:?}"),
+        Ok(s) => panic!("opened {}", s.describe()),
+    }
+}
+
+#[test]
+fn a_file_url_opens_a_file_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url: StoreUrl = format!("file://{}/snaps", dir.path().display())
+        .parse()
+        .expect("url");
+    let s = store::open(&url, None).expect("open");
+    assert_eq!(s.describe(), url.to_string());
+    s.put("chunks/aa", b"x").expect("put");
+    assert_eq!(s.get("chunks/aa").expect("get"), b"x");
+}
