@@ -219,3 +219,103 @@ fn a_file_url_opens_a_file_store() {
     s.put("chunks/aa", b"x").expect("put");
     assert_eq!(s.get("chunks/aa").expect("get"), b"x");
 }
+
+/// Runs [`open_from_the_environment_child`] in a child process with `env` (and none of the
+/// caller's AWS variables), so the standard sources are read as a real process reads them.
+fn run_child(url: &str, profile: &str, expect: &str, env: &[(&str, String)]) {
+    let mut cmd = std::process::Command::new(std::env::current_exe().expect("test binary"));
+    cmd.args([
+        "open_from_the_environment_child",
+        "--exact",
+        "--ignored",
+        "--nocapture",
+    ]);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AWS_") {
+            cmd.env_remove(k);
+        }
+    }
+    // The default chain would ask the EC2 instance metadata service (a link-local address)
+    // for credentials and region: tests talk to loopback only.
+    cmd.env("AWS_EC2_METADATA_DISABLED", "true");
+    cmd.env("SEALVOL_TEST_CHILD_URL", url)
+        .env("SEALVOL_TEST_CHILD_PROFILE", profile)
+        .env("SEALVOL_TEST_CHILD_EXPECT", expect);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run the child test");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "child failed:\n{text}");
+    assert!(
+        text.contains("1 passed"),
+        "the child test did not run:\n{text}"
+    );
+}
+
+#[test]
+fn open_reads_the_endpoint_and_profile_from_the_standard_environment() {
+    let Some(g) =
+        Garage::start_or_skip("open_reads_the_endpoint_and_profile_from_the_standard_environment")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config");
+    let creds = dir.path().join("credentials");
+    // No endpoint in the profile: AWS_ENDPOINT_URL_S3 names it. `nocreds` has no keys.
+    std::fs::write(
+        &config,
+        "[profile store]\nregion = garage\n\n[profile nocreds]\nregion = garage\n",
+    )
+    .expect("config");
+    std::fs::write(
+        &creds,
+        format!(
+            "[store]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            g.access_key, g.secret_key
+        ),
+    )
+    .expect("credentials");
+    let env = [
+        ("AWS_CONFIG_FILE", config.display().to_string()),
+        ("AWS_SHARED_CREDENTIALS_FILE", creds.display().to_string()),
+        ("AWS_ENDPOINT_URL_S3", g.endpoint.clone()),
+    ];
+    let url = format!("s3://{}/env", g.bucket);
+    run_child(&url, "store", "ok", &env);
+    run_child(&url, "nocreds", "access-denied", &env);
+}
+
+/// Not a test on its own: [`open_reads_the_endpoint_and_profile_from_the_standard_environment`]
+/// runs it in a child process with the environment it sets up, and checks it ran.
+#[test]
+#[ignore = "run by open_reads_the_endpoint_and_profile_from_the_standard_environment"]
+fn open_from_the_environment_child() {
+    let Ok(url) = std::env::var("SEALVOL_TEST_CHILD_URL") else {
+        panic!("run only by open_reads_the_endpoint_and_profile_from_the_standard_environment");
+    };
+    let profile = std::env::var("SEALVOL_TEST_CHILD_PROFILE").expect("profile");
+    let expect = std::env::var("SEALVOL_TEST_CHILD_EXPECT").expect("expectation");
+    let url: StoreUrl = url.parse().expect("url");
+    match (store::open(&url, Some(&profile)), expect.as_str()) {
+        (Ok(s), "ok") => {
+            assert!(
+                s.describe().contains("(endpoint http://127.0.0.1:"),
+                "{}",
+                s.describe()
+            );
+            s.put("chunks/env", b"from the environment").expect("put");
+            assert_eq!(s.get("chunks/env").expect("get"), b"from the environment");
+        }
+        (Err(StoreError::AccessDenied { detail, .. }), "access-denied") => {
+            assert!(detail.contains("credentials"), "{detail}");
+        }
+        (Ok(s), want) => panic!("opened {} but expected {want}", s.describe()),
+        (Err(e), want) => panic!("{e} (expected {want})"),
+    }
+}
