@@ -197,6 +197,12 @@ api_bind_addr = "127.0.0.1:{admin}"
         ]);
     }
 
+    /// SIGKILLs the server.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Creates another bucket (no key allowed on it).
     pub fn create_bucket(&self, name: &str) {
         self.cli_ok(&["bucket", "create", name]);

@@ -36,8 +36,10 @@ pub struct S3Store {
     bucket: String,
     /// The key prefix followed by '/', or empty.
     prefix: String,
-    /// `s3://bucket/prefix via <endpoint>`, for messages.
-    describe: String,
+    /// The store's URL, `s3://bucket/prefix`.
+    url: String,
+    /// The URL and the endpoint requests go to, for error messages.
+    target: String,
 }
 
 impl S3Store {
@@ -93,7 +95,7 @@ impl S3Store {
             bucket: bucket.to_owned(),
             prefix: prefix.trim_end_matches('/').to_owned(),
         };
-        let describe = match &endpoint {
+        let target = match &endpoint {
             Some(e) => format!("{url} (endpoint {e})"),
             None => url.to_string(),
         };
@@ -102,7 +104,8 @@ impl S3Store {
             client,
             bucket: bucket.to_owned(),
             prefix,
-            describe,
+            url: url.to_string(),
+            target,
         };
         store.probe()?;
         Ok(store)
@@ -163,7 +166,7 @@ impl S3Store {
                     _,
                 )
                 | (_, Some(401 | 403)) => StoreError::AccessDenied {
-                    store: self.describe.clone(),
+                    store: self.target.clone(),
                     detail: if code.is_empty() {
                         format!("{op}: HTTP 403")
                     } else {
@@ -183,7 +186,7 @@ impl S3Store {
         }
         if has_credentials_error(&e) {
             return StoreError::AccessDenied {
-                store: self.describe.clone(),
+                store: self.target.clone(),
                 detail: format!("no usable credentials: {}", DisplayErrorContext(&e)),
             };
         }
@@ -192,7 +195,7 @@ impl S3Store {
                 StoreError::Setup(format!("{op}: {}", DisplayErrorContext(&e)))
             }
             _ => StoreError::Unreachable {
-                store: self.describe.clone(),
+                store: self.target.clone(),
                 detail: format!("{op}: {}", DisplayErrorContext(&e)),
             },
         }
@@ -255,7 +258,7 @@ fn has_credentials_error(e: &(dyn std::error::Error + 'static)) -> bool {
 
 impl SnapshotStore for S3Store {
     fn describe(&self) -> String {
-        self.describe.clone()
+        self.url.clone()
     }
 
     fn put(&self, key: &str, body: &[u8]) -> Result<(), StoreError> {
@@ -288,7 +291,7 @@ impl SnapshotStore for S3Store {
             .rt
             .block_on(out.body.collect())
             .map_err(|e| StoreError::Unreachable {
-                store: self.describe.clone(),
+                store: self.target.clone(),
                 detail: format!(
                     "GetObject {key}: the body was cut off: {}",
                     DisplayErrorContext(&e)
