@@ -32,16 +32,10 @@ fn open(g: &Garage, url: &str) -> Box<dyn SnapshotStore> {
         .unwrap_or_else(|e| panic!("open {url}: {e}\ngarage log:\n{}", g.log()))
 }
 
-#[test]
-fn s3_store_puts_gets_lists_past_one_page_and_deletes() {
-    let Some(g) = Garage::start_or_skip("s3_store_puts_gets_lists_past_one_page_and_deletes")
-    else {
-        return;
-    };
-    let s = open(&g, &format!("s3://{}/site-a", g.bucket));
-    assert_eq!(s.describe(), "s3://snapshots/site-a");
-
-    // Round trip, overwrite, exists, NotFound.
+/// What every store must do, run over the file store and the S3 store alike: round trip,
+/// overwrite, NotFound, more keys than one ListObjectsV2 page (1000) written from 16 threads
+/// at once and listed sorted, idempotent delete, bad keys refused.
+fn contract(s: &dyn SnapshotStore) {
     assert!(!s.exists("workspaces/ws-1/user/t.json").expect("exists"));
     match s.get("workspaces/ws-1/user/t.json") {
         Err(StoreError::NotFound { key }) => assert_eq!(key, "workspaces/ws-1/user/t.json"),
@@ -60,11 +54,9 @@ fn s3_store_puts_gets_lists_past_one_page_and_deletes() {
     s.put("chunks/big", &big).expect("put a whole chunk");
     assert_eq!(s.get("chunks/big").expect("get"), big);
 
-    // More keys than one ListObjectsV2 page (1000), written from 16 threads at once.
     let keys: Vec<String> = (0..1100).map(|i| format!("chunks/{i:05x}")).collect();
     std::thread::scope(|scope| {
         for part in keys.chunks(keys.len().div_ceil(16)) {
-            let s = &s;
             scope.spawn(move || {
                 for k in part {
                     s.put(k, k.as_bytes()).expect("put");
@@ -77,6 +69,11 @@ fn s3_store_puts_gets_lists_past_one_page_and_deletes() {
     want.push("chunks/big".into());
     want.sort();
     assert_eq!(
+        listed.len(),
+        want.len(),
+        "list must return every key, past one page"
+    );
+    assert_eq!(
         listed.iter().map(|o| o.key.clone()).collect::<Vec<_>>(),
         want
     );
@@ -87,17 +84,11 @@ fn s3_store_puts_gets_lists_past_one_page_and_deletes() {
             .all(|o| o.size == o.key.len() as u64)
     );
     assert_eq!(s.list("chunks/big").expect("list")[0].size, 512 * 1024);
+    assert_eq!(s.list("chunks/0000").expect("list").len(), 16);
     assert_eq!(s.list("").expect("list all").len(), want.len() + 1);
     assert_eq!(s.list("workspaces/").expect("list").len(), 1);
+    assert!(s.list("nothing/").expect("list").is_empty());
 
-    // The prefix isolates: the bucket's root sees the keys under site-a/, another prefix
-    // sees none of them.
-    let root = open(&g, &format!("s3://{}", g.bucket));
-    assert!(root.exists("site-a/chunks/00000").expect("exists"));
-    let other = open(&g, &format!("s3://{}/site-b", g.bucket));
-    assert!(other.list("").expect("list").is_empty());
-
-    // Delete is idempotent.
     s.delete("chunks/00000").expect("delete");
     s.delete("chunks/00000").expect("delete again");
     assert!(!s.exists("chunks/00000").expect("exists"));
@@ -113,11 +104,41 @@ fn s3_store_puts_gets_lists_past_one_page_and_deletes() {
         .collect();
     assert_eq!(after.len(), want.len() - 1);
 
-    // Bad keys never reach the server.
-    assert!(matches!(
-        s.put("../escape", b"x"),
-        Err(StoreError::BadKey { .. })
-    ));
+    for bad in ["../escape", "/abs", "a//b", ""] {
+        assert!(
+            matches!(s.put(bad, b"x"), Err(StoreError::BadKey { .. })),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn the_file_store_keeps_the_contract() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url: StoreUrl = format!("file://{}/snaps", dir.path().display())
+        .parse()
+        .expect("url");
+    let s = store::open(&url, None).expect("open");
+    assert_eq!(s.describe(), url.to_string());
+    contract(s.as_ref());
+}
+
+#[test]
+fn the_s3_store_keeps_the_contract_against_garage() {
+    let Some(g) = Garage::start_or_skip("the_s3_store_keeps_the_contract_against_garage") else {
+        return;
+    };
+    let s = open(&g, &format!("s3://{}/site-a", g.bucket));
+    assert_eq!(s.describe(), "s3://snapshots/site-a");
+    contract(s.as_ref());
+
+    // The prefix isolates: the bucket's root sees the keys under site-a/, another prefix
+    // sees none of them.
+    let root = open(&g, &format!("s3://{}", g.bucket));
+    assert!(root.exists("site-a/chunks/00001").expect("exists"));
+    assert!(!root.exists("chunks/00001").expect("exists"));
+    let other = open(&g, &format!("s3://{}/site-b", g.bucket));
+    assert!(other.list("").expect("list").is_empty());
 }
 
 #[test]
@@ -201,18 +222,6 @@ fn a_wrong_secret_is_access_denied() {
         Err(other) => panic!("{other:?}"),
         Ok(s) => panic!("opened {}", s.describe()),
     }
-}
-
-#[test]
-fn a_file_url_opens_a_file_store() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url: StoreUrl = format!("file://{}/snaps", dir.path().display())
-        .parse()
-        .expect("url");
-    let s = store::open(&url, None).expect("open");
-    assert_eq!(s.describe(), url.to_string());
-    s.put("chunks/aa", b"x").expect("put");
-    assert_eq!(s.get("chunks/aa").expect("get"), b"x");
 }
 
 /// Runs [`open_from_the_environment_child`] in a child process with `env` (and none of the
