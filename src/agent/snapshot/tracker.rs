@@ -351,7 +351,7 @@ impl ChunkTracker {
         } else {
             frozen.fill(u64::MAX);
             if let Some(last) = frozen.last_mut()
-                && self.chunks % 64 != 0
+                && !self.chunks.is_multiple_of(64)
             {
                 *last = (1 << (self.chunks % 64)) - 1;
             }
