@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! magic "SVDIRTY\0" | version u32 | flags u32 (bit 0: in use) | chunk_bytes u64 | chunks u64
+//! | volume stamp: inode u64, size u64, mtime (ns) u64
 //! | base length u32 | base (UTF-8 manifest key; length u32::MAX: no base)
 //! | bitmap: ceil(chunks / 64) little-endian u64 words | BLAKE3 of everything before
 //! ```
@@ -12,7 +13,10 @@
 //! says *in use*, and only a clean shutdown writes the bitmap back with the flag cleared.
 //! A map that is missing, in use (the agent crashed), corrupt, relative to no snapshot, or
 //! for another chunk size or file size is untrusted: [`Changes::Unknown`], and the
-//! snapshot compares every chunk. A change is never missed; at worst a chunk is compared
+//! snapshot compares every chunk. So is a map whose volume stamp (inode, size, mtime taken
+//! when the map was written clean) no longer matches the file: something wrote the volume
+//! while no agent served it (an offline rekey, a restore in place, a header rewrap, a new
+//! volume at the same path). A change is never missed; at worst a chunk is compared
 //! for nothing. Every write goes to a temporary file that is synced and renamed over the
 //! map, so a crash leaves the old map or the new one.
 
@@ -89,6 +93,41 @@ pub struct DirtyMap {
     pub in_use: bool,
     /// The bitmap, chunk `i` at bit `i % 64` of word `i / 64`.
     pub bits: Vec<u64>,
+    /// The volume file as it was when the map was written clean.
+    pub stamp: VolumeStamp,
+}
+
+/// Identifies the state of a volume file: any write to it changes the stamp.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VolumeStamp {
+    /// Inode number.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch (as the filesystem keeps it).
+    pub mtime_ns: u64,
+}
+
+impl VolumeStamp {
+    /// The stamp of the volume file at `volume` now.
+    ///
+    /// # Errors
+    /// The file cannot be stat'ed.
+    pub fn of(volume: &Path) -> Result<Self, DirtyError> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(volume).map_err(|source| DirtyError::Io {
+            path: volume.to_path_buf(),
+            op: "stat",
+            source,
+        })?;
+        let secs = u64::try_from(m.mtime()).unwrap_or(0);
+        let nanos = u64::try_from(m.mtime_nsec()).unwrap_or(0);
+        Ok(Self {
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: secs.saturating_mul(1_000_000_000).saturating_add(nanos),
+        })
+    }
 }
 
 /// The number of [`CHUNK_BYTES`] chunks in a file of `file_size` bytes (the last one may
@@ -122,6 +161,7 @@ impl DirtyMap {
             base,
             in_use: false,
             bits: vec![0; words_for(chunks)],
+            stamp: VolumeStamp::default(),
         }
     }
 
@@ -216,13 +256,7 @@ impl DirtyMap {
     /// # Errors
     /// The map or the volume exists but cannot be read.
     pub fn load_changes(volume: &Path) -> Result<Changes, DirtyError> {
-        let size = std::fs::metadata(volume)
-            .map_err(|source| DirtyError::Io {
-                path: volume.to_path_buf(),
-                op: "stat",
-                source,
-            })?
-            .len();
+        let stamp = VolumeStamp::of(volume)?;
         let map = match Self::load(&Self::path_for(volume)) {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(Changes::Unknown),
@@ -235,13 +269,17 @@ impl DirtyMap {
             }
             Err(e) => return Err(e),
         };
-        Ok(map.trusted(chunk_count(size)))
+        Ok(map.trusted(stamp))
     }
 
-    /// The changes this map vouches for in a volume of `chunks` chunks.
+    /// The changes this map vouches for in the volume file whose stamp is now `stamp`.
     #[must_use]
-    pub fn trusted(self, chunks: u64) -> Changes {
-        if self.in_use || self.chunk_bytes != CHUNK_BYTES || self.chunks != chunks {
+    pub fn trusted(self, stamp: VolumeStamp) -> Changes {
+        if self.in_use
+            || self.chunk_bytes != CHUNK_BYTES
+            || self.chunks != chunk_count(stamp.size)
+            || self.stamp != stamp
+        {
             return Changes::Unknown;
         }
         let changed = self.changed();
@@ -261,7 +299,9 @@ impl DirtyMap {
     /// # Errors
     /// I/O failure, or a base too long.
     pub fn reset(volume: &Path, chunks: u64, base: &str) -> Result<(), DirtyError> {
-        Self::empty(chunks, Some(base.to_string())).store(&Self::path_for(volume))
+        let mut map = Self::empty(chunks, Some(base.to_string()));
+        map.stamp = VolumeStamp::of(volume)?;
+        map.store(&Self::path_for(volume))
     }
 
     fn encode(&self) -> Result<Vec<u8>, DirtyError> {
@@ -272,6 +312,9 @@ impl DirtyMap {
         out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&self.chunk_bytes.to_le_bytes());
         out.extend_from_slice(&self.chunks.to_le_bytes());
+        for v in [self.stamp.ino, self.stamp.size, self.stamp.mtime_ns] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
         match &self.base {
             Some(b) if b.len() > MAX_BASE => return Err(DirtyError::BaseTooLong(b.len())),
             Some(b) => {
@@ -314,6 +357,11 @@ impl DirtyMap {
         }
         let chunk_bytes = r.u64()?;
         let chunks = r.u64()?;
+        let stamp = VolumeStamp {
+            ino: r.u64()?,
+            size: r.u64()?,
+            mtime_ns: r.u64()?,
+        };
         let base = match r.u32()? {
             NO_BASE => None,
             len => {
@@ -345,6 +393,7 @@ impl DirtyMap {
             base,
             in_use: flags & FLAG_IN_USE != 0,
             bits,
+            stamp,
         })
     }
 }
@@ -409,8 +458,14 @@ mod tests {
     fn round_trip_keeps_every_field() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("m.dirty");
+        let mut stamped = with_bits(130, &[0, 63, 64, 129], Some("ws/user/2026.json"), false);
+        stamped.stamp = VolumeStamp {
+            ino: 1,
+            size: 2,
+            mtime_ns: 3,
+        };
         for m in [
-            with_bits(130, &[0, 63, 64, 129], Some("ws/user/2026.json"), false),
+            stamped,
             with_bits(1, &[], None, true),
             with_bits(0, &[], Some(""), false),
         ] {
@@ -423,19 +478,54 @@ mod tests {
         );
     }
 
+    /// Stores `m` as the map of `vol`, stamped with the volume as it is now.
+    fn store_for(vol: &Path, mut m: DirtyMap) {
+        m.stamp = VolumeStamp::of(vol).expect("stamp");
+        m.store(&DirtyMap::path_for(vol)).expect("store");
+    }
+
     #[test]
     fn clean_map_reports_its_chunks() {
         let dir = tempfile::tempdir().expect("tempdir");
         let vol = volume(dir.path(), 100);
-        with_bits(100, &[3, 99], Some("s1"), false)
-            .store(&DirtyMap::path_for(&vol))
-            .expect("store");
+        store_for(&vol, with_bits(100, &[3, 99], Some("s1"), false));
         assert_eq!(
             DirtyMap::load_changes(&vol).expect("changes"),
             Changes::Since {
                 base: "s1".into(),
                 chunks: vec![3, 99]
             }
+        );
+    }
+
+    #[test]
+    fn a_volume_written_since_the_map_is_unknown() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vol = volume(dir.path(), 100);
+        store_for(&vol, with_bits(100, &[3], Some("s1"), false));
+        // An offline rekey or a restore in place: mtime moves (set explicitly, as a
+        // coarse filesystem clock might not tick between the two writes).
+        let f = OpenOptions::new().write(true).open(&vol).expect("open");
+        f.write_all_at(&[1], 5 * CHUNK_BYTES).expect("write");
+        f.set_modified(std::time::SystemTime::UNIX_EPOCH)
+            .expect("set mtime");
+        assert_eq!(
+            DirtyMap::load_changes(&vol).expect("written"),
+            Changes::Unknown
+        );
+        // A new volume file at the same path.
+        store_for(&vol, with_bits(100, &[3], Some("s1"), false));
+        let stamp = VolumeStamp::of(&vol).expect("stamp");
+        std::fs::rename(&vol, dir.path().join("old.img")).expect("rename");
+        let vol = volume(dir.path(), 100);
+        let f = OpenOptions::new().write(true).open(&vol).expect("open");
+        f.set_modified(std::time::SystemTime::UNIX_EPOCH)
+            .expect("set mtime");
+        assert_ne!(VolumeStamp::of(&vol).expect("stamp").ino, stamp.ino);
+        assert_eq!(
+            DirtyMap::load_changes(&vol).expect("replaced"),
+            Changes::Unknown
         );
     }
 
@@ -448,23 +538,18 @@ mod tests {
             DirtyMap::load_changes(&vol).expect("missing"),
             Changes::Unknown
         );
-        with_bits(100, &[3], Some("s1"), true)
-            .store(&map)
-            .expect("store");
+        assert!(!map.exists(), "loading creates nothing");
+        store_for(&vol, with_bits(100, &[3], Some("s1"), true));
         assert_eq!(
             DirtyMap::load_changes(&vol).expect("in use"),
             Changes::Unknown
         );
-        with_bits(100, &[3], None, false)
-            .store(&map)
-            .expect("store");
+        store_for(&vol, with_bits(100, &[3], None, false));
         assert_eq!(
             DirtyMap::load_changes(&vol).expect("no base"),
             Changes::Unknown
         );
-        with_bits(101, &[3], Some("s1"), false)
-            .store(&map)
-            .expect("store");
+        store_for(&vol, with_bits(101, &[3], Some("s1"), false));
         assert_eq!(
             DirtyMap::load_changes(&vol).expect("resized"),
             Changes::Unknown
@@ -476,9 +561,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let vol = volume(dir.path(), 100);
         let map = DirtyMap::path_for(&vol);
-        with_bits(100, &[3], Some("s1"), false)
-            .store(&map)
-            .expect("store");
+        store_for(&vol, with_bits(100, &[3], Some("s1"), false));
         let good = std::fs::read(&map).expect("read");
         // A flipped bitmap bit, a truncation, garbage: each would hide or invent changes.
         let mut flipped = good.clone();

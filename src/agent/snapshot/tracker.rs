@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use crate::backing::{Backing, BackingError};
 use crate::device::{Device, WriteObserver};
 use crate::snapshot::CHUNK_BYTES;
-use crate::snapshot::dirty::{Changes, DirtyError, DirtyMap, chunk_count, words_for};
+use crate::snapshot::dirty::{Changes, DirtyError, DirtyMap, VolumeStamp, chunk_count, words_for};
 
 use super::Begun;
 
@@ -284,6 +284,10 @@ impl ChunkTracker {
             *m = w.load(Ordering::Relaxed);
         }
         map.in_use = in_use;
+        if !in_use {
+            // Every write is done: any later change to the file unstamps the map.
+            map.stamp = VolumeStamp::of(&self.volume)?;
+        }
         map.store(&DirtyMap::path_for(&self.volume))
     }
 
