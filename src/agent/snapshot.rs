@@ -12,8 +12,9 @@
 //! [`Begun`]); then any number of [`ControlRequest::SnapshotRead`] lines, each answered by
 //! a [`ControlReply::SnapshotChunk`] line followed by exactly `len` raw bytes (the
 //! chunk's ciphertext as it sits in the file); finally [`ControlRequest::SnapshotEnd`],
-//! answered by [`ControlReply::SnapshotEnded`]. A connection that closes before the end
-//! aborts the view: no change is lost.
+//! answered by [`ControlReply::SnapshotEnded`]. The client sends each request only once
+//! the previous answer has arrived. A connection that closes before the end aborts the
+//! view: no change is lost.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
