@@ -418,8 +418,8 @@ impl ChunkTracker {
             return Ok(());
         }
         if !bit(&view.frozen, chunk) {
-            self.backing.read_at(buf, offset)?;
-            return Ok(());
+            drop(st); // writers take their stripes before the mutex: never the reverse
+            return self.read_live(offset, buf);
         }
         let w = &self.pending[word(chunk)];
         if w.load(Ordering::Acquire) & mask(chunk) == 0 {
@@ -431,6 +431,21 @@ impl ChunkTracker {
         // Pending: any writer of this chunk waits on the mutex we hold.
         self.backing.read_at(buf, offset)?;
         w.fetch_and(!mask(chunk), Ordering::Release);
+        Ok(())
+    }
+
+    /// Reads the file at `offset` as it is now, under the stripe read locks of the data
+    /// it covers (no torn sector).
+    fn read_live(&self, offset: u64, buf: &mut [u8]) -> Result<(), ViewError> {
+        let device = self
+            .device
+            .upgrade()
+            .ok_or_else(|| ViewError::Closed(self.export.clone()))?;
+        let data_offset = device.geometry().data_offset;
+        let end = offset + buf.len() as u64;
+        let data = offset.saturating_sub(data_offset)..end.saturating_sub(data_offset);
+        let _locked = device.lock_read(&data);
+        self.backing.read_at(buf, offset)?;
         Ok(())
     }
 

@@ -294,3 +294,21 @@ fn rekey_and_view_exclude_each_other() {
         "a rekey rewrote every chunk"
     );
 }
+
+#[test]
+fn a_chunk_that_is_not_frozen_reads_live() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = VolumeKey::generate();
+    let path = volume(dir.path(), &key, 1);
+    DirtyMap::reset(&path, CHUNKS, "s0").expect("reset");
+    let (d, t) = tracked(&path, &key);
+    assert_eq!(t.begin(Some("s0")).expect("begin").changed, Some(vec![0]));
+    d.write(2 * CHUNK_BYTES, &[9; 4096]).expect("write"); // file chunk 3, not frozen
+    let now = std::fs::read(&path).expect("file now");
+    let mut buf = Vec::new();
+    t.read(3, &mut buf).expect("read");
+    assert!(buf == chunk_of_file(&now, 3), "live contents");
+    t.read(3, &mut buf)
+        .expect("again: not frozen, so not delivered");
+    t.end(None).expect("end");
+}
