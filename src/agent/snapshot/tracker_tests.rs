@@ -312,3 +312,62 @@ fn a_chunk_that_is_not_frozen_reads_live() {
         .expect("again: not frozen, so not delivered");
     t.end(None).expect("end");
 }
+
+/// Begin while writes are in flight: whatever the view delivers, every chunk it differs
+/// from the file in afterwards is one the tracker holds (no change falls between the
+/// snapshot and the next one).
+#[test]
+fn begin_under_load_misses_no_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = VolumeKey::generate();
+    let path = volume(dir.path(), &key, 1);
+    let (d, t) = tracked(&path, &key);
+    for round in 0..5u8 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let writers: Vec<_> = (0..3u64)
+            .map(|w| {
+                let (d, stop, done) = (d.clone(), stop.clone(), done.clone());
+                std::thread::spawn(move || {
+                    let mut i = w;
+                    while !stop.load(Ordering::Relaxed) {
+                        let at = (i * 7919 * 512) % (SIZE - 4096);
+                        let byte = u8::try_from((i + u64::from(round)) % 251).expect("small");
+                        if i % 5 == 0 {
+                            d.discard(at / 4096 * 4096, 4096).expect("discard");
+                        } else {
+                            d.write(at, &[byte; 4096]).expect("write");
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
+                        i += 3;
+                    }
+                })
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while done.load(Ordering::Relaxed) < 50 {
+            assert!(std::time::Instant::now() < deadline, "writers stalled");
+            std::thread::yield_now();
+        }
+        t.begin(None).expect("begin");
+        let mut view = Vec::new();
+        let mut buf = Vec::new();
+        for chunk in 0..CHUNKS {
+            t.read(chunk, &mut buf).expect("read");
+            view.push(buf.clone());
+        }
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            w.join().expect("writer");
+        }
+        t.end(Some("s")).expect("end");
+        let now = std::fs::read(&path).expect("file now");
+        let dirty = set_of(&t.dirty_chunks());
+        for (chunk, v) in (0..CHUNKS).zip(&view) {
+            assert!(
+                dirty.contains(&chunk) || v.as_slice() == chunk_of_file(&now, chunk),
+                "round {round}: chunk {chunk} changed after begin but is not tracked"
+            );
+        }
+    }
+}
