@@ -10,7 +10,7 @@
 //! with discards enabled; see the threat model.
 
 use std::ops::Range;
-use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::backing::{Backing, BackingError};
 use crate::xts::{SectorCipher, SectorSize, XtsError};
@@ -54,6 +54,26 @@ pub enum CryptStateError {
     /// The cipher refused a buffer (a bug: callers pass whole sectors).
     #[error(transparent)]
     Cipher(#[from] XtsError),
+    /// A snapshot of the device is being taken: a rekey would rewrite chunks the
+    /// snapshot still has to read.
+    #[error("a snapshot of this volume is running; start the rekey once it has finished")]
+    SnapshotRunning,
+}
+
+/// Told about every change the device makes to its backing (see
+/// [`Device::observe_writes`]): the seam between the device and snapshot change tracking
+/// ([`crate::agent::snapshot`]).
+pub trait WriteObserver: Send + Sync {
+    /// `range` (bytes of the backing, i.e. of the volume file) is about to be written or
+    /// punched. Called with the range's stripe write lock held, before the backing sees
+    /// the change. Must not fail the write: an observer that cannot keep up records its
+    /// own failure.
+    fn before_write(&self, range: Range<u64>);
+    /// A rekey is about to start rewriting every sector outside the stripe locks;
+    /// `false` refuses it.
+    fn before_rekey(&self) -> bool;
+    /// The rekey that [`WriteObserver::before_rekey`] announced finished or did not start.
+    fn after_rekey(&self);
 }
 
 /// How sectors are transformed between the backing and the caller: a closed set.
@@ -130,6 +150,8 @@ pub struct Device {
     /// stops only I/O that really touches the zone.
     fence: Mutex<Option<Range<u64>>>,
     fence_lifted: Condvar,
+    /// Told about every write and punch before it reaches the backing.
+    observer: OnceLock<Arc<dyn WriteObserver>>,
 }
 
 impl std::fmt::Debug for Device {
@@ -176,6 +198,26 @@ impl Device {
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             fence: Mutex::new(None),
             fence_lifted: Condvar::new(),
+            observer: OnceLock::new(),
+        }
+    }
+
+    /// Installs the observer told about every write and punch from now on (and asked
+    /// before a rekey starts). One per device.
+    ///
+    /// # Errors
+    /// The observer given back when the device already has one.
+    pub fn observe_writes(
+        &self,
+        observer: Arc<dyn WriteObserver>,
+    ) -> Result<(), Arc<dyn WriteObserver>> {
+        self.observer.set(observer)
+    }
+
+    fn before_write(&self, at: u64, len: u64) {
+        if let Some(o) = self.observer.get() {
+            let start = self.geo.data_offset + at;
+            o.before_write(start..start + len);
         }
     }
 
@@ -213,8 +255,13 @@ impl Device {
     /// still under the old key, so no range lock is needed).
     ///
     /// # Errors
-    /// [`CryptStateError::WrongState`] unless the device is [`Crypt::Xts`].
+    /// [`CryptStateError::WrongState`] unless the device is [`Crypt::Xts`];
+    /// [`CryptStateError::SnapshotRunning`] while the observer refuses.
     pub fn begin_rekey(&self, new: SectorCipher) -> Result<(), CryptStateError> {
+        let observer = self.observer.get();
+        if observer.is_some_and(|o| !o.before_rekey()) {
+            return Err(CryptStateError::SnapshotRunning);
+        }
         let mut crypt = self.crypt.write().expect("crypt lock is never poisoned");
         match std::mem::replace(&mut *crypt, Crypt::Plain) {
             Crypt::Xts(old) => {
@@ -226,7 +273,11 @@ impl Device {
                 Ok(())
             }
             other => {
+                let rekeying = matches!(other, Crypt::Rekeying { .. });
                 *crypt = other;
+                if !rekeying && let Some(o) = observer {
+                    o.after_rekey();
+                }
                 Err(CryptStateError::WrongState)
             }
         }
@@ -257,6 +308,10 @@ impl Device {
         match std::mem::replace(&mut *crypt, Crypt::Plain) {
             Crypt::Rekeying { new, .. } => {
                 *crypt = Crypt::Xts(new);
+                drop(crypt);
+                if let Some(o) = self.observer.get() {
+                    o.after_rekey();
+                }
                 Ok(())
             }
             other => {
@@ -490,6 +545,7 @@ impl Device {
         self.write_zeros(offset, inner.start - offset)?;
         {
             let _guard = self.lock_write(&inner);
+            self.before_write(inner.start, inner.end - inner.start);
             self.backing
                 .punch_hole(self.geo.data_offset + inner.start, inner.end - inner.start)?;
         }
@@ -531,6 +587,7 @@ impl Device {
             .read()
             .expect("crypt lock is never poisoned")
             .apply(buf, at, self.geo.sector_size.bytes(), true)?;
+        self.before_write(at, buf.len() as u64);
         self.backing.write_at(buf, self.geo.data_offset + at)?;
         Ok(())
     }

@@ -1,7 +1,9 @@
 //! The attach agent's control socket: a local Unix socket next to the agent's record over
 //! which `sealvol rekey` (and the controller) ask a running agent to rekey one of the
-//! files it serves, and follow the job's progress. One JSON request line per connection,
-//! JSON reply lines until the job ends; only root or the agent's own user may connect.
+//! files it serves, and follow the job's progress, and over which the controller takes
+//! snapshots of them ([`super::snapshot`]). One JSON request line per connection, JSON
+//! reply lines until the job ends (a snapshot session goes on with reads on the same
+//! connection); only root or the agent's own user may connect.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -13,6 +15,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::snapshot::{Begun, ChunkTracker};
 use crate::device::Device;
 use crate::luks2::{Header, KmsToken};
 use crate::rekey::*;
@@ -46,6 +49,25 @@ pub enum ControlRequest {
     },
     /// Report rekey progress of every served file.
     Status,
+    /// Begin a snapshot view of one served file relative to the parent snapshot `base`
+    /// (its manifest key); answered by [`ControlReply::SnapshotBegun`], then the session
+    /// goes on on the same connection (see [`super::snapshot`]).
+    SnapshotBegin {
+        /// Served file name; `None` when the agent serves exactly one.
+        export: Option<String>,
+        /// The parent snapshot; `None` for a first snapshot.
+        base: Option<String>,
+    },
+    /// Within a snapshot session: read one chunk as of the session's beginning.
+    SnapshotRead {
+        /// Chunk index in the volume file.
+        chunk: u64,
+    },
+    /// Within a snapshot session: end it, committed (`Some(manifest key)`) or aborted.
+    SnapshotEnd {
+        /// The new snapshot's manifest key once it is committed; `None` aborts.
+        committed: Option<String>,
+    },
 }
 
 /// One line the agent sends back.
@@ -60,6 +82,17 @@ pub enum ControlReply {
     Status(Vec<(String, Option<Progress>)>),
     /// Failure.
     Error(String),
+    /// A snapshot view began.
+    SnapshotBegun(Begun),
+    /// A chunk follows: exactly `len` raw bytes after this line.
+    SnapshotChunk {
+        /// Chunk index.
+        chunk: u64,
+        /// Bytes that follow.
+        len: u64,
+    },
+    /// The snapshot view ended.
+    SnapshotEnded,
 }
 
 #[derive(Debug, Default)]
@@ -94,16 +127,22 @@ pub struct ControlServer {
 #[derive(Debug)]
 struct ServerInner {
     devices: Vec<(String, Arc<Device>)>,
+    trackers: Vec<Arc<ChunkTracker>>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     stopping: AtomicBool,
 }
 
 impl ControlServer {
-    /// Binds `path` (mode 0600, replacing a stale socket) and serves it on a thread.
+    /// Binds `path` (mode 0600, replacing a stale socket) and serves it on a thread:
+    /// rekeys of `devices`, snapshots of the exports `trackers` track.
     ///
     /// # Errors
     /// The socket cannot be bound.
-    pub fn spawn(path: &Path, devices: Vec<(String, Arc<Device>)>) -> Result<Self, RekeyError> {
+    pub fn spawn(
+        path: &Path,
+        devices: Vec<(String, Arc<Device>)>,
+        trackers: Vec<Arc<ChunkTracker>>,
+    ) -> Result<Self, RekeyError> {
         let err = |why: String| RekeyError::Control {
             path: path.to_path_buf(),
             why,
@@ -114,6 +153,7 @@ impl ControlServer {
             .map_err(|e| err(e.to_string()))?;
         let inner = Arc::new(ServerInner {
             devices,
+            trackers,
             jobs: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
         });
@@ -199,6 +239,19 @@ impl ServerInner {
         }
     }
 
+    fn tracker(&self, export: Option<&str>) -> Result<Arc<ChunkTracker>, String> {
+        let (name, _) = self.device(export)?;
+        self.trackers
+            .iter()
+            .find(|t| t.export() == name)
+            .cloned()
+            .ok_or_else(|| {
+                format!(
+                    "this agent does not track changes of {name:?} (not served from a volume file)"
+                )
+            })
+    }
+
     fn start_job(
         &self,
         name: &str,
@@ -261,6 +314,21 @@ impl ServerInner {
         let (export, new_key, opts) = match req {
             ControlRequest::Status => {
                 send(&ControlReply::Status(self.status()));
+                return;
+            }
+            ControlRequest::SnapshotBegin { export, base } => {
+                match self.tracker(export.as_deref()) {
+                    Ok(t) => super::snapshot::serve_session(&conn, &t, base.as_deref()),
+                    Err(e) => {
+                        send(&ControlReply::Error(e));
+                    }
+                }
+                return;
+            }
+            ControlRequest::SnapshotRead { .. } | ControlRequest::SnapshotEnd { .. } => {
+                send(&ControlReply::Error(
+                    "no snapshot on this connection: send snapshot-begin first, then reads and the end on the same connection".into(),
+                ));
                 return;
             }
             ControlRequest::Rekey {
@@ -345,6 +413,12 @@ impl ServerInner {
                     s.result = Some(Ok(RekeyReport::already_done(total)));
                 });
                 return Ok(Arc::new(job));
+            }
+            if let Ok(t) = self.tracker(Some(&name))
+                && t.snapshot_running()
+            {
+                // (The device refuses too, but only after the header records the rekey.)
+                return Err(crate::device::CryptStateError::SnapshotRunning.to_string());
             }
             Rekeyer::start(device, new, opts).map_err(|e| e.to_string())?
         };
@@ -454,7 +528,7 @@ pub fn request_online(
             ControlReply::Progress(p) => progress(p),
             ControlReply::Done(r) => return Ok(r),
             ControlReply::Error(e) => return Err(RekeyError::Agent(e)),
-            ControlReply::Status(_) => return Err(err("unexpected status reply".into())),
+            other => return Err(err(format!("unexpected reply {other:?}"))),
         }
     }
     Err(err("the agent closed the connection before the rekey finished (did it crash? attach again with both keys to resume)".into()))

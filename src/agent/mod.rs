@@ -3,7 +3,10 @@
 //!
 //! - [`registry`]: the record each running agent keeps in the runtime directory, and the
 //!   one liveness check (pid and process start time);
-//! - [`control`]: the control socket protocol (online rekey requests and progress);
+//! - [`control`]: the control socket protocol (online rekey requests and progress,
+//!   snapshot sessions);
+//! - [`snapshot`]: changed-chunk tracking of served volumes and consistent snapshot views
+//!   (copy-before-write), with the client the controller uses;
 //! - [`process`]: spawning an agent in the background, its ready/error line, waiting for
 //!   it to exit or stopping it;
 //! - [`serve`]: the serve loop (FUSE session, signals, ordered teardown) and `detach`;
@@ -25,6 +28,7 @@ pub mod process;
 pub mod registry;
 pub mod serve;
 pub mod shutdown;
+pub mod snapshot;
 
 pub use control::{ControlReply, ControlRequest, ControlServer, request_online};
 pub use open::{Opened, open_for_serving, rekey_offline};
@@ -33,6 +37,7 @@ pub use process::{
 };
 pub use registry::{AgentRecord, attached_at, control_path, live_at, runtime_dir};
 pub use serve::{detach, serve, serve_with};
+pub use snapshot::{Begun, ChunkTracker, SnapshotError, SnapshotSession};
 
 /// Errors from attaching or detaching.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +89,14 @@ pub enum AttachError {
     /// The metrics endpoint cannot be set up.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    /// Changed-chunk tracking cannot start for a served volume.
+    #[error("cannot track changes of {export} for snapshots: {source}")]
+    Tracking {
+        /// The export.
+        export: String,
+        /// Why.
+        source: snapshot::ViewError,
+    },
     /// Runtime state I/O.
     #[error("runtime state {path}: {source}")]
     State {

@@ -16,6 +16,7 @@ use super::control::ControlServer;
 use super::process::wait_for_exit;
 use super::registry::{AgentRecord, canonical_mountpoint, read_record, record_path, write_record};
 use super::shutdown::{Teardown, stop_timeout};
+use super::snapshot::ChunkTracker;
 use crate::fuse::{Export, VolumeFs, mount_config};
 use crate::host::{is_mountpoint, mounts, release_loops};
 use crate::metrics::AgentMetrics;
@@ -78,6 +79,18 @@ pub fn serve_with(
         .iter()
         .map(|e| (e.name.clone(), e.device.clone()))
         .collect();
+    // Changed-chunk tracking for snapshots, before any write is served.
+    let staging = super::registry::runtime_dir();
+    let mut trackers = Vec::new();
+    for (export, (name, file)) in exports.iter().zip(&files) {
+        if file.is_file() {
+            let tracker = ChunkTracker::attach(name, &export.device, file, &staging);
+            trackers.push(tracker.map_err(|source| AttachError::Tracking {
+                export: name.clone(),
+                source,
+            })?);
+        }
+    }
     let rec_path = record_path(&mountpoint);
     let metrics_server = match metrics {
         Some((mut m, addr)) => {
@@ -125,9 +138,11 @@ pub fn serve_with(
 
     let ctl_path = rec_path.with_extension("sock");
     let control =
-        ControlServer::spawn(&ctl_path, exports_named).map_err(|e| AttachError::State {
-            path: ctl_path.clone(),
-            source: std::io::Error::other(e.to_string()),
+        ControlServer::spawn(&ctl_path, exports_named, trackers.clone()).map_err(|e| {
+            AttachError::State {
+                path: ctl_path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }
         })?;
     on_ready();
     for name in resume_rekeys {
@@ -138,9 +153,17 @@ pub fn serve_with(
     let result = session.run();
     control.shutdown();
     let _ = std::fs::remove_file(&rec_path);
+    let mut flushed = true;
     for d in &devices {
         if let Err(e) = d.flush() {
             tracing::error!("final flush failed: {e}");
+            flushed = false;
+        }
+    }
+    // Only a clean stop vouches for the dirty maps; otherwise they stay in use (untrusted).
+    for t in trackers.iter().filter(|_| flushed) {
+        if let Err(e) = t.close() {
+            tracing::error!("{e}");
         }
     }
     drop(devices);

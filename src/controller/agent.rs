@@ -343,6 +343,19 @@ fn mount_filesystems(
     Ok(())
 }
 
+/// Begins a snapshot session of one of the WorkSpace's served volumes with its agent
+/// (see [`agent::SnapshotSession`]): `base` is the parent snapshot's manifest key.
+///
+/// # Errors
+/// No agent serves the WorkSpace, or it refused (a snapshot or a rekey running).
+pub fn begin_snapshot(
+    paths: &AgentPaths,
+    kind: VolumeKind,
+    base: Option<&str>,
+) -> Result<(agent::SnapshotSession, agent::Begun), agent::SnapshotError> {
+    agent::SnapshotSession::begin(&paths.fuse_dir, &kind.to_string(), base)
+}
+
 /// The pid of a live agent for this WorkSpace, if any: the agent serving its FUSE
 /// directory, by the agent registry's liveness check.
 #[must_use]
