@@ -40,13 +40,9 @@ def run(a, work, cl, log):
     (root / "kms").mkdir(parents=True)
     daemon = Daemon(root / "kms").start()
     cl.callback(daemon.stop)
-    garage = Garage(root / "garage", nodes=1).__enter__()
+    garage = Garage(nodes=1, tmp_dir=root / "garage").__enter__()
     cl.callback(lambda: garage.__exit__(None, None, None))
-    creds = daemon.state_dir / "credentials"
-    with open(creds, "a") as f:
-        f.write(f"\n[garage]\naws_access_key_id = {garage.access_key}\naws_secret_access_key = {garage.secret_key}\n")
-    with open(daemon.state_dir / "config", "a") as f:
-        f.write(f"\n[profile garage]\nregion = {garage.region}\n")
+    garage.write_aws_profile(daemon.state_dir, "garage")
     sv = Sealvol(root / "state", daemon)
     sv.env.update({"SEALVOL_SNAPSHOT_STORE": f"s3://{garage.bucket}/bench",
                    "SEALVOL_SNAPSHOT_STORE_PROFILE": "garage", "AWS_ENDPOINT_URL_S3": garage.endpoint,

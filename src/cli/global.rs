@@ -9,8 +9,8 @@ use clap::Args;
 
 use super::{CliError, Output};
 use crate::controller::{Controller, ControllerConfig, SnapshotConfig};
-use crate::snapshot::store::StoreUrl;
 use crate::kms::KmsTarget;
+use crate::snapshot::store::StoreUrl;
 
 /// Options accepted anywhere on the command line (clap `global = true`). Given both
 /// before and after the verb, the one after wins (clap's rule for global options).
@@ -57,7 +57,12 @@ pub struct GlobalOptions {
     pub ebs_profile: String,
     /// Where snapshots go: file://DIR or s3://BUCKET/PREFIX (DESIGN §11). Default:
     /// file://<state-dir>/snapshots.
-    #[arg(long, global = true, env = "SEALVOL_SNAPSHOT_STORE", value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "SEALVOL_SNAPSHOT_STORE",
+        value_name = "URL"
+    )]
     pub snapshot_store: Option<StoreUrl>,
     /// AWS profile whose credentials reach an s3:// snapshot store (default: the service
     /// profile); the endpoint comes from AWS_ENDPOINT_URL_S3 or that profile's config.
@@ -143,9 +148,10 @@ impl GlobalOptions {
             ebs_profile: self.ebs_profile.clone(),
             kms: self.kms_target(),
             snapshots: SnapshotConfig {
-                store: self.snapshot_store.clone().unwrap_or_else(|| {
-                    StoreUrl::File(self.state_dir.join("snapshots"))
-                }),
+                store: self
+                    .snapshot_store
+                    .clone()
+                    .unwrap_or_else(|| StoreUrl::File(self.state_dir.join("snapshots"))),
                 store_profile: self
                     .snapshot_store_profile
                     .clone()

@@ -526,7 +526,8 @@ pub fn run(cmd: WorkspaceCmd, global: &GlobalOptions) -> Result<(), CliError> {
             workspace_id,
             automatic,
         } => {
-            let (c, bar) = with_snapshot_bar(global.controller()?, "reading and uploading changed chunks");
+            let (c, bar) =
+                with_snapshot_bar(global.controller()?, "reading and uploading changed chunks");
             let snaps = c.create_snapshot(&workspace_id, automatic);
             bar.finish();
             let snaps = snaps?;

@@ -35,7 +35,10 @@ impl Controller {
         {
             return Err(api(
                 ApiErrorCode::WorkspaceExists,
-                format!("WorkSpace {workspace_id} is already on this host ({})", w.state),
+                format!(
+                    "WorkSpace {workspace_id} is already on this host ({})",
+                    w.state
+                ),
             ));
         }
         let store = self.snapshot_store()?;
@@ -74,7 +77,10 @@ impl Controller {
             ws_grant_id: None,
             error: None,
         };
-        let key_arn = ws.key_arn.clone().filter(|_| ws.root_encrypted || ws.user_encrypted);
+        let key_arn = ws
+            .key_arn
+            .clone()
+            .filter(|_| ws.root_encrypted || ws.user_encrypted);
         let Some(key_arn) = key_arn else {
             return Err(api(
                 ApiErrorCode::UnsupportedWorkspaceConfiguration,
@@ -120,7 +126,11 @@ impl Controller {
     /// The snapshot's owner must be a user of this host's directory, with the same SID
     /// (the SID is part of every volume's encryption context).
     fn import_user(&self, directory_id: &str, name: &str, sid: &str) -> Result<User, ApiError> {
-        if !self.reg.has_directory(directory_id).map_err(ApiError::internal)? {
+        if !self
+            .reg
+            .has_directory(directory_id)
+            .map_err(ApiError::internal)?
+        {
             return Err(ApiError::new(
                 ApiErrorCode::DirectoryNotFound,
                 format!(

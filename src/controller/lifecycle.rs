@@ -310,6 +310,9 @@ impl Controller {
             row.grant_id = Some(self.rebind(w, user, &path, volume_id, token)?);
             row.key_arn = w.key_arn.clone().or_else(|| old.key_arn.clone());
         }
+        // The file is final (header re-bound): changes are counted from this snapshot.
+        crate::snapshot::dirty::DirtyMap::reset(&path, snap.chunks.len() as u64, &snap.own_key())
+            .map_err(ApiError::internal)?;
         self.reg.put_volume(&row).map_err(ApiError::internal)?;
         // An imported volume's predecessor lives on another host: nothing of it is here.
         if old.volume_id != volume_id && !old.path.as_os_str().is_empty() {

@@ -10,13 +10,13 @@
 use std::path::{Path, PathBuf};
 
 use crate::agent::snapshot::{Begun, SnapshotSession};
+use crate::snapshot::CHUNK_BYTES;
 use crate::snapshot::dirty::{Changes, DirtyMap};
 use crate::snapshot::download::{self, DownloadError};
 use crate::snapshot::manifest::{self, FORMAT, Manifest, ManifestError, WorkspaceMeta};
 use crate::snapshot::retention;
 use crate::snapshot::store::{self, SnapshotStore, StoreError};
 use crate::snapshot::upload::{self, ChunkSource, FileSource, Plan, UploadError};
-use crate::snapshot::CHUNK_BYTES;
 use crate::volume;
 
 use super::agent::{self, AgentPaths};
@@ -218,7 +218,9 @@ impl Controller {
                 automatic,
             )?;
             let key = m.0.own_key();
-            store.put(&key, &m.0.clone().seal()).map_err(ApiError::from)?;
+            store
+                .put(&key, &m.0.clone().seal())
+                .map_err(ApiError::from)?;
             source.commit(&key)?;
             self.reg.add_snapshot(&Snapshot {
                 snapshot_id: m.0.snapshot_id.clone(),
@@ -287,7 +289,10 @@ impl Controller {
         Ok(sources)
     }
 
-    #[allow(clippy::too_many_arguments, reason = "one volume's snapshot, spelled out")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one volume's snapshot, spelled out"
+    )]
     fn snapshot_volume(
         &self,
         store: &dyn SnapshotStore,
@@ -407,15 +412,15 @@ impl Controller {
         else {
             return Ok(None);
         };
-        let user_key = Manifest::prefix(workspace_id, "user")
-            + &name(root_key).expect("the key has a name");
+        let user_key =
+            Manifest::prefix(workspace_id, "user") + &name(root_key).expect("the key has a name");
         let root = Manifest::open(root_key, &store.get(root_key)?)?;
         let user = Manifest::open(&user_key, &store.get(&user_key)?)?;
         Ok(Some((root, user)))
     }
 
     /// Writes the volume file a snapshot describes at `dest`; nothing is left there on
-    /// failure. Changes of the new file are then counted from this snapshot.
+    /// failure. (The caller resets its change map once the file is final.)
     pub(super) fn fetch_volume(
         &self,
         store: &dyn SnapshotStore,
@@ -430,7 +435,7 @@ impl Controller {
             }
         };
         download::download(store, m, dest, &report)?;
-        DirtyMap::reset(dest, m.chunks.len() as u64, &m.own_key()).map_err(ApiError::internal)
+        Ok(())
     }
 
     /// `describe-workspace-snapshots`: the snapshots rebuild (user volume) and restore

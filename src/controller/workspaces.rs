@@ -285,6 +285,7 @@ impl Controller {
             }
         }
         for v in &vols {
+            let _ = std::fs::remove_file(crate::snapshot::dirty::DirtyMap::path_for(&v.path));
             let _ = std::fs::remove_file(&v.path);
             let _ = self.reg.delete_volume(&v.volume_id);
         }

@@ -247,10 +247,12 @@ mod tests {
     #[test]
     fn a_sealed_manifest_opens_and_a_flipped_byte_is_refused() {
         let bytes = sample().seal();
-        let m = Manifest::open("k", &bytes).unwrap();
+        let m = Manifest::open("k", &bytes).expect("a sealed manifest opens");
         assert_eq!(m.chunks, sample().chunks);
         assert_eq!(m.chunk_len(3), 5);
-        let text = String::from_utf8(bytes).unwrap().replace("alice", "mallory");
+        let text = String::from_utf8(bytes)
+            .expect("JSON is UTF-8")
+            .replace("alice", "mallory");
         assert!(matches!(
             Manifest::open("k", text.as_bytes()),
             Err(ManifestError::Corrupted { .. })

@@ -10,9 +10,9 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, mpsc};
 
+use super::CHUNK_BYTES;
 use super::manifest::Manifest;
 use super::store::{SnapshotStore, StoreError};
-use super::CHUNK_BYTES;
 
 /// Parallel uploads.
 const UPLOADERS: usize = 8;
@@ -137,9 +137,13 @@ pub fn upload(
                         continue;
                     }
                     let key = Manifest::chunk_key(&hash);
-                    let put = store
-                        .exists(&key)
-                        .and_then(|there| if there { Ok(false) } else { store.put(&key, &body).map(|()| true) });
+                    let put = store.exists(&key).and_then(|there| {
+                        if there {
+                            Ok(false)
+                        } else {
+                            store.put(&key, &body).map(|()| true)
+                        }
+                    });
                     match put {
                         Ok(true) => {
                             uploaded.fetch_add(1, Ordering::Relaxed);

@@ -25,13 +25,7 @@ def write_file(path, data):
 def add_store_profile(daemon, garage, name="garage"):
     """The store's own credentials, as a profile beside the KMS ones (the store belongs to
     the service, DESIGN §11)."""
-    creds = Path(daemon.state_dir / "credentials")
-    if f"[{name}]" not in creds.read_text():
-        with open(creds, "a") as f:
-            f.write(f"\n[{name}]\naws_access_key_id = {garage.access_key}\n"
-                    f"aws_secret_access_key = {garage.secret_key}\n")
-        with open(daemon.state_dir / "config", "a") as f:
-            f.write(f"\n[profile {name}]\nregion = {garage.region}\n")
+    garage.write_aws_profile(daemon.state_dir, name)
     return name
 
 
@@ -53,7 +47,7 @@ def host(daemon, garage, root, prefix, profile):
 def garage(tmp_path_factory):
     from sealvol_testing.garage import Garage
 
-    with Garage(tmp_path_factory.mktemp("garage"), nodes=1) as g:
+    with Garage(nodes=1, tmp_dir=tmp_path_factory.mktemp("garage")) as g:
         yield g
 
 
@@ -136,7 +130,7 @@ def test_store_faults_fail_clearly_and_leave_the_workspace_running(daemon, garag
 def test_three_node_cluster_loses_a_node_during_a_snapshot(daemon, cmk, tmp_path):
     from sealvol_testing.garage import Garage
 
-    with Garage(tmp_path / "garage3", nodes=3) as g3:
+    with Garage(nodes=3, tmp_dir=tmp_path / "garage3") as g3:
         profile = add_store_profile(daemon, g3, name="garage3")
         sv = host(daemon, g3, tmp_path / "h", "three", profile)
         try:
