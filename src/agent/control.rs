@@ -16,6 +16,8 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::snapshot::{Begun, ChunkTracker};
+
+pub mod session;
 use crate::device::Device;
 use crate::luks2::{Header, KmsToken};
 use crate::rekey::*;
@@ -318,7 +320,7 @@ impl ServerInner {
             }
             ControlRequest::SnapshotBegin { export, base } => {
                 match self.tracker(export.as_deref()) {
-                    Ok(t) => super::snapshot::serve_session(&conn, &t, base.as_deref()),
+                    Ok(t) => session::serve_session(&conn, &t, base.as_deref()),
                     Err(e) => {
                         send(&ControlReply::Error(e));
                     }

@@ -30,6 +30,7 @@ pub mod serve;
 pub mod shutdown;
 pub mod snapshot;
 
+pub use control::session::{SnapshotError, SnapshotSession};
 pub use control::{ControlReply, ControlRequest, ControlServer, request_online};
 pub use open::{Opened, open_for_serving, rekey_offline};
 pub use process::{
@@ -37,7 +38,7 @@ pub use process::{
 };
 pub use registry::{AgentRecord, attached_at, control_path, live_at, runtime_dir};
 pub use serve::{detach, serve, serve_with};
-pub use snapshot::{Begun, ChunkTracker, SnapshotError, SnapshotSession};
+pub use snapshot::{Begun, ChunkTracker};
 
 /// Errors from attaching or detaching.
 #[derive(Debug, thiserror::Error)]

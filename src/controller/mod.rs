@@ -27,4 +27,5 @@ pub mod state;
 pub mod workspaces;
 
 pub use error::ControllerError;
-pub use workspaces::{Controller, ControllerConfig, SnapshotConfig};
+pub use schedule::SnapshotConfig;
+pub use workspaces::{Controller, ControllerConfig};

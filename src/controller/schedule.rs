@@ -1,4 +1,5 @@
-//! Automatic snapshots (as WorkSpaces takes them every 12 hours): the WorkSpace's agent
+//! The snapshot configuration (store, interval, retention) and automatic snapshots (as
+//! WorkSpaces takes them every 12 hours): the WorkSpace's agent
 //! takes the first soon after the WorkSpace comes up, then one every interval. Each runs
 //! as a child `sealvol create-snapshot --automatic`, so a failed snapshot is logged and
 //! retried at the next tick, and never takes the agent down.
@@ -7,7 +8,42 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
 
-use super::workspaces::SnapshotConfig;
+use crate::snapshot::store::StoreUrl;
+
+/// Where snapshots go and how often they are taken (DESIGN §11).
+#[derive(Debug, Clone)]
+pub struct SnapshotConfig {
+    /// The store.
+    pub store: StoreUrl,
+    /// AWS profile for an `s3://` store.
+    pub store_profile: String,
+    /// Automatic snapshot interval (zero: none).
+    pub interval: std::time::Duration,
+    /// Snapshots kept per volume.
+    pub keep: usize,
+    /// Unreferenced chunks younger than this survive garbage collection.
+    pub gc_grace: std::time::Duration,
+}
+
+impl SnapshotConfig {
+    /// The command-line options that reproduce this configuration (for the agent and
+    /// the automatic snapshots it starts).
+    #[must_use]
+    pub fn args(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "--snapshot-store".into(),
+            self.store.to_string().into(),
+            "--snapshot-store-profile".into(),
+            self.store_profile.clone().into(),
+            "--snapshot-interval".into(),
+            self.interval.as_secs().to_string().into(),
+            "--snapshot-retention".into(),
+            self.keep.to_string().into(),
+            "--snapshot-gc-grace".into(),
+            self.gc_grace.as_secs().to_string().into(),
+        ]
+    }
+}
 
 /// The first automatic snapshot comes at most this long after the WorkSpace is up.
 const FIRST_AFTER: Duration = Duration::from_secs(120);

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::agent::snapshot::{Begun, SnapshotSession};
+use crate::agent::{Begun, SnapshotSession};
 use crate::snapshot::CHUNK_BYTES;
 use crate::snapshot::dirty::{Changes, DirtyMap};
 use crate::snapshot::download::{self, DownloadError};
@@ -272,17 +272,14 @@ impl Controller {
         let frozen = Frozen::freeze(mounts)?;
         let mut sources = Vec::new();
         for (v, parent) in vols.iter().zip(parents) {
-            let (session, begun) = SnapshotSession::begin(
-                &paths.fuse_dir,
-                &v.kind.to_string(),
-                parent.as_ref().map(|(k, _)| k.as_str()),
-            )
-            .map_err(|e| {
-                api(
-                    ApiErrorCode::InvalidResourceState,
-                    format!("cannot snapshot the {} volume: {e}", v.kind),
-                )
-            })?;
+            let (session, begun) =
+                agent::begin_snapshot(paths, v.kind, parent.as_ref().map(|(k, _)| k.as_str()))
+                    .map_err(|e| {
+                        api(
+                            ApiErrorCode::InvalidResourceState,
+                            format!("cannot snapshot the {} volume: {e}", v.kind),
+                        )
+                    })?;
             sources.push(Source::Agent(AgentSource { session, begun }));
         }
         drop(frozen);

@@ -5,13 +5,13 @@
 use std::path::{Path, PathBuf};
 
 use crate::kms::{FORWARDING_SERVICE, ForwardAccessToken, KeyInfo, KmsClient, KmsTarget};
-use crate::snapshot::store::StoreUrl;
 use crate::volume;
 
 use super::agent::{self, AgentPaths};
 use super::api::{VolumeView, WorkspaceProperties, WorkspaceView};
 use super::error::{ApiErrorCode, ControllerError, api};
 use super::registry::{Registry, Workspace};
+use super::schedule::SnapshotConfig;
 use super::state::{Event, WorkspaceState};
 
 /// Where state lives and which profiles sign.
@@ -30,41 +30,6 @@ pub struct ControllerConfig {
     pub kms: KmsTarget,
     /// The snapshot store and schedule.
     pub snapshots: SnapshotConfig,
-}
-
-/// Where snapshots go and how often they are taken (DESIGN §11).
-#[derive(Debug, Clone)]
-pub struct SnapshotConfig {
-    /// The store.
-    pub store: StoreUrl,
-    /// AWS profile for an `s3://` store.
-    pub store_profile: String,
-    /// Automatic snapshot interval (zero: none).
-    pub interval: std::time::Duration,
-    /// Snapshots kept per volume.
-    pub keep: usize,
-    /// Unreferenced chunks younger than this survive garbage collection.
-    pub gc_grace: std::time::Duration,
-}
-
-impl SnapshotConfig {
-    /// The command-line options that reproduce this configuration (for the agent and
-    /// the automatic snapshots it starts).
-    #[must_use]
-    pub fn args(&self) -> Vec<std::ffi::OsString> {
-        vec![
-            "--snapshot-store".into(),
-            self.store.to_string().into(),
-            "--snapshot-store-profile".into(),
-            self.store_profile.clone().into(),
-            "--snapshot-interval".into(),
-            self.interval.as_secs().to_string().into(),
-            "--snapshot-retention".into(),
-            self.keep.to_string().into(),
-            "--snapshot-gc-grace".into(),
-            self.gc_grace.as_secs().to_string().into(),
-        ]
-    }
 }
 
 /// The controller.

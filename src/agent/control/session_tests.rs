@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use super::tracker::tests::{CHUNKS, DATA_OFFSET, SIZE, tracked, volume};
 use super::*;
 use crate::agent::control::ControlServer;
+use crate::agent::snapshot::tracker::tests::{CHUNKS, DATA_OFFSET, SIZE, tracked, volume};
 use crate::secret::VolumeKey;
 use crate::snapshot::CHUNK_BYTES;
 use crate::snapshot::dirty::DirtyMap;
