@@ -331,7 +331,7 @@ impl Controller {
     }
 
     /// Re-binds the data key in the header of `path` (from a snapshot) to `volume_id`'s
-    /// context under a new EBS grant; returns the grant id.
+    /// context and gives EBS a grant for it; returns the grant id.
     pub(super) fn rebind(
         &self,
         w: &Workspace,
@@ -342,12 +342,14 @@ impl Controller {
     ) -> Result<String, ApiError> {
         let key = token.key_arn.clone();
         let service = self.service().map_err(ApiError::internal)?;
-        let ebs = self.ebs().map_err(ApiError::internal)?;
         let new_ctx = volume_context(&user.sid, &w.directory_id, volume_id);
         let grant = service
             .create_grant(&ebs_grant(&key, &new_ctx, volume_id))
             .map_err(|e| ApiError::from_kms(&e))?;
-        let rebound = ebs
+        // The WorkSpaces service re-encrypts under its own grant, which covers every
+        // context of this user: the snapshot's volume may be gone (and its EBS grant
+        // retired), on this host or on the one the WorkSpace came from.
+        let rebound = service
             .re_encrypt(
                 &token.ciphertext_blob,
                 &token.encryption_context,

@@ -67,6 +67,10 @@ def test_a_second_host_imports_the_workspace_only_once_the_first_lets_go(daemon,
         taken = {s["Kind"]: s for s in a.json("create-snapshot", "--workspace-id", ws)["Snapshots"]}
         assert set(taken) == {"root", "user"}
 
+        # B does not know the user yet: told so, with the SID to add.
+        r = b.run("import-workspace", "--workspace-id", ws, "--output", "json", check=False)
+        assert r.returncode != 0 and "ResourceNotFound.User" in r.stderr, r.stderr
+        b.run("create-user", "--directory-id", DIRECTORY, "--user-name", "mover")
         # Host A still holds the WorkSpace: B is refused and keeps nothing.
         r = b.run("import-workspace", "--workspace-id", ws, "--output", "json", check=False)
         assert r.returncode != 0
