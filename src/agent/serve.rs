@@ -79,11 +79,15 @@ pub fn serve_with(
         .iter()
         .map(|e| (e.name.clone(), e.device.clone()))
         .collect();
-    // Changed-chunk tracking for snapshots, before any write is served.
-    let staging = super::registry::runtime_dir();
+    // Changed-chunk tracking for snapshots, before any write is served. Copies made
+    // before writes during a snapshot go beside the volume file, on its disk: the
+    // runtime directory is usually a tmpfs, i.e. memory.
     let mut trackers = Vec::new();
     for (export, (name, file)) in exports.iter().zip(&files) {
         if file.is_file() {
+            let staging = file
+                .parent()
+                .map_or_else(super::registry::runtime_dir, Path::to_path_buf);
             let tracker = ChunkTracker::attach(name, &export.device, file, &staging);
             trackers.push(tracker.map_err(|source| AttachError::Tracking {
                 export: name.clone(),

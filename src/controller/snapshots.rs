@@ -206,9 +206,11 @@ impl Controller {
         };
         let time = manifest::snapshot_time(std::time::SystemTime::now());
         let meta = workspace_meta(&w, &user);
-        let mut views = Vec::new();
+        // Every volume's chunks first, then the manifests: an interrupted snapshot leaves
+        // none, so a point in time has snapshots of both volumes or of neither.
+        let mut taken = Vec::new();
         for ((v, parent), mut source) in vols.iter().zip(&parents).zip(sources) {
-            let m = self.snapshot_volume(
+            let (m, stats) = self.snapshot_volume(
                 store.as_ref(),
                 v,
                 parent.as_ref().map(|(k, m)| (k.as_str(), m)),
@@ -217,19 +219,33 @@ impl Controller {
                 &meta,
                 automatic,
             )?;
-            let key = m.0.own_key();
-            store
-                .put(&key, &m.0.clone().seal())
-                .map_err(ApiError::from)?;
+            taken.push((v, m, stats, source));
+        }
+        let mut views = Vec::new();
+        for (v, m, stats, source) in taken {
+            let key = m.own_key();
+            store.put(&key, &m.clone().seal()).map_err(ApiError::from)?;
             source.commit(&key)?;
             self.reg.add_snapshot(&Snapshot {
-                snapshot_id: m.0.snapshot_id.clone(),
+                snapshot_id: m.snapshot_id.clone(),
                 volume_id: v.volume_id.clone(),
                 workspace_id: workspace_id.into(),
                 kind: v.kind,
                 path: PathBuf::from(&key),
                 created: Registry::now(),
             })?;
+            views.push(SnapshotView {
+                snapshot_id: m.snapshot_id,
+                volume_id: v.volume_id.clone(),
+                kind: v.kind,
+                encrypted: v.encrypted,
+                snapshot_time: time.clone(),
+                manifest: key,
+                automatic,
+                upload: stats,
+            });
+        }
+        for v in &vols {
             if let Err(e) = retention::prune(
                 store.as_ref(),
                 workspace_id,
@@ -239,16 +255,6 @@ impl Controller {
             ) {
                 tracing::warn!("snapshot retention for {workspace_id}: {e}");
             }
-            views.push(SnapshotView {
-                snapshot_id: m.0.snapshot_id,
-                volume_id: v.volume_id.clone(),
-                kind: v.kind,
-                encrypted: v.encrypted,
-                snapshot_time: time.clone(),
-                manifest: key,
-                automatic,
-                upload: m.1,
-            });
         }
         Ok(views)
     }

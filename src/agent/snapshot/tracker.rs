@@ -296,8 +296,12 @@ impl ChunkTracker {
             dir: self.staging_dir.clone(),
             source,
         };
-        crate::private_file::ensure_dir(&self.staging_dir)
-            .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+        // An existing directory (the volume file's) is used as it is; only a missing one
+        // is made (private).
+        if !self.staging_dir.is_dir() {
+            crate::private_file::ensure_dir(&self.staging_dir)
+                .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+        }
         let path = self.staging_dir.join(format!(
             "snapshot-{}-{}-{}.staging",
             std::process::id(),

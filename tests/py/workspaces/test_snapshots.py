@@ -192,3 +192,51 @@ def test_automatic_snapshots_and_retention(daemon, cmk, tmp_path):
         assert stored == referenced, f"{len(stored - referenced)} unreferenced chunks left"
     finally:
         sv2.terminate_all()
+
+
+def test_an_interrupted_snapshot_leaves_no_manifest_and_the_retry_resumes(sv, cmk):
+    ws = sv.launch("snap-resume", key=cmk, user_gib="2")
+    write_file(sv.mnt(ws) / "home" / "big.bin", os.urandom(384 << 20))
+    chunks = store_dir(sv) / "chunks"
+
+    def stored_chunks():
+        return {c.name for c in chunks.iterdir() if not c.name.startswith(".")} if chunks.exists() else set()
+
+    before = stored_chunks()
+    p = subprocess.Popen([*sv_cmd(), "create-snapshot", "--workspace-id", ws], env=sv.env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: len(stored_chunks() - before) >= 40, timeout=120, what="the upload under way")
+    p.kill()
+    p.wait()
+    assert not list((store_dir(sv) / "workspaces").rglob(f"{ws}/*/*.json")), "no manifest: no snapshot"
+    already = len(stored_chunks() - before)
+    snaps = snapshot(sv, ws)  # the agent aborted the view when the connection dropped
+    up = snaps["root"]["Upload"]["ChunksUploaded"] + snaps["user"]["Upload"]["ChunksUploaded"]
+    stored = len(stored_chunks() - before)
+    assert up <= stored - already, f"chunks uploaded before the kill are not sent again ({up}, {stored}, {already})"
+    sv.run("terminate-workspaces", "--workspace-ids", ws)
+
+
+def test_a_snapshot_of_another_users_workspace_is_refused(sv, cmk):
+    a = sv.launch("snap-owner-a", key=cmk)
+    b = sv.launch("snap-owner-b", key=cmk)
+    write_file(sv.mnt(a) / "home" / "a.txt", b"a's data\n")
+    snapshot(sv, a)
+    snapshot(sv, b)
+    # Plant A's newest manifests under B's prefix, later than B's own.
+    for kind in ("root", "user"):
+        src = sorted((store_dir(sv) / "workspaces" / a / kind).glob("*.json"))[-1]
+        dst = store_dir(sv) / "workspaces" / b / kind / "2999-01-01T00:00:00.000Z.json"
+        dst.write_bytes(src.read_bytes())
+    r = sv.run("restore-workspace", "--workspace-id", b, "--output", "json", check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and f"belongs to WorkSpace {a}" in out, out
+    assert sv.describe(b)["State"] == "AVAILABLE"
+    assert not (sv.mnt(b) / "home" / "a.txt").exists()
+    sv.run("terminate-workspaces", "--workspace-ids", a, b)
+
+
+def sv_cmd():
+    from sealvol_testing.sealvol import SEALVOL
+
+    return [SEALVOL]
