@@ -358,15 +358,10 @@ impl KmsClient {
     /// # Errors
     /// The service's refusal or transport failure.
     pub fn list_grant_ids(&self, key_id: &str) -> Result<Vec<String>, KmsError> {
-        let out = self
-            .rt
-            .block_on(self.client.list_grants().key_id(key_id).send())
-            .map_err(|e| sdk_err("ListGrants", &self.endpoint, e))?;
-        Ok(out
-            .grants
-            .unwrap_or_default()
+        Ok(self
+            .list_named_grants(key_id)?
             .into_iter()
-            .filter_map(|g| g.grant_id)
+            .map(|(id, _)| id)
             .collect())
     }
 

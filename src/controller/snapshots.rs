@@ -9,6 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{Flock, FlockArg};
+
 use crate::agent::{Begun, SnapshotSession};
 use crate::snapshot::CHUNK_BYTES;
 use crate::snapshot::dirty::{Changes, DirtyMap};
@@ -160,6 +162,9 @@ impl Controller {
         automatic: bool,
     ) -> Result<Vec<SnapshotView>, ControllerError> {
         let mut w = self.existing_workspace(workspace_id)?;
+        // One snapshot of a WorkSpace at a time: one asked for by hand waits for a running
+        // one; an automatic one is skipped while another runs.
+        let _one_at_a_time = self.snapshot_lock(workspace_id, !automatic)?;
         self.refresh(&mut w);
         let kinds: &[VolumeKind] = match w.state {
             WorkspaceState::Available | WorkspaceState::Stopped | WorkspaceState::Impaired => {
@@ -257,6 +262,45 @@ impl Controller {
             }
         }
         Ok(views)
+    }
+
+    fn snapshot_lock(
+        &self,
+        workspace_id: &str,
+        wait: bool,
+    ) -> Result<Flock<std::fs::File>, ControllerError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self
+            .cfg
+            .state_dir
+            .join("agents")
+            .join(format!("{workspace_id}.snapshot.lock"));
+        let io = |source| ControllerError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        let how = if wait {
+            FlockArg::LockExclusive
+        } else {
+            FlockArg::LockExclusiveNonblock
+        };
+        Flock::lock(file, how).map_err(|(_, e)| {
+            if e == nix::errno::Errno::EWOULDBLOCK {
+                api(
+                    ApiErrorCode::InvalidResourceState,
+                    format!("a snapshot of WorkSpace {workspace_id} is already running"),
+                )
+            } else {
+                io(e.into())
+            }
+        })
     }
 
     /// Opens a consistent view of each volume in its agent: filesystems frozen only for

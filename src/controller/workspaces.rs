@@ -257,6 +257,12 @@ impl Controller {
         // The store's snapshots stay: they belong to the service, another host may import
         // the WorkSpace from them, and retention collects them. Only this host's rows go.
         let _ = self.reg.delete_snapshots(&ws.workspace_id);
+        let _ = std::fs::remove_file(
+            self.cfg
+                .state_dir
+                .join("agents")
+                .join(format!("{}.snapshot.lock", ws.workspace_id)),
+        );
         let _ = std::fs::remove_dir(&paths.mnt_dir);
         let _ = std::fs::remove_dir(&paths.fuse_dir);
     }

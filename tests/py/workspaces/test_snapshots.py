@@ -240,3 +240,18 @@ def sv_cmd():
     from sealvol_testing.sealvol import SEALVOL
 
     return [SEALVOL]
+
+
+def test_snapshots_asked_for_at_once_run_one_after_the_other(sv, cmk):
+    ws = sv.launch("snap-twice", key=cmk)
+    write_file(sv.mnt(ws) / "home" / "x.bin", os.urandom(64 << 20))
+    procs = [subprocess.Popen([*sv_cmd(), "create-snapshot", "--workspace-id", ws, "--output", "json"],
+                              env=sv.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    times = {json.loads(o)["Snapshots"][0]["SnapshotTime"] for o, _ in outs}
+    assert len(times) == 2
+    d = sv.json("describe-workspace-snapshots", "--workspace-id", ws)
+    assert len(d["RestoreSnapshots"]) == 2
+    sv.run("terminate-workspaces", "--workspace-ids", ws)
