@@ -202,3 +202,29 @@ pub fn poll_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Background work (a snapshot's reads and uploads) yields the CPU to a WorkSpace's
+/// foreground I/O: every thread of this process gets nice `nice` (on Linux the nice value
+/// is per thread; threads created later inherit it from their creator). Best effort.
+pub fn lower_priority_of_process(nice: i32) {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    for t in tasks.flatten() {
+        if let Some(tid) = t
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<libc::id_t>().ok())
+        {
+            // SAFETY: setpriority takes integers only; a failure keeps the default.
+            let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
+        }
+    }
+}
+
+/// The calling thread alone gets nice `nice` (Linux: PRIO_PROCESS with 0 is the calling
+/// thread). Best effort.
+pub fn lower_priority_of_thread(nice: i32) {
+    // SAFETY: setpriority takes integers only; a failure keeps the default.
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+}

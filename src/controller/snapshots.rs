@@ -209,6 +209,8 @@ impl Controller {
                 .map(|(v, p)| file_source(v, p.as_ref().map(|(k, _)| k.as_str())))
                 .collect::<Result<Vec<_>, _>>()?
         };
+        // Past the barrier (filesystems thawed): the upload is background work.
+        crate::host::lower_priority_of_process(10);
         let time = manifest::snapshot_time(std::time::SystemTime::now());
         let meta = workspace_meta(&w, &user);
         // Every volume's chunks first, then the manifests: an interrupted snapshot leaves

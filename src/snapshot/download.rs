@@ -12,7 +12,7 @@ use super::manifest::Manifest;
 use super::store::{SnapshotStore, StoreError};
 
 /// Parallel downloads.
-const DOWNLOADERS: usize = 8;
+const DOWNLOADERS: usize = 16;
 
 /// Restore errors.
 #[derive(Debug, thiserror::Error)]

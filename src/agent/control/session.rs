@@ -82,6 +82,9 @@ pub(in crate::agent) fn serve_session(
     if !send(&mut out, &ControlReply::SnapshotBegun(begun)) {
         return;
     }
+    // The view is open (the barrier is behind us): reading chunks for the upload yields
+    // the CPU to the volume's foreground I/O. This connection's thread ends with it.
+    crate::host::lower_priority_of_thread(10);
     let mut reader = BufReader::new(conn);
     let mut line = String::new();
     let mut buf = Vec::new();
