@@ -90,6 +90,7 @@ def run(a, work, cl, log):
                                            env=aws_env, capture_output=True, check=True).stdout)
                  for s in second.values()]
     restore_bytes = sum(sum(1 for h in m["chunks"] if h) for m in manifests) * CHUNK
+    restore_volume_bytes = sum(m["file_size"] for m in manifests)
     t_restore, _ = _timed(lambda: sv.json("restore-workspace", "--workspace-id", ws))
     log(f"restore-workspace: {t_restore:.1f} s for {restore_bytes / 2**20:.0f} MiB of chunks")
     # Foreground I/O during a snapshot against alone: dirty a lot, then measure.
@@ -116,7 +117,8 @@ def run(a, work, cl, log):
         "aws_s3_cp_up_seconds": t_cp_up,
         "aws_s3_cp_down_seconds": t_cp_down,
         "volume_file_bytes": file_bytes,
-        "restore": {"seconds": t_restore, "bytes": restore_bytes, "stored_bytes": stored},
+        "restore": {"seconds": t_restore, "bytes": restore_bytes, "stored_bytes": stored,
+                    "volume_bytes": restore_volume_bytes},
         "fg_iops_alone": summary(iops_alone),
         "fg_iops_during_snapshot": summary(iops_during),
     }
@@ -126,6 +128,8 @@ def run(a, work, cl, log):
         "restore_mb_s": restore_bytes / t_restore / 1e6,
         "cp_down_mb_s": file_bytes / t_cp_down / 1e6,
         "restore_over_cp_down": (restore_bytes / t_restore) / (file_bytes / t_cp_down),
+        "restore_volume_mb_s": restore_volume_bytes / t_restore / 1e6,
+        "restore_volume_over_cp_down": (restore_volume_bytes / t_restore) / (file_bytes / t_cp_down),
         "fg_iops_during_over_alone": out["fg_iops_during_snapshot"]["median"] / out["fg_iops_alone"]["median"],
     }
     log("snapshots: " + ", ".join(f"{k} {v:.2f}" for k, v in out["ratios"].items()))
