@@ -224,14 +224,15 @@ fn a_wrong_secret_is_access_denied() {
     }
 }
 
-/// Runs [`open_from_the_environment_child`] in a child process with `env` (and none of the
-/// caller's AWS variables), so the standard sources are read as a real process reads them.
+/// Runs [`open_reads_the_endpoint_and_profile_from_the_standard_environment`] again in a
+/// child process with `env` (and none of the caller's AWS variables), where it plays the
+/// child's part ([`open_from_the_environment`]), so the standard sources are read as a
+/// real process reads them.
 fn run_child(url: &str, profile: &str, expect: &str, env: &[(&str, String)]) {
     let mut cmd = std::process::Command::new(std::env::current_exe().expect("test binary"));
     cmd.args([
-        "open_from_the_environment_child",
+        "open_reads_the_endpoint_and_profile_from_the_standard_environment",
         "--exact",
-        "--ignored",
         "--nocapture",
     ]);
     for (k, _) in std::env::vars() {
@@ -263,6 +264,9 @@ fn run_child(url: &str, profile: &str, expect: &str, env: &[(&str, String)]) {
 
 #[test]
 fn open_reads_the_endpoint_and_profile_from_the_standard_environment() {
+    if let Ok(url) = std::env::var("SEALVOL_TEST_CHILD_URL") {
+        return open_from_the_environment(&url);
+    }
     let Some(g) =
         Garage::start_or_skip("open_reads_the_endpoint_and_profile_from_the_standard_environment")
     else {
@@ -295,14 +299,9 @@ fn open_reads_the_endpoint_and_profile_from_the_standard_environment() {
     run_child(&url, "nocreds", "access-denied", &env);
 }
 
-/// Not a test on its own: [`open_reads_the_endpoint_and_profile_from_the_standard_environment`]
-/// runs it in a child process with the environment it sets up, and checks it ran.
-#[test]
-#[ignore = "run by open_reads_the_endpoint_and_profile_from_the_standard_environment"]
-fn open_from_the_environment_child() {
-    let Ok(url) = std::env::var("SEALVOL_TEST_CHILD_URL") else {
-        panic!("run only by open_reads_the_endpoint_and_profile_from_the_standard_environment");
-    };
+/// The child's part: opens the store named by the environment the parent set up and
+/// checks the outcome it expects.
+fn open_from_the_environment(url: &str) {
     let profile = std::env::var("SEALVOL_TEST_CHILD_PROFILE").expect("profile");
     let expect = std::env::var("SEALVOL_TEST_CHILD_EXPECT").expect("expectation");
     let url: StoreUrl = url.parse().expect("url");
