@@ -20,16 +20,14 @@
 //! registry already says runs, with the host's own service credentials, and KMS decides
 //! every unwrap as at any attach.
 
-use std::os::unix::fs::OpenOptionsExt;
-
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use serde::Serialize;
 
 use super::agent::{self, AgentPaths};
 use super::error::{ApiError, ControllerError};
 use super::registry::Workspace;
 use super::state::{Event, WorkspaceState};
-use super::workspaces::Controller;
+use super::workspaces::{Controller, lock_file};
 
 /// What recovery did with one WorkSpace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -94,18 +92,7 @@ impl Controller {
 
     fn recovery_lock(&self) -> Result<Flock<std::fs::File>, ControllerError> {
         let path = self.cfg.state_dir.join("recover.lock");
-        let io = |source| ControllerError::Io {
-            path: path.clone(),
-            source,
-        };
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io)?;
-        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| io(e.into()))
+        Ok(lock_file(&path, true)?.expect("a lock waited for is held"))
     }
 
     fn recover_one(&self, w: &mut Workspace) -> (RecoveryAction, Option<String>) {

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 
 use crate::agent::{Begun, SnapshotSession};
 use crate::snapshot::CHUNK_BYTES;
@@ -28,7 +28,7 @@ use super::ids;
 use super::kind::VolumeKind;
 use super::registry::{Registry, Snapshot, User, Volume, Workspace};
 use super::state::WorkspaceState;
-use super::workspaces::{Controller, copy_sparse};
+use super::workspaces::{Controller, copy_sparse, lock_file};
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
@@ -271,37 +271,16 @@ impl Controller {
         workspace_id: &str,
         wait: bool,
     ) -> Result<Flock<std::fs::File>, ControllerError> {
-        use std::os::unix::fs::OpenOptionsExt;
         let path = self
             .cfg
             .state_dir
             .join("agents")
             .join(format!("{workspace_id}.snapshot.lock"));
-        let io = |source| ControllerError::Io {
-            path: path.clone(),
-            source,
-        };
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io)?;
-        let how = if wait {
-            FlockArg::LockExclusive
-        } else {
-            FlockArg::LockExclusiveNonblock
-        };
-        Flock::lock(file, how).map_err(|(_, e)| {
-            if e == nix::errno::Errno::EWOULDBLOCK {
-                api(
-                    ApiErrorCode::InvalidResourceState,
-                    format!("a snapshot of WorkSpace {workspace_id} is already running"),
-                )
-            } else {
-                io(e.into())
-            }
+        lock_file(&path, wait)?.ok_or_else(|| {
+            api(
+                ApiErrorCode::InvalidResourceState,
+                format!("a snapshot of WorkSpace {workspace_id} is already running"),
+            )
         })
     }
 

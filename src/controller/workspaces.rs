@@ -55,6 +55,37 @@ impl std::fmt::Debug for Controller {
     }
 }
 
+/// Takes an exclusive `flock` on the (private, created if missing) file at `path`,
+/// waiting for it when `wait`; `None` when it is held elsewhere and `wait` is false.
+pub(super) fn lock_file(
+    path: &Path,
+    wait: bool,
+) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, ControllerError> {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| ControllerError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    let how = if wait {
+        FlockArg::LockExclusive
+    } else {
+        FlockArg::LockExclusiveNonblock
+    };
+    match Flock::lock(file, how) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) if !wait => Ok(None),
+        Err((_, e)) => Err(io(e.into())),
+    }
+}
+
 pub(super) fn copy_sparse(from: &Path, to: &Path) -> Result<(), ControllerError> {
     crate::host::run(
         "cp",
