@@ -429,19 +429,16 @@ impl Controller {
         store: &dyn SnapshotStore,
         workspace_id: &str,
     ) -> Result<Option<(Manifest, Manifest)>, ApiError> {
-        let roots = retention::manifests(store, workspace_id, "root")?;
-        let users = retention::manifests(store, workspace_id, "user")?;
-        let name = |k: &String| k.rsplit('/').next().map(str::to_string);
-        let user_names: std::collections::HashSet<_> = users.iter().filter_map(name).collect();
-        let Some(root_key) = roots
-            .iter()
+        let users = retention::snapshot_times(store, workspace_id, "user")?;
+        let Some(time) = retention::snapshot_times(store, workspace_id, "root")?
+            .into_iter()
             .rev()
-            .find(|k| name(k).is_some_and(|n| user_names.contains(&n)))
+            .find(|t| users.contains(t))
         else {
             return Ok(None);
         };
-        let user_key =
-            Manifest::prefix(workspace_id, "user") + &name(root_key).expect("the key has a name");
+        let root_key = &Manifest::key(workspace_id, "root", &time);
+        let user_key = Manifest::key(workspace_id, "user", &time);
         let root = Manifest::open(root_key, &store.get(root_key)?)?;
         let user = Manifest::open(&user_key, &store.get(&user_key)?)?;
         Ok(Some((root, user)))
@@ -476,22 +473,10 @@ impl Controller {
         workspace_id: &str,
     ) -> Result<serde_json::Value, ControllerError> {
         let store = self.snapshot_store()?;
-        let time = |k: &String| {
-            k.rsplit('/')
-                .next()
-                .and_then(|n| n.strip_suffix(".json"))
-                .map(str::to_string)
-        };
-        let users: Vec<String> = retention::manifests(store.as_ref(), workspace_id, "user")
-            .map_err(ApiError::from)?
-            .iter()
-            .filter_map(time)
-            .collect();
-        let roots: Vec<String> = retention::manifests(store.as_ref(), workspace_id, "root")
-            .map_err(ApiError::from)?
-            .iter()
-            .filter_map(time)
-            .collect();
+        let users = retention::snapshot_times(store.as_ref(), workspace_id, "user")
+            .map_err(ApiError::from)?;
+        let roots = retention::snapshot_times(store.as_ref(), workspace_id, "root")
+            .map_err(ApiError::from)?;
         if users.is_empty() && roots.is_empty() && self.reg.workspace(workspace_id)?.is_none() {
             return Err(api(
                 ApiErrorCode::ResourceNotFound,

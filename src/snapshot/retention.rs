@@ -51,6 +51,24 @@ pub fn manifests(
     Ok(keys)
 }
 
+/// The snapshot times of one volume kind of a WorkSpace (its manifests' names), oldest
+/// first.
+///
+/// # Errors
+/// The store failed.
+pub fn snapshot_times(
+    store: &dyn SnapshotStore,
+    workspace_id: &str,
+    kind: &str,
+) -> Result<Vec<String>, StoreError> {
+    let prefix = Manifest::prefix(workspace_id, kind);
+    Ok(manifests(store, workspace_id, kind)?
+        .iter()
+        .filter_map(|k| k.strip_prefix(&prefix)?.strip_suffix(".json"))
+        .map(str::to_string)
+        .collect())
+}
+
 /// Deletes all but the newest `keep` manifests of a WorkSpace's volume kind, then
 /// collects unreferenced chunks older than `grace`.
 ///

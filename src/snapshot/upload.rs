@@ -155,7 +155,8 @@ pub fn upload(
                 }
             });
         }
-        let mut buf = Vec::with_capacity(usize::try_from(CHUNK_BYTES).expect("fits"));
+        let chunk_cap = usize::try_from(CHUNK_BYTES).expect("fits");
+        let mut buf = Vec::with_capacity(chunk_cap);
         let total = to_read.len() as u64;
         for (done, &i) in to_read.iter().enumerate() {
             if failed.load(Ordering::SeqCst) {
@@ -174,7 +175,9 @@ pub fn upload(
                 let hash = blake3::hash(&buf).to_hex().to_string();
                 if slot.as_deref() != Some(hash.as_str()) {
                     *slot = Some(hash.clone());
-                    if tx.send((hash, buf.clone())).is_err() {
+                    // The chunk moves to its uploader; the next read fills a new buffer.
+                    let body = std::mem::replace(&mut buf, Vec::with_capacity(chunk_cap));
+                    if tx.send((hash, body)).is_err() {
                         break;
                     }
                 }
