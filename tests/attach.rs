@@ -23,21 +23,6 @@ fn attach(vol: &Path, mnt: &Path, key: Option<&Path>) -> std::process::Output {
     run("sealvol", &args)
 }
 
-fn create(vol: &Path, key: Option<&Path>, gib: &str) {
-    let mut args = vec![
-        "create-volume",
-        "--path",
-        vol.to_str().expect("utf8"),
-        "--size-gib",
-        gib,
-    ];
-    match key {
-        Some(k) => args.extend(["--volume-key-file", k.to_str().expect("utf8")]),
-        None => args.push("--unencrypted"),
-    }
-    run_ok("sealvol", &args);
-}
-
 #[test]
 fn ext4_on_loop_survives_detach_and_reattach() {
     if !privileged_env("ext4_on_loop_survives_detach_and_reattach") {
@@ -49,7 +34,7 @@ fn ext4_on_loop_survives_detach_and_reattach() {
     let mnt = dir.path().join("mnt");
     let fsdir = dir.path().join("fs");
     std::fs::create_dir(&mnt).expect("mkdir");
-    create(&vol, Some(&key), "1");
+    create_volume(&vol, Some(&key), "1");
     // Never overwrites without --force.
     let again = run(
         "sealvol",
@@ -128,7 +113,7 @@ fn detach_releases_loop_and_filesystem_first() {
     let mnt = dir.path().join("mnt");
     let fsdir = dir.path().join("fs");
     std::fs::create_dir(&mnt).expect("mkdir");
-    create(&vol, None, "1");
+    create_volume(&vol, None, "1");
     let out = attach(&vol, &mnt, None);
     assert!(
         out.status.success(),
@@ -191,7 +176,7 @@ fn wrong_key_is_refused_and_nothing_is_mounted() {
     let wrong = key_file(dir.path(), "wrong");
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).expect("mkdir");
-    create(&vol, Some(&key), "1");
+    create_volume(&vol, Some(&key), "1");
     let before = std::fs::read(&vol).expect("read");
     let out = attach(&vol, &mnt, Some(&wrong));
     assert!(!out.status.success());
@@ -265,7 +250,7 @@ fn fio_crc32c_verify_through_fuse() {
     let key = key_file(dir.path(), "key");
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).expect("mkdir");
-    create(&vol, Some(&key), "1");
+    create_volume(&vol, Some(&key), "1");
     let out = attach(&vol, &mnt, Some(&key));
     assert!(
         out.status.success(),

@@ -72,18 +72,7 @@ fn new_volume() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf, PathBuf) {
     let new = key_file(dir.path(), "new.key");
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).expect("mkdir");
-    run_ok(
-        "sealvol",
-        &[
-            "create-volume",
-            "--path",
-            s(&vol),
-            "--size-gib",
-            "1",
-            "--volume-key-file",
-            s(&old),
-        ],
-    );
+    create_volume(&vol, Some(&old), "1");
     (dir, vol, old, new, mnt)
 }
 

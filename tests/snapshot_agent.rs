@@ -56,18 +56,7 @@ fn agent_serves_consistent_snapshots_and_keeps_its_dirty_map() {
     let key = key_file(dir.path(), "key");
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).expect("mkdir");
-    run_ok(
-        "sealvol",
-        &[
-            "create-volume",
-            "--path",
-            vol.to_str().expect("utf8"),
-            "--size-gib",
-            "1",
-            "--volume-key-file",
-            key.to_str().expect("utf8"),
-        ],
-    );
+    create_volume(&vol, Some(&key), "1");
     let data_offset = sealvol::volume::read_header(&vol)
         .expect("header")
         .data_offset();

@@ -178,3 +178,19 @@ impl Drop for LoopMount {
         let _ = run("losetup", &["-d", &self.dev]);
     }
 }
+
+/// `sealvol create-volume` at `vol` of `gib` GiB: under the key in `key`, or unencrypted.
+pub fn create_volume(vol: &Path, key: Option<&Path>, gib: &str) {
+    let mut args = vec![
+        "create-volume",
+        "--path",
+        vol.to_str().expect("utf8"),
+        "--size-gib",
+        gib,
+    ];
+    match key {
+        Some(k) => args.extend(["--volume-key-file", k.to_str().expect("utf8")]),
+        None => args.push("--unencrypted"),
+    }
+    run_ok("sealvol", &args);
+}
