@@ -150,50 +150,45 @@ api_bind_addr = "127.0.0.1:{admin}"
             .unwrap_or_else(|e| panic!("garage {args:?} failed: {e}\nserver log:\n{}", self.log()))
     }
 
-    /// The server's log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("garage.log")).unwrap_or_default()
-    }
-
-    fn set_up(&mut self) {
+    /// Runs `garage args` until it succeeds, for 30 s while the server lives: `node id`
+    /// answers from the key file before the RPC port listens, so the first commands after
+    /// it may meet "Connection refused".
+    fn cli_retry(&mut self, args: &[&str]) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let node = loop {
-            match self.cli(&["node", "id", "-q"]) {
-                Ok(id) => break id.trim().split('@').next().unwrap_or("").to_owned(),
+        loop {
+            match self.cli(args) {
+                Ok(out) => return out,
                 Err(e) => {
                     if let Ok(Some(status)) = self.child.try_wait() {
                         panic!("garage exited ({status}): {e}\n{}", self.log());
                     }
                     assert!(
                         Instant::now() < deadline,
-                        "garage did not start: {e}\n{}",
+                        "garage {args:?} failed for 30 s: {e}\nserver log:\n{}",
                         self.log()
                     );
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }
-        };
-        self.cli_ok(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
-        self.cli_ok(&["layout", "apply", "--version", "1"]);
-        self.cli_ok(&[
-            "key",
-            "import",
-            "--yes",
-            "-n",
-            "sealvol",
-            &self.access_key,
-            &self.secret_key,
-        ]);
-        self.cli_ok(&["bucket", "create", &self.bucket]);
-        self.cli_ok(&[
-            "bucket",
-            "allow",
-            "--read",
-            "--write",
-            "--owner",
-            &self.bucket,
-            "--key",
-            &self.access_key,
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("garage.log")).unwrap_or_default()
+    }
+
+    fn set_up(&mut self) {
+        let id = self.cli_retry(&["node", "id", "-q"]);
+        let node = id.trim().split('@').next().unwrap_or("").to_owned();
+        self.cli_retry(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
+        self.cli_retry(&["layout", "apply", "--version", "1"]);
+        let (key, secret) = (self.access_key.clone(), self.secret_key.clone());
+        self.cli_retry(&["key", "import", "--yes", "-n", "sealvol", &key, &secret]);
+        let bucket = self.bucket.clone();
+        self.cli_retry(&["bucket", "create", &bucket]);
+        self.cli_retry(&[
+            "bucket", "allow", "--read", "--write", "--owner", &bucket, "--key", &key,
         ]);
     }
 

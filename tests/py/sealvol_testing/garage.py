@@ -187,9 +187,11 @@ class Garage:
         first = self.nodes[0]
         for addr in addresses[1:]:
             _poll(lambda a=addr: first.cli("node", "connect", a), f"node 0 to connect to {addr}")
+        # `node id` answers from the key file before the RPC port listens: poll what follows.
         for i, n in enumerate(self.nodes):
-            first.cli("layout", "assign", "-z", f"dc{i + 1}", "-c", "1G", n.node_id)
-        first.cli("layout", "apply", "--version", "1")
+            _poll(lambda n=n, i=i: first.cli("layout", "assign", "-z", f"dc{i + 1}", "-c", "1G", n.node_id),
+                  f"the layout assignment of node {i}")
+        _poll(lambda: first.cli("layout", "apply", "--version", "1"), "the layout apply")
         _poll(lambda: first.cli("key", "import", "--yes", "-n", "sealvol", self.access_key, self.secret_key),
               "the key import")
         _poll(lambda: first.cli("bucket", "create", self.bucket), "the bucket creation")
