@@ -14,7 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 
-pub use cache::{CacheMode, DirectFile};
+pub use cache::{CacheMode, DirectFile, UnknownCacheMode};
 
 /// What failed, with where.
 #[derive(Debug, thiserror::Error)]

@@ -17,6 +17,7 @@ pub use global::GlobalOptions;
 use output::{emit, print_json};
 
 use crate::agent::{self, AttachError};
+use crate::backing::CacheMode;
 use crate::fuse::Export;
 use crate::metrics::AgentMetrics;
 use crate::secret::{SecretError, VolumeKey};
@@ -108,6 +109,11 @@ pub enum Cmd {
         /// FUSE event-loop threads.
         #[arg(long, default_value_t = 4)]
         threads: usize,
+        /// Host caching of the volume file, with qemu's names: `none` (O_DIRECT, no host
+        /// page cache, as on EBS) or `writeback` (through the host page cache; durable at
+        /// flush either way).
+        #[arg(long, default_value = "none", value_parser = parse_cache_mode)]
+        cache: CacheMode,
         /// Background agent's log file (default: discarded).
         #[arg(long)]
         log_file: Option<PathBuf>,
@@ -302,6 +308,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             unencrypted: _,
             foreground,
             threads,
+            cache,
             log_file,
             new_volume_key_file,
         } => {
@@ -312,6 +319,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     volume_key_file.as_deref(),
                     new_volume_key_file.as_deref(),
                     threads,
+                    cache,
                 )
             } else {
                 let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
@@ -396,6 +404,11 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
+/// `--cache`: `writeback` or `none` (also used by the WorkSpaces verbs).
+pub(crate) fn parse_cache_mode(s: &str) -> Result<CacheMode, String> {
+    s.parse::<CacheMode>().map_err(|e| e.to_string())
+}
+
 fn parse_sector_size(s: &str) -> Result<u32, String> {
     match s {
         "512" => Ok(512),
@@ -412,6 +425,7 @@ fn attach_here(
     key_file: Option<&Path>,
     new_key_file: Option<&Path>,
     threads: usize,
+    cache: CacheMode,
 ) -> Result<(), CliError> {
     let mut resume = Vec::new();
     let opened = match (key_file, new_key_file) {
@@ -442,6 +456,7 @@ fn attach_here(
         }
         (None, _) => volume::open_plain(path)?,
     };
+    opened.set_cache(cache)?;
     let exports = vec![Export::new("disk", opened.device)];
     let metrics = AgentMetrics::from_env(&[]).map_err(AttachError::from)?;
     let in_agent = std::env::var_os("SEALVOL_AGENT").is_some();

@@ -12,6 +12,7 @@
 use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crate::backing::aligned::AlignedBuf;
 use crate::backing::{Backing, BackingError};
 use crate::xts::{SectorCipher, SectorSize, XtsError};
 
@@ -492,8 +493,9 @@ impl Device {
         if span.start == offset && span.end == offset + len {
             self.read_sectors(span.start, &mut buf[..n])?;
         } else {
-            let mut tmp =
-                vec![0u8; usize::try_from(span.end - span.start).expect("bounded by request")];
+            let mut tmp = AlignedBuf::zeroed(
+                usize::try_from(span.end - span.start).expect("bounded by request"),
+            );
             self.read_sectors(span.start, &mut tmp)?;
             let skip = usize::try_from(offset - span.start).expect("less than a sector");
             buf[..n].copy_from_slice(&tmp[skip..skip + n]);
@@ -513,8 +515,9 @@ impl Device {
         }
         let span = self.aligned(offset, len);
         let _guard = self.lock_write(&span);
+        // Aligned, so that `--cache none` sends it to the disk directly.
         let mut tmp =
-            vec![0u8; usize::try_from(span.end - span.start).expect("bounded by request")];
+            AlignedBuf::zeroed(usize::try_from(span.end - span.start).expect("bounded by request"));
         let ss = self.geo.sector_size.bytes_u64();
         let head_partial = offset != span.start;
         let tail_partial = offset + len != span.end;

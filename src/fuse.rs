@@ -12,6 +12,7 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, SessionACL, WriteFlags,
 };
 
+use crate::backing::aligned::AlignedBuf;
 use crate::device::{Device, DeviceError};
 use crate::metrics::{InFlight, IoOp, VolumeIo};
 
@@ -23,8 +24,9 @@ const ROOT: u64 = 1;
 const TTL: Duration = Duration::from_secs(1);
 
 thread_local! {
-    /// Each FUSE thread's read buffer (volume plaintext, never keys), at most MAX_WRITE.
-    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each FUSE thread's read buffer (volume plaintext, never keys), at most MAX_WRITE;
+    /// aligned, so that `--cache none` reads go to the disk directly.
+    static READ_BUF: std::cell::RefCell<AlignedBuf> = std::cell::RefCell::new(AlignedBuf::zeroed(0));
 }
 
 /// One served file: its name in the mount and its device.
@@ -268,7 +270,7 @@ impl Filesystem for VolumeFs {
         READ_BUF.with_borrow_mut(|buf| {
             // Grown once per FUSE thread, then reused: no 1 MiB allocate-and-zero per read.
             if buf.len() < want {
-                buf.resize(want, 0);
+                buf.resize(want);
             }
             match e.device.read(offset, &mut buf[..want]) {
                 Ok(n) => {

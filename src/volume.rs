@@ -163,6 +163,17 @@ pub struct OpenVolume {
     pub path: PathBuf,
 }
 
+impl OpenVolume {
+    /// Serves the volume file in `mode` from now on: `none` adds an `O_DIRECT`
+    /// descriptor (see [`crate::backing::CacheMode`]).
+    ///
+    /// # Errors
+    /// The host filesystem refuses `O_DIRECT`.
+    pub fn set_cache(&self, mode: crate::backing::CacheMode) -> Result<(), VolumeError> {
+        Ok(self.device.backing().set_cache(mode)?)
+    }
+}
+
 fn open_backing(path: &Path) -> Result<FileBacking, VolumeError> {
     if !path.exists() {
         return Err(VolumeError::Missing(path.to_path_buf()));

@@ -195,43 +195,6 @@ fn wrong_key_is_refused_and_nothing_is_mounted() {
     assert!(!is_mounted(&mnt));
 }
 
-fn fio_verify(file: &Path, name: &str, rw: &str, bs: &str, iodepth: &str) {
-    let out = run(
-        "fio",
-        &[
-            &format!("--name={name}"),
-            &format!("--filename={}", file.display()),
-            &format!("--rw={rw}"),
-            &format!("--bs={bs}"),
-            &format!("--iodepth={iodepth}"),
-            "--ioengine=libaio",
-            "--direct=1",
-            "--size=64M",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--output-format=json",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "fio {name}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio json");
-    let job = &json["jobs"][0];
-    assert_eq!(job["error"], 0, "fio {name} error");
-    assert!(
-        job["write"]["io_bytes"].as_u64().unwrap_or(0) >= 64 << 20,
-        "fio {name} wrote everything"
-    );
-    assert!(
-        job["read"]["io_bytes"].as_u64().unwrap_or(0) >= 64 << 20,
-        "fio {name} verified everything"
-    );
-}
-
 #[test]
 fn fio_crc32c_verify_through_fuse() {
     if !privileged_env("fio_crc32c_verify_through_fuse") {

@@ -52,6 +52,19 @@ impl std::str::FromStr for CacheMode {
     }
 }
 
+impl serde::Serialize for CacheMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CacheMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// A volume file opened `O_DIRECT`, with the alignment the host filesystem demands.
 #[derive(Debug)]
 pub struct DirectFile {
@@ -155,5 +168,12 @@ mod tests {
         }
         let err = "direct".parse::<CacheMode>().expect_err("unknown");
         assert!(err.to_string().contains("writeback"), "{err}");
+        let json = serde_json::to_string(&CacheMode::None).expect("serialize");
+        assert_eq!(json, "\"none\"");
+        assert_eq!(
+            serde_json::from_str::<CacheMode>("\"writeback\"").expect("deserialize"),
+            CacheMode::Writeback
+        );
+        assert!(serde_json::from_str::<CacheMode>("\"unsafe\"").is_err());
     }
 }

@@ -10,6 +10,7 @@ use clap::{Args, Subcommand};
 use super::output::{emit, print_json};
 use super::progress::ByteBar;
 use super::{CliError, GlobalOptions, Output};
+use crate::backing::CacheMode;
 use crate::controller::Controller;
 use crate::controller::api::{
     BatchResult, CreateResult, WorkspaceProperties, WorkspaceRequest, WorkspaceView,
@@ -140,6 +141,10 @@ pub enum WorkspaceCmd {
         /// User volume size.
         #[arg(long, default_value_t = 10)]
         user_volume_size_gib: u64,
+        /// Host caching of the volume files: `none` (O_DIRECT, the default) or
+        /// `writeback` (through the host page cache). Shown by describe as CacheMode.
+        #[arg(long, value_parser = crate::cli::parse_cache_mode)]
+        cache: Option<CacheMode>,
     },
     /// Describe WorkSpaces (all, or the given ids).
     DescribeWorkspaces {
@@ -218,6 +223,10 @@ pub enum WorkspaceCmd {
         /// Requested user volume encryption.
         #[arg(long)]
         user_volume_encryption_enabled: Option<bool>,
+        /// Host caching of the volume files, `none` or `writeback`: from the next
+        /// start, reboot, rebuild or restore.
+        #[arg(long, value_parser = crate::cli::parse_cache_mode)]
+        cache: Option<CacheMode>,
     },
     /// Re-encrypt a WorkSpace's data-key blobs under another KMS key (no data rewritten).
     RewrapVolume {
@@ -393,6 +402,7 @@ pub fn run(cmd: WorkspaceCmd, global: &GlobalOptions) -> Result<(), CliError> {
             user_volume_encryption_enabled,
             root_volume_size_gib,
             user_volume_size_gib,
+            cache,
         } => {
             let c = global.controller()?;
             let root_size = match root_volume_size_gib {
@@ -414,6 +424,7 @@ pub fn run(cmd: WorkspaceCmd, global: &GlobalOptions) -> Result<(), CliError> {
                 workspace_properties: Some(WorkspaceProperties {
                     root_volume_size_gib: root_size,
                     user_volume_size_gib,
+                    cache_mode: cache,
                 }),
             };
             let (c, bar) = with_fill_bar(c);
@@ -577,13 +588,27 @@ pub fn run(cmd: WorkspaceCmd, global: &GlobalOptions) -> Result<(), CliError> {
             workspace_id,
             root_volume_encryption_enabled,
             user_volume_encryption_enabled,
+            cache,
         } => {
-            global.controller()?.modify_encryption(
+            let c = global.controller()?;
+            c.modify_encryption(
                 &workspace_id,
                 root_volume_encryption_enabled,
                 user_volume_encryption_enabled,
             )?;
-            println!("nothing to change");
+            match cache {
+                Some(mode) => {
+                    let changed = c.set_cache_mode(&workspace_id, mode)?;
+                    if changed {
+                        println!(
+                            "{workspace_id}: cache mode {mode} from the next start, reboot, rebuild or restore"
+                        );
+                    } else {
+                        println!("{workspace_id}: cache mode is already {mode}");
+                    }
+                }
+                None => println!("nothing to change"),
+            }
         }
         WorkspaceCmd::RewrapVolume {
             workspace_id,

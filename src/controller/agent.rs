@@ -189,6 +189,7 @@ pub fn run(
     for v in &vols {
         let context = volume_context(&user.sid, &ws.directory_id, &v.volume_id);
         let opened = open_volume(v, &context, ebs.as_ref())?;
+        opened.volume.set_cache(ws.cache_mode)?;
         if v.kind == VolumeKind::User && !v.formatted {
             needs_mkfs.push(v.volume_id.clone());
         }

@@ -5,11 +5,16 @@ use serde::{Deserialize, Serialize};
 
 use super::kind::VolumeKind;
 use super::state::WorkspaceState;
+use crate::backing::CacheMode;
 
 /// Batch verbs take at most this many ids (as the API).
 pub const MAX_BATCH: usize = 25;
 
-/// `WorkspaceProperties` (sizes).
+/// The cache mode of a WorkSpace launched or imported without one: `none` (O_DIRECT),
+/// chosen from the benchmarks (README, "Cache modes").
+pub const DEFAULT_CACHE_MODE: CacheMode = CacheMode::None;
+
+/// `WorkspaceProperties` (sizes, and sealvol's host cache mode).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
 pub struct WorkspaceProperties {
@@ -17,6 +22,10 @@ pub struct WorkspaceProperties {
     pub root_volume_size_gib: u64,
     /// User volume size.
     pub user_volume_size_gib: u64,
+    /// How the agent caches the volume files on the host (not part of the AWS shape):
+    /// `none` or `writeback`; [`DEFAULT_CACHE_MODE`] when a request leaves it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_mode: Option<CacheMode>,
 }
 
 /// One launch request (`CreateWorkspaces` item).

@@ -76,6 +76,8 @@ impl Controller {
             user_size_gib: meta.user_size_gib,
             ws_grant_id: None,
             error: None,
+            // A host's own choice: the snapshots do not carry it.
+            cache_mode: super::api::DEFAULT_CACHE_MODE,
         };
         let key_arn = ws
             .key_arn

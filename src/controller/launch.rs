@@ -105,6 +105,7 @@ impl Controller {
             .unwrap_or(WorkspaceProperties {
                 root_volume_size_gib: bundle.size_gib,
                 user_volume_size_gib: 10,
+                cache_mode: None,
             });
         if props.root_volume_size_gib < bundle.size_gib {
             return Err(ApiError::new(
@@ -163,6 +164,7 @@ impl Controller {
             user_size_gib: props.user_volume_size_gib,
             ws_grant_id: None,
             error: None,
+            cache_mode: props.cache_mode.unwrap_or(super::api::DEFAULT_CACHE_MODE),
         };
         self.reg.insert_workspace(&ws).map_err(reg_err)?;
         let outcome =

@@ -409,4 +409,30 @@ impl Controller {
         }
         Ok(())
     }
+
+    /// Sets how the agent caches the WorkSpace's volume files on the host; a running
+    /// agent keeps its mode until the next start, reboot, rebuild or restore. Returns
+    /// whether anything changed.
+    ///
+    /// # Errors
+    /// No such WorkSpace, it is terminated, or the registry fails.
+    pub fn set_cache_mode(
+        &self,
+        workspace_id: &str,
+        mode: crate::backing::CacheMode,
+    ) -> Result<bool, ControllerError> {
+        let mut w = self.existing_workspace(workspace_id)?;
+        if w.state == WorkspaceState::Terminated {
+            return Err(api(
+                ApiErrorCode::InvalidResourceState,
+                format!("WorkSpace {workspace_id} is terminated"),
+            ));
+        }
+        if w.cache_mode == mode {
+            return Ok(false);
+        }
+        w.cache_mode = mode;
+        self.reg.update_workspace(&w).map_err(ApiError::internal)?;
+        Ok(true)
+    }
 }

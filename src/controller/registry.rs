@@ -7,6 +7,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::kind::VolumeKind;
 use super::state::WorkspaceState;
+use crate::backing::CacheMode;
 
 /// Registry errors.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +82,8 @@ pub struct Workspace {
     pub ws_grant_id: Option<String>,
     /// Last error message, if any.
     pub error: Option<String>,
+    /// How the agent caches the volume files on the host (from the next start).
+    pub cache_mode: CacheMode,
 }
 
 /// A volume row.
@@ -139,7 +142,7 @@ CREATE TABLE IF NOT EXISTS workspaces (workspace_id TEXT PRIMARY KEY, directory_
   user_name TEXT NOT NULL, bundle_id TEXT NOT NULL, state TEXT NOT NULL, key_arn TEXT NOT NULL,
   root_encrypted INTEGER NOT NULL, user_encrypted INTEGER NOT NULL, root_size_gib INTEGER NOT NULL,
   user_size_gib INTEGER NOT NULL, ws_grant_id TEXT NOT NULL, error TEXT NOT NULL DEFAULT '',
-  created INTEGER NOT NULL);
+  created INTEGER NOT NULL, cache_mode TEXT NOT NULL DEFAULT 'writeback');
 CREATE TABLE IF NOT EXISTS volumes (volume_id TEXT PRIMARY KEY, workspace_id TEXT NOT NULL, kind TEXT NOT NULL,
   path TEXT NOT NULL, encrypted INTEGER NOT NULL, key_arn TEXT NOT NULL, grant_id TEXT NOT NULL,
   size_gib INTEGER NOT NULL, formatted INTEGER NOT NULL DEFAULT 0);
@@ -194,6 +197,20 @@ fn create_private(path: &Path) -> Result<(), RegistryError> {
         .map_err(io)
 }
 
+/// Columns added after a table was first created: a database from an older sealvol gets
+/// them with their default (`cache_mode`: `writeback`, how its WorkSpaces ran).
+fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let has_cache_mode = conn
+        .prepare("SELECT 1 FROM pragma_table_info('workspaces') WHERE name = 'cache_mode'")?
+        .exists([])?;
+    if !has_cache_mode {
+        conn.execute_batch(
+            "ALTER TABLE workspaces ADD COLUMN cache_mode TEXT NOT NULL DEFAULT 'writeback'",
+        )?;
+    }
+    Ok(())
+}
+
 impl Registry {
     /// Opens (creating if needed) `<state_dir>/controller.db`, mode 0600.
     ///
@@ -214,6 +231,7 @@ impl Registry {
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        add_missing_columns(&conn).map_err(err)?;
         Ok(Self { conn, path })
     }
 
@@ -336,8 +354,9 @@ impl Registry {
         self.conn
             .execute(
                 "INSERT INTO workspaces (workspace_id, directory_id, user_name, bundle_id, state, key_arn,
-                 root_encrypted, user_encrypted, root_size_gib, user_size_gib, ws_grant_id, error, created)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                 root_encrypted, user_encrypted, root_size_gib, user_size_gib, ws_grant_id, error, created,
+                 cache_mode)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                 params![
                     w.workspace_id,
                     w.directory_id,
@@ -351,27 +370,30 @@ impl Registry {
                     to_i64(w.user_size_gib),
                     to_column(w.ws_grant_id.as_deref()),
                     to_column(w.error.as_deref()),
-                    now()
+                    now(),
+                    w.cache_mode.as_str()
                 ],
             )
             .map(|_| ())
             .map_err(self.err())
     }
 
-    /// Updates a workspace's mutable fields (state, key, grant, error).
+    /// Updates a workspace's mutable fields (state, key, grant, error, cache mode).
     ///
     /// # Errors
     /// SQLite failure.
     pub fn update_workspace(&self, w: &Workspace) -> Result<(), RegistryError> {
         self.conn
             .execute(
-                "UPDATE workspaces SET state = ?2, key_arn = ?3, ws_grant_id = ?4, error = ?5 WHERE workspace_id = ?1",
+                "UPDATE workspaces SET state = ?2, key_arn = ?3, ws_grant_id = ?4, error = ?5,
+                 cache_mode = ?6 WHERE workspace_id = ?1",
                 params![
                     w.workspace_id,
                     w.state.as_str(),
                     to_column(w.key_arn.as_deref()),
                     to_column(w.ws_grant_id.as_deref()),
-                    to_column(w.error.as_deref())
+                    to_column(w.error.as_deref()),
+                    w.cache_mode.as_str()
                 ],
             )
             .map(|_| ())
@@ -397,7 +419,7 @@ impl Registry {
             .map_err(self.err())
     }
 
-    fn row_to_workspace(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Workspace, String)> {
+    fn row_to_workspace(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Workspace, String, String)> {
         let state: String = r.get(4)?;
         Ok((
             Workspace {
@@ -413,8 +435,10 @@ impl Registry {
                 user_size_gib: to_u64(r.get(9)?),
                 ws_grant_id: from_column(r.get(10)?),
                 error: from_column(r.get(11)?),
+                cache_mode: CacheMode::Writeback,
             },
             state,
+            r.get(12)?,
         ))
     }
 
@@ -427,7 +451,8 @@ impl Registry {
             .conn
             .prepare(
                 "SELECT workspace_id, directory_id, user_name, bundle_id, state, key_arn, root_encrypted,
-                 user_encrypted, root_size_gib, user_size_gib, ws_grant_id, error FROM workspaces ORDER BY created, workspace_id",
+                 user_encrypted, root_size_gib, user_size_gib, ws_grant_id, error, cache_mode
+                 FROM workspaces ORDER BY created, workspace_id",
             )
             .map_err(self.err())?;
         let rows = stmt
@@ -435,8 +460,13 @@ impl Registry {
             .map_err(self.err())?;
         let mut out = Vec::new();
         for row in rows {
-            let (mut w, state) = row.map_err(self.err())?;
+            let (mut w, state, cache) = row.map_err(self.err())?;
             w.state = state.parse().map_err(RegistryError::Corrupt)?;
+            w.cache_mode = cache
+                .parse()
+                .map_err(|e: crate::backing::UnknownCacheMode| {
+                    RegistryError::Corrupt(e.to_string())
+                })?;
             out.push(w);
         }
         Ok(out)

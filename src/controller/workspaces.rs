@@ -198,6 +198,7 @@ impl Controller {
             workspace_properties: WorkspaceProperties {
                 root_volume_size_gib: w.root_size_gib,
                 user_volume_size_gib: w.user_size_gib,
+                cache_mode: Some(w.cache_mode),
             },
             error_message: w.error.clone(),
             mount_point: w

@@ -194,3 +194,41 @@ pub fn create_volume(vol: &Path, key: Option<&Path>, gib: &str) {
     }
     run_ok("sealvol", &args);
 }
+
+/// fio with crc32c verification (`--verify_fatal`), 64 MiB, libaio, O_DIRECT, on `file`.
+pub fn fio_verify(file: &Path, name: &str, rw: &str, bs: &str, iodepth: &str) {
+    let out = run(
+        "fio",
+        &[
+            &format!("--name={name}"),
+            &format!("--filename={}", file.display()),
+            &format!("--rw={rw}"),
+            &format!("--bs={bs}"),
+            &format!("--iodepth={iodepth}"),
+            "--ioengine=libaio",
+            "--direct=1",
+            "--size=64M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--output-format=json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "fio {name}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio json");
+    let job = &json["jobs"][0];
+    assert_eq!(job["error"], 0, "fio {name} error");
+    assert!(
+        job["write"]["io_bytes"].as_u64().unwrap_or(0) >= 64 << 20,
+        "fio {name} wrote everything"
+    );
+    assert!(
+        job["read"]["io_bytes"].as_u64().unwrap_or(0) >= 64 << 20,
+        "fio {name} verified everything"
+    );
+}

@@ -35,6 +35,7 @@ fn round_trips_rows() {
         user_size_gib: 10,
         ws_grant_id: Some("g".into()),
         error: None,
+        cache_mode: crate::backing::CacheMode::None,
     };
     r.insert_workspace(&w).expect("insert");
     r.set_state("ws-abc", WorkspaceState::Available, None)
@@ -42,6 +43,7 @@ fn round_trips_rows() {
     let got = r.workspace("ws-abc").expect("get").expect("present");
     assert_eq!(got.state, WorkspaceState::Available);
     assert!(got.root_encrypted && !got.user_encrypted);
+    assert_eq!(got.cache_mode, crate::backing::CacheMode::None);
     drop(r);
     // Durable across reopen.
     let r = Registry::open(dir.path()).expect("reopen");
@@ -62,6 +64,7 @@ fn workspace(id: &str, key: Option<&str>, grant: Option<&str>, error: Option<&st
         user_size_gib: 10,
         ws_grant_id: grant.map(str::to_string),
         error: error.map(str::to_string),
+        cache_mode: crate::backing::CacheMode::Writeback,
     }
 }
 
@@ -145,4 +148,36 @@ fn optional_fields_round_trip() {
         )
         .expect("raw row");
     assert_eq!(raw, (String::new(), String::new(), String::new()));
+}
+
+#[test]
+fn a_database_from_before_cache_modes_gains_the_column_as_writeback() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        // The workspaces table as sealvol created it before cache modes existed.
+        let conn = rusqlite::Connection::open(dir.path().join("controller.db")).expect("open");
+        conn.execute_batch(
+            "CREATE TABLE workspaces (workspace_id TEXT PRIMARY KEY, directory_id TEXT NOT NULL,
+             user_name TEXT NOT NULL, bundle_id TEXT NOT NULL, state TEXT NOT NULL, key_arn TEXT NOT NULL,
+             root_encrypted INTEGER NOT NULL, user_encrypted INTEGER NOT NULL, root_size_gib INTEGER NOT NULL,
+             user_size_gib INTEGER NOT NULL, ws_grant_id TEXT NOT NULL, error TEXT NOT NULL DEFAULT '',
+             created INTEGER NOT NULL);
+             INSERT INTO workspaces VALUES ('ws-old', 'd-1', 'bob', 'wsb-1', 'AVAILABLE', '', 0, 0, 10, 10, '', '', 1);",
+        )
+        .expect("old schema");
+    }
+    let r = Registry::open(dir.path()).expect("open migrates");
+    let old = r.workspace("ws-old").expect("read").expect("present");
+    assert_eq!(old.cache_mode, crate::backing::CacheMode::Writeback);
+    let mut changed = old.clone();
+    changed.cache_mode = crate::backing::CacheMode::None;
+    r.update_workspace(&changed).expect("update");
+    drop(r);
+    let r = Registry::open(dir.path()).expect("reopen is idempotent");
+    let got = r.workspace("ws-old").expect("read").expect("present");
+    assert_eq!(got.cache_mode, crate::backing::CacheMode::None);
+    r.conn
+        .execute("UPDATE workspaces SET cache_mode = 'bogus'", [])
+        .expect("corrupt it");
+    assert!(matches!(r.workspaces(), Err(RegistryError::Corrupt(_))));
 }
