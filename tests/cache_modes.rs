@@ -13,20 +13,7 @@ use std::path::Path;
 use common::*;
 
 fn attach(vol: &Path, mnt: &Path, key: &Path, cache: &str) {
-    run_ok(
-        "sealvol",
-        &[
-            "attach",
-            "--path",
-            vol.to_str().expect("utf8"),
-            "--mountpoint",
-            mnt.to_str().expect("utf8"),
-            "--volume-key-file",
-            key.to_str().expect("utf8"),
-            "--cache",
-            cache,
-        ],
-    );
+    attach_encrypted(vol, mnt, key, &["--cache", cache]);
 }
 
 /// Drops the host page cache of `file` (clean pages only; the file is fsync'ed).
@@ -59,15 +46,8 @@ fn fio_verify_in_both_cache_modes_and_none_bypasses_the_host_cache() {
     if !privileged_env(test) {
         return;
     }
-    for tool in ["fio", "fincore"] {
-        if which(tool).is_none() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "{tool} missing in CI"
-            );
-            eprintln!("SKIPPED {test}: {tool} not installed (not in CI)");
-            return;
-        }
+    if !tool_or_skip(test, "fio") || !tool_or_skip(test, "fincore") {
+        return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let vol = dir.path().join("vol.luks");

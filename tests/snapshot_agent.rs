@@ -15,18 +15,7 @@ use sealvol::snapshot::CHUNK_BYTES;
 use sealvol::snapshot::dirty::{Changes, DirtyMap};
 
 fn attach(vol: &Path, mnt: &Path, key: &Path) {
-    run_ok(
-        "sealvol",
-        &[
-            "attach",
-            "--path",
-            vol.to_str().expect("utf8"),
-            "--mountpoint",
-            mnt.to_str().expect("utf8"),
-            "--volume-key-file",
-            key.to_str().expect("utf8"),
-        ],
-    );
+    attach_encrypted(vol, mnt, key, &[]);
 }
 
 fn write_through(mnt: &Path, offset: u64, byte: u8) {

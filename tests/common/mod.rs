@@ -232,3 +232,33 @@ pub fn fio_verify(file: &Path, name: &str, rw: &str, bs: &str, iodepth: &str) {
         "fio {name} verified everything"
     );
 }
+
+/// `sealvol attach` of the encrypted volume `vol` under `key` at `mnt`, with `extra`
+/// arguments; panics when it fails.
+pub fn attach_encrypted(vol: &Path, mnt: &Path, key: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "attach",
+        "--path",
+        vol.to_str().expect("utf8"),
+        "--mountpoint",
+        mnt.to_str().expect("utf8"),
+        "--volume-key-file",
+        key.to_str().expect("utf8"),
+    ];
+    args.extend_from_slice(extra);
+    run_ok("sealvol", &args);
+}
+
+/// Whether `tool` is installed; outside CI a missing tool skips `test` (after saying
+/// so), under CI=true it is a failure.
+pub fn tool_or_skip(test: &str, tool: &str) -> bool {
+    if which(tool).is_some() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test}: {tool} missing in CI"
+    );
+    eprintln!("SKIPPED {test}: {tool} not installed (not in CI)");
+    false
+}
