@@ -4,10 +4,12 @@
 //! [`FileBacking`] is the real one (positional `pread`/`pwrite`, `fdatasync`, and
 //! `fallocate(PUNCH_HOLE)`), served in one of two [`CacheMode`]s; [`MemBacking`] serves
 //! unit tests and micro-benchmarks. The crash simulator used by the crash tests is
-//! another implementation.
+//! another implementation. [`uring`] is the asynchronous path around the trait, for files
+//! served with `--cache none`.
 
 pub mod aligned;
 mod cache;
+pub mod uring;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -47,6 +49,37 @@ pub enum BackingError {
         /// Actual size.
         size: u64,
     },
+}
+
+impl BackingError {
+    /// A read or write of `len` bytes at `offset` of `backing` that failed with `e`:
+    /// [`BackingError::Truncated`] when it ran past the end of the file, else
+    /// [`BackingError::Io`].
+    #[must_use]
+    pub fn transfer(
+        backing: &dyn Backing,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        e: std::io::Error,
+    ) -> Self {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Self::Truncated {
+                path: backing.name(),
+                offset,
+                len,
+                size: backing.size().unwrap_or(0),
+            }
+        } else {
+            Self::Io {
+                op,
+                path: backing.name(),
+                offset,
+                len,
+                source: e,
+            }
+        }
+    }
 }
 
 /// Byte storage under a volume. Implementations are shared between threads.
@@ -240,18 +273,8 @@ impl FileBacking {
 impl Backing for FileBacking {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BackingError> {
         let file = self.fd_for(buf.as_ptr(), offset, buf.len());
-        file.read_exact_at(buf, offset).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                BackingError::Truncated {
-                    path: self.name(),
-                    offset,
-                    len: buf.len() as u64,
-                    size: self.size().unwrap_or(0),
-                }
-            } else {
-                self.io_err("read", offset, buf.len() as u64, e)
-            }
-        })
+        file.read_exact_at(buf, offset)
+            .map_err(|e| BackingError::transfer(self, "read", offset, buf.len() as u64, e))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BackingError> {

@@ -10,7 +10,10 @@
 //! with discards enabled; see the threat model.
 
 use std::ops::Range;
-use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+
+use parking_lot::RawRwLock;
+use parking_lot::lock_api::RawRwLock as _;
 
 use crate::backing::aligned::AlignedBuf;
 use crate::backing::{Backing, BackingError};
@@ -145,7 +148,9 @@ pub struct Device {
     backing: Arc<dyn Backing>,
     crypt: RwLock<Crypt>,
     geo: Geometry,
-    stripes: Vec<RwLock<()>>,
+    /// Raw locks, so that a guard can own its locks past a borrow of the device (the
+    /// asynchronous path holds them until its I/O completes, see [`async_io`]).
+    stripes: Vec<RawRwLock>,
     /// The rekey's hotzone, while one is being rewritten: I/O overlapping it waits.
     /// Unlike the stripe locks, which alias every `STRIPES × STRIPE_BYTES`, the fence
     /// stops only I/O that really touches the zone.
@@ -181,11 +186,22 @@ impl Drop for FenceGuard<'_> {
 }
 
 /// Held stripe locks for a byte range; released on drop.
-pub enum RangeGuard<'a> {
-    /// Shared (readers).
-    Read(#[allow(dead_code)] Vec<RwLockReadGuard<'a, ()>>),
-    /// Exclusive (writers).
-    Write(#[allow(dead_code)] Vec<RwLockWriteGuard<'a, ()>>),
+pub struct RangeGuard<'a> {
+    device: &'a Device,
+    locked: LockedStripes,
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        // SAFETY: `locked` came from `lock_stripes` on this device and is released once.
+        unsafe { self.device.unlock_stripes(&self.locked) };
+    }
+}
+
+/// Stripe ids locked by [`Device::lock_stripes`], in one mode.
+struct LockedStripes {
+    ids: Vec<usize>,
+    exclusive: bool,
 }
 
 impl Device {
@@ -196,7 +212,7 @@ impl Device {
             backing,
             crypt: RwLock::new(crypt),
             geo,
-            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            stripes: (0..STRIPES).map(|_| RawRwLock::INIT).collect(),
             fence: Mutex::new(None),
             fence_lifted: Condvar::new(),
             observer: OnceLock::new(),
@@ -376,42 +392,61 @@ impl Device {
     /// Locks a byte range shared (concurrent readers) — sorted order, so no deadlock —
     /// waiting while it overlaps a raised fence.
     pub fn lock_read(&self, range: &Range<u64>) -> RangeGuard<'_> {
-        self.outside_fence(range, || {
-            RangeGuard::Read(
-                self.stripe_ids(range)
-                    .into_iter()
-                    .map(|i| self.stripes[i].read().expect("stripe locks guard no data"))
-                    .collect(),
-            )
-        })
+        RangeGuard {
+            device: self,
+            locked: self.lock_stripes(range, false),
+        }
     }
 
     /// Locks a byte range exclusively, waiting while it overlaps a raised fence.
     pub fn lock_write(&self, range: &Range<u64>) -> RangeGuard<'_> {
-        self.outside_fence(range, || {
-            RangeGuard::Write(
-                self.stripe_ids(range)
-                    .into_iter()
-                    .map(|i| self.stripes[i].write().expect("stripe locks guard no data"))
-                    .collect(),
-            )
-        })
+        RangeGuard {
+            device: self,
+            locked: self.lock_stripes(range, true),
+        }
     }
 
-    /// Takes the stripe locks with `lock`, then checks the fence: if `range` overlaps
-    /// it, lets the locks go, waits for the fence to lift and tries again.
-    fn outside_fence<'a>(
-        &self,
-        range: &Range<u64>,
-        lock: impl Fn() -> RangeGuard<'a>,
-    ) -> RangeGuard<'a> {
+    /// Takes the stripe locks of `range` in sorted order, then checks the fence: if
+    /// `range` overlaps it, lets the locks go, waits for the fence to lift and tries
+    /// again.
+    fn lock_stripes(&self, range: &Range<u64>, exclusive: bool) -> LockedStripes {
         loop {
-            let guard = lock();
-            if !self.fenced(range) {
-                return guard;
+            let locked = LockedStripes {
+                ids: self.stripe_ids(range),
+                exclusive,
+            };
+            for &i in &locked.ids {
+                if exclusive {
+                    self.stripes[i].lock_exclusive();
+                } else {
+                    self.stripes[i].lock_shared();
+                }
             }
-            drop(guard);
+            if !self.fenced(range) {
+                return locked;
+            }
+            // SAFETY: just locked above, released once.
+            unsafe { self.unlock_stripes(&locked) };
             self.wait_for_fence(range);
+        }
+    }
+
+    /// Releases stripe locks.
+    ///
+    /// # Safety
+    /// `locked` was returned by [`Device::lock_stripes`] of this device, and is released
+    /// only this once.
+    unsafe fn unlock_stripes(&self, locked: &LockedStripes) {
+        for &i in &locked.ids {
+            // SAFETY: the caller guarantees this thread's request holds the lock in
+            // this mode (raw locks are not tied to the locking thread).
+            unsafe {
+                if locked.exclusive {
+                    self.stripes[i].unlock_exclusive();
+                } else {
+                    self.stripes[i].unlock_shared();
+                }
+            }
         }
     }
 
@@ -432,7 +467,9 @@ impl Device {
             *f = Some(zone.clone());
         }
         for i in self.stripe_ids(zone) {
-            drop(self.stripes[i].write().expect("stripe locks guard no data"));
+            self.stripes[i].lock_exclusive();
+            // SAFETY: locked exclusively on the line above.
+            unsafe { self.stripes[i].unlock_exclusive() };
         }
         FenceGuard { device: self }
     }
@@ -577,19 +614,28 @@ impl Device {
     /// the range lock.
     pub fn read_sectors(&self, at: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         self.backing.read_at(buf, self.geo.data_offset + at)?;
+        self.decrypt(buf, at)
+    }
+
+    /// Decrypts whole sectors in place at the aligned data offset `at`, with the
+    /// transform current now (the caller holds the range lock).
+    fn decrypt(&self, buf: &mut [u8], at: u64) -> Result<(), DeviceError> {
         let crypt = self.crypt.read().expect("crypt lock is never poisoned");
-        crypt.apply(buf, at, self.geo.sector_size.bytes(), false)?;
-        Ok(())
+        Ok(crypt.apply(buf, at, self.geo.sector_size.bytes(), false)?)
+    }
+
+    /// Encrypts whole sectors in place at the aligned data offset `at`, with the
+    /// transform current now (the caller holds the range lock).
+    fn encrypt(&self, buf: &mut [u8], at: u64) -> Result<(), DeviceError> {
+        let crypt = self.crypt.read().expect("crypt lock is never poisoned");
+        Ok(crypt.apply(buf, at, self.geo.sector_size.bytes(), true)?)
     }
 
     /// Encrypts (in place, clobbering `buf`) and writes whole sectors at the aligned data
     /// offset `at`. All-zero plaintext sectors are stored as holes. The caller holds the
     /// range lock.
     pub fn write_sectors(&self, at: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
-        self.crypt
-            .read()
-            .expect("crypt lock is never poisoned")
-            .apply(buf, at, self.geo.sector_size.bytes(), true)?;
+        self.encrypt(buf, at)?;
         self.before_write(at, buf.len() as u64);
         self.backing.write_at(buf, self.geo.data_offset + at)?;
         Ok(())
@@ -628,6 +674,8 @@ pub(crate) fn is_zero(sector: &[u8]) -> bool {
     };
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
+
+pub mod async_io;
 
 #[cfg(test)]
 mod tests;

@@ -249,12 +249,38 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Counts a request in flight until dropped, owning its counters: for a request
+/// answered on another thread (asynchronous backing I/O).
+#[derive(Debug)]
+pub struct OwnedInFlight(VolumeIo);
+
+impl OwnedInFlight {
+    /// The counters of the request it counts.
+    #[must_use]
+    pub fn io(&self) -> &VolumeIo {
+        &self.0
+    }
+}
+
+impl Drop for OwnedInFlight {
+    fn drop(&mut self) {
+        (self.0).0.in_flight.dec();
+    }
+}
+
 impl VolumeIo {
     /// Marks a request in flight until the guard drops.
     #[must_use]
     pub fn start(&self) -> InFlight<'_> {
         self.0.in_flight.inc();
         InFlight(&self.0.in_flight)
+    }
+
+    /// [`VolumeIo::start`] for a request that finishes on another thread.
+    #[must_use]
+    pub fn start_owned(&self) -> OwnedInFlight {
+        self.0.in_flight.inc();
+        OwnedInFlight(self.clone())
     }
 
     /// Records a finished request of `op` that moved `bytes` (`Err`: it failed).
