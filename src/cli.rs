@@ -86,6 +86,12 @@ pub enum Cmd {
         force: bool,
     },
     /// Serve a volume as DIR/disk through FUSE (then: losetup, mkfs.ext4, mount).
+    ///
+    /// SEALVOL_FUSE_TRANSPORT picks how the kernel's FUSE requests reach the agent:
+    /// `dev` (the default) reads them from /dev/fuse; `uring` uses FUSE over io_uring and
+    /// fails unless the kernel offers it (as root: `echo Y >
+    /// /sys/module/fuse/parameters/enable_uring`); `auto` uses io_uring when offered and
+    /// /dev/fuse otherwise. The agent's record (`fuse_transport`) names the one in effect.
     Attach {
         /// The volume file.
         #[arg(long)]
@@ -106,12 +112,13 @@ pub enum Cmd {
         /// Stay in the foreground until unmounted or interrupted.
         #[arg(long)]
         foreground: bool,
-        /// FUSE event-loop threads.
+        /// FUSE event-loop threads (with io_uring: ring workers per kernel queue).
         #[arg(long, default_value_t = 4)]
         threads: usize,
         /// Host caching of the volume file, with qemu's names: `none` (O_DIRECT, no host
         /// page cache, as on EBS) or `writeback` (through the host page cache; durable at
-        /// flush either way).
+        /// flush either way). With `none`, SEALVOL_BACKING_IO=uring (or `auto`) serves
+        /// aligned requests asynchronously through io_uring; the default is `sync`.
         #[arg(long, default_value = "none", value_parser = parse_cache_mode)]
         cache: CacheMode,
         /// Background agent's log file (default: discarded).

@@ -1,20 +1,33 @@
 //! FUSE adapter: serves each attached volume's [`Device`] as one regular file in a
 //! directory. Callbacks only translate (inode/handle -> device, error -> errno); all sector
 //! math and crypto live in [`crate::device`].
+//!
+//! With an [`IoEngine`] ([`VolumeFs::with_engine`]), reads and writes that a device's
+//! [`AsyncDevice`] admits hand their reply to the I/O's completion and return at once; a
+//! write is replied only once its ciphertext reached the file, so an fsync (an
+//! `fdatasync` of that file) covers every write replied before it, and a discard waits
+//! for writes in flight on its range (their range locks).
 
 use std::ffi::OsStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
-    KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, SessionACL, WriteFlags,
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, INodeNo, InitFlags, KernelConfig,
+    LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, SessionACL, WriteFlags,
 };
 
 use crate::backing::aligned::AlignedBuf;
+use crate::backing::uring::IoEngine;
+use crate::device::async_io::AsyncDevice;
 use crate::device::{Device, DeviceError};
-use crate::metrics::{InFlight, IoOp, VolumeIo};
+use crate::metrics::{InFlight, IoOp, OwnedInFlight, VolumeIo};
+
+mod ops;
+
+pub(crate) use ops::AttrChange;
 
 /// Largest write the kernel may send in one request.
 pub const MAX_WRITE: u32 = 1024 * 1024;
@@ -62,13 +75,67 @@ impl Export {
     }
 }
 
+/// Counts a finished read or write at `at` (offset, length) that moved `moved(&value)`
+/// bytes and maps a failure to its errno, logged: the one ending of every read and
+/// write, synchronous or not.
+fn settle<T>(
+    io: Option<&VolumeIo>,
+    name: &str,
+    op: IoOp,
+    at: (u64, usize),
+    result: Result<T, DeviceError>,
+    moved: impl FnOnce(&T) -> u64,
+) -> Result<T, Errno> {
+    if let Some(io) = io {
+        io.done(op, result.as_ref().map(moved).map_err(|_| ()));
+    }
+    result.map_err(|err| {
+        let verb = if op == IoOp::Write { "write" } else { "read" };
+        tracing::error!("{verb} {name}@{}+{}: {err}", at.0, at.1);
+        errno(&err)
+    })
+}
+
+/// What an asynchronous request needs once it completes: its in-flight count (which
+/// holds its counters) and its name.
+struct Completion {
+    busy: Option<OwnedInFlight>,
+    name: Arc<str>,
+}
+
+impl Completion {
+    fn settle<T>(
+        &self,
+        op: IoOp,
+        at: (u64, usize),
+        result: Result<T, DeviceError>,
+        moved: impl FnOnce(&T) -> u64,
+    ) -> Result<T, Errno> {
+        let io = self.busy.as_ref().map(OwnedInFlight::io);
+        settle(io, &self.name, op, at, result, moved)
+    }
+}
+
+/// An export's asynchronous path.
+#[derive(Debug)]
+struct AsyncExport {
+    path: AsyncDevice,
+    name: Arc<str>,
+}
+
 /// The FUSE filesystem: a root directory holding one file per export.
 #[derive(Debug)]
 pub struct VolumeFs {
     exports: Vec<Export>,
+    /// Per export, its asynchronous path (none without an engine).
+    paths: Vec<Option<AsyncExport>>,
+    engine: Option<Arc<IoEngine>>,
     uid: u32,
     gid: u32,
     started: SystemTime,
+    /// Set by [`VolumeFs::with_uring`]: ask for `FUSE_OVER_IO_URING` at INIT and record
+    /// here whether the kernel granted it.
+    uring: Option<Arc<AtomicBool>>,
 }
 
 /// Mount settings derived from DESIGN §5.
@@ -125,16 +192,54 @@ impl VolumeFs {
     #[must_use]
     pub fn new(exports: Vec<Export>) -> Self {
         Self {
+            paths: exports.iter().map(|_| None).collect(),
+            engine: None,
             exports,
             uid: nix::unistd::geteuid().as_raw(),
             gid: nix::unistd::getegid().as_raw(),
             started: SystemTime::now(),
+            uring: None,
         }
+    }
+
+    /// Serves aligned requests of the exports in `--cache none` through `engine` (see
+    /// the module docs); `None` keeps every request synchronous.
+    #[must_use]
+    pub fn with_engine(mut self, engine: Option<Arc<IoEngine>>) -> Self {
+        self.paths = self
+            .exports
+            .iter()
+            .map(|e| {
+                let path = AsyncDevice::new(Arc::clone(&e.device), Arc::clone(engine.as_ref()?))?;
+                Some(AsyncExport {
+                    path,
+                    name: e.name.as_str().into(),
+                })
+            })
+            .collect();
+        self.engine = engine;
+        self
     }
 
     fn export(&self, ino: INodeNo) -> Option<&Export> {
         let idx = ino.0.checked_sub(ROOT + 1)?;
         self.exports.get(usize::try_from(idx).ok()?)
+    }
+
+    /// The asynchronous path of `ino` when it admits `len` bytes at `offset`.
+    fn async_path(&self, ino: INodeNo, offset: u64, len: u64) -> Option<&AsyncExport> {
+        let idx = usize::try_from(ino.0.checked_sub(ROOT + 1)?).ok()?;
+        self.paths
+            .get(idx)?
+            .as_ref()
+            .filter(|a| a.path.admits(offset, len))
+    }
+
+    fn completion(e: &Export, a: &AsyncExport) -> Completion {
+        Completion {
+            busy: e.io.as_ref().map(VolumeIo::start_owned),
+            name: Arc::clone(&a.name),
+        }
     }
 
     fn attr(&self, ino: u64) -> Option<FileAttr> {
@@ -180,10 +285,20 @@ impl Filesystem for VolumeFs {
             tracing::warn!("kernel lacks FUSE_ASYNC_DIO: asynchronous direct I/O is serialized");
         }
         let _ = config.set_max_background(MAX_BACKGROUND);
+        if let Some(granted) = &self.uring {
+            let offered = config
+                .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                .is_ok();
+            granted.store(offered, Ordering::Release);
+        }
         Ok(())
     }
 
     fn destroy(&mut self) {
+        // Replied writes have completed; this waits for the rest before the last flush.
+        if let Some(engine) = &self.engine {
+            engine.drain();
+        }
         for e in &self.exports {
             if let Err(err) = e.device.flush() {
                 tracing::error!("final flush of {} failed: {err}", e.name);
@@ -192,23 +307,16 @@ impl Filesystem for VolumeFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        if parent.0 != ROOT {
-            return reply.error(Errno::ENOENT);
-        }
-        let found = self
-            .exports
-            .iter()
-            .position(|e| OsStr::new(&e.name) == name);
-        match found.and_then(|i| self.attr(ROOT + 1 + i as u64)) {
-            Some(attr) => reply.entry(&TTL, &attr, fuser::Generation(0)),
-            None => reply.error(Errno::ENOENT),
+        match self.lookup_attr(parent.0, name) {
+            Ok(attr) => reply.entry(&TTL, &attr, fuser::Generation(0)),
+            Err(e) => reply.error(e),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.attr(ino.0) {
-            Some(attr) => reply.attr(&TTL, &attr),
-            None => reply.error(Errno::ENOENT),
+        match self.getattr_of(ino.0) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -230,25 +338,22 @@ impl Filesystem for VolumeFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let Some(attr) = self.attr(ino.0) else {
-            return reply.error(Errno::ENOENT);
+        let change = AttrChange {
+            mode: mode.is_some(),
+            owner: uid.is_some() || gid.is_some(),
+            size,
         };
-        // A volume has a fixed size and owner; timestamps are accepted and ignored.
-        if size.is_some_and(|s| s != attr.size) || mode.is_some() || uid.is_some() || gid.is_some()
-        {
-            return reply.error(Errno::EPERM);
+        match self.setattr_of(ino.0, change) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
         }
-        reply.attr(&TTL, &attr);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        if self.export(ino).is_none() {
-            return reply.error(Errno::EISDIR);
+        match self.open_flags(ino.0) {
+            Ok(flags) => reply.opened(FileHandle(0), flags),
+            Err(e) => reply.error(e),
         }
-        reply.opened(
-            FileHandle(0),
-            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
-        );
     }
 
     fn read(
@@ -266,22 +371,23 @@ impl Filesystem for VolumeFs {
             return reply.error(Errno::ENOENT);
         };
         let want = size.min(MAX_WRITE) as usize;
-        let _busy = e.start();
+        if let Some(a) = self.async_path(ino, offset, want as u64) {
+            let done = Self::completion(e, a);
+            return a.path.read(offset, want, move |r| {
+                match done.settle(IoOp::Read, (offset, want), r, |b| b.len() as u64) {
+                    Ok(buf) => reply.data(&buf),
+                    Err(e) => reply.error(e),
+                }
+            });
+        }
         READ_BUF.with_borrow_mut(|buf| {
             // Grown once per FUSE thread, then reused: no 1 MiB allocate-and-zero per read.
             if buf.len() < want {
                 buf.resize(want);
             }
-            match e.device.read(offset, &mut buf[..want]) {
-                Ok(n) => {
-                    e.count(IoOp::Read, Ok(n as u64));
-                    reply.data(&buf[..n]);
-                }
-                Err(err) => {
-                    e.count(IoOp::Read, Err(()));
-                    tracing::error!("read {}@{offset}+{size}: {err}", e.name);
-                    reply.error(errno(&err));
-                }
+            match self.read_export(ino.0, offset, &mut buf[..want]) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(e),
             }
         });
     }
@@ -301,18 +407,20 @@ impl Filesystem for VolumeFs {
         let Some(e) = self.export(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        let _busy = e.start();
-        match e.device.write(offset, data) {
-            // `data` is at most MAX_WRITE bytes, so its length fits u32.
-            Ok(()) => {
-                e.count(IoOp::Write, Ok(data.len() as u64));
-                reply.written(u32::try_from(data.len()).expect("bounded by max_write"));
-            }
-            Err(err) => {
-                e.count(IoOp::Write, Err(()));
-                tracing::error!("write {}@{offset}+{}: {err}", e.name, data.len());
-                reply.error(errno(&err));
-            }
+        if let Some(a) = self.async_path(ino, offset, data.len() as u64) {
+            let done = Self::completion(e, a);
+            let len = data.len();
+            return a.path.write(offset, data, move |r| {
+                match done.settle(IoOp::Write, (offset, len), r, |()| len as u64) {
+                    // At most MAX_WRITE bytes, so the length fits u32.
+                    Ok(()) => reply.written(u32::try_from(len).expect("bounded by max_write")),
+                    Err(e) => reply.error(e),
+                }
+            });
+        }
+        match self.write_export(ino.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -335,20 +443,9 @@ impl Filesystem for VolumeFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let Some(e) = self.export(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let _busy = e.start();
-        match e.device.flush() {
-            Ok(()) => {
-                e.count(IoOp::Flush, Ok(0));
-                reply.ok();
-            }
-            Err(err) => {
-                e.count(IoOp::Flush, Err(()));
-                tracing::error!("fsync {}: {err}", e.name);
-                reply.error(errno(&err));
-            }
+        match self.fsync_export(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -362,32 +459,9 @@ impl Filesystem for VolumeFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let Some(e) = self.export(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let _busy = e.start();
-        let result = match Fallocate::from(mode) {
-            Fallocate::Discard => {
-                let r = e.device.discard(offset, length);
-                e.count(IoOp::Discard, r.as_ref().map(|()| length).map_err(|_| ()));
-                r
-            }
-            // Preallocation inside the fixed size is a no-op; growing is not allowed.
-            Fallocate::Preallocate => {
-                if offset
-                    .checked_add(length)
-                    .is_some_and(|end| end <= e.device.size())
-                {
-                    Ok(())
-                } else {
-                    return reply.error(Errno::ENOSPC);
-                }
-            }
-            Fallocate::Unsupported(_) => return reply.error(Errno::from_i32(libc::EOPNOTSUPP)),
-        };
-        match result {
+        match self.fallocate_export(ino.0, offset, length, mode) {
             Ok(()) => reply.ok(),
-            Err(err) => reply.error(errno(&err)),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -399,32 +473,24 @@ impl Filesystem for VolumeFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        if ino.0 != ROOT {
-            return reply.error(Errno::ENOTDIR);
-        }
-        let mut entries = vec![
-            (ROOT, FileType::Directory, ".".to_string()),
-            (ROOT, FileType::Directory, "..".to_string()),
-        ];
-        for (i, e) in self.exports.iter().enumerate() {
-            entries.push((ROOT + 1 + i as u64, FileType::RegularFile, e.name.clone()));
-        }
-        for (i, (ino, kind, name)) in entries
-            .into_iter()
-            .enumerate()
-            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
-        {
-            if reply.add(INodeNo(ino), i as u64 + 1, kind, name) {
-                break;
+        match self.dir_entries(ino.0, offset) {
+            Ok(entries) => {
+                for d in entries {
+                    if reply.add(INodeNo(d.ino), d.next_offset, d.kind, d.name) {
+                        break;
+                    }
+                }
+                reply.ok();
             }
+            Err(e) => reply.error(e),
         }
-        reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let bytes: u64 = self.exports.iter().map(|e| e.device.size()).sum();
-        let files = self.exports.len() as u64;
-        reply.statfs(bytes / 4096, 0, 0, files + 1, 0, 4096, 255, 4096);
+        let s = self.statfs_numbers();
+        reply.statfs(
+            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+        );
     }
 }
 

@@ -13,6 +13,7 @@ pub mod controller;
 pub mod crashsim;
 pub mod device;
 pub mod fuse;
+pub mod fuse_uring;
 pub mod host;
 pub mod kms;
 pub mod luks2;

@@ -92,20 +92,7 @@ fn partial_writes(sector_size: &str, allocated: bool) {
     let key = key_file(dir.path(), "key");
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).expect("mkdir");
-    run_ok(
-        "sealvol",
-        &[
-            "create-volume",
-            "--path",
-            vol.to_str().expect("utf8"),
-            "--size-gib",
-            "1",
-            "--sector-size",
-            sector_size,
-            "--volume-key-file",
-            key.to_str().expect("utf8"),
-        ],
-    );
+    create_volume_with(&vol, Some(&key), "1", &["--sector-size", sector_size]);
     if allocated {
         // Every block allocated (unwritten extents read as zeros: still "never written").
         let len = std::fs::metadata(&vol).expect("stat").len();

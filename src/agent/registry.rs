@@ -27,6 +27,9 @@ pub struct AgentRecord {
     /// Where the agent serves its Prometheus metrics, when it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<String>,
+    /// The FUSE transport in effect (`dev` or `uring`, see `SEALVOL_FUSE_TRANSPORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuse_transport: Option<String>,
 }
 
 impl AgentRecord {
@@ -40,6 +43,7 @@ impl AgentRecord {
             mountpoint,
             files,
             metrics: None,
+            fuse_transport: None,
         }
     }
 

@@ -108,7 +108,15 @@ pub fn serve_with(
         }
         None => None,
     };
-    let fs = VolumeFs::new(exports);
+    // SEALVOL_BACKING_IO (sync|uring|auto, see BackingIo), read once per agent.
+    let engine = crate::backing::uring::BackingIo::from_env()
+        .and_then(|mode| crate::device::async_io::engine_for(mode, &devices))
+        .map_err(|e| AttachError::Agent(e.to_string()))?;
+    // SEALVOL_FUSE_TRANSPORT (dev|uring|auto, see fuse_uring), read once per agent.
+    let transport_err = |e: crate::fuse_uring::TransportError| AttachError::Agent(e.to_string());
+    let (fs, transport) =
+        crate::fuse_uring::prepare(VolumeFs::new(exports).with_engine(engine.clone()))
+            .map_err(transport_err)?;
     let mut session =
         fuser::Session::new(fs, &mountpoint, &mount_config(threads)).map_err(|source| {
             AttachError::Mount {
@@ -116,9 +124,13 @@ pub fn serve_with(
                 source,
             }
         })?;
+    let transport = transport
+        .start(std::os::fd::AsFd::as_fd(&session), threads)
+        .map_err(transport_err)?;
 
     let mut record = AgentRecord::of_this_process(mountpoint.clone(), files);
     record.metrics = metrics_server.as_ref().map(|m| m.addr().to_string());
+    record.fuse_transport = Some(transport.name().to_string());
     write_record(&rec_path, &record)?;
 
     let mut unmounter = session.unmount_callable();
@@ -155,6 +167,10 @@ pub fn serve_with(
         }
     }
     let result = session.run();
+    transport.finish();
+    if let Some(engine) = &engine {
+        engine.drain(); // every write completed before the final flush
+    }
     control.shutdown();
     let _ = std::fs::remove_file(&rec_path);
     let mut flushed = true;

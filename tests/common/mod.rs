@@ -181,6 +181,11 @@ impl Drop for LoopMount {
 
 /// `sealvol create-volume` at `vol` of `gib` GiB: under the key in `key`, or unencrypted.
 pub fn create_volume(vol: &Path, key: Option<&Path>, gib: &str) {
+    create_volume_with(vol, key, gib, &[]);
+}
+
+/// `create_volume` with `extra` arguments (e.g. `--sector-size 512`).
+pub fn create_volume_with(vol: &Path, key: Option<&Path>, gib: &str, extra: &[&str]) {
     let mut args = vec![
         "create-volume",
         "--path",
@@ -192,6 +197,7 @@ pub fn create_volume(vol: &Path, key: Option<&Path>, gib: &str) {
         Some(k) => args.extend(["--volume-key-file", k.to_str().expect("utf8")]),
         None => args.push("--unencrypted"),
     }
+    args.extend_from_slice(extra);
     run_ok("sealvol", &args);
 }
 
