@@ -26,6 +26,11 @@ def parse(argv):
     ap.add_argument("--runtime", type=float, default=None, help="seconds per fio run (default 3, quick 0.2)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 3, quick 1; >= 3 for a report to quote)")
     ap.add_argument("--only", default=",".join(suite.SECTIONS), help="comma-separated sections: " + ",".join(suite.SECTIONS))
+    ap.add_argument("--cache-modes", default="none,writeback",
+                    help="sealvol --cache modes measured in the fio section (default both)")
+    ap.add_argument("--variants", default="",
+                    help="extra encrypted-volume agents in the fio section, comma-separated: "
+                         + ",".join(suite.VARIANTS) + " (default none)")
     ap.add_argument("--out-dir", default="bench")
     ap.add_argument("--report-only", action="store_true", help="redraw report.md/.png from OUT_DIR/results.json")
     a = ap.parse_args(argv)
@@ -61,6 +66,10 @@ def parse(argv):
     a.scale_reps = 1 if q else a.reps
     a.rss_writes = not q
     a.only = [s for s in a.only.split(",") if s]
+    a.cache_modes = [c for c in a.cache_modes.split(",") if c]
+    a.variants = [v for v in a.variants.split(",") if v]
+    if set(a.cache_modes) - {"none", "writeback"} or set(a.variants) - set(suite.VARIANTS):
+        ap.error(f"unknown cache mode or variant: {a.cache_modes} {a.variants}")
     if q and a.only_default:
         a.only.remove("rekey")  # two 1 GiB re-encryptions do not fit in quick's 3 minutes
     if a.only_default:
@@ -69,6 +78,25 @@ def parse(argv):
     if bad:
         ap.error(f"unknown sections: {bad}")
     return a
+
+
+def merge(old, new, sections):
+    """A run of some sections replaces their figures in the previous results and keeps the
+    others (each section records when and with which arguments it last ran)."""
+    ran = {s: {"date_utc": new["machine"]["date_utc"], "cpu": new["machine"]["cpu"],
+               "cores": new["machine"]["cores"], "argv": new["params"].get("argv")} for s in sections}
+    runs = old.pop("section_runs", None) or {
+        s: {"date_utc": old["machine"]["date_utc"], "cpu": old["machine"]["cpu"], "cores": old["machine"]["cores"]}
+        for s in old.get("section_seconds", {})}
+    for k, v in new.items():
+        if k in ("scaling", "section_seconds") and isinstance(old.get(k), dict):
+            old[k].update(v)
+        elif k == "errors":
+            old[k] = {s: e for s, e in old.get(k, {}).items() if s not in sections} | v
+        else:
+            old[k] = v
+    old["section_runs"] = runs | ran
+    return old
 
 
 def main(argv):
@@ -87,6 +115,9 @@ def main(argv):
 
         res = suite.run(a, log)
         os.makedirs(a.out_dir, exist_ok=True)
+        if not a.only_default and os.path.exists(results):
+            with open(results) as f:
+                res = merge(json.load(f), res, a.only)
         with open(results, "w") as f:
             json.dump(res, f, indent=2)
         log(f"wrote {results}")

@@ -1,7 +1,8 @@
 """fio jobs, JSON output parsed (never scraped)."""
 import json
+import time
 
-from .util import sh
+from .util import machine_busy_s, proc_cpu_s, sh
 
 # name, rw, bs, iodepth, metric. 4 KiB rows report IOPS (read + write for the mix),
 # 1 MiB rows MB/s (10^6 bytes/s, as fio's bw_bytes).
@@ -41,6 +42,20 @@ def run(path, rw, bs, iodepth, runtime_s, size_bytes, ramp_s=1.0, extra=()):
         "iops": sum(s["iops"] for s in sides),
         "p99_us": max(p99) / 1e3 if p99 else None,
     }
+
+
+def run_measured(path, rw, bs, iodepth, runtime_s, size_bytes, ramp_s, server_pid):
+    """`run`, plus the CPU it cost: whole-machine busy CPU seconds and the server process's
+    (agent or qemu-storage-daemon; kernel time in its threads included) per GiB moved. The
+    CPU window is the whole fio process; the bytes in that window are fio's steady
+    bandwidth times the window, so start-up and ramp count on both sides."""
+    m0, s0, t0 = machine_busy_s(), proc_cpu_s(server_pid), time.monotonic()
+    r = run(path, rw, bs, iodepth, runtime_s, size_bytes, ramp_s)
+    m1, s1, dt = machine_busy_s(), proc_cpu_s(server_pid), time.monotonic() - t0
+    gib = r["mb_per_s"] * 1e6 * dt / 2**30
+    r["cpu_machine_s_per_gib"] = (m1 - m0) / gib if gib > 0 else None
+    r["cpu_server_s_per_gib"] = (s1 - s0) / gib if gib > 0 and s0 is not None and s1 is not None else None
+    return r
 
 
 def run_batch(path, jobs, runtime_s, size_bytes, ramp_s=1.0):

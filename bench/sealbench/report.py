@@ -1,35 +1,16 @@
 """bench/report.md and bench/report.png from a results dict (results.json)."""
 import os
 
+from . import report_fio
+from .report_fio import cell as _cell, fmt as _fmt, ratio as _ratio
 from .suite import REQUEST_SIZES, RSS_SIZES_GIB, THREADS
 
-FIO_MAIN = ["raw", "sealvol-plain", "sealvol-enc", "qsd-luks", "ext4-sealvol-plain", "ext4-sealvol-enc"]
-SEQ_ROWS = ("seq-read-1M-qd4", "seq-write-1M-qd4")
+PALETTE = ["#888888", "#1f4e9c", "#4c9be8", "#7b3f9c", "#b48be8", "#e8804c", "#f2b48c", "#2f8f2f", "#8fd18f",
+           "#5a5a00", "#b0b040", "#9c1f4e", "#e84c9b", "#1f9c8f", "#4ce8d1"]
 
 
 def _med(s):
     return s["median"] if s else None
-
-
-def _fmt(x, nd=0):
-    if x is None:
-        return "–"
-    if abs(x) >= 100 or nd == 0:
-        return f"{x:,.0f}"
-    return f"{x:.{nd}f}"
-
-
-def _cell(s, nd=0):
-    if not s:
-        return "–"
-    return f"{_fmt(s['median'], nd)} <sub>[{_fmt(s['min'], nd)}–{_fmt(s['max'], nd)}]</sub>"
-
-
-def _ratio(a, b):
-    """Median ratio a/b, and the worst/best ratio the min/max ranges allow."""
-    if not a or not b or not b["median"]:
-        return None
-    return {"median": a["median"] / b["median"], "lo": a["min"] / b["max"], "hi": a["max"] / b["min"]}
 
 
 def targets_table(res):
@@ -42,18 +23,7 @@ def targets_table(res):
             rows.append((f"cipher 4 KiB sectors, 1 core, {op}: sealvol / openssl -elapsed", r, 1.0))
         r = _ratio(c.get("sealvol-4096-1t-encrypt"), c.get("openssl-4096-1t-cputime"))
         rows.append(("cipher 4 KiB, 1 core, encrypt: sealvol / openssl default (CPU-time divisor)", r, 1.0))
-    f = res.get("fio", {})
-    for row, e in f.items():
-        t = e["targets"]
-        rows.append((f"{row}: encrypted / unencrypted volume (FUSE)", _ratio(t.get("sealvol-enc"), t.get("sealvol-plain")), 0.9))
-    for row, e in f.items():
-        t = e["targets"]
-        rows.append((f"{row}: encrypted / unencrypted (loop + ext4)",
-                     _ratio(t.get("ext4-sealvol-enc"), t.get("ext4-sealvol-plain")), 0.9))
-    for row, e in f.items():
-        t = e["targets"]
-        goal = 3.0 if row in SEQ_ROWS else 2.0
-        rows.append((f"{row}: encrypted volume / qemu-storage-daemon LUKS", _ratio(t.get("sealvol-enc"), t.get("qsd-luks")), goal))
+    rows += report_fio.targets(res)
     for row, v in res.get("metrics_overhead_iops", {}).items():
         rows.append((f"{row}: agent metrics on and scraped / off (same encrypted volume)",
                      _ratio(v.get("on"), v.get("off")), 0.95))
@@ -114,7 +84,7 @@ def markdown(res, png_name="report.png"):
         w("**Sections that failed in this run:** " + "; ".join(f"`{k}`: {v}" for k, v in res["errors"].items()) + "\n")
 
     # Targets
-    w("## Targets of issue 6\n")
+    w("## Targets (issues 6 and 14)\n")
     w("Ratio of medians; the range is worst (min/max) to best (max/min) over the repetitions.\n")
     w("| figure | ratio | range | goal | verdict |\n|---|---|---|---|---|")
     for name, r, goal in targets_table(res):
@@ -125,37 +95,14 @@ def markdown(res, png_name="report.png"):
         if r["median"] >= goal > r["lo"] or r["median"] < goal <= r["hi"]:
             verdict += " (within spread)"
         w(f"| {name} | {r['median']:.2f}× | {r['lo']:.2f}–{r['hi']:.2f} | ≥ {goal:g}× | {verdict} |")
-    w("\nThe encrypted/unencrypted goal is stated for the volume (FUSE) rows; the loop + ext4 rows are "
-      "the same comparison through the filesystem WorkSpaces use, shown for completeness.\n")
+    w("\nWhen only some sections ran, the others' figures come from their last run, possibly on another "
+      "machine of the same kind (the machine table above is the newest run's): "
+      + "; ".join(f"`{k}` {v.get('date_utc', '?')} ({v.get('cpu', '?')}, {v.get('cores', '?')} cores)"
+                  for k, v in res.get("section_runs", {}).items()) + ".\n"
+      if res.get("section_runs") else "")
 
-    # fio
-    f = res.get("fio")
-    if f:
-        labels = res.get("target_labels", {})
-        w("## fio: every row on every target\n")
-        w("1 MiB rows in MB/s (10⁶ B/s), 4 KiB rows in IOPS (read + write for the mix). `direct=1` bypasses the page "
-          "cache of the file fio opens; for `raw` that means the virtual disk itself, while the sealvol agent and "
-          "qemu-storage-daemon read and write their backing files through the host page cache (neither opens it "
-          "O_DIRECT), so FUSE targets can beat `raw` on reads. The qemu peer is LUKS1 (qemu 10.0 refuses to open "
-          "LUKS2: \"LUKS version 2 is not supported\"), aes-xts-plain64, 512-bit key, 512-byte sectors.\n")
-        cols = [t for t in FIO_MAIN if t in next(iter(f.values()))["targets"]]
-        w("| row | " + " | ".join(cols) + " | enc/plain | enc/qsd | enc/raw |")
-        w("|---|" + "---|" * (len(cols) + 3))
-        for row, e in f.items():
-            t = e["targets"]
-            ratios = [_ratio(t.get("sealvol-enc"), t.get(x)) for x in ("sealvol-plain", "qsd-luks", "raw")]
-            w(f"| {row} ({'MB/s' if e['metric'] == 'mb_per_s' else 'IOPS'}) | " + " | ".join(_cell(t.get(c)) for c in cols)
-              + " | " + " | ".join(f"{r['median']:.2f}×" if r else "–" for r in ratios) + " |")
-        w("\nTargets: " + "; ".join(f"`{c}` = {labels.get(c, c)}" for c in cols) + ".\n")
-        w("p99 completion latency (µs) on the 4 KiB rows:\n")
-        w("| row | " + " | ".join(cols) + " |")
-        w("|---|" + "---|" * len(cols))
-        for row, e in f.items():
-            if e["metric"] == "iops":
-                w(f"| {row} | " + " | ".join(_fmt(_med(e["p99_us"].get(c))) for c in cols) + " |")
-        if res.get("fio_fill_mb_per_s"):
-            w("\nFirst write of the working set (fio 1 MiB sequential, QD8, once, not repeated): "
-              + ", ".join(f"{k} {v:.0f} MB/s" for k, v in res["fio_fill_mb_per_s"].items()) + ".\n")
+    for line in report_fio.markdown(res):
+        w(line)
 
     c = res.get("cipher")
     if c:
@@ -293,7 +240,7 @@ def chart(res, path):
 
     fig, axes = plt.subplots(2, 4, figsize=(24, 10.5))
     axes = axes.ravel()
-    colors = dict(zip(FIO_MAIN, ["#888888", "#4c9be8", "#1f4e9c", "#e8804c", "#8fd18f", "#2f8f2f"]))
+    colors = dict(zip(report_fio.columns(res), PALETTE))
 
     def bars(ax, groups, series, get, ylabel, title, log=False, colormap=None):
         x = np.arange(len(groups))
@@ -315,7 +262,7 @@ def chart(res, path):
 
     f = res.get("fio", {})
     if f:
-        cols = [t for t in FIO_MAIN if t in next(iter(f.values()))["targets"]]
+        cols = report_fio.columns(res)
         seq = [r for r in f if f[r]["metric"] == "mb_per_s"]
         rnd = [r for r in f if f[r]["metric"] == "iops"]
         bars(axes[0], seq, cols, lambda g, s: f[g]["targets"].get(s), "MB/s", "fio sequential 1 MiB (direct)", colormap=colors)

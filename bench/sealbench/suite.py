@@ -6,18 +6,72 @@ import time
 
 from . import fio, peers, snapshots
 from .targets import LoopExt4, QsdLuks, RawFile, SealvolVolume
-from .util import Cleanup, machine_facts, rotated, summary
+from .util import Cleanup, machine_facts, rotated, rss_kib, summary
 
 SECTIONS = ("cipher", "fio", "metrics", "scaling", "rss", "kms", "rekey", "snapshots")
 
-TARGET_LABELS = {
-    "raw": "raw backing file (host fs, O_DIRECT)",
-    "sealvol-plain": "sealvol unencrypted volume (FUSE)",
-    "sealvol-enc": "sealvol encrypted volume (FUSE)",
-    "qsd-luks": "qemu-storage-daemon LUKS FUSE export",
-    "ext4-sealvol-plain": "loop + ext4 on sealvol unencrypted",
-    "ext4-sealvol-enc": "loop + ext4 on sealvol encrypted",
+# Agent variants measured beside the defaults (`--variants`): each adds an encrypted volume
+# per cache mode whose agent runs with this environment.
+VARIANTS = {
+    "backing-uring": {"SEALVOL_BACKING_IO": "uring"},
+    "fuse-uring": {"SEALVOL_FUSE_TRANSPORT": "uring"},
+    "all-uring": {"SEALVOL_BACKING_IO": "uring", "SEALVOL_FUSE_TRANSPORT": "uring"},
 }
+# The backing engine serves only `--cache none` files (writeback is always synchronous).
+VARIANT_MODES = {"backing-uring": ("none",), "all-uring": ("none",)}
+# FUSE over io_uring is offered only while this kernel switch is on (off by default).
+FUSE_URING_SWITCH = "/sys/module/fuse/parameters/enable_uring"
+
+
+def _fuse_uring_on(cl):
+    """Turns the kernel's FUSE-over-io_uring switch on for the run, back as it was after."""
+    with open(FUSE_URING_SWITCH) as f:
+        was = f.read().strip()
+    with open(FUSE_URING_SWITCH, "w") as f:
+        f.write("Y")
+
+    def restore():
+        with open(FUSE_URING_SWITCH, "w") as f:
+            f.write(was)
+    cl.callback(restore)
+
+
+def fio_target_specs(a):
+    """(name, label, factory(work)) for every fio target of the run, in report order."""
+    size = a.size_gib << 30
+
+    def vol(name, enc, cache, env=None):
+        return lambda work: SealvolVolume(a.sealvol, work, name, a.size_gib, encrypted=enc, cache=cache, env=env)
+
+    def ext4(name, enc, cache):
+        return lambda work: LoopExt4(SealvolVolume(a.sealvol, work, name + "-vol", a.size_gib, encrypted=enc,
+                                                   cache=cache), work, name)
+
+    specs = [("raw", "raw backing file (host fs, fio O_DIRECT): the device limit",
+              lambda work: RawFile(work, "raw", size))]
+    for c in a.cache_modes:
+        specs.append((f"enc-{c}", f"sealvol encrypted volume, --cache {c} (FUSE /dev/fuse)", vol(f"enc-{c}", True, c)))
+        specs.append((f"plain-{c}", f"sealvol unencrypted volume, --cache {c}", vol(f"plain-{c}", False, c)))
+    for v in a.variants:
+        for c in (c for c in a.cache_modes if c in VARIANT_MODES.get(v, a.cache_modes)):
+            specs.append((f"enc-{c}-{v}", f"sealvol encrypted, --cache {c}, {' '.join(f'{k}={x}' for k, x in VARIANTS[v].items())}",
+                          vol(f"enc-{c}-{v}", True, c, VARIANTS[v])))
+    specs.append(("qsd-direct", "qemu-storage-daemon LUKS FUSE export, cache.direct=on (qemu cache=none)",
+                  lambda work: QsdLuks(work, "qsd-direct", size, direct=True)))
+    specs.append(("qsd-writeback", "qemu-storage-daemon LUKS FUSE export, its default (writeback)",
+                  lambda work: QsdLuks(work, "qsd-writeback", size)))
+    for c in a.cache_modes:
+        specs.append((f"ext4-enc-{c}", f"loop + ext4 on a sealvol encrypted volume, --cache {c}", ext4(f"ext4-enc-{c}", True, c)))
+        specs.append((f"ext4-plain-{c}", f"loop + ext4 on a sealvol unencrypted volume, --cache {c}",
+                      ext4(f"ext4-plain-{c}", False, c)))
+    return specs
+
+
+def _close_target(t):
+    t.close()
+    if isinstance(t, LoopExt4):
+        t.under.close()
+
 
 REQUEST_SIZES = ["4k", "16k", "64k", "256k", "1M"]
 THREADS = [1, 2, 4]
@@ -58,22 +112,15 @@ def _timed(fn):
 
 
 def run_fio_section(a, work, cl, res, log):
-    size = a.size_gib << 30
     ws = a.working_set_mib << 20
     t = {}
-    t["raw"] = RawFile(work, "raw", size)
-    cl.callback(t["raw"].close)
-    for name, enc in (("sealvol-plain", False), ("sealvol-enc", True)):
-        t[name] = SealvolVolume(a.sealvol, work, name, a.size_gib, encrypted=enc)
-        cl.callback(t[name].close)
-
-    t["qsd-luks"] = QsdLuks(work, "qsd", size)
-    cl.callback(t["qsd-luks"].close)
-    for name, enc in (("ext4-sealvol-plain", False), ("ext4-sealvol-enc", True)):
-        vol = SealvolVolume(a.sealvol, work, name + "-vol", a.size_gib, encrypted=enc)
-        cl.callback(vol.close)
-        t[name] = LoopExt4(vol, work, name)
-        cl.callback(t[name].close)
+    res["target_labels"] = {}
+    if any("SEALVOL_FUSE_TRANSPORT" in VARIANTS[v] for v in a.variants):
+        _fuse_uring_on(cl)
+    for name, label, make in fio_target_specs(a):
+        t[name] = make(work)
+        cl.callback(_close_target, t[name])
+        res["target_labels"][name] = label
     names = list(t)
     res["fio_fill_mb_per_s"] = {}
     for n in names:
@@ -81,30 +128,37 @@ def run_fio_section(a, work, cl, res, log):
         res["fio_fill_mb_per_s"][n] = ws / dt / 1e6
     log(f"filled {a.working_set_mib} MiB on {len(names)} targets: "
         + ", ".join(f"{n} {v:.0f} MB/s" for n, v in res["fio_fill_mb_per_s"].items()))
-    rss = {"after_fill": {n: v.agent_rss_kib() for n, v in t.items() if isinstance(v, SealvolVolume)}}
-    rss["after_fill"]["qsd-luks"] = t["qsd-luks"].rss_kib()
+    def server_rss():
+        """RSS (KiB) of each target's server process; one /proc scan per target."""
+        return {n: rss_kib(pid) for n, v in t.items() if (pid := v.server_pid())}
 
-    # One fio process per (repetition, target) runs every row; targets rotate per repetition.
+    rss = {"after_fill": server_rss()}
+
+    # Each row is its own fio process so that its CPU can be measured; targets rotate per
+    # repetition, rows keep their order within a target.
     per = {n: {row[0]: [] for row in fio.ROWS} for n in names}
-    jobs = [(row, rw, bs, qd) for row, rw, bs, qd, _ in fio.ROWS]
     for rep in range(a.reps):
         for n in rotated(names, rep):
-            for row, r in fio.run_batch(t[n].path, jobs, a.runtime, ws, a.ramp).items():
-                per[n][row].append(r)
+            pid = t[n].server_pid()
+            for row, rw, bs, qd, _ in fio.ROWS:
+                per[n][row].append(fio.run_measured(t[n].path, rw, bs, qd, a.runtime, ws, a.ramp, pid))
         log(f"fio repetition {rep + 1}/{a.reps} done")
     out = {}
     for row, rw, bs, qd, metric in fio.ROWS:
+        pick = lambda n, k: summary([r[k] for r in per[n][row]])  # noqa: E731
         entry = {"rw": rw, "bs": bs, "iodepth": qd, "metric": metric,
-                 "targets": {n: summary([r[metric] for r in per[n][row]]) for n in names},
-                 "p99_us": {n: summary([r["p99_us"] for r in per[n][row]]) for n in names}}
+                 "targets": {n: pick(n, metric) for n in names},
+                 "p99_us": {n: pick(n, "p99_us") for n in names},
+                 "cpu_machine_s_per_gib": {n: pick(n, "cpu_machine_s_per_gib") for n in names},
+                 "cpu_server_s_per_gib": {n: pick(n, "cpu_server_s_per_gib") for n in names}}
         out[row] = entry
         med = {n: entry["targets"][n]["median"] for n in names}
         log(f"{row:22s} " + " ".join(f"{n}={med[n]:.0f}" for n in names) + f" ({metric})")
     res["fio"] = out
 
-    # Request-size scaling: random reads QD8 on the three FUSE files.
+    # Request-size scaling: random reads QD8 on the FUSE files, ours and the peer's.
     sc = {}
-    who = ["sealvol-plain", "sealvol-enc", "qsd-luks"]
+    who = [n for n in ("enc-none", "enc-writeback", "qsd-direct", "qsd-writeback") if n in t]
     per = {(n, bs): [] for n in who for bs in REQUEST_SIZES}
     size_jobs = [(bs, "randread", bs, 8) for bs in REQUEST_SIZES]
     for rep in range(a.scale_reps):
@@ -117,13 +171,10 @@ def run_fio_section(a, work, cl, res, log):
     log("request size (randread QD8, MB/s): " + "; ".join(
         f"{n}: " + " ".join(f"{bs}={sc[n][bs]['median']:.0f}" for bs in REQUEST_SIZES) for n in who))
 
-    rss["after_load"] = {n: v.agent_rss_kib() for n, v in t.items() if isinstance(v, SealvolVolume)}
-    rss["after_load"]["qsd-luks"] = t["qsd-luks"].rss_kib()
+    rss["after_load"] = server_rss()
     res["rss_fio_targets_kib"] = rss
     for n in reversed(names):
-        t[n].close()
-        if isinstance(t[n], LoopExt4):
-            t[n].under.close()
+        _close_target(t[n])
 
 
 def run_thread_scaling(a, work, cl, res, log):
@@ -205,8 +256,7 @@ def run_rss_scaling(a, work, cl, res, log):
 
 
 def run(a, log):
-    res = {"machine": machine_facts(), "params": {k: v for k, v in vars(a).items()},
-           "target_labels": TARGET_LABELS, "errors": {}}
+    res = {"machine": machine_facts(), "params": {k: v for k, v in vars(a).items()}, "errors": {}}
     t_start = time.monotonic()
     work = tempfile.mkdtemp(prefix="sealvol-bench-", dir="/var/tmp")
     with Cleanup(work) as cl:

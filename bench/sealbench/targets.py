@@ -15,6 +15,9 @@ class RawFile:
         with open(self.path, "wb") as f:
             f.truncate(size_bytes)
 
+    def server_pid(self):
+        return None  # no server: fio reaches the host file system directly
+
     def close(self):
         if os.path.exists(self.path):
             os.unlink(self.path)
@@ -23,12 +26,16 @@ class RawFile:
 class SealvolVolume:
     """A sealvol volume file attached through the FUSE agent (`MNT/disk`)."""
 
-    def __init__(self, sealvol, workdir, name, size_gib, encrypted, threads=4, metrics=False):
-        self.sealvol, self.encrypted = sealvol, encrypted
+    def __init__(self, sealvol, workdir, name, size_gib, encrypted, threads=4, metrics=False, cache=None,
+                 env=None):
+        self.sealvol, self.encrypted, self.cache = sealvol, encrypted, cache
         # metrics: the agent counts every request and serves Prometheus metrics on a free
         # loopback port (SEALVOL_METRICS_LISTEN), to measure what counting costs.
+        # env: extra agent environment (SEALVOL_BACKING_IO, SEALVOL_FUSE_TRANSPORT).
         self.env = dict(os.environ, SEALVOL_METRICS_LISTEN="127.0.0.1:0",
                         SEALVOL_METRICS_SD_DIR=os.path.join(workdir, name + ".sd")) if metrics else None
+        if env:
+            self.env = dict(self.env or os.environ, **env)
         self.mnt = os.path.join(workdir, name + ".mnt")
         self.vol = os.path.join(workdir, name + ".vol")
         self.key = os.path.join(workdir, name + ".key")
@@ -48,6 +55,8 @@ class SealvolVolume:
     def attach(self, threads):
         cmd = [self.sealvol, "attach", "--path", self.vol, "--mountpoint", self.mnt, "--threads", threads]
         cmd += ["--volume-key-file", self.key] if self.encrypted else ["--unencrypted"]
+        if self.cache:
+            cmd += ["--cache", self.cache]
         sh(*cmd, env=self.env)
         wait_for(lambda: is_mounted(self.mnt), f"FUSE mount at {self.mnt}", timeout=20)
         self.threads = threads
@@ -82,6 +91,9 @@ class SealvolVolume:
                 return int(pid)
         return None
 
+    def server_pid(self):
+        return self.agent_pid()
+
     def agent_rss_kib(self):
         pid = self.agent_pid()
         return rss_kib(pid) if pid else None
@@ -100,9 +112,13 @@ class QsdLuks:
     """The peer: `qemu-storage-daemon` exporting a LUKS image (aes-xts-plain64, 512-bit
     key) over FUSE as a writable regular file. qemu's LUKS driver opens LUKS1 only
     ("LUKS version 2 is not supported" in qemu 10.0), so the image is LUKS1 made by
-    `qemu-img create -f luks`; the data path is the same XTS-AES-256 cipher."""
+    `qemu-img create -f luks`; the data path is the same XTS-AES-256 cipher.
 
-    def __init__(self, workdir, name, size_bytes):
+    direct=True is qemu's `cache=none` (`cache.direct=on` on the file node: O_DIRECT on the
+    image), the peer of our `--cache none`; False is its default (writeback through the
+    host page cache), the peer of our `--cache writeback`."""
+
+    def __init__(self, workdir, name, size_bytes, direct=False):
         self.img = os.path.join(workdir, name + ".luks")
         self.path = os.path.join(workdir, name + ".export")
         self.secret = os.path.join(workdir, name + ".pass")
@@ -117,7 +133,8 @@ class QsdLuks:
         open(self.path, "w").close()
         self.proc = subprocess.Popen(
             ["qemu-storage-daemon", "--object", sec,
-             "--blockdev", f"driver=file,node-name=file0,filename={self.img}",
+             "--blockdev", f"driver=file,node-name=file0,filename={self.img}"
+             + (",cache.direct=on" if direct else ""),
              "--blockdev", "driver=luks,node-name=luks0,file=file0,key-secret=sec0",
              "--export", f"type=fuse,id=exp0,node-name=luks0,mountpoint={self.path},writable=on",
              "--pidfile", self.pidfile],
@@ -132,6 +149,9 @@ class QsdLuks:
 
     def rss_kib(self):
         return rss_kib(self.proc.pid)
+
+    def server_pid(self):
+        return self.proc.pid
 
     def close(self):
         if self.proc.poll() is None:
@@ -165,6 +185,9 @@ class LoopExt4:
             self.close()
             raise
         self.path = os.path.join(self.mnt, "fio.dat")
+
+    def server_pid(self):
+        return self.under.server_pid()
 
     def close(self):
         if is_mounted(self.mnt):

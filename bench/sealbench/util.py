@@ -143,3 +143,27 @@ def machine_facts():
         },
         "backing_fs": sh("df", "-T", "/var/tmp").splitlines()[-1].split()[1],
     }
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s():
+    """CPU seconds the whole machine spent not idle (all cores; user, system, irq, softirq,
+    steal; iowait counts as idle), from the first line of /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return (sum(v[:8]) - idle) / CLK_TCK
+
+
+def proc_cpu_s(pid):
+    """CPU seconds (user + system, every thread) a process has used, or None."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
