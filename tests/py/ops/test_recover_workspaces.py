@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sealvol_testing.host import loop_devices_under
+from sealvol_testing.host import loop_devices_under, wait_until
 from sealvol_testing.sealvol import KEY_POLICY, SEALVOL, own_world
 
 
@@ -42,7 +42,11 @@ def recover(sv):
 
 
 def power_loss(sv, daemon, ws_ids):
-    """kill -9 every agent and the daemon, then lazily unmount and detach everything."""
+    """kill -9 every agent and the daemon, then lazily unmount and detach everything.
+    The loops are listed first: once their FUSE mount is gone, their backing paths no
+    longer name the state dir, and they would be left attached after the test."""
+    loops = loop_devices_under(sv.state_dir)
+    assert loops, "the running WorkSpaces' volumes are on loop devices"
     for ws in ws_ids:
         pid_file = sv.state_dir / "agents" / f"{ws}.pid"
         if pid_file.exists():
@@ -51,8 +55,10 @@ def power_loss(sv, daemon, ws_ids):
     for ws in ws_ids:
         for m in (sv.mnt(ws) / "home", sv.mnt(ws), sv.state_dir / "fuse" / ws):
             subprocess.run(["umount", "-l", str(m)], capture_output=True)
-    for dev in loop_devices_under(sv.state_dir):
+    for dev in loops:
         subprocess.run(["losetup", "-d", dev], capture_output=True)
+    wait_until("the dead WorkSpaces' loop devices are detached",
+               lambda: not any(Path(f"/sys/block/{Path(d).name}/loop/backing_file").exists() for d in loops))
 
 
 @pytest.fixture
