@@ -15,18 +15,7 @@ use common::*;
 
 /// `sealvol attach` with `SEALVOL_BACKING_IO=mode` (`None`: unset), `--cache cache`.
 fn attach(vol: &Path, mnt: &Path, key: &Path, mode: Option<&str>, cache: &str) {
-    let mut cmd = std::process::Command::new(sealvol_bin());
-    cmd.args([
-        "attach",
-        "--path",
-        vol.to_str().expect("utf8"),
-        "--mountpoint",
-        mnt.to_str().expect("utf8"),
-        "--volume-key-file",
-        key.to_str().expect("utf8"),
-        "--cache",
-        cache,
-    ]);
+    let mut cmd = attach_command(vol, mnt, key, &["--cache", cache]);
     match mode {
         Some(m) => cmd.env("SEALVOL_BACKING_IO", m),
         None => cmd.env_remove("SEALVOL_BACKING_IO"),

@@ -12,8 +12,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::{
-    AttachGuard, LoopMount, create_volume, detach, fio_verify, is_mounted, key_file,
-    privileged_env, run, run_ok, tool_or_skip, wait_until,
+    AttachGuard, LoopMount, attach_command, create_volume, detach, fio_verify, is_mounted,
+    key_file, privileged_env, run, run_ok, tool_or_skip, wait_until,
 };
 
 const SWITCH: &str = "/sys/module/fuse/parameters/enable_uring";
@@ -32,20 +32,9 @@ fn attach(
     log: &Path,
     extra: &[&str],
 ) -> Output {
-    let mut args = vec![
-        "attach",
-        "--path",
-        s(vol),
-        "--mountpoint",
-        s(mnt),
-        "--volume-key-file",
-        s(key),
-        "--log-file",
-        s(log),
-    ];
+    let mut args = vec!["--log-file", s(log)];
     args.extend_from_slice(extra);
-    Command::new(common::sealvol_bin())
-        .args(&args)
+    attach_command(vol, mnt, key, &args)
         .env("SEALVOL_FUSE_TRANSPORT", transport)
         .env("SEALVOL_LOG", "info")
         .output()

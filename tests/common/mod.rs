@@ -239,10 +239,11 @@ pub fn fio_verify(file: &Path, name: &str, rw: &str, bs: &str, iodepth: &str) {
     );
 }
 
-/// `sealvol attach` of the encrypted volume `vol` under `key` at `mnt`, with `extra`
-/// arguments; panics when it fails.
-pub fn attach_encrypted(vol: &Path, mnt: &Path, key: &Path, extra: &[&str]) {
-    let mut args = vec![
+/// The `sealvol attach` command for the encrypted volume `vol` under `key` at `mnt`, with
+/// `extra` arguments, for a caller to add its environment and run.
+pub fn attach_command(vol: &Path, mnt: &Path, key: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(sealvol_bin());
+    cmd.args([
         "attach",
         "--path",
         vol.to_str().expect("utf8"),
@@ -250,9 +251,22 @@ pub fn attach_encrypted(vol: &Path, mnt: &Path, key: &Path, extra: &[&str]) {
         mnt.to_str().expect("utf8"),
         "--volume-key-file",
         key.to_str().expect("utf8"),
-    ];
-    args.extend_from_slice(extra);
-    run_ok("sealvol", &args);
+    ])
+    .args(extra);
+    cmd
+}
+
+/// `sealvol attach` of the encrypted volume `vol` under `key` at `mnt`, with `extra`
+/// arguments; panics when it fails.
+pub fn attach_encrypted(vol: &Path, mnt: &Path, key: &Path, extra: &[&str]) {
+    let out = attach_command(vol, mnt, key, extra)
+        .output()
+        .expect("spawn sealvol attach");
+    assert!(
+        out.status.success(),
+        "sealvol attach {extra:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Whether `tool` is installed; outside CI a missing tool skips `test` (after saying
