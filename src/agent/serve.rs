@@ -112,6 +112,11 @@ pub fn serve_with(
     let engine = crate::backing::uring::BackingIo::from_env()
         .and_then(|mode| crate::device::async_io::engine_for(mode, &devices))
         .map_err(|e| AttachError::Agent(e.to_string()))?;
+    if engine.is_some() {
+        tracing::info!("backing I/O: io_uring, aligned requests answered on completion");
+    } else {
+        tracing::info!("backing I/O: synchronous");
+    }
     // SEALVOL_FUSE_TRANSPORT (dev|uring|auto, see fuse_uring), read once per agent.
     let transport_err = |e: crate::fuse_uring::TransportError| AttachError::Agent(e.to_string());
     let (fs, transport) =
