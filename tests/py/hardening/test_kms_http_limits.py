@@ -153,9 +153,15 @@ def test_slow_strangers_do_not_stall_honest_clients(daemon):
         wait_for(lambda: strangers.open >= 950, timeout=60, what="1,000 slow connections open")
         honest = daemon.client("admin")
         latencies = []
+        # How many strangers held a connection as each honest request began. They are cut
+        # together at their body deadline and reconnect, so the count swings between ~300
+        # and 1,000: one reading taken at an arbitrary moment (739 failed this test once)
+        # says nothing about the load the honest requests met.
+        held = []
         # For 5 s at least, so strangers are cut at their body deadline and come back.
         until = time.monotonic() + 5
         while len(latencies) < 40 or time.monotonic() < until:
+            held.append(strangers.open)
             t0 = time.monotonic()
             if len(latencies) % 2:
                 honest.list_keys()
@@ -164,14 +170,19 @@ def test_slow_strangers_do_not_stall_honest_clients(daemon):
             latencies.append(time.monotonic() - t0)
             if latencies[-1] >= 1.0:
                 break
-        open_during = strangers.open
+        at_full = sum(h >= 900 for h in held)
+        held.sort()
+        open_during = held[len(held) // 2]
     finally:
         strangers.stop.set()
         strangers.join(timeout=30)
     latencies.sort()
     print(f"honest latency p50 {latencies[len(latencies) // 2] * 1000:.1f} ms, "
-          f"max {latencies[-1] * 1000:.1f} ms; strangers open {open_during}, opened {strangers.opened}")
-    assert open_during >= 900, "the strangers were not holding their connections"
+          f"max {latencies[-1] * 1000:.1f} ms; strangers open as requests began: median {open_during}, lowest {held[0]}, highest {held[-1]}, >= 900 for {at_full} of {len(held)}; opened {strangers.opened}")
+    # The load was real: honest requests ran while 900+ strangers held connections (how
+    # fast the generator reconnects after the cut varies from run to run, so how many
+    # of the requests did is reported, not asserted).
+    assert at_full >= 1, "no honest request ran while 900 strangers held connections"
     assert latencies[-1] < 1.0, f"an honest request took {latencies[-1]:.2f} s"
 
 
