@@ -160,11 +160,41 @@ fn volume() -> Volume {
     }
 }
 
+/// An agent serving a [`Volume`] over one transport, checked to run it.
+struct Served {
+    guard: AttachGuard,
+    log: PathBuf,
+    transport: String,
+    pid: i32,
+}
+
+impl Volume {
+    /// Attaches over `transport` with `extra` arguments, the agent's log in
+    /// `<name>.log`, and checks that the transport is the one asked for.
+    fn serve(&self, transport: &str, name: &str, extra: &[&str]) -> Served {
+        let log = self.root.join(format!("{name}.log"));
+        let guard = attach_ok(&self.vol, &self.mnt, &self.key, transport, &log, extra);
+        let pid = assert_transport(&self.mnt, transport);
+        Served {
+            guard,
+            log,
+            transport: transport.to_string(),
+            pid,
+        }
+    }
+}
+
+impl Served {
+    /// Once the agent has stopped: its log says which transport served.
+    fn ended(self) {
+        drop(self.guard);
+        assert_log(&self.log, &self.transport);
+    }
+}
+
 fn fio_in_both_cache_modes(v: &Volume, transport: &str) {
     for cache in ["none", "writeback"] {
-        let log = v.root.join(format!("fio-{cache}.log"));
-        let guard = attach_ok(&v.vol, &v.mnt, &v.key, transport, &log, &["--cache", cache]);
-        assert_transport(&v.mnt, transport);
+        let served = v.serve(transport, &format!("fio-{cache}"), &["--cache", cache]);
         let disk = v.mnt.join("disk");
         fio_verify(
             &disk,
@@ -181,15 +211,12 @@ fn fio_in_both_cache_modes(v: &Volume, transport: &str) {
             "4",
         );
         detach(&v.mnt);
-        drop(guard);
-        assert_log(&log, transport);
+        served.ended();
     }
 }
 
 fn ext4_on_loop(v: &Volume, transport: &str) {
-    let log = v.root.join("ext4.log");
-    let guard = attach_ok(&v.vol, &v.mnt, &v.key, transport, &log, &[]);
-    assert_transport(&v.mnt, transport);
+    let served = v.serve(transport, "ext4", &[]);
     let disk = v.mnt.join("disk");
     let fsdir = v.root.join("fs");
     let blob: Vec<u8> = (0..(8u32 << 20))
@@ -213,17 +240,15 @@ fn ext4_on_loop(v: &Volume, transport: &str) {
     );
     lm.unmount();
     detach(&v.mnt);
-    drop(guard);
-    assert_log(&log, transport);
+    served.ended();
 }
 
 /// fio keeps a loop device over the served file busy while detach runs: detach waits
 /// for the loop to be let go, fio's I/O keeps being answered meanwhile, then the agent
 /// (and its ring workers) stop.
 fn detach_while_busy(v: &Volume, transport: &str) {
-    let log = v.root.join("busy.log");
-    let guard = attach_ok(&v.vol, &v.mnt, &v.key, transport, &log, &[]);
-    let pid = assert_transport(&v.mnt, transport);
+    let served = v.serve(transport, "busy", &[]);
+    let pid = served.pid;
     let disk = v.mnt.join("disk");
     let dev = run_ok("losetup", &["-f", "--show", "--direct-io=on", s(&disk)])
         .trim()
@@ -266,14 +291,12 @@ fn detach_while_busy(v: &Volume, transport: &str) {
         !Path::new(&format!("/proc/{pid}")).exists()
     });
     assert!(!is_mounted(&v.mnt));
-    drop(guard);
-    assert_log(&log, transport);
+    served.ended();
 }
 
 fn kill_9_then_reattach(v: &Volume, transport: &str) {
-    let log = v.root.join("kill.log");
-    let guard = attach_ok(&v.vol, &v.mnt, &v.key, transport, &log, &[]);
-    let pid = assert_transport(&v.mnt, transport);
+    let served = v.serve(transport, "kill", &[]);
+    let pid = served.pid;
     let disk = v.mnt.join("disk");
     let blob: Vec<u8> = (0..(4u32 << 20))
         .map(|i| (i.wrapping_mul(40_503) >> 7).to_le_bytes()[0])
@@ -301,11 +324,9 @@ fn kill_9_then_reattach(v: &Volume, transport: &str) {
     wait_until("dead FUSE mount gone", Duration::from_secs(10), || {
         !is_mounted(&v.mnt)
     });
-    drop(guard);
+    drop(served);
 
-    let log = v.root.join("reattach.log");
-    let guard = attach_ok(&v.vol, &v.mnt, &v.key, transport, &log, &[]);
-    assert_transport(&v.mnt, transport);
+    let served = v.serve(transport, "reattach", &[]);
     let mut back = vec![0u8; blob.len()];
     {
         use std::io::{Read, Seek, SeekFrom};
@@ -318,16 +339,14 @@ fn kill_9_then_reattach(v: &Volume, transport: &str) {
         "data written and fsynced before kill -9 is intact"
     );
     detach(&v.mnt);
-    drop(guard);
-    assert_log(&log, transport);
+    served.ended();
 }
 
 /// SIGTERM: the agent's bounded teardown unmounts, the ring workers see the aborted
 /// connection and the agent exits.
 fn sigterm_stops(v: &Volume, transport: &str) {
-    let log = v.root.join("term.log");
-    let guard = attach_ok(&v.vol, &v.mnt, &v.key, transport, &log, &[]);
-    let pid = assert_transport(&v.mnt, transport);
+    let served = v.serve(transport, "term", &[]);
+    let pid = served.pid;
     std::fs::metadata(v.mnt.join("disk")).expect("stat disk");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
@@ -340,8 +359,7 @@ fn sigterm_stops(v: &Volume, transport: &str) {
         || !Path::new(&format!("/proc/{pid}")).exists(),
     );
     assert!(!is_mounted(&v.mnt), "SIGTERM unmounts");
-    drop(guard);
-    assert_log(&log, transport);
+    served.ended();
 }
 
 fn suite(transport: &str) {
